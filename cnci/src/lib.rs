@@ -1,0 +1,1 @@
+//! Concentrator dataplane (built in a later issue; see ARCHITECTURE.md → Concentrator).

@@ -1,0 +1,562 @@
+//! The production backend: etcd's v3 API through `etcd-client`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{
+    Compare, Datastore, EventKind, KeyValue, LeaseId, Listing, Revision, StoreError, StoreResult,
+    Txn, TxnOp, Watch, WatchEvent, prefix_range_end,
+};
+
+/// Keys fetched per range request when listing; keeps each response far below gRPC's
+/// message size limit however many keys a prefix holds.
+const LIST_PAGE: i64 = 2000;
+
+/// How a watch waits between attempts to re-establish itself while etcd is unreachable.
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Connection settings for [`EtcdStore`].
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// etcd user and password, when the cluster has authentication enabled.
+    pub credentials: Option<(String, String)>,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            credentials: None,
+        }
+    }
+}
+
+/// A [`Datastore`] on a real etcd cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the given endpoints (`http://host:port`). The connection is made lazily
+    /// by the first request; an unreachable cluster shows as [`StoreError::Unavailable`].
+    pub async fn connect(endpoints: &[String], options: EtcdOptions) -> StoreResult<Self> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid {
+                key: "etcdEndpoints".into(),
+                reason: "no etcd endpoints given".into(),
+            });
+        }
+        let mut connect = ConnectOptions::new()
+            .with_timeout(options.request_timeout)
+            .with_connect_timeout(options.connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some((user, password)) = &options.credentials {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        let client = Client::connect(endpoints, Some(connect))
+            .await
+            .map_err(|e| map_err(&endpoints.join(","), e))?;
+        Ok(Self {
+            client,
+            endpoints: endpoints.to_vec(),
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Reads `key` and turns a failed conditional write into NotFound or Conflict.
+    async fn explain_failed_compare(&self, key: &str) -> StoreError {
+        match self.get(key).await {
+            Ok(None) => StoreError::NotFound { key: key.into() },
+            Ok(Some(_)) => StoreError::Conflict { key: key.into() },
+            Err(e) => e,
+        }
+    }
+}
+
+/// Maps a client error to a typed store error naming `key`.
+fn map_err(key: &str, err: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match err {
+        E::GRpcStatus(status) => {
+            let msg = status.message().to_string();
+            if msg.contains("required revision has been compacted") {
+                return StoreError::Compacted {
+                    key: key.into(),
+                    requested: 0,
+                    compacted: 0,
+                };
+            }
+            match status.code() {
+                tonic_code::InvalidArgument | tonic_code::FailedPrecondition => {
+                    StoreError::Invalid {
+                        key: key.into(),
+                        reason: msg,
+                    }
+                }
+                tonic_code::NotFound => StoreError::NotFound { key: key.into() },
+                _ => StoreError::Unavailable {
+                    key: key.into(),
+                    reason: format!("{:?}: {}", status.code(), describe_status(&status)),
+                },
+            }
+        }
+        E::InvalidArgs(msg) => StoreError::Invalid {
+            key: key.into(),
+            reason: msg,
+        },
+        E::InvalidUri(e) => StoreError::Invalid {
+            key: key.into(),
+            reason: format!("invalid etcd endpoint: {e}"),
+        },
+        other => StoreError::Unavailable {
+            key: key.into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// tonic hides the transport cause of "Unavailable" in the error source chain.
+fn describe_status(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+use tonic::Code as tonic_code;
+
+fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+        create_revision: kv.create_revision(),
+        lease: (kv.lease() != 0).then_some(kv.lease()),
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
+    header.map_or(0, |h| h.revision())
+}
+
+#[async_trait]
+impl Datastore for EtcdStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
+        let resp = self
+            .client()
+            .get(key, None)
+            .await
+            .map_err(|e| map_err(key, e))?;
+        Ok(resp.kvs().first().map(to_kv))
+    }
+
+    async fn list(&self, prefix: &str) -> StoreResult<Listing> {
+        let end = prefix_range_end(prefix.as_bytes());
+        let mut start = prefix.as_bytes().to_vec();
+        let mut kvs = Vec::new();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            // Later pages are read at the first page's revision, so the listing is one
+            // consistent snapshot even while others write.
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self
+                .client()
+                .get(start.clone(), Some(opts))
+                .await
+                .map_err(|e| map_err(prefix, e))?;
+            if revision == 0 {
+                revision = header_revision(resp.header());
+            }
+            kvs.extend(resp.kvs().iter().map(to_kv));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(Listing { kvs, revision })
+    }
+
+    async fn create(&self, key: &str, value: &[u8]) -> StoreResult<Revision> {
+        let txn = EtcdTxn::new()
+            .when(vec![EtcdCompare::mod_revision(key, CompareOp::Equal, 0)])
+            .and_then(vec![EtcdTxnOp::put(key, value, None)]);
+        let resp = self.client().txn(txn).await.map_err(|e| map_err(key, e))?;
+        if resp.succeeded() {
+            Ok(header_revision(resp.header()))
+        } else {
+            Err(StoreError::AlreadyExists { key: key.into() })
+        }
+    }
+
+    async fn update(&self, key: &str, value: &[u8], expected: Revision) -> StoreResult<Revision> {
+        if expected <= 0 {
+            return Err(StoreError::Invalid {
+                key: key.into(),
+                reason: format!("update needs the key's revision, got {expected}"),
+            });
+        }
+        let txn = EtcdTxn::new()
+            .when(vec![EtcdCompare::mod_revision(
+                key,
+                CompareOp::Equal,
+                expected,
+            )])
+            // Keep an existing lease (etcd would otherwise detach the key from it).
+            .and_then(vec![EtcdTxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let resp = self.client().txn(txn).await.map_err(|e| map_err(key, e))?;
+        if resp.succeeded() {
+            Ok(header_revision(resp.header()))
+        } else {
+            Err(self.explain_failed_compare(key).await)
+        }
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> StoreResult<Revision> {
+        let resp = self
+            .client()
+            .put(key, value, None)
+            .await
+            .map_err(|e| map_err(key, e))?;
+        Ok(header_revision(resp.header()))
+    }
+
+    async fn put_with_lease(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: LeaseId,
+    ) -> StoreResult<Revision> {
+        let resp = self
+            .client()
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(|e| lease_err(key, lease, e))?;
+        Ok(header_revision(resp.header()))
+    }
+
+    async fn delete(&self, key: &str, expected: Option<Revision>) -> StoreResult<Revision> {
+        let compare = match expected {
+            Some(rev) => EtcdCompare::mod_revision(key, CompareOp::Equal, rev),
+            None => EtcdCompare::create_revision(key, CompareOp::Greater, 0),
+        };
+        let txn = EtcdTxn::new()
+            .when(vec![compare])
+            .and_then(vec![EtcdTxnOp::delete(key, None)]);
+        let resp = self.client().txn(txn).await.map_err(|e| map_err(key, e))?;
+        if resp.succeeded() {
+            Ok(header_revision(resp.header()))
+        } else if expected.is_none() {
+            Err(StoreError::NotFound { key: key.into() })
+        } else {
+            Err(self.explain_failed_compare(key).await)
+        }
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> StoreResult<u64> {
+        let opts = DeleteOptions::new().with_range(prefix_range_end(prefix.as_bytes()));
+        let resp = self
+            .client()
+            .delete(prefix, Some(opts))
+            .await
+            .map_err(|e| map_err(prefix, e))?;
+        Ok(resp.deleted().max(0) as u64)
+    }
+
+    async fn txn(&self, txn: Txn) -> StoreResult<Revision> {
+        txn.validate()?;
+        let first_key = txn
+            .ops
+            .first()
+            .map(|op| op.key().to_string())
+            .or_else(|| txn.compares.first().map(|c| c.key().to_string()))
+            .unwrap_or_default();
+        let compares: Vec<EtcdCompare> = txn
+            .compares
+            .iter()
+            .map(|c| match c {
+                Compare::ModRevision { key, revision } => {
+                    EtcdCompare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
+                }
+            })
+            .collect();
+        let ops: Vec<EtcdTxnOp> = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put { key, value, lease } => EtcdTxnOp::put(
+                    key.as_str(),
+                    value.clone(),
+                    lease.map(|l| PutOptions::new().with_lease(l)),
+                ),
+                TxnOp::Delete { key } => EtcdTxnOp::delete(key.as_str(), None),
+            })
+            .collect();
+        // On failure, read back every compared key in the same transaction so we can name
+        // the one that did not hold.
+        let reads: Vec<EtcdTxnOp> = txn
+            .compares
+            .iter()
+            .map(|c| EtcdTxnOp::get(c.key(), None))
+            .collect();
+        let resp = self
+            .client()
+            .txn(EtcdTxn::new().when(compares).and_then(ops).or_else(reads))
+            .await
+            .map_err(|e| map_err(&first_key, e))?;
+        if resp.succeeded() {
+            return Ok(header_revision(resp.header()));
+        }
+        let currents = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map_or(0, |kv| kv.mod_revision()),
+            _ => 0,
+        });
+        let failed = txn
+            .compares
+            .iter()
+            .zip(currents)
+            .find(|(c, cur)| !c.holds(*cur))
+            .map(|(c, _)| c.key().to_string())
+            .unwrap_or(first_key);
+        Err(StoreError::Conflict { key: failed })
+    }
+
+    async fn watch(&self, prefix: &str, start: Revision) -> StoreResult<Watch> {
+        let start = if start > 0 {
+            start
+        } else {
+            self.revision().await? + 1
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let task = tokio::spawn(run_watch(self.client(), prefix.to_string(), start, tx));
+        let stream = futures::stream::unfold((rx, AbortOnDrop(task)), |(mut rx, guard)| async {
+            rx.recv().await.map(|event| (event, (rx, guard)))
+        });
+        Ok(Watch::new(Box::pin(stream)))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        let secs = ttl.as_secs() as i64;
+        if secs < 1 {
+            return Err(StoreError::Invalid {
+                key: "lease".into(),
+                reason: "TTL must be at least one second".into(),
+            });
+        }
+        let resp = self
+            .client()
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| map_err("lease", e))?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> StoreResult<Duration> {
+        let key = format!("lease {lease:x}");
+        let (mut keeper, mut stream) = self
+            .client()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| lease_err(&key, lease, e))?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| lease_err(&key, lease, e))?;
+        match stream
+            .message()
+            .await
+            .map_err(|e| lease_err(&key, lease, e))?
+        {
+            // etcd answers a keep-alive of an unknown or expired lease with TTL 0.
+            Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl() as u64)),
+            _ => Err(StoreError::NotFound { key }),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> StoreResult<()> {
+        self.client()
+            .lease_revoke(lease)
+            .await
+            .map_err(|e| lease_err("lease", lease, e))?;
+        Ok(())
+    }
+
+    async fn compact(&self, revision: Revision) -> StoreResult<()> {
+        self.client()
+            .compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await
+            .map_err(|e| map_err("compact", e))?;
+        Ok(())
+    }
+
+    async fn revision(&self) -> StoreResult<Revision> {
+        // A one-key count-only range is the cheapest request that returns the header.
+        let resp = self
+            .client()
+            .get("\0", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(|e| map_err("revision", e))?;
+        Ok(header_revision(resp.header()))
+    }
+}
+
+/// "lease not found" comes back as a NotFound gRPC status; name the lease in the error.
+fn lease_err(key: &str, lease: LeaseId, err: etcd_client::Error) -> StoreError {
+    let not_found = match &err {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("lease not found"),
+        _ => false,
+    };
+    if not_found {
+        return StoreError::NotFound {
+            key: format!("lease {lease:x}"),
+        };
+    }
+    map_err(key, err)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Feeds one watch: (re)opens the etcd watch from the next unseen revision until the
+/// receiver goes away, so an etcd restart or a lost connection costs no events.
+async fn run_watch(
+    client: Client,
+    prefix: String,
+    mut next: Revision,
+    tx: mpsc::Sender<StoreResult<WatchEvent>>,
+) {
+    let mut backoff = WATCH_RETRY_MIN;
+    loop {
+        let opts = WatchOptions::new()
+            .with_range(prefix_range_end(prefix.as_bytes()))
+            .with_start_revision(next)
+            .with_progress_notify();
+        let mut stream = match client.clone().watch(prefix.as_str(), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%prefix, error = %e, "watch: etcd unreachable, retrying");
+                if wait_or_closed(&tx, &mut backoff).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                msg = stream.message() => msg,
+                _ = tx.closed() => return,
+            };
+            match msg {
+                Ok(Some(resp)) => {
+                    backoff = WATCH_RETRY_MIN;
+                    if resp.compact_revision() > 0 {
+                        let _ = tx
+                            .send(Err(StoreError::Compacted {
+                                key: prefix.clone(),
+                                requested: next,
+                                compacted: resp.compact_revision(),
+                            }))
+                            .await;
+                        return;
+                    }
+                    if resp.canceled() {
+                        warn!(%prefix, reason = resp.cancel_reason(), "watch cancelled by etcd; re-opening");
+                        break;
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let event = WatchEvent {
+                            kind: match ev.event_type() {
+                                EventType::Put => EventKind::Put,
+                                EventType::Delete => EventKind::Delete,
+                            },
+                            key: String::from_utf8_lossy(kv.key()).into_owned(),
+                            value: kv.value().to_vec(),
+                            revision: kv.mod_revision(),
+                        };
+                        next = next.max(event.revision + 1);
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(%prefix, error = %e, next, "watch stream broke; resuming");
+                    break;
+                }
+            }
+        }
+        if wait_or_closed(&tx, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps for the current backoff (doubling it); true if the receiver went away meanwhile.
+async fn wait_or_closed(
+    tx: &mpsc::Sender<StoreResult<WatchEvent>>,
+    backoff: &mut Duration,
+) -> bool {
+    let delay = *backoff;
+    *backoff = (*backoff * 2).min(WATCH_RETRY_MAX);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = tx.closed() => true,
+    }
+}

@@ -1,0 +1,1 @@
+//! SSNTP protocol crate (built in a later issue; see ARCHITECTURE.md → SSNTP).
