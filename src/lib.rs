@@ -4,5 +4,7 @@
 //! * [`calico`]: Calico 2.x's etcd keyspace: key builders/parsers and value types.
 //! * [`testbed`]: real etcd and network namespaces for tests, benchmarks and the lab.
 
+pub mod calico;
+pub mod state;
 pub mod store;
 pub mod testbed;

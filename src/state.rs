@@ -1,0 +1,217 @@
+//! tenet's own state in etcd, under `/tenet/v1/` next to Calico's keys.
+//!
+//! A tenant subnet lives at `/tenet/v1/tenant/<tenant>/subnet/<cidrkey>` and records which
+//! concentrator serves it, its tunnel key and the networking mode.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde::{Deserialize, Serialize};
+
+use crate::calico::{canonical, cidr_key, escape_name, parse_cidr_key, unescape_name};
+
+pub const TENET_ROOT: &str = "/tenet/v1/";
+
+/// How a tenant subnet reaches its concentrator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Overlay over GRE (default).
+    #[default]
+    Gre,
+    /// The same overlay over VXLAN, for underlays that drop IP protocol 47.
+    Vxlan,
+    /// No overlay: per-workload routes distributed by BGP.
+    Routed,
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetworkMode::Gre => "gre",
+            NetworkMode::Vxlan => "vxlan",
+            NetworkMode::Routed => "routed",
+        })
+    }
+}
+
+impl FromStr for NetworkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gre" => Ok(NetworkMode::Gre),
+            "vxlan" => Ok(NetworkMode::Vxlan),
+            "routed" => Ok(NetworkMode::Routed),
+            _ => Err(format!("unknown mode '{s}' (want gre, vxlan or routed)")),
+        }
+    }
+}
+
+/// ciao's tunnel key for a subnet: the network address read as a little-endian u32
+/// (172.16.0.0 → 4268). Key 0 (network 0.0.0.0) is invalid.
+pub fn subnet_key(subnet: &Ipv4Network) -> Result<u32, String> {
+    let key = u32::from_le_bytes(subnet.network().octets());
+    if key == 0 {
+        return Err(format!(
+            "subnet {subnet} has tunnel key 0, which is invalid"
+        ));
+    }
+    Ok(key)
+}
+
+/// The key of one tenant subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantSubnetKey {
+    pub tenant: String,
+    pub subnet: Ipv4Network,
+}
+
+impl TenantSubnetKey {
+    pub fn path(&self) -> String {
+        format!(
+            "{TENET_ROOT}tenant/{}/subnet/{}",
+            escape_name(&self.tenant),
+            cidr_key(&IpNetwork::V4(self.subnet))
+        )
+    }
+
+    /// Every subnet of one tenant lives under this prefix.
+    pub fn tenant_prefix(tenant: &str) -> String {
+        format!("{TENET_ROOT}tenant/{}/subnet/", escape_name(tenant))
+    }
+
+    pub fn parse(path: &str) -> Result<Self, String> {
+        let rest = path
+            .strip_prefix(TENET_ROOT)
+            .ok_or_else(|| format!("not under {TENET_ROOT}"))?;
+        match rest.split('/').collect::<Vec<_>>().as_slice() {
+            ["tenant", tenant, "subnet", cidr] if !tenant.is_empty() => {
+                let IpNetwork::V4(subnet) = parse_cidr_key(cidr)? else {
+                    return Err(format!("tenant subnet {cidr} is not IPv4"));
+                };
+                Ok(TenantSubnetKey {
+                    tenant: unescape_name(tenant),
+                    subnet,
+                })
+            }
+            _ => Err("not a tenet key".into()),
+        }
+    }
+}
+
+/// The value of a tenant subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSubnet {
+    pub tenant: String,
+    pub subnet: Ipv4Network,
+    /// UUID of the concentrator (CNCI) serving the subnet.
+    pub concentrator_id: String,
+    /// The concentrator's underlay address: the far end of every tunnel of this subnet.
+    pub concentrator_ip: IpAddr,
+    pub subnet_key: u32,
+    #[serde(default)]
+    pub mode: NetworkMode,
+}
+
+impl TenantSubnet {
+    pub fn key(&self) -> TenantSubnetKey {
+        TenantSubnetKey {
+            tenant: self.tenant.clone(),
+            subnet: self.subnet,
+        }
+    }
+
+    /// Checks the fields against each other and against the key it is stored at.
+    pub fn validate(&self, key: Option<&TenantSubnetKey>) -> Result<(), String> {
+        if self.tenant.is_empty() {
+            return Err("tenant is empty".into());
+        }
+        if self.concentrator_id.is_empty() {
+            return Err("concentrator_id is empty".into());
+        }
+        canonical(IpNetwork::V4(self.subnet))?;
+        let want = subnet_key(&self.subnet)?;
+        if self.subnet_key != want {
+            return Err(format!(
+                "subnet_key {} does not match subnet {} (want {want})",
+                self.subnet_key, self.subnet
+            ));
+        }
+        if let Some(key) = key {
+            if *key != self.key() {
+                return Err(format!(
+                    "value is for tenant {} subnet {}, but stored at {}",
+                    self.tenant,
+                    self.subnet,
+                    key.path()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and validates a value stored under `/tenet/v1/`.
+pub fn decode(path: &str, raw: &[u8]) -> Result<TenantSubnet, String> {
+    let key = TenantSubnetKey::parse(path)?;
+    let subnet: TenantSubnet =
+        serde_json::from_slice(raw).map_err(|e| format!("invalid JSON value: {e}"))?;
+    subnet.validate(Some(&key))?;
+    Ok(subnet)
+}
+
+/// Helper for tests and the lab: the gateway (network + 1) of a subnet.
+pub fn gateway(subnet: &Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn subnet_key_is_little_endian_network_address() {
+        assert_eq!(subnet_key(&net("172.16.0.0/16")).unwrap(), 4268);
+        assert_eq!(subnet_key(&net("10.0.1.0/24")).unwrap(), 0x0001_000a);
+        assert!(subnet_key(&net("0.0.0.0/0")).is_err());
+    }
+
+    #[test]
+    fn tenant_subnet_roundtrip_and_validation() {
+        let value = TenantSubnet {
+            tenant: "acme/eu".into(),
+            subnet: net("172.16.0.0/24"),
+            concentrator_id: "0f1e2d3c-0000-4000-8000-000000000001".into(),
+            concentrator_ip: "10.99.0.2".parse().unwrap(),
+            subnet_key: 4268,
+            mode: NetworkMode::Gre,
+        };
+        let path = value.key().path();
+        assert_eq!(path, "/tenet/v1/tenant/acme%2feu/subnet/172.16.0.0-24");
+        let raw = serde_json::to_vec(&value).unwrap();
+        assert_eq!(decode(&path, &raw).unwrap(), value);
+
+        let wrong_key = TenantSubnet {
+            subnet_key: 1,
+            ..value.clone()
+        };
+        let err = decode(&path, &serde_json::to_vec(&wrong_key).unwrap()).unwrap_err();
+        assert!(err.contains("does not match subnet"), "{err}");
+        let moved = decode("/tenet/v1/tenant/other/subnet/172.16.0.0-24", &raw).unwrap_err();
+        assert!(moved.contains("stored at"), "{moved}");
+        assert!(
+            decode(&path, b"{\"tenant\":1}")
+                .unwrap_err()
+                .contains("invalid JSON")
+        );
+        let mode: Result<NetworkMode, _> = "ipip".parse();
+        assert!(mode.is_err());
+    }
+}
