@@ -5,6 +5,8 @@
 //! * [`testbed`]: real etcd and network namespaces for tests, benchmarks and the lab.
 
 pub mod calico;
+pub mod config;
+pub mod dump;
 pub mod state;
 pub mod store;
 pub mod testbed;

@@ -140,15 +140,15 @@ impl TenantSubnet {
                 self.subnet_key, self.subnet
             ));
         }
-        if let Some(key) = key {
-            if *key != self.key() {
-                return Err(format!(
-                    "value is for tenant {} subnet {}, but stored at {}",
-                    self.tenant,
-                    self.subnet,
-                    key.path()
-                ));
-            }
+        if let Some(key) = key
+            && *key != self.key()
+        {
+            return Err(format!(
+                "value is for tenant {} subnet {}, but stored at {}",
+                self.tenant,
+                self.subnet,
+                key.path()
+            ));
         }
         Ok(())
     }

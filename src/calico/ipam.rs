@@ -139,13 +139,13 @@ impl TryFrom<AllocationBlockWire> for AllocationBlock {
             ));
         }
         for (ordinal, attr) in w.allocations.iter().enumerate() {
-            if let Some(a) = attr {
-                if *a >= w.attributes.len() {
-                    return Err(format!(
-                        "allocation {ordinal} points at attribute {a}, but there are only {}",
-                        w.attributes.len()
-                    ));
-                }
+            if let Some(a) = attr
+                && *a >= w.attributes.len()
+            {
+                return Err(format!(
+                    "allocation {ordinal} points at attribute {a}, but there are only {}",
+                    w.attributes.len()
+                ));
             }
         }
         // Go 1.7.3 treats a block without `unallocated` as full; rebuild it from the

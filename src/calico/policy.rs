@@ -274,10 +274,11 @@ impl Rule {
     /// Semantic problems of the rule (Calico's validator rules for the backend form).
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(v) = self.ip_version {
-            if v != 4 && v != 6 {
-                out.push(format!("ip_version {v} is neither 4 nor 6"));
-            }
+        if let Some(v) = self.ip_version
+            && v != 4
+            && v != 6
+        {
+            out.push(format!("ip_version {v} is neither 4 nor 6"));
         }
         if self.icmp_type == Some(255) || self.not_icmp_type == Some(255) {
             out.push("ICMP type 255 cannot be matched".into());
@@ -306,10 +307,10 @@ impl Rule {
         if v4 != 0 && v4 != nets.len() {
             out.push("rule mixes IPv4 and IPv6 CIDRs".into());
         }
-        if let (Some(version), Some(first)) = (self.ip_version, nets.first()) {
-            if (version == 4) != first.is_ipv4() {
-                out.push(format!("CIDRs do not match ip_version {version}"));
-            }
+        if let (Some(version), Some(first)) = (self.ip_version, nets.first())
+            && (version == 4) != first.is_ipv4()
+        {
+            out.push(format!("CIDRs do not match ip_version {version}"));
         }
         out
     }

@@ -127,7 +127,7 @@ fn map_err(key: &str, err: etcd_client::Error) -> StoreError {
                 tonic_code::NotFound => StoreError::NotFound { key: key.into() },
                 _ => StoreError::Unavailable {
                     key: key.into(),
-                    reason: format!("{:?}: {}", status.code(), describe_status(&status)),
+                    reason: describe_status(&status),
                 },
             }
         }

@@ -101,10 +101,10 @@ impl State {
                 TxnOp::Put { key, value, lease } => {
                     let create_revision = match self.kvs.get(&key) {
                         Some(old) => {
-                            if let Some(old_lease) = old.lease.filter(|l| Some(*l) != lease) {
-                                if let Some(l) = self.leases.get_mut(&old_lease) {
-                                    l.keys.remove(&key);
-                                }
+                            if let Some(old_lease) = old.lease.filter(|l| Some(*l) != lease)
+                                && let Some(l) = self.leases.get_mut(&old_lease)
+                            {
+                                l.keys.remove(&key);
                             }
                             old.create_revision
                         }

@@ -110,15 +110,12 @@ impl EtcdServer {
             credentials: None,
         };
         loop {
-            if let Ok(store) = EtcdStore::connect(&[self.endpoint()], options.clone()).await {
-                if store.revision().await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(store) = EtcdStore::connect(&[self.endpoint()], options.clone()).await
+                && store.revision().await.is_ok()
+            {
+                return Ok(());
             }
-            let exited = match self.child.as_mut().map(Child::try_wait) {
-                Some(Ok(Some(_))) => true,
-                _ => false,
-            };
+            let exited = matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_))));
             if exited || Instant::now() > deadline {
                 self.stop();
                 return Err(TestbedError::EtcdNotReady {

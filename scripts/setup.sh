@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything tenet needs to build, test and run its lab on Debian 12.
+# Idempotent; run as root. See README.md.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (it installs Debian packages; tests need namespaces)" >&2
+    exit 1
+fi
+
+packages=(
+    protobuf-compiler libprotobuf-dev  # etcd-client's build script needs protoc + well-known protos
+    etcd-server etcd-client            # the datastore (tests start their own etcd)
+    iproute2                           # ip netns for the testbed
+    iptables ipset                     # concentrator firewall
+    dnsmasq-base                       # DHCP per tenant bridge
+    udhcpc                             # DHCP client inside test workloads
+    tcpdump strace iputils-ping iperf3 # traffic proofs and benchmarks
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+for tool in etcd protoc ip cargo; do
+    command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
+done
+echo "setup.sh: ready ($(etcd --version | head -1), $(protoc --version))"

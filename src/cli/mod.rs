@@ -1,0 +1,134 @@
+//! Command-line parsing and the exit-status convention:
+//! 0 success, 1 the command ran but found or hit a problem, 2 the datastore is unreachable
+//! (or the command line is wrong, as clap reports it).
+
+mod dump;
+mod lab;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tenet::config::DatastoreConfig;
+use tenet::store::{EtcdStore, StoreError};
+
+/// tenet: tenant networking for multi-tenant clouds.
+///
+/// The datastore is etcd, found from --config FILE (calicoctl's calicoApiConfig YAML with
+/// etcdEndpoints), else the ETCD_ENDPOINTS environment variable, else http://127.0.0.1:2379.
+#[derive(Debug, Parser)]
+#[command(name = "tenet", version, propagate_version = true)]
+struct Cli {
+    /// calicoctl-style client configuration file (YAML or JSON, kind calicoApiConfig).
+    #[arg(short = 'c', long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Log level for messages on stderr (error, warn, info, debug, trace); RUST_LOG also works.
+    #[arg(
+        short = 'l',
+        long,
+        global = true,
+        value_name = "LEVEL",
+        default_value = "warn"
+    )]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List every key under a prefix with the kind of object it holds.
+    ///
+    /// Keys whose value does not decode are listed with the reason; the exit status is then 1.
+    Dump(dump::DumpArgs),
+    /// Run a local lab: a real etcd with the Calico keyspace initialised, until Ctrl-C.
+    Lab(lab::LabArgs),
+    /// Print the client version.
+    Version,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tenet: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Dump(args) => dump::run(&cli, args).await,
+            Command::Lab(args) => lab::run(args).await,
+            Command::Version => {
+                println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tenet: {e}");
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// A failure that ends a command, with its exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach etcd at {endpoints} ({source_of_config}): {reason}")]
+    Unreachable {
+        endpoints: String,
+        source_of_config: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    fn exit_status(&self) -> u8 {
+        match self {
+            CliError::Unreachable { .. } => 2,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+/// Resolves the datastore configuration and connects.
+async fn connect(cli: &Cli) -> Result<(EtcdStore, DatastoreConfig), CliError> {
+    let config = DatastoreConfig::resolve(cli.config.as_deref(), |k| std::env::var(k).ok())
+        .map_err(anyhow::Error::from)?;
+    let store = config
+        .connect()
+        .await
+        .map_err(|e| store_error(&config, e))?;
+    Ok((store, config))
+}
+
+/// Turns a datastore error into a CLI error: unreachable etcd gets its own exit status.
+fn store_error(config: &DatastoreConfig, err: StoreError) -> CliError {
+    match err {
+        StoreError::Unavailable { reason, .. } => CliError::Unreachable {
+            endpoints: config.endpoints.join(","),
+            source_of_config: config.source.clone(),
+            reason,
+        },
+        other => CliError::Other(other.into()),
+    }
+}
