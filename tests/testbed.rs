@@ -16,9 +16,19 @@ fn namespace_is_deleted_on_drop_and_on_panic() {
     let name = ns.name().to_string();
     assert!(exists(&name));
     // A process left running inside must not keep it alive.
-    ns.command("sleep").arg("300").spawn().unwrap();
+    let mut sleeper = ns.command("sleep").arg("300").spawn().unwrap();
+    // `ip netns exec` execs the program, so wait until it is inside the namespace.
+    while ns
+        .run(&["ip", "netns", "identify", &sleeper.id().to_string()])
+        .map_or(true, |o| o.trim().is_empty())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     drop(ns);
     assert!(!exists(&name), "deleted on drop");
+    let status = sleeper.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "the process inside was killed");
 
     let name = std::panic::catch_unwind(|| {
         let ns = Netns::create("panic").unwrap();
