@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tenet::store::{
-    Compare, Datastore, EventKind, MemoryStore, StoreError, Txn, TxnOp, WatchEvent,
+    Compare, Datastore, EventKind, MemoryStore, StoreError, Txn, TxnOp, TxnOutcome, WatchEvent,
 };
 use tenet::testbed::EtcdServer;
 
@@ -45,6 +45,7 @@ contract!(
     concurrent_cas_incrementers_lose_nothing,
     txn_is_all_or_nothing_under_a_conflicting_writer,
     txn_rejects_bad_requests,
+    failed_txn_returns_current_values,
     watch_delivers_every_change_in_order,
     watch_replays_from_a_past_revision,
     compacted_start_revision_is_reported,
@@ -303,6 +304,36 @@ async fn txn_rejects_bad_requests(s: Store) {
     assert_eq!(
         s.txn(both).await.unwrap_err(),
         StoreError::Conflict { key: "/t/m".into() }
+    );
+}
+
+async fn failed_txn_returns_current_values(s: Store) {
+    let ra = s.put("/f/a", b"1").await.unwrap();
+    let rb = s.put("/f/b", b"2").await.unwrap();
+    let got = s
+        .get_many(&["/f/a".into(), "/f/none".into(), "/f/b".into()])
+        .await
+        .unwrap();
+    let revs: Vec<i64> = got
+        .iter()
+        .map(|kv| kv.as_ref().map_or(0, |kv| kv.mod_revision))
+        .collect();
+    assert_eq!(revs, [ra, 0, rb]);
+    let txn = Txn::new()
+        .when(Compare::revision("/f/a", ra))
+        .when(Compare::absent("/f/b"))
+        .then(TxnOp::put("/f/a", "changed"));
+    match s.txn_or_read(txn).await.unwrap() {
+        TxnOutcome::Failed { current } => {
+            assert_eq!(current[0].as_ref().unwrap().value, b"1");
+            assert_eq!(current[1].as_ref().unwrap().mod_revision, rb);
+        }
+        other => panic!("expected failure, got {other:?}"),
+    }
+    assert_eq!(
+        s.get("/f/a").await.unwrap().unwrap().mod_revision,
+        ra,
+        "nothing written"
     );
 }
 

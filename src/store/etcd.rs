@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::{
     Compare, Datastore, EventKind, KeyValue, LeaseId, Listing, Revision, StoreError, StoreResult,
-    Txn, TxnOp, Watch, WatchEvent, prefix_range_end,
+    Txn, TxnOp, TxnOutcome, Watch, WatchEvent, prefix_range_end,
 };
 
 /// Keys fetched per range request when listing; keeps each response far below gRPC's
@@ -173,6 +173,17 @@ fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
     }
 }
 
+/// The first key of each get response of a transaction, in order.
+fn get_responses(resp: &etcd_client::TxnResponse) -> Vec<Option<KeyValue>> {
+    resp.op_responses()
+        .into_iter()
+        .map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(to_kv),
+            _ => None,
+        })
+        .collect()
+}
+
 fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
     header.map_or(0, |h| h.revision())
 }
@@ -312,7 +323,7 @@ impl Datastore for EtcdStore {
         Ok(resp.deleted().max(0) as u64)
     }
 
-    async fn txn(&self, txn: Txn) -> StoreResult<Revision> {
+    async fn txn_or_read(&self, txn: Txn) -> StoreResult<TxnOutcome> {
         txn.validate()?;
         let first_key = txn
             .ops
@@ -341,8 +352,7 @@ impl Datastore for EtcdStore {
                 TxnOp::Delete { key } => EtcdTxnOp::delete(key.as_str(), None),
             })
             .collect();
-        // On failure, read back every compared key in the same transaction so we can name
-        // the one that did not hold.
+        // On failure, read back every compared key in the same transaction.
         let reads: Vec<EtcdTxnOp> = txn
             .compares
             .iter()
@@ -354,20 +364,32 @@ impl Datastore for EtcdStore {
             .await
             .map_err(|e| map_err(&first_key, e))?;
         if resp.succeeded() {
-            return Ok(header_revision(resp.header()));
+            return Ok(TxnOutcome::Committed(header_revision(resp.header())));
         }
-        let currents = resp.op_responses().into_iter().map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().map_or(0, |kv| kv.mod_revision()),
-            _ => 0,
-        });
-        let failed = txn
-            .compares
-            .iter()
-            .zip(currents)
-            .find(|(c, cur)| !c.holds(*cur))
-            .map(|(c, _)| c.key().to_string())
-            .unwrap_or(first_key);
-        Err(StoreError::Conflict { key: failed })
+        Ok(TxnOutcome::Failed {
+            current: get_responses(&resp),
+        })
+    }
+
+    async fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<KeyValue>>> {
+        let Some(first) = keys.first() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        // A compare-less transaction of gets reads every key at one revision in one trip.
+        for chunk in keys.chunks(super::MAX_TXN_OPS) {
+            let reads: Vec<EtcdTxnOp> = chunk
+                .iter()
+                .map(|k| EtcdTxnOp::get(k.as_str(), None))
+                .collect();
+            let resp = self
+                .client()
+                .txn(EtcdTxn::new().and_then(reads))
+                .await
+                .map_err(|e| map_err(first, e))?;
+            out.extend(get_responses(&resp));
+        }
+        Ok(out)
     }
 
     async fn watch(&self, prefix: &str, start: Revision) -> StoreResult<Watch> {

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{
     Datastore, EventKind, KeyValue, LeaseId, Listing, Revision, StoreError, StoreResult, Txn,
-    TxnOp, Watch, WatchEvent,
+    TxnOp, TxnOutcome, Watch, WatchEvent,
 };
 
 /// The in-memory backend. Cloning gives another handle on the same data.
@@ -266,13 +266,16 @@ impl Datastore for MemoryStore {
         Ok(n)
     }
 
-    async fn txn(&self, txn: Txn) -> StoreResult<Revision> {
+    async fn txn_or_read(&self, txn: Txn) -> StoreResult<TxnOutcome> {
         txn.validate()?;
         let mut s = self.lock();
-        if let Some(failed) = txn.compares.iter().find(|c| !c.holds(s.current(c.key()))) {
-            return Err(StoreError::Conflict {
-                key: failed.key().into(),
-            });
+        if txn.compares.iter().any(|c| !c.holds(s.current(c.key()))) {
+            let current = txn
+                .compares
+                .iter()
+                .map(|c| s.kvs.get(c.key()).cloned())
+                .collect();
+            return Ok(TxnOutcome::Failed { current });
         }
         for op in &txn.ops {
             if let TxnOp::Put {
@@ -283,9 +286,14 @@ impl Datastore for MemoryStore {
             }
         }
         if txn.ops.is_empty() {
-            return Ok(s.revision);
+            return Ok(TxnOutcome::Committed(s.revision));
         }
-        Ok(s.apply(txn.ops))
+        Ok(TxnOutcome::Committed(s.apply(txn.ops)))
+    }
+
+    async fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<KeyValue>>> {
+        let s = self.lock();
+        Ok(keys.iter().map(|k| s.kvs.get(k).cloned()).collect())
     }
 
     async fn watch(&self, prefix: &str, start: Revision) -> StoreResult<Watch> {

@@ -192,6 +192,16 @@ impl Txn {
     }
 }
 
+/// The result of [`Datastore::txn_or_read`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every compare held; the ops were applied at this revision.
+    Committed(Revision),
+    /// Some compare failed; nothing was written. `current` holds, for each compare in
+    /// order, the compared key as it is now, so the caller can retry without reading again.
+    Failed { current: Vec<Option<KeyValue>> },
+}
+
 /// etcd's default `--max-txn-ops`; the memory backend enforces the same limit.
 pub const MAX_TXN_OPS: usize = 128;
 
@@ -275,8 +285,31 @@ pub trait Datastore: Send + Sync + fmt::Debug {
     /// Deletes every key under `prefix`; returns how many were deleted.
     async fn delete_prefix(&self, prefix: &str) -> StoreResult<u64>;
 
-    /// Applies a transaction; returns the revision it was committed at.
-    async fn txn(&self, txn: Txn) -> StoreResult<Revision>;
+    /// Applies a transaction; returns the revision it was committed at, or
+    /// [`StoreError::Conflict`] naming the first compare that did not hold.
+    async fn txn(&self, txn: Txn) -> StoreResult<Revision> {
+        let compares = txn.compares.clone();
+        match self.txn_or_read(txn).await? {
+            TxnOutcome::Committed(rev) => Ok(rev),
+            TxnOutcome::Failed { current } => {
+                let failed = compares
+                    .iter()
+                    .zip(&current)
+                    .find(|(c, kv)| !c.holds(kv.as_ref().map_or(0, |kv| kv.mod_revision)))
+                    .or(compares.first().zip(current.first()))
+                    .map(|(c, _)| c.key().to_string())
+                    .unwrap_or_default();
+                Err(StoreError::Conflict { key: failed })
+            }
+        }
+    }
+
+    /// Applies a transaction in one round trip; on failure returns the compared keys' current
+    /// values instead of an error.
+    async fn txn_or_read(&self, txn: Txn) -> StoreResult<TxnOutcome>;
+
+    /// Reads several keys at one revision, in one round trip where the backend allows.
+    async fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<KeyValue>>>;
 
     /// Watches every key under `prefix`, starting at revision `start` (inclusive);
     /// `start == 0` means "changes from now on".
