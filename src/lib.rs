@@ -7,6 +7,7 @@
 pub mod calico;
 pub mod config;
 pub mod dump;
+pub mod ipam;
 pub mod state;
 pub mod store;
 pub mod testbed;

@@ -1,0 +1,603 @@
+//! Calico block IPAM against a real etcd: the reference scenarios (calico-data-model.md
+//! §7.3), concurrency, strict affinity, legacy data and the consistency checker.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use tenet::calico::{AllocationBlock, IpamConfig, IpamHandle};
+use tenet::ipam::{AutoAssignArgs, Finding, Ipam, IpamError, affinity_key, block_key, handle_key};
+use tenet::store::{Datastore, EtcdStore};
+use tenet::testbed::EtcdServer;
+
+async fn setup() -> (EtcdServer, Arc<EtcdStore>) {
+    let server = EtcdServer::start().await.expect("etcd");
+    let store = Arc::new(server.store().await.unwrap());
+    (server, store)
+}
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn one(host: &str, handle: Option<&str>) -> AutoAssignArgs {
+    AutoAssignArgs {
+        num_v4: 1,
+        handle: handle.map(str::to_string),
+        host: host.into(),
+        ..Default::default()
+    }
+}
+
+async fn block(store: &EtcdStore, cidr: IpNetwork) -> Option<AllocationBlock> {
+    let kv = store.get(&block_key(&cidr)).await.unwrap()?;
+    Some(serde_json::from_slice(&kv.value).unwrap())
+}
+
+async fn handle(store: &EtcdStore, id: &str) -> Option<IpamHandle> {
+    let kv = store.get(&handle_key(id)).await.unwrap()?;
+    Some(serde_json::from_slice(&kv.value).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_assign_claims_a_block_then_reuses_it_and_release_goes_to_the_back() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("10.10.0.0/16"), true).await.unwrap();
+
+    let (v4, v6) = ipam.auto_assign(&one("n1", Some("h1"))).await.unwrap();
+    assert!(v6.is_empty());
+    let base = v4[0];
+    let b = tenet::ipam::block_of(base);
+    assert_eq!(b.network(), base, "the first address is the block's base");
+    assert!(store.get(&affinity_key("n1", &b)).await.unwrap().is_some());
+    let blk = block(&store, b).await.unwrap();
+    assert_eq!(blk.affinity.as_deref(), Some("host:n1"));
+    assert_eq!(blk.allocations[0], Some(0));
+    assert_eq!(blk.unallocated, (1..64).collect::<Vec<_>>());
+    assert_eq!(blk.attributes[0].handle_id.as_deref(), Some("h1"));
+    assert_eq!(
+        handle(&store, "h1").await.unwrap().block,
+        BTreeMap::from([(b.to_string(), 1)])
+    );
+
+    // Scenario 1, second call: the next address of the same block, no new affinity.
+    let second = ipam.auto_assign(&one("n1", Some("h2"))).await.unwrap().0[0];
+    assert_eq!(second, tenet::ipam::address(&b, 1));
+    assert_eq!(ipam.affine_blocks("n1", true).await.unwrap(), [b]);
+
+    // Scenario 2: release the base, then the next assignment is base+2 (freed goes last).
+    assert!(ipam.release_ips(&[base]).await.unwrap().is_empty());
+    assert!(
+        handle(&store, "h1").await.is_none(),
+        "an emptied handle is deleted"
+    );
+    let third = ipam.auto_assign(&one("n1", None)).await.unwrap().0[0];
+    assert_eq!(third, tenet::ipam::address(&b, 2));
+    // Releasing something not allocated reports it back.
+    assert_eq!(ipam.release_ips(&[base]).await.unwrap(), [base]);
+    assert!(
+        ipam.check()
+            .await
+            .unwrap()
+            .findings
+            .iter()
+            .all(|f| matches!(f, Finding::LeakedAddress { .. }))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_block_claims_another_then_borrows_when_the_pool_is_exhausted() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("10.20.0.0/25"), false).await.unwrap(); // two blocks
+    let n2 = ipam.auto_assign(&one("n2", Some("n2-a"))).await.unwrap().0[0];
+    let n2_block = tenet::ipam::block_of(n2);
+
+    // n1 takes 64 (one whole block), then 1 more: no free block left → borrow from n2's.
+    let args = AutoAssignArgs {
+        num_v4: 64,
+        handle: Some("bulk".into()),
+        host: "n1".into(),
+        ..Default::default()
+    };
+    let got = ipam.auto_assign(&args).await.unwrap().0;
+    assert_eq!(got.len(), 64);
+    let n1_block = tenet::ipam::block_of(got[0]);
+    assert_ne!(n1_block, n2_block);
+    assert!(got.iter().all(|a| n1_block.contains(*a)));
+    let borrowed = ipam
+        .auto_assign(&one("n1", Some("borrow")))
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(borrowed.len(), 1);
+    assert!(n2_block.contains(borrowed[0]), "borrowed from n2's block");
+    assert_eq!(
+        block(&store, n2_block).await.unwrap().affinity.as_deref(),
+        Some("host:n2")
+    );
+    assert!(
+        store
+            .get(&affinity_key("n1", &n2_block))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The pool is now full but for n2's block: a multi-address request gets what is left.
+    let args = AutoAssignArgs {
+        num_v4: 100,
+        host: "n3".into(),
+        ..Default::default()
+    };
+    assert_eq!(ipam.auto_assign(&args).await.unwrap().0.len(), 62);
+    assert_eq!(
+        handle(&store, "bulk").await.unwrap().block[&n1_block.to_string()],
+        64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_affinity_exhaustion_returns_fewer_without_error() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.set_config(IpamConfig {
+        strict_affinity: true,
+        auto_allocate_blocks: true,
+    })
+    .await
+    .unwrap();
+    ipam.create_pool(net("10.30.0.0/26"), false).await.unwrap(); // one block
+    ipam.auto_assign(&one("n1", None)).await.unwrap();
+    let args = AutoAssignArgs {
+        num_v4: 3,
+        host: "n2".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        ipam.auto_assign(&args).await.unwrap().0.len(),
+        0,
+        "no borrowing under strict affinity"
+    );
+    let args = AutoAssignArgs {
+        num_v4: 100,
+        host: "n1".into(),
+        ..Default::default()
+    };
+    assert_eq!(ipam.auto_assign(&args).await.unwrap().0.len(), 63);
+    // Scenario 8: config changes are refused while blocks exist.
+    let err = ipam.set_config(IpamConfig::default()).await.unwrap_err();
+    assert!(matches!(err, IpamError::ConfigInUse), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "Cannot change IPAM config while allocations exist"
+    );
+    let both_off = IpamConfig {
+        strict_affinity: false,
+        auto_allocate_blocks: false,
+    };
+    assert!(matches!(
+        ipam.set_config(both_off).await.unwrap_err(),
+        IpamError::ConfigInvalid
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_racing_for_one_block_never_share_its_affinity() {
+    for round in 0..10 {
+        let (_etcd, store) = setup().await;
+        let pool = net("10.40.0.0/26");
+        Ipam::new(store.clone())
+            .create_pool(pool, false)
+            .await
+            .unwrap();
+        let (a, b) = (Ipam::new(store.clone()), Ipam::new(store.clone()));
+        let (args_a, args_b) = (one("n1", None), one("n2", None));
+        let (ra, rb) = tokio::join!(a.auto_assign(&args_a), b.auto_assign(&args_b));
+        let (ra, rb) = (ra.unwrap().0, rb.unwrap().0);
+        assert_eq!(
+            (ra.len(), rb.len()),
+            (1, 1),
+            "round {round}: the loser borrows"
+        );
+        assert_ne!(ra[0], rb[0]);
+        let owners: Vec<String> = store
+            .list("/calico/ipam/v2/host/")
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert_eq!(
+            owners.len(),
+            1,
+            "round {round}: exactly one affinity key: {owners:?}"
+        );
+        let owner = block(&store, pool).await.unwrap().affinity.unwrap();
+        assert!(owners[0].contains(owner.trim_start_matches("host:")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_affinity_keeps_allocations_and_the_last_release_deletes_the_block() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("10.50.0.0/24"), false).await.unwrap();
+    let args = AutoAssignArgs {
+        num_v4: 3,
+        handle: Some("h".into()),
+        host: "n1".into(),
+        ..Default::default()
+    };
+    let ips = ipam.auto_assign(&args).await.unwrap().0;
+    let b = tenet::ipam::block_of(ips[0]);
+    ipam.release_affinity(b, "n1").await.unwrap();
+    let blk = block(&store, b).await.unwrap();
+    assert_eq!(blk.affinity, None);
+    assert_eq!(blk.allocations.iter().flatten().count(), 3);
+    assert!(store.get(&affinity_key("n1", &b)).await.unwrap().is_none());
+    assert!(ipam.release_ips(&ips[..2]).await.unwrap().is_empty());
+    assert!(block(&store, b).await.is_some());
+    assert_eq!(ipam.release_by_handle("h").await.unwrap(), 1);
+    assert!(
+        block(&store, b).await.is_none(),
+        "empty and unaffine: deleted"
+    );
+    assert!(handle(&store, "h").await.is_none());
+    assert!(matches!(
+        ipam.release_by_handle("h").await.unwrap_err(),
+        IpamError::HandleNotFound(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_affinity_assign_ip_attributes_and_pool_deletion() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("10.10.0.0/16"), false).await.unwrap();
+    // Scenario 7.
+    let (claimed, failed) = ipam
+        .claim_affinity(net("10.10.0.0/25"), "n1")
+        .await
+        .unwrap();
+    assert_eq!(claimed, [net("10.10.0.0/26"), net("10.10.0.64/26")]);
+    assert!(failed.is_empty());
+    let (claimed, failed) = ipam
+        .claim_affinity(net("10.10.0.0/25"), "n2")
+        .await
+        .unwrap();
+    assert!(claimed.is_empty() && failed.len() == 2);
+    let err = ipam
+        .claim_affinity(net("10.10.0.0/27"), "n1")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "The requested CIDR (10.10.0.0/27) is smaller than the minimum."
+    );
+    assert!(matches!(
+        ipam.claim_affinity(net("10.99.0.0/26"), "n1")
+            .await
+            .unwrap_err(),
+        IpamError::CidrNotInPool(_)
+    ));
+
+    // A specific address, with attributes; a second time is refused; outside pools too.
+    let attrs = BTreeMap::from([("container".to_string(), "c1".to_string())]);
+    ipam.assign_ip(ip("10.10.7.9"), Some("wep1"), attrs.clone(), "n3")
+        .await
+        .unwrap();
+    let err = ipam
+        .assign_ip(ip("10.10.7.9"), None, BTreeMap::new(), "n3")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IpamError::AlreadyAssigned(_)), "{err}");
+    assert!(matches!(
+        ipam.assign_ip(ip("192.168.1.1"), None, BTreeMap::new(), "n3")
+            .await
+            .unwrap_err(),
+        IpamError::NotInPool(_)
+    ));
+    assert_eq!(
+        ipam.get_assignment_attributes(ip("10.10.7.9"))
+            .await
+            .unwrap(),
+        (Some("wep1".into()), attrs)
+    );
+    let err = ipam
+        .get_assignment_attributes(ip("10.10.7.10"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "IP 10.10.7.10 is not currently assigned in block"
+    );
+    let err = ipam
+        .get_assignment_attributes(ip("10.10.200.1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "10.10.200.1 is not assigned");
+
+    // Pool deletion: disable, release affinities (empty blocks go), delete the key.
+    ipam.delete_pool(net("10.10.0.0/16")).await.unwrap();
+    assert!(ipam.pools(true).await.unwrap().is_empty());
+    assert!(
+        store
+            .list("/calico/ipam/v2/host/")
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    assert!(
+        block(&store, net("10.10.0.0/26")).await.is_none(),
+        "empty claimed block deleted"
+    );
+    let kept = block(&store, net("10.10.7.0/26")).await.unwrap();
+    assert_eq!(kept.affinity, None, "non-empty block stays, unaffine");
+    assert!(matches!(
+        ipam.auto_assign(&one("n1", None)).await.unwrap_err(),
+        IpamError::NoPools
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_blocks_are_slash_122() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("fd80:24e2:f998:72d6::/64"), false)
+        .await
+        .unwrap();
+    let args = AutoAssignArgs {
+        num_v6: 2,
+        handle: Some("v6".into()),
+        host: "n1".into(),
+        ..Default::default()
+    };
+    let (v4, v6) = ipam.auto_assign(&args).await.unwrap();
+    assert!(v4.is_empty());
+    assert_eq!(v6.len(), 2);
+    let b = tenet::ipam::block_of(v6[0]);
+    assert_eq!(b.prefix(), 122);
+    assert!(store.get(&affinity_key("n1", &b)).await.unwrap().is_some());
+    assert!(
+        store
+            .get(&format!(
+                "/calico/ipam/v2/assignment/ipv6/block/{}",
+                tenet::calico::cidr_key(&b)
+            ))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(ipam.release_by_handle("v6").await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_block_keeps_allocating_correctly() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("10.60.0.0/24"), false).await.unwrap();
+    // Written by Python-era Calico: hostAffinity, "primary", no unallocated/strictAffinity.
+    let allocations = format!("[0,0,null,1{}]", ",null".repeat(60));
+    let legacy = format!(
+        r#"{{"cidr":"10.60.0.0/26","hostAffinity":"old","allocations":{allocations},"attributes":[{{"primary":"p1","secondary":{{}}}},{{"primary":"p2"}}]}}"#
+    );
+    store
+        .put(&block_key(&net("10.60.0.0/26")), legacy.as_bytes())
+        .await
+        .unwrap();
+    store
+        .put(&affinity_key("old", &net("10.60.0.0/26")), b"")
+        .await
+        .unwrap();
+    store
+        .put(
+            &handle_key("p1"),
+            br#"{"id":"p1","block":{"10.60.0.0/26":2}}"#,
+        )
+        .await
+        .unwrap();
+    let got = ipam
+        .auto_assign(&AutoAssignArgs {
+            num_v4: 2,
+            host: "old".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(
+        got,
+        [ip("10.60.0.2"), ip("10.60.0.4")],
+        "free ordinals rebuilt from allocations, in order"
+    );
+    assert_eq!(ipam.release_by_handle("p1").await.unwrap(), 2);
+    let blk = block(&store, net("10.60.0.0/26")).await.unwrap();
+    assert_eq!(blk.affinity.as_deref(), Some("host:old"));
+    assert!(blk.unallocated.ends_with(&[0, 1]));
+    assert!(blk.problems().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_hosts_allocate_and_release_concurrently_without_duplicates_or_leaks() {
+    const HOSTS: usize = 8;
+    const EACH: usize = 250;
+    let (_etcd, store) = setup().await;
+    Ipam::new(store.clone())
+        .create_pool(net("10.70.0.0/20"), false)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for h in 0..HOSTS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let ipam = Ipam::new(store);
+            let host = format!("node{h}");
+            let mut held: Vec<(IpAddr, String)> = Vec::new();
+            let mut handed_out = Vec::new();
+            for i in 0..EACH {
+                let handle = format!("{host}-{i}");
+                let got = ipam
+                    .auto_assign(&one(&host, Some(&handle)))
+                    .await
+                    .unwrap()
+                    .0;
+                assert_eq!(got.len(), 1);
+                held.push((got[0], handle));
+                handed_out.push(got[0]);
+                if i % 3 == 2 {
+                    // Interleaved releases: by address and by handle, alternately.
+                    let (addr, handle) = held.remove(i % held.len());
+                    if i % 2 == 0 {
+                        assert!(ipam.release_ips(&[addr]).await.unwrap().is_empty());
+                    } else {
+                        assert_eq!(ipam.release_by_handle(&handle).await.unwrap(), 1);
+                    }
+                }
+            }
+            (host, held)
+        }));
+    }
+    let mut held_all = Vec::new();
+    let mut hosts = Vec::new();
+    for t in tasks {
+        let (host, held) = t.await.unwrap();
+        hosts.push(host);
+        held_all.extend(held);
+    }
+    let unique: HashSet<IpAddr> = held_all.iter().map(|(a, _)| *a).collect();
+    assert_eq!(unique.len(), held_all.len(), "no address is held twice");
+
+    let ipam = Ipam::new(store.clone());
+    let report = ipam.check().await.unwrap();
+    assert_eq!(
+        report.allocated,
+        held_all.len(),
+        "blocks hold exactly what the hosts hold"
+    );
+    let not_leaks: Vec<&Finding> = report
+        .findings
+        .iter()
+        .filter(|f| !matches!(f, Finding::LeakedAddress { .. }))
+        .collect();
+    assert!(
+        not_leaks.is_empty(),
+        "handles and affinities in step: {not_leaks:?}"
+    );
+    // Every handle's count equals the addresses it holds (one each).
+    for (_, h) in &held_all {
+        let value = handle(&store, h).await.unwrap();
+        assert_eq!(value.block.values().sum::<u64>(), 1, "handle {h}");
+    }
+
+    // Release everything, then the affinities: every block must go.
+    let addrs: Vec<IpAddr> = held_all.iter().map(|(a, _)| *a).collect();
+    assert!(ipam.release_ips(&addrs).await.unwrap().is_empty());
+    for host in &hosts {
+        ipam.release_host_affinities(host).await.unwrap();
+    }
+    for prefix in [
+        "/calico/ipam/v2/assignment/",
+        "/calico/ipam/v2/handle/",
+        "/calico/ipam/v2/host/",
+    ] {
+        let left: BTreeSet<String> = store
+            .list(prefix)
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert!(left.is_empty(), "{prefix} not empty: {left:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_and_repairs_calico_era_inconsistencies() {
+    let (_etcd, store) = setup().await;
+    let ipam = Ipam::new(store.clone());
+    ipam.create_pool(net("10.80.0.0/24"), false).await.unwrap();
+    let args = AutoAssignArgs {
+        num_v4: 2,
+        handle: Some("used".into()),
+        host: "n1".into(),
+        ..Default::default()
+    };
+    let used = ipam.auto_assign(&args).await.unwrap().0;
+    ipam.auto_assign(&one("n1", Some("leak"))).await.unwrap();
+    // A workload endpoint uses the first two addresses.
+    let wep = format!(
+        r#"{{"state":"active","name":"cali1","active_instance_id":"","mac":null,"profile_ids":[],"ipv4_nets":["{}/32","{}/32"],"ipv6_nets":[]}}"#,
+        used[0], used[1]
+    );
+    store
+        .put(
+            "/calico/v1/host/n1/workload/k8s/pod1/endpoint/eth0",
+            wep.as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Calico-era damage: an over-counted handle, a stale affinity, a missing marker.
+    let b = tenet::ipam::block_of(used[0]);
+    let others: Vec<IpNetwork> = (0..4)
+        .map(|i| tenet::ipam::nth_block(&net("10.80.0.0/24"), i))
+        .filter(|o| *o != b)
+        .collect();
+    store
+        .put(
+            &handle_key("used"),
+            format!(r#"{{"block":{{"{b}":5}}}}"#).as_bytes(),
+        )
+        .await
+        .unwrap();
+    store
+        .put(&affinity_key("ghost", &others[0]), b"{}")
+        .await
+        .unwrap();
+    ipam.claim_affinity(others[1], "n2").await.unwrap();
+    store
+        .delete(&affinity_key("n2", &others[1]), None)
+        .await
+        .unwrap();
+
+    let report = ipam.check().await.unwrap();
+    let text: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(report.findings.len(), 4, "{text:#?}");
+    let leaked = tenet::ipam::address(&b, 2);
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with(&format!("leaked address {leaked} (handle leak"))),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter().any(|t| t.contains(&format!(
+            "handle used records 5 address(es) in block {b}, the block holds 2"
+        ))),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains(&format!("affinity of host ghost to block {}", others[0])))
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains(&format!("block {} is affine to host n2", others[1])))
+    );
+
+    let after = ipam.repair().await.unwrap();
+    assert!(after.is_clean(), "{:?}", after.findings);
+    assert_eq!(after.allocated, 2);
+    assert_eq!(
+        handle(&store, "used").await.unwrap().block[&b.to_string()],
+        2
+    );
+    assert!(handle(&store, "leak").await.is_none());
+}
