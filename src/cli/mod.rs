@@ -3,6 +3,7 @@
 //! (or the command line is wrong, as clap reports it).
 
 mod dump;
+mod ipam;
 mod lab;
 
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ enum Command {
     ///
     /// Keys whose value does not decode are listed with the reason; the exit status is then 1.
     Dump(dump::DumpArgs),
+    /// Calico IP address management: assign, release, show, check, pools.
+    Ipam(ipam::IpamArgs),
     /// Run a local lab: a real etcd with the Calico keyspace initialised, until Ctrl-C.
     Lab(lab::LabArgs),
     /// Print the client version.
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Dump(args) => dump::run(&cli, args).await,
+            Command::Ipam(args) => ipam::run(&cli, args).await,
             Command::Lab(args) => lab::run(args).await,
             Command::Version => {
                 println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
