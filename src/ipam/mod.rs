@@ -251,6 +251,8 @@ async fn backoff(attempt: usize) {
 pub struct Ipam {
     store: Arc<dyn Datastore>,
     blocks: Mutex<HashMap<IpNetwork, Seen>>,
+    /// (host, is IPv4) → the blocks the host was last seen to hold affinity keys for.
+    affine: Mutex<HashMap<(String, bool), Vec<IpNetwork>>>,
 }
 
 impl Ipam {
@@ -258,7 +260,21 @@ impl Ipam {
         Self {
             store,
             blocks: Mutex::new(HashMap::new()),
+            affine: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn cached_affine(&self, host: &str, v4: bool) -> Option<Vec<IpNetwork>> {
+        let cache = self.affine.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(&(host.to_string(), v4)).cloned()
+    }
+
+    fn set_affine(&self, host: &str, v4: bool, blocks: Option<Vec<IpNetwork>>) {
+        let mut cache = self.affine.lock().unwrap_or_else(|p| p.into_inner());
+        match blocks {
+            Some(b) => cache.insert((host.to_string(), v4), b),
+            None => cache.remove(&(host.to_string(), v4)),
+        };
     }
 
     pub fn store(&self) -> &Arc<dyn Datastore> {
@@ -475,14 +491,36 @@ impl Ipam {
             requested.is_none_or(|ps| ps.iter().any(|p| p.contains(cidr.network())))
         };
 
-        // 1. The host's affine blocks (cached blocks that look full are skipped).
+        // 1. The host's affine blocks. The list is cached per instance: a block used from it
+        // is re-validated by the allocation's own transaction (revision compare) and must
+        // still be affine to this host; a miss falls through to a fresh listing below.
+        if let Some(cached) = self.cached_affine(host, v4) {
+            for cidr in cached.iter().filter(|c| in_requested(c)) {
+                if out.len() == num {
+                    return Ok(out);
+                }
+                if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
+                    continue;
+                }
+                out.extend(
+                    self.assign_from_block(*cidr, num - out.len(), host, owner, true)
+                        .await?,
+                );
+            }
+            if out.len() == num {
+                return Ok(out);
+            }
+        }
+        // Fresh listing; blocks that looked full in the cache are read again (someone may
+        // have released addresses) before any new block is claimed.
         let affine = self.affine_blocks(host, v4).await?;
+        self.set_affine(host, v4, Some(affine.clone()));
         for cidr in affine.iter().filter(|c| in_requested(c)) {
             if out.len() == num {
                 return Ok(out);
             }
             if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
-                continue;
+                self.read(cidr, None).await?;
             }
             out.extend(
                 self.assign_from_block(*cidr, num - out.len(), host, owner, true)
@@ -491,20 +529,6 @@ impl Ipam {
         }
         if out.len() == num {
             return Ok(out);
-        }
-        // A cached block that looked full may have been freed by someone else: look again
-        // before claiming more.
-        for cidr in affine.iter().filter(|c| in_requested(c)) {
-            if out.len() == num {
-                return Ok(out);
-            }
-            if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
-                self.read(cidr, None).await?;
-                out.extend(
-                    self.assign_from_block(*cidr, num - out.len(), host, owner, true)
-                        .await?,
-                );
-            }
         }
 
         // 2. Claim new blocks.
@@ -606,6 +630,15 @@ impl Ipam {
             let Some(current) = seen.clone() else {
                 return Ok(Vec::new()); // the block went away
             };
+            if check_affinity && current.block.affine_host() != Some(host) {
+                // No longer ours (affinity released, e.g. by a pool deletion): stop using it.
+                let v4 = cidr.is_ipv4();
+                if let Some(mut affine) = self.cached_affine(host, v4) {
+                    affine.retain(|c| *c != cidr);
+                    self.set_affine(host, v4, Some(affine));
+                }
+                return Ok(Vec::new());
+            }
             if !current.block.allows(host, check_affinity) {
                 return Ok(Vec::new());
             }
@@ -682,6 +715,10 @@ impl Ipam {
                 TxnOutcome::Committed(revision) => {
                     existing.insert(cidr);
                     self.remember(cidr, Some(Seen { block, revision }));
+                    let v4 = cidr.is_ipv4();
+                    let mut affine = self.cached_affine(host, v4).unwrap_or_default();
+                    affine.push(cidr);
+                    self.set_affine(host, v4, Some(affine));
                     debug!(%cidr, host, "claimed block");
                     return Ok(Some(ordinals.iter().map(|&o| address(&cidr, o)).collect()));
                 }
@@ -1020,6 +1057,7 @@ impl Ipam {
             match self.store.txn_or_read(txn).await? {
                 TxnOutcome::Committed(_) => {
                     self.remember(cidr, None);
+                    self.set_affine(host, cidr.is_ipv4(), None);
                     return Ok(());
                 }
                 TxnOutcome::Failed { .. } => backoff(attempt).await,
