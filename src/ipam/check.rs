@@ -191,21 +191,16 @@ impl Ipam {
             }
             // Rewrite the handle from the blocks, provided none of them changed meanwhile.
             let key = handle_key(id);
-            let mut txn =
-                Txn::new().when(Compare::revision(key.clone(), have.map_or(0, |(_, r)| *r)));
-            for cidr in want
+            let blocks: BTreeSet<IpNetwork> = want
                 .keys()
                 .chain(have.map(|(h, _)| h.block.keys()).into_iter().flatten())
-            {
-                if let Some((_, rev)) = cidr
-                    .parse::<IpNetwork>()
-                    .ok()
-                    .and_then(|c| snap.blocks.get(&c))
-                {
-                    let bkey = block_key(&cidr.parse().expect("parsed above"));
-                    if !txn.compares.iter().any(|c| c.key() == bkey) {
-                        txn = txn.when(Compare::revision(bkey, *rev));
-                    }
+                .filter_map(|cidr| cidr.parse().ok())
+                .collect();
+            let mut txn =
+                Txn::new().when(Compare::revision(key.clone(), have.map_or(0, |(_, r)| *r)));
+            for cidr in &blocks {
+                if let Some((_, rev)) = snap.blocks.get(cidr) {
+                    txn = txn.when(Compare::revision(block_key(cidr), *rev));
                 }
             }
             txn = txn.then(if want.is_empty() {

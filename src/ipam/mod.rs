@@ -493,40 +493,25 @@ impl Ipam {
 
         // 1. The host's affine blocks. The list is cached per instance: a block used from it
         // is re-validated by the allocation's own transaction (revision compare) and must
-        // still be affine to this host; a miss falls through to a fresh listing below.
+        // still be affine to this host. On a miss, list afresh and read again the blocks that
+        // looked full (someone may have released addresses) before claiming a new block.
         if let Some(cached) = self.cached_affine(host, v4) {
-            for cidr in cached.iter().filter(|c| in_requested(c)) {
-                if out.len() == num {
-                    return Ok(out);
-                }
-                if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
-                    continue;
-                }
-                out.extend(
-                    self.assign_from_block(*cidr, num - out.len(), host, owner, true)
-                        .await?,
-                );
-            }
-            if out.len() == num {
-                return Ok(out);
-            }
-        }
-        // Fresh listing; blocks that looked full in the cache are read again (someone may
-        // have released addresses) before any new block is claimed.
-        let affine = self.affine_blocks(host, v4).await?;
-        self.set_affine(host, v4, Some(affine.clone()));
-        for cidr in affine.iter().filter(|c| in_requested(c)) {
-            if out.len() == num {
-                return Ok(out);
-            }
-            if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
-                self.read(cidr, None).await?;
-            }
+            let want = num - out.len();
             out.extend(
-                self.assign_from_block(*cidr, num - out.len(), host, owner, true)
+                self.fill_from(&cached, &in_requested, want, host, owner, false)
                     .await?,
             );
+            if out.len() == num {
+                return Ok(out);
+            }
         }
+        let affine = self.affine_blocks(host, v4).await?;
+        self.set_affine(host, v4, Some(affine.clone()));
+        let want = num - out.len();
+        out.extend(
+            self.fill_from(&affine, &in_requested, want, host, owner, true)
+                .await?,
+        );
         if out.len() == num {
             return Ok(out);
         }
@@ -563,6 +548,36 @@ impl Ipam {
                     );
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// Assigns up to `want` addresses from the host's affine `blocks`, in order. A block the
+    /// cache says is full is skipped, or read again first when `reread_full`.
+    async fn fill_from(
+        &self,
+        blocks: &[IpNetwork],
+        in_requested: &(dyn Fn(&IpNetwork) -> bool + Sync),
+        want: usize,
+        host: &str,
+        owner: &Owner,
+        reread_full: bool,
+    ) -> IpamResult<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        for cidr in blocks.iter().filter(|c| in_requested(c)) {
+            if out.len() == want {
+                break;
+            }
+            if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
+                if !reread_full {
+                    continue;
+                }
+                self.read(cidr, None).await?;
+            }
+            let got = self
+                .assign_from_block(*cidr, want - out.len(), host, owner, true)
+                .await?;
+            out.extend(got);
         }
         Ok(out)
     }
