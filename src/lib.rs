@@ -8,6 +8,7 @@ pub mod calico;
 pub mod config;
 pub mod dump;
 pub mod ipam;
+pub mod net;
 pub mod state;
 pub mod store;
 pub mod testbed;

@@ -52,13 +52,7 @@ impl FromStr for NetworkMode {
 /// ciao's tunnel key for a subnet: the network address read as a little-endian u32
 /// (172.16.0.0 → 4268). Key 0 (network 0.0.0.0) is invalid.
 pub fn subnet_key(subnet: &Ipv4Network) -> Result<u32, String> {
-    let key = u32::from_le_bytes(subnet.network().octets());
-    if key == 0 {
-        return Err(format!(
-            "subnet {subnet} has tunnel key 0, which is invalid"
-        ));
-    }
-    Ok(key)
+    crate::net::tunnel::TunnelKey::from_subnet(subnet).map(|k| k.get())
 }
 
 /// The key of one tenant subnet.

@@ -44,7 +44,8 @@ fn namespace_is_deleted_on_drop_and_on_panic() {
 async fn netlink_inside_a_namespace_leaves_the_caller_where_it_was() {
     let ns = Netns::create("nl").unwrap();
     let before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
-    let handle = ns.netlink().await.unwrap();
+    let netlink = ns.netlink().unwrap();
+    let handle = netlink.handle();
     handle
         .link()
         .add(rtnetlink::LinkBridge::new("tbr0").build())

@@ -5,10 +5,12 @@
 //! assertion) stops the process or deletes the namespace it owns.
 
 mod etcd;
+mod fabric;
 mod netns;
 
 pub use etcd::EtcdServer;
-pub use netns::{Netns, netlink_in_netns};
+pub use fabric::{Fabric, Host, Workload};
+pub use netns::Netns;
 
 use std::process::{Command, Output};
 
@@ -27,6 +29,8 @@ pub enum TestbedError {
         status: String,
         stderr: String,
     },
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
     #[error("etcd at {endpoint} did not become ready within {seconds} s; last log lines:\n{log}")]
     EtcdNotReady {
         endpoint: String,

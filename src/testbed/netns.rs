@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tracing::{debug, warn};
 
 use super::{TestbedResult, io_err, run};
+use crate::net::Netlink;
 
 /// Every namespace the testbed makes is named `tnt-<pid>-<label>-<n>`, so namespaces left by
 /// a process that was killed outright can be recognised and swept by the next run.
@@ -55,9 +56,15 @@ impl Netns {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// A netlink handle whose socket lives in this namespace.
-    pub async fn netlink(&self) -> TestbedResult<rtnetlink::Handle> {
-        netlink_in_netns(&self.path())
+    /// A netlink connection whose socket lives in this namespace. Needs a tokio runtime.
+    pub fn netlink(&self) -> TestbedResult<Netlink> {
+        Ok(Netlink::connect_in(&self.path())?)
+    }
+
+    /// The namespace file, open (for moving links here with `setns_by_fd`).
+    pub fn open(&self) -> TestbedResult<std::fs::File> {
+        std::fs::File::open(self.path())
+            .map_err(io_err(format!("cannot open namespace {}", self.name)))
     }
 }
 
@@ -65,29 +72,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         delete_netns(&self.name);
     }
-}
-
-/// Opens a netlink socket inside the namespace at `path` without moving any runtime thread:
-/// a short-lived thread enters the namespace, creates the socket (which stays bound to the
-/// namespace it was created in) and exits. Must be called within a tokio runtime.
-pub fn netlink_in_netns(path: &std::path::Path) -> TestbedResult<rtnetlink::Handle> {
-    let target = std::fs::File::open(path)
-        .map_err(io_err(format!("cannot open namespace {}", path.display())))?;
-    let rt = tokio::runtime::Handle::current();
-    let what = format!("cannot open netlink in {}", path.display());
-    let (conn, handle) = std::thread::spawn(move || -> std::io::Result<_> {
-        let _guard = rt.enter();
-        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        Ok((conn, handle))
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("netns thread panicked"))
-    .and_then(|r| r)
-    .map_err(io_err(what))?;
-    tokio::spawn(conn);
-    Ok(handle)
 }
 
 fn delete_netns(name: &str) {

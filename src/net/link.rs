@@ -1,0 +1,646 @@
+//! Links: create, find, change and delete, over one rtnetlink connection.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::link::{
+    GreIOFlags, InfoData, InfoGre, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    MacVtapMode,
+};
+use rtnetlink::{LinkBridge, LinkMacVtap, LinkUnspec, LinkVeth, LinkVxlan};
+use tracing::debug;
+
+use super::{NetError, NetResult, nl_err};
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// Concurrent requests kept in flight on one connection by the batch operations.
+const PIPELINE: usize = 64;
+
+/// macvtap forwarding modes that tenet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacvtapMode {
+    /// Frames between macvtaps on the same lower device are switched locally.
+    Bridge,
+    /// Every frame goes out through the lower device (an external switch hairpins it).
+    Vepa,
+}
+
+/// VXLAN parameters (one VNI, point to point when `remote` is set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanParams {
+    pub vni: u32,
+    pub local: Option<Ipv4Addr>,
+    pub remote: Option<Ipv4Addr>,
+    /// Underlay device the encapsulated packets leave from.
+    pub dev: Option<u32>,
+    pub port: u16,
+    pub learning: bool,
+}
+
+/// Kernel GRE-over-IPv4 Ethernet tunnel parameters (`ip link add type gretap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GretapParams {
+    pub local: Ipv4Addr,
+    pub remote: Ipv4Addr,
+    /// Used as both ikey and okey.
+    pub key: u32,
+}
+
+/// What kind of link to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    Veth { peer: String },
+    Macvtap { lower: u32, mode: MacvtapMode },
+    Vxlan(VxlanParams),
+    Gretap(GretapParams),
+}
+
+impl LinkKind {
+    fn describe(&self) -> &'static str {
+        match self {
+            LinkKind::Bridge => "bridge",
+            LinkKind::Veth { .. } => "veth",
+            LinkKind::Macvtap { .. } => "macvtap",
+            LinkKind::Vxlan(_) => "vxlan",
+            LinkKind::Gretap(_) => "gretap",
+        }
+    }
+}
+
+/// A link to create, with the settings applied in the same request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLink {
+    pub name: String,
+    pub kind: LinkKind,
+    pub controller: Option<u32>,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    pub group: Option<u32>,
+    pub up: bool,
+}
+
+impl NewLink {
+    pub fn new(name: impl Into<String>, kind: LinkKind) -> Self {
+        NewLink {
+            name: name.into(),
+            kind,
+            controller: None,
+            mtu: None,
+            mac: None,
+            group: None,
+            up: false,
+        }
+    }
+    pub fn bridge(name: impl Into<String>) -> Self {
+        Self::new(name, LinkKind::Bridge)
+    }
+    pub fn veth(name: impl Into<String>, peer: impl Into<String>) -> Self {
+        Self::new(name, LinkKind::Veth { peer: peer.into() })
+    }
+    pub fn macvtap(name: impl Into<String>, lower: u32, mode: MacvtapMode) -> Self {
+        Self::new(name, LinkKind::Macvtap { lower, mode })
+    }
+    pub fn vxlan(name: impl Into<String>, params: VxlanParams) -> Self {
+        Self::new(name, LinkKind::Vxlan(params))
+    }
+    pub fn gretap(name: impl Into<String>, params: GretapParams) -> Self {
+        Self::new(name, LinkKind::Gretap(params))
+    }
+    pub fn controller(mut self, bridge: u32) -> Self {
+        self.controller = Some(bridge);
+        self
+    }
+    pub fn mtu(mut self, mtu: u32) -> Self {
+        self.mtu = Some(mtu);
+        self
+    }
+    pub fn mac(mut self, mac: [u8; 6]) -> Self {
+        self.mac = Some(mac);
+        self
+    }
+    pub fn group(mut self, group: u32) -> Self {
+        self.group = Some(group);
+        self
+    }
+    pub fn up(mut self) -> Self {
+        self.up = true;
+        self
+    }
+
+    /// `veth tb-a` style description used in errors and logs.
+    pub fn object(&self) -> String {
+        format!("{} {}", self.kind.describe(), self.name)
+    }
+
+    /// The RTM_NEWLINK body. Pure, so tests can compare it with what iproute2 sends.
+    pub fn message(&self) -> NetResult<LinkMessage> {
+        check_name("create", &self.object(), &self.name)?;
+        let mut msg = match &self.kind {
+            LinkKind::Bridge => LinkBridge::new(&self.name).build(),
+            LinkKind::Veth { peer } => {
+                check_name("create", &self.object(), peer)?;
+                LinkVeth::new(&self.name, peer).build()
+            }
+            LinkKind::Macvtap { lower, mode } => {
+                let mode = match mode {
+                    MacvtapMode::Bridge => MacVtapMode::Bridge,
+                    MacvtapMode::Vepa => MacVtapMode::Vepa,
+                };
+                LinkMacVtap::new(&self.name, *lower, mode).build()
+            }
+            LinkKind::Vxlan(p) => {
+                let mut b = LinkVxlan::new(&self.name, p.vni)
+                    .port(p.port)
+                    .learning(p.learning);
+                if let Some(local) = p.local {
+                    b = b.local(local);
+                }
+                if let Some(remote) = p.remote {
+                    b = b.remote(remote);
+                }
+                if let Some(dev) = p.dev {
+                    b = b.dev(dev);
+                }
+                b.build()
+            }
+            LinkKind::Gretap(p) => gretap_message(&self.name, p),
+        };
+        if let Some(c) = self.controller {
+            msg.attributes.push(LinkAttribute::Controller(c));
+        }
+        if let Some(mtu) = self.mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = self.mac {
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
+        if let Some(group) = self.group {
+            msg.attributes.push(LinkAttribute::Group(group));
+        }
+        if self.up {
+            msg.header.flags |= LinkFlags::Up;
+            msg.header.change_mask |= LinkFlags::Up;
+        }
+        Ok(msg)
+    }
+}
+
+/// The gretap request exactly as iproute2 6.1 builds it for
+/// `ip link add NAME type gretap local A remote B ikey K okey K`: every IFLA_GRE_* attribute
+/// it sends, in its order, including the zero-valued ones (PMTU discovery on).
+fn gretap_message(name: &str, p: &GretapParams) -> LinkMessage {
+    let data = vec![
+        InfoGre::IKey(p.key),
+        InfoGre::OKey(p.key),
+        InfoGre::IFlags(GreIOFlags::Key),
+        InfoGre::OFlags(GreIOFlags::Key),
+        InfoGre::Local(p.local),
+        InfoGre::Remote(p.remote),
+        InfoGre::PathMTUDiscovery(true),
+        InfoGre::Tos(0),
+        InfoGre::Ttl(0),
+        InfoGre::FwMask(0),
+        InfoGre::EncapType(Default::default()),
+        InfoGre::EncapFlags(Default::default()),
+        InfoGre::SourcePort(0),
+        InfoGre::DestinationPort(0),
+    ];
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::GreTap),
+        LinkInfo::Data(InfoData::GreTap(data)),
+    ]));
+    msg
+}
+
+/// The full RTM_NEWLINK request tenet sends for `link` (sequence number left at 0).
+pub fn new_link_request(link: &NewLink) -> NetResult<NetlinkMessage<RouteNetlinkMessage>> {
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewLink(link.message()?));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_EXCL | NLM_F_CREATE;
+    req.finalize();
+    Ok(req)
+}
+
+fn check_name(op: &'static str, object: &str, name: &str) -> NetResult<()> {
+    if name.is_empty() || name.len() > MAX_IFNAME {
+        return Err(NetError::invalid(
+            op,
+            object,
+            format!(
+                "interface name {name:?} must be 1 to {MAX_IFNAME} bytes, not {}",
+                name.len()
+            ),
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(NetError::invalid(
+            op,
+            object,
+            format!("interface name {name:?} may not contain '/', ':' or whitespace"),
+        ));
+    }
+    Ok(())
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `bridge`, `veth`, `tun` (taps too), `macvtap`, `vxlan`, `gretap`; `None` for plain
+    /// devices such as `lo`.
+    pub kind: Option<String>,
+    pub alias: Option<String>,
+    pub controller: Option<u32>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// Operational state as the kernel names it (`up`, `down`, `unknown`, ...).
+    pub oper_state: String,
+    pub mtu: u32,
+    pub mac: Option<[u8; 6]>,
+    pub group: u32,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Self {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            kind: None,
+            alias: None,
+            controller: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            oper_state: String::new(),
+            mtu: 0,
+            mac: None,
+            group: 0,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Group(g) => link.group = *g,
+                LinkAttribute::OperState(s) => {
+                    link.oper_state = format!("{s:?}").to_lowercase();
+                }
+                LinkAttribute::Address(a) if a.len() == 6 => {
+                    link.mac = Some(a.as_slice().try_into().expect("length checked"));
+                }
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(k) = info {
+                            link.kind = Some(k.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+
+    /// The character device of a macvtap (`/dev/tapN`, N = ifindex), made by devtmpfs.
+    pub fn macvtap_device(&self) -> Option<PathBuf> {
+        (self.kind.as_deref() == Some("macvtap"))
+            .then(|| PathBuf::from(format!("/dev/tap{}", self.index)))
+    }
+}
+
+/// A netlink connection bound to one network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl std::fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Netlink")
+    }
+}
+
+impl Netlink {
+    /// A connection in the caller's namespace. Needs a tokio runtime.
+    pub fn connect() -> NetResult<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::new("open", "netlink socket", e))?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// A connection inside the namespace at `netns` (e.g. `/run/netns/NAME`).
+    pub fn connect_in(netns: &Path) -> NetResult<Self> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = super::netns::run_in(Some(netns), move || {
+            let _guard = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection()
+                .map_err(|e| NetError::new("open", "netlink socket", e))?;
+            Ok((conn, handle))
+        })?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub fn from_handle(handle: rtnetlink::Handle) -> Self {
+        Netlink { handle }
+    }
+
+    pub fn handle(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    /// Sends one request and collects the messages the kernel answers with.
+    async fn request(
+        &self,
+        op: &'static str,
+        object: &str,
+        req: NetlinkMessage<RouteNetlinkMessage>,
+    ) -> NetResult<Vec<RouteNetlinkMessage>> {
+        let mut replies = self
+            .handle
+            .clone()
+            .request(req)
+            .map_err(|e| nl_err(op, object, e))?;
+        let mut out = Vec::new();
+        while let Some(msg) = replies.next().await {
+            match msg.payload {
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    return Err(NetError::new(op, object, e.to_io()));
+                }
+                NetlinkPayload::InnerMessage(m) => out.push(m),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a link and returns it as the kernel reports it.
+    pub async fn create(&self, link: &NewLink) -> NetResult<Link> {
+        let object = link.object();
+        let mut req = new_link_request(link)?;
+        // NLM_F_ECHO makes the kernel answer with the new link's index.
+        req.header.flags |= NLM_F_ECHO;
+        let replies = self.request("create", &object, req).await?;
+        // The echo is the link as registered, before the controller is set: re-read it.
+        let echoed = replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) if l.header.index != 0 => Some(l.header.index),
+            _ => None,
+        });
+        let created = match echoed {
+            Some(index) => self.link_by_index(index).await?,
+            None => self.link_by_name(&link.name).await?,
+        }
+        .ok_or_else(|| NetError::not_found("create", &object))?;
+        debug!(link = %link.name, index = created.index, kind = link.kind.describe(), "link created");
+        Ok(created)
+    }
+
+    /// Creates many links with up to 64 requests in flight; stops at the first failure and
+    /// returns it (links already made are left for the caller to delete).
+    pub async fn create_many(&self, links: &[NewLink]) -> NetResult<()> {
+        stream::iter(links.iter().map(|l| async move {
+            let req = new_link_request(l)?;
+            self.request("create", &l.object(), req).await.map(drop)
+        }))
+        .buffer_unordered(PIPELINE)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
+    }
+
+    /// Every link in the namespace.
+    pub async fn links(&self) -> NetResult<Vec<Link>> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .map_ok(|m| Link::from_message(&m))
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("list", "links", e))
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> NetResult<Option<Link>> {
+        check_name("find", &format!("link {name}"), name)?;
+        let res = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await;
+        absent_is_none(res, "find", format!("link {name}"))
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> NetResult<Option<Link>> {
+        let res = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await;
+        absent_is_none(res, "find", format!("link #{index}"))
+    }
+
+    /// The link whose alias is exactly `alias` (the kernel cannot filter by alias, so this
+    /// is a dump).
+    pub async fn link_by_alias(&self, alias: &str) -> NetResult<Option<Link>> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.alias.as_deref() == Some(alias)))
+    }
+
+    /// Links whose alias starts with `prefix`.
+    pub async fn links_with_alias_prefix(&self, prefix: &str) -> NetResult<Vec<Link>> {
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .filter(|l| l.alias.as_deref().is_some_and(|a| a.starts_with(prefix)))
+            .collect())
+    }
+
+    /// The index of `name`, or a NotFound error naming it.
+    pub async fn index_of(&self, name: &str) -> NetResult<u32> {
+        self.link_by_name(name)
+            .await?
+            .map(|l| l.index)
+            .ok_or_else(|| NetError::not_found("find", format!("link {name}")))
+    }
+
+    async fn set(
+        &self,
+        op: &'static str,
+        index: u32,
+        build: impl FnOnce(
+            rtnetlink::LinkMessageBuilder<LinkUnspec>,
+        ) -> rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    ) -> NetResult<()> {
+        let msg = build(LinkUnspec::new_with_index(index)).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| nl_err(op, format!("link #{index}"), e))
+    }
+
+    pub async fn set_up(&self, index: u32) -> NetResult<()> {
+        self.set("set up", index, |b| b.up()).await
+    }
+    pub async fn set_down(&self, index: u32) -> NetResult<()> {
+        self.set("set down", index, |b| b.down()).await
+    }
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> NetResult<()> {
+        self.set("set mtu of", index, |b| b.mtu(mtu)).await
+    }
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> NetResult<()> {
+        self.set("set address of", index, |b| b.address(mac.to_vec()))
+            .await
+    }
+    /// Sets IFLA_IFALIAS (at most 255 bytes); tenet keeps object identities there.
+    pub async fn set_alias(&self, index: u32, alias: &str) -> NetResult<()> {
+        if alias.len() > 255 {
+            return Err(NetError::invalid(
+                "set alias of",
+                format!("link #{index}"),
+                format!(
+                    "alias is {} bytes, the kernel keeps at most 255",
+                    alias.len()
+                ),
+            ));
+        }
+        self.set("set alias of", index, |b| b.alias(alias)).await
+    }
+    pub async fn set_group(&self, index: u32, group: u32) -> NetResult<()> {
+        self.set("set group of", index, |b| b.link_group(group))
+            .await
+    }
+    pub async fn rename(&self, index: u32, name: &str) -> NetResult<()> {
+        check_name("rename", &format!("link #{index}"), name)?;
+        self.set("rename", index, |b| b.name(name)).await
+    }
+    /// Makes `index` a port of `bridge`.
+    pub async fn enslave(&self, index: u32, bridge: u32) -> NetResult<()> {
+        self.set("enslave", index, |b| b.controller(bridge)).await
+    }
+    /// Detaches `index` from its bridge.
+    pub async fn release(&self, index: u32) -> NetResult<()> {
+        self.set("release", index, |b| b.nocontroller()).await
+    }
+
+    /// Moves a link into the namespace `netns` (an open namespace file), renaming it on the
+    /// way when `new_name` is given. After this the link is only visible from there.
+    pub async fn move_to_netns(
+        &self,
+        index: u32,
+        netns: BorrowedFd<'_>,
+        new_name: Option<&str>,
+    ) -> NetResult<()> {
+        if let Some(n) = new_name {
+            check_name("move", &format!("link #{index}"), n)?;
+        }
+        let fd = netns.as_raw_fd();
+        self.set("move", index, |b| {
+            let b = b.setns_by_fd(fd);
+            match new_name {
+                Some(n) => b.name(n),
+                None => b,
+            }
+        })
+        .await
+    }
+
+    pub async fn delete(&self, index: u32) -> NetResult<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| nl_err("delete", format!("link #{index}"), e))
+    }
+
+    /// Deletes many links with one RTM_DELLINK: moves them into a fresh link group, then
+    /// deletes the group. The kernel then pays its per-deletion synchronisation once, not once
+    /// per link. Links that are already gone are skipped.
+    pub async fn delete_many(&self, indexes: &[u32]) -> NetResult<()> {
+        if indexes.is_empty() {
+            return Ok(());
+        }
+        let group = batch_group();
+        stream::iter(indexes.iter().map(|&i| async move {
+            match self.set_group(i, group).await {
+                Err(e) if e.is_not_found() => Ok(()),
+                other => other,
+            }
+        }))
+        .buffer_unordered(PIPELINE)
+        .try_collect::<Vec<()>>()
+        .await?;
+        self.delete_group(group).await
+    }
+
+    /// Deletes every link in `group` (`ip link delete group N`). Group 0 is every link's
+    /// default and is refused.
+    pub async fn delete_group(&self, group: u32) -> NetResult<()> {
+        let object = format!("link group {group}");
+        if group == 0 {
+            return Err(NetError::invalid(
+                "delete",
+                object,
+                "group 0 holds every link by default",
+            ));
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::Group(group));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelLink(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        match self.request("delete", &object, req).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+/// A link group number unlikely to be used by anything else: high bit pattern, pid, counter.
+fn batch_group() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) & 0xff;
+    0x7e00_0000 | ((std::process::id() & 0xffff) << 8) | n
+}
+
+fn absent_is_none(
+    res: Result<Option<LinkMessage>, rtnetlink::Error>,
+    op: &'static str,
+    object: String,
+) -> NetResult<Option<Link>> {
+    match res {
+        Ok(Some(m)) => Ok(Some(Link::from_message(&m))),
+        Ok(None) => Ok(None),
+        Err(e) => {
+            let e = nl_err(op, object, e);
+            if e.is_not_found() { Ok(None) } else { Err(e) }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Link-layer primitives over rtnetlink (bridges, veths, taps, macvtaps, tunnels, addresses,
+//! routes, neighbours) and the tunnel backends. Every operation is async (except tap
+//! creation, which is an ioctl) and fails with a [`NetError`] naming the operation and object.
+
+mod addr;
+pub mod alias;
+mod error;
+mod link;
+pub mod netns;
+pub mod tap;
+pub mod tunnel;
+
+pub use addr::{Neighbour, Route};
+pub use error::{Cause, NetError, NetResult};
+pub use link::{
+    GretapParams, Link, LinkKind, MAX_IFNAME, MacvtapMode, Netlink, NewLink, VxlanParams,
+    new_link_request,
+};
+
+pub(crate) fn nl_err(op: &'static str, object: impl Into<String>, e: rtnetlink::Error) -> NetError {
+    let cause = match e {
+        rtnetlink::Error::NetlinkError(m) => Cause::Os(m.to_io()),
+        other => Cause::Protocol(other.to_string()),
+    };
+    NetError::new(op, object, cause)
+}

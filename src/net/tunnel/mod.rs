@@ -1,0 +1,386 @@
+//! Tenant-subnet tunnels behind one trait: kernel gretap, the user-space GRE datapath and
+//! kernel VXLAN. Every backend produces a link that can be enslaved to a bridge, and records
+//! the tunnel's identity in the link alias so that it can be found again after a restart.
+
+mod kernel;
+pub mod userspace;
+mod vxlan;
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use ipnetwork::Ipv4Network;
+use tracing::info;
+
+pub use kernel::{KernelGre, kernel_supports_gretap};
+pub use userspace::UserspaceGre;
+pub use vxlan::Vxlan;
+
+use super::alias::Alias;
+use super::link::{Link, Netlink};
+use super::{NetError, NetResult};
+
+/// Bytes GRE-with-key over IPv4 adds around an Ethernet frame: outer IPv4 (20) + GRE with
+/// key (8) + inner Ethernet (14).
+pub const GRE_OVERHEAD: u32 = 42;
+/// VXLAN: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+pub const VXLAN_PORT: u16 = 4789;
+
+/// ciao's tunnel key: the subnet's network address read as a little-endian u32. Never 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TunnelKey(NonZeroU32);
+
+impl TunnelKey {
+    pub fn new(key: u32) -> Option<Self> {
+        NonZeroU32::new(key).map(TunnelKey)
+    }
+
+    /// 172.16.0.0/16 → 4268. Errors for a subnet at 0.0.0.0.
+    pub fn from_subnet(subnet: &Ipv4Network) -> Result<Self, String> {
+        Self::new(u32::from_le_bytes(subnet.network().octets()))
+            .ok_or_else(|| format!("subnet {subnet} has tunnel key 0, which is invalid"))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for TunnelKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One point-to-point tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TunnelSpec {
+    /// Interface name (at most 15 bytes).
+    pub name: String,
+    pub key: TunnelKey,
+    /// This host's underlay address.
+    pub local: Ipv4Addr,
+    /// The peer's underlay address.
+    pub remote: Ipv4Addr,
+    /// Tenant MTU; `None` derives it from the MTU of the link holding `local`.
+    pub mtu: Option<u32>,
+}
+
+impl TunnelSpec {
+    pub fn new(name: impl Into<String>, key: TunnelKey, local: Ipv4Addr, remote: Ipv4Addr) -> Self {
+        TunnelSpec {
+            name: name.into(),
+            key,
+            local,
+            remote,
+            mtu: None,
+        }
+    }
+
+    fn object(&self) -> String {
+        format!("tunnel {} (key {} to {})", self.name, self.key, self.remote)
+    }
+
+    fn validate(&self) -> NetResult<()> {
+        let bad = |why: &str| Err(NetError::invalid("create", self.object(), why));
+        if self.local.is_unspecified() || self.remote.is_unspecified() {
+            return bad("local and remote underlay addresses are required");
+        }
+        if self.local == self.remote {
+            return bad("local and remote are the same address");
+        }
+        if self.local.is_multicast() || self.remote.is_multicast() {
+            return bad("multicast underlay addresses are not supported");
+        }
+        if let Some(m) = self.mtu
+            && !(68..=65535).contains(&m)
+        {
+            return bad("MTU must be between 68 and 65535");
+        }
+        Ok(())
+    }
+
+    /// The alias that records this tunnel on its link.
+    fn alias(&self, kind: TunnelKind) -> String {
+        Alias::new("tunnel")
+            .with("type", kind)
+            .with("key", self.key)
+            .with("local", self.local)
+            .with("remote", self.remote)
+            .to_string()
+    }
+
+    /// The tunnel recorded in a link's alias, if the alias is a tenet tunnel alias.
+    pub fn from_link(link: &Link) -> Option<(TunnelKind, TunnelSpec)> {
+        let alias = Alias::parse(link.alias.as_deref()?)?;
+        if alias.kind != "tunnel" {
+            return None;
+        }
+        let kind = alias.get("type")?.parse().ok()?;
+        let spec = TunnelSpec {
+            name: link.name.clone(),
+            key: TunnelKey::new(alias.get("key")?.parse().ok()?)?,
+            local: alias.get("local")?.parse().ok()?,
+            remote: alias.get("remote")?.parse().ok()?,
+            mtu: Some(link.mtu),
+        };
+        Some((kind, spec))
+    }
+}
+
+/// The three datapaths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TunnelKind {
+    KernelGre,
+    UserspaceGre,
+    Vxlan,
+}
+
+impl fmt::Display for TunnelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TunnelKind::KernelGre => "gretap",
+            TunnelKind::UserspaceGre => "usergre",
+            TunnelKind::Vxlan => "vxlan",
+        })
+    }
+}
+
+impl FromStr for TunnelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gretap" => Ok(TunnelKind::KernelGre),
+            "usergre" => Ok(TunnelKind::UserspaceGre),
+            "vxlan" => Ok(TunnelKind::Vxlan),
+            other => Err(format!("unknown tunnel type {other:?}")),
+        }
+    }
+}
+
+/// The operator's choice of backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// Kernel gretap where the kernel has it, else the user-space datapath.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+    Vxlan,
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "kernel" => Ok(BackendChoice::Kernel),
+            "userspace" => Ok(BackendChoice::Userspace),
+            "vxlan" => Ok(BackendChoice::Vxlan),
+            other => Err(format!(
+                "unknown tunnel backend {other:?}; expected auto, kernel, userspace or vxlan"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Kernel => "kernel",
+            BackendChoice::Userspace => "userspace",
+            BackendChoice::Vxlan => "vxlan",
+        })
+    }
+}
+
+/// A way of making tunnels in one network namespace.
+#[async_trait]
+pub trait TunnelBackend: Send + Sync {
+    fn kind(&self) -> TunnelKind;
+
+    /// Bytes of encapsulation, for deriving the tenant MTU.
+    fn overhead(&self) -> u32;
+
+    /// Creates the tunnel link (up, alias set, MTU set) and returns it. Idempotent: an
+    /// existing link with the same name and identity is returned as is; one with the same
+    /// name but another identity is an error and is left untouched.
+    async fn create(&self, spec: &TunnelSpec) -> NetResult<Link>;
+
+    /// Deletes the tunnel link; a tunnel that does not exist is not an error.
+    async fn delete(&self, name: &str) -> NetResult<()>;
+
+    /// Tunnels of this backend found in the kernel (by alias).
+    async fn tunnels(&self) -> NetResult<Vec<(TunnelSpec, Link)>>;
+}
+
+/// Builds the backend for `choice` in the namespace `netlink` is bound to (`netns` is the
+/// same namespace's file, needed by the user-space datapath for its socket and taps).
+pub async fn backend(
+    choice: BackendChoice,
+    netlink: Netlink,
+    netns: Option<PathBuf>,
+) -> NetResult<Arc<dyn TunnelBackend>> {
+    let kind = match choice {
+        BackendChoice::Kernel => TunnelKind::KernelGre,
+        BackendChoice::Userspace => TunnelKind::UserspaceGre,
+        BackendChoice::Vxlan => TunnelKind::Vxlan,
+        BackendChoice::Auto => {
+            if kernel_supports_gretap(&netlink).await? {
+                TunnelKind::KernelGre
+            } else {
+                TunnelKind::UserspaceGre
+            }
+        }
+    };
+    info!(%choice, backend = %kind, "tunnel backend selected");
+    Ok(match kind {
+        TunnelKind::KernelGre => Arc::new(KernelGre::new(netlink)),
+        TunnelKind::Vxlan => Arc::new(Vxlan::new(netlink)),
+        TunnelKind::UserspaceGre => Arc::new(UserspaceGre::start(netlink, netns).await?),
+    })
+}
+
+/// The tenant MTU for a tunnel: the spec's, or the MTU of the underlay link that holds
+/// `local` minus `overhead` (1500 is assumed when no link holds it).
+async fn tenant_mtu(netlink: &Netlink, spec: &TunnelSpec, overhead: u32) -> NetResult<u32> {
+    if let Some(m) = spec.mtu {
+        return Ok(m);
+    }
+    let underlay = match netlink.link_of_address(spec.local.into()).await? {
+        Some(index) => netlink.link_by_index(index).await?.map_or(1500, |l| l.mtu),
+        None => 1500,
+    };
+    Ok(underlay.saturating_sub(overhead).max(68))
+}
+
+/// Shared by the backends: if `spec.name` exists, returns it when it records the same
+/// tunnel, an error when it is something else.
+async fn existing(
+    netlink: &Netlink,
+    kind: TunnelKind,
+    spec: &TunnelSpec,
+) -> NetResult<Option<Link>> {
+    let Some(link) = netlink.link_by_name(&spec.name).await? else {
+        return Ok(None);
+    };
+    match TunnelSpec::from_link(&link) {
+        Some((k, found))
+            if k == kind
+                && found.key == spec.key
+                && found.local == spec.local
+                && found.remote == spec.remote =>
+        {
+            Ok(Some(link))
+        }
+        _ => Err(NetError::new(
+            "create",
+            spec.object(),
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "link {} already exists and is not this tunnel (alias {:?})",
+                    link.name, link.alias
+                ),
+            ),
+        )),
+    }
+}
+
+/// Finishes a freshly created tunnel link: MTU, alias and up in one request. On failure the
+/// link is deleted, so nothing is left half made.
+async fn finish(
+    netlink: &Netlink,
+    kind: TunnelKind,
+    spec: &TunnelSpec,
+    index: u32,
+    mtu: u32,
+) -> NetResult<Link> {
+    let res = async {
+        netlink.set_mtu(index, mtu).await?;
+        netlink.set_alias(index, &spec.alias(kind)).await?;
+        netlink.set_up(index).await?;
+        netlink
+            .link_by_index(index)
+            .await?
+            .ok_or_else(|| NetError::not_found("create", spec.object()))
+    }
+    .await;
+    if res.is_err() {
+        let _ = netlink.delete(index).await;
+    }
+    res
+}
+
+async fn tunnels_of(netlink: &Netlink, kind: TunnelKind) -> NetResult<Vec<(TunnelSpec, Link)>> {
+    Ok(netlink
+        .links_with_alias_prefix(super::alias::ALIAS_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|l| {
+            let (k, spec) = TunnelSpec::from_link(&l)?;
+            (k == kind).then_some((spec, l))
+        })
+        .collect())
+}
+
+async fn delete_named(netlink: &Netlink, name: &str) -> NetResult<()> {
+    match netlink.link_by_name(name).await? {
+        Some(l) => match netlink.delete(l.index).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        },
+        None => Ok(()),
+    }
+}
+
+static GRETAP_SUPPORTED: OnceLock<bool> = OnceLock::new();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_ciao_rule() {
+        let k = TunnelKey::from_subnet(&"172.16.0.0/16".parse().unwrap()).unwrap();
+        assert_eq!(k.get(), 4268);
+        assert!(TunnelKey::from_subnet(&"0.0.0.0/8".parse().unwrap()).is_err());
+        assert_eq!(TunnelKey::new(0), None);
+    }
+
+    #[test]
+    fn backend_choice_parses() {
+        for s in ["auto", "kernel", "userspace", "vxlan"] {
+            assert_eq!(s.parse::<BackendChoice>().unwrap().to_string(), s);
+        }
+        assert!(
+            "gre"
+                .parse::<BackendChoice>()
+                .unwrap_err()
+                .contains("auto, kernel")
+        );
+    }
+
+    #[test]
+    fn spec_validation() {
+        let k = TunnelKey::new(5).unwrap();
+        let a: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        assert!(TunnelSpec::new("t", k, a, a).validate().is_err());
+        assert!(
+            TunnelSpec::new("t", k, Ipv4Addr::UNSPECIFIED, a)
+                .validate()
+                .is_err()
+        );
+        let mut s = TunnelSpec::new("t", k, a, "10.0.0.2".parse().unwrap());
+        assert!(s.validate().is_ok());
+        s.mtu = Some(20);
+        assert!(s.validate().is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! The user-space GRE backend: a persistent tap per tunnel (enslaved to a bridge like a
+//! gretap would be) served by the [`GreEngine`] of the namespace.
+
+mod engine;
+pub mod wire;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tracing::{info, warn};
+
+pub use engine::{Endpoint, EngineStats, GreEngine, TunnelStats};
+
+use super::{
+    GRE_OVERHEAD, TunnelBackend, TunnelKind, TunnelSpec, delete_named, existing, finish,
+    tenant_mtu, tunnels_of,
+};
+use crate::net::link::Link;
+use crate::net::tap::{TapOptions, open_tap_in};
+use crate::net::{NetResult, Netlink};
+
+pub struct UserspaceGre {
+    netlink: Netlink,
+    netns: Option<PathBuf>,
+    engine: GreEngine,
+}
+
+fn endpoint(spec: &TunnelSpec) -> Endpoint {
+    Endpoint {
+        name: spec.name.clone(),
+        key: spec.key.get(),
+        local: spec.local,
+        remote: spec.remote,
+    }
+}
+
+impl UserspaceGre {
+    /// Starts the engine in `netns` (the namespace `netlink` is bound to; `None`: the
+    /// caller's) and adopts every user-space tunnel tap already there.
+    pub async fn start(netlink: Netlink, netns: Option<PathBuf>) -> NetResult<Self> {
+        let engine = GreEngine::start(netns.as_deref())?;
+        let backend = UserspaceGre {
+            netlink,
+            netns,
+            engine,
+        };
+        let found = tunnels_of(&backend.netlink, TunnelKind::UserspaceGre).await?;
+        let mut adopted = 0;
+        for (spec, _) in &found {
+            match backend.attach(spec) {
+                Ok(()) => adopted += 1,
+                Err(e) => warn!(tunnel = %spec.name, error = %e, "cannot adopt tunnel tap"),
+            }
+        }
+        info!(adopted, "user-space GRE tunnels adopted from the kernel");
+        Ok(backend)
+    }
+
+    fn attach(&self, spec: &TunnelSpec) -> NetResult<()> {
+        let mut fds = open_tap_in(self.netns.as_deref(), &spec.name, TapOptions::default())?;
+        self.engine.attach(endpoint(spec), fds.remove(0))
+    }
+
+    /// Packet and drop counters of the datapath.
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    pub fn engine(&self) -> &GreEngine {
+        &self.engine
+    }
+
+    /// Stops the datapath; the taps stay, and a new backend adopts them.
+    pub fn stop(self) {
+        self.engine.stop();
+    }
+}
+
+#[async_trait]
+impl TunnelBackend for UserspaceGre {
+    fn kind(&self) -> TunnelKind {
+        TunnelKind::UserspaceGre
+    }
+
+    fn overhead(&self) -> u32 {
+        GRE_OVERHEAD
+    }
+
+    async fn create(&self, spec: &TunnelSpec) -> NetResult<Link> {
+        spec.validate()?;
+        if let Some(link) = existing(&self.netlink, self.kind(), spec).await? {
+            if !self.engine.endpoints().iter().any(|e| e.name == spec.name) {
+                self.attach(spec)?;
+            }
+            return Ok(link);
+        }
+        let mtu = tenant_mtu(&self.netlink, spec, GRE_OVERHEAD).await?;
+        let mut fds = open_tap_in(self.netns.as_deref(), &spec.name, TapOptions::default())?;
+        let index = self.netlink.index_of(&spec.name).await?;
+        let link = finish(&self.netlink, self.kind(), spec, index, mtu).await?;
+        if let Err(e) = self.engine.attach(endpoint(spec), fds.remove(0)) {
+            let _ = self.netlink.delete(index).await;
+            return Err(e);
+        }
+        Ok(link)
+    }
+
+    async fn delete(&self, name: &str) -> NetResult<()> {
+        self.engine.detach(name);
+        delete_named(&self.netlink, name).await
+    }
+
+    async fn tunnels(&self) -> NetResult<Vec<(TunnelSpec, Link)>> {
+        tunnels_of(&self.netlink, self.kind()).await
+    }
+}
