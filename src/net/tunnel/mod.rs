@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 use tracing::info;
 
-pub use kernel::{KernelGre, kernel_supports_gretap};
+pub use kernel::{KernelGre, gretap_link, kernel_supports_gretap};
 pub use userspace::UserspaceGre;
 pub use vxlan::Vxlan;
 
