@@ -120,3 +120,18 @@ pub fn tun_flags(name: &str) -> Option<u32> {
 pub fn is_tap(flags: u32) -> bool {
     flags & IFF_TAP as u32 != 0
 }
+
+/// Offloads a tap may hand to its reader (TUNSETOFFLOAD): checksum and TCPv4 segmentation.
+pub const TUN_F_CSUM: libc::c_uint = 0x01;
+pub const TUN_F_TSO4: libc::c_uint = 0x02;
+
+nix::ioctl_write_int!(tunsetoffload, b'T', 208);
+
+/// Lets the kernel pass CHECKSUM_PARTIAL frames and TCP super-frames to the tap's reader,
+/// which must then complete and segment them. Needs a tap opened with `vnet_hdr`.
+pub fn set_offload(tap: std::os::fd::BorrowedFd<'_>, offloads: libc::c_uint) -> NetResult<()> {
+    // SAFETY: integer ioctl on a descriptor the caller keeps open.
+    unsafe { tunsetoffload(tap.as_raw_fd(), offloads as libc::c_ulong) }
+        .map(drop)
+        .map_err(|e| NetError::new("set offloads of", "tap", std::io::Error::from(e)))
+}

@@ -34,6 +34,14 @@ impl Fabric {
 
     pub async fn with_mtu(mtu: u32) -> TestbedResult<Self> {
         let ns = Netns::create("fab")?;
+        // The fabric stands in for a physical switch, which does not pass bridged frames
+        // through iptables; br_netfilter would otherwise do so here.
+        ns.run(&[
+            "sh",
+            "-c",
+            "for t in iptables ip6tables arptables; do \
+               f=/proc/sys/net/bridge/bridge-nf-call-$t; [ -e $f ] && echo 0 > $f; done; true",
+        ])?;
         let netlink = ns.netlink()?;
         let bridge = netlink
             .create(&NewLink::bridge(BRIDGE).mtu(mtu).up())

@@ -22,15 +22,25 @@ use std::thread::JoinHandle;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tracing::{debug, info, warn};
 
-use super::wire::{self, IPPROTO_GRE, Malformed, TX_HEADER_LEN};
+use super::offload::{
+    Coalescer, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, TcpSegmenter, VNET_HDR_LEN, VnetHdr,
+    complete_checksum, mergeable_segment,
+};
+use super::wire::{self, IPPROTO_GRE, TX_HEADER_LEN};
 use crate::net::{NetError, NetResult, netns};
 
-/// Frames per sendmmsg/recvmmsg batch.
-const BATCH: usize = 32;
-/// Largest IPv4 packet, and so the largest frame plus headers that can appear.
-const SLOT: usize = 65536;
-/// Batches served from one tap before giving the others a turn.
-const TX_ROUNDS: usize = 8;
+/// Packets per recvmmsg batch.
+const RX_BATCH: usize = 64;
+/// Frames read from one tap before the resulting segments are sent.
+const TX_FRAMES: usize = 16;
+/// Messages per sendmmsg: 16 super-frames of ~45 segments each.
+const TX_MSGS: usize = 1024;
+/// Per-message room for the GRE header and a copy of the inner Ethernet/IP/TCP headers.
+const HDR_ROOM: usize = 192;
+/// A vnet header plus the largest frame a tap can hand over, or the largest IPv4 packet.
+const SLOT: usize = VNET_HDR_LEN + 65550;
+/// Rounds of TX_FRAMES served from one tap before giving the others a turn.
+const TX_ROUNDS: usize = 4;
 const STOP_TOKEN: u64 = u64::MAX;
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
@@ -341,32 +351,9 @@ impl Drop for GreEngine {
     }
 }
 
-/// Preallocated buffers for one thread's batches.
-struct Slots {
-    data: Vec<u8>,
-    lens: [usize; BATCH],
-}
-
-impl Slots {
-    fn new() -> Self {
-        Slots {
-            data: vec![0; BATCH * SLOT],
-            lens: [0; BATCH],
-        }
-    }
-    fn ptr(&mut self, i: usize) -> *mut u8 {
-        debug_assert!(i < BATCH);
-        // SAFETY: i < BATCH, so the offset stays inside `data`.
-        unsafe { self.data.as_mut_ptr().add(i * SLOT) }
-    }
-    fn slot(&self, i: usize) -> &[u8] {
-        &self.data[i * SLOT..i * SLOT + self.lens[i]]
-    }
-}
-
 fn tx_loop(shared: &Shared) {
     let mut events = [EpollEvent::empty(); 64];
-    let mut slots = Slots::new();
+    let mut tx = TxBatch::new();
     loop {
         let n = match shared.epoll.wait(&mut events, EpollTimeout::NONE) {
             Ok(n) => n,
@@ -385,40 +372,8 @@ fn tx_loop(shared: &Shared) {
                 table.by_token.get(&ev.data()).cloned()
             };
             if let Some(port) = port {
-                forward_from_tap(shared, &port, &mut slots);
+                forward_from_tap(shared, &port, &mut tx);
             }
-        }
-    }
-}
-
-/// Reads what the tap has (a bounded number of batches) and sends it to the peer.
-fn forward_from_tap(shared: &Shared, port: &Port, slots: &mut Slots) {
-    let tap = port.tap.as_raw_fd();
-    let mut header = [0u8; TX_HEADER_LEN];
-    wire::write_header(&mut header, port.endpoint.key);
-    for _ in 0..TX_ROUNDS {
-        let mut count = 0;
-        while count < BATCH {
-            let buf = slots.ptr(count);
-            // SAFETY: the slot has SLOT bytes; we read at most SLOT - header into its tail.
-            let n = unsafe { libc::read(tap, buf.add(TX_HEADER_LEN).cast(), SLOT - TX_HEADER_LEN) };
-            if n <= 0 {
-                if n < 0 && last_os_error().kind() != std::io::ErrorKind::WouldBlock {
-                    port.counters.tx_errors.fetch_add(1, Relaxed);
-                }
-                break;
-            }
-            // SAFETY: the header fits in the slot's first TX_HEADER_LEN bytes.
-            unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), buf, TX_HEADER_LEN) };
-            slots.lens[count] = n as usize + TX_HEADER_LEN;
-            count += 1;
-        }
-        if count == 0 {
-            return;
-        }
-        send_batch(shared, port, slots, count);
-        if count < BATCH {
-            return;
         }
     }
 }
@@ -429,72 +384,232 @@ struct PktinfoCmsg {
     info: libc::in_pktinfo,
 }
 
-fn send_batch(shared: &Shared, port: &Port, slots: &mut Slots, count: usize) {
-    let e = &port.endpoint;
-    // SAFETY (whole block): every pointer placed in the message headers points into locals
-    // or `slots`, all of which outlive the sendmmsg calls below.
-    unsafe {
-        let mut addr: libc::sockaddr_in = zeroed();
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_addr.s_addr = u32::from(e.remote).to_be();
-        // The source address is the tunnel's local end, whatever the routing table prefers.
-        let mut cmsg: PktinfoCmsg = zeroed();
-        cmsg.hdr.cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
-        cmsg.hdr.cmsg_level = libc::IPPROTO_IP;
-        cmsg.hdr.cmsg_type = libc::IP_PKTINFO;
-        cmsg.info.ipi_spec_dst.s_addr = u32::from(e.local).to_be();
-        let with_source = !e.local.is_unspecified();
-        let mut iov: [libc::iovec; BATCH] = zeroed();
-        let mut msgs: [libc::mmsghdr; BATCH] = zeroed();
-        for i in 0..count {
-            iov[i].iov_base = slots.ptr(i).cast();
-            iov[i].iov_len = slots.lens[i];
-            let h = &mut msgs[i].msg_hdr;
-            h.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+/// The send side's buffers, allocated once: frames as read from a tap, and one sendmmsg
+/// batch of messages, each two iovecs: [GRE header + inner headers] and [payload in a frame].
+struct TxBatch {
+    frames: Vec<u8>,
+    headers: Vec<u8>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    inner_len: Vec<usize>,
+    count: usize,
+    addr: Box<libc::sockaddr_in>,
+    cmsg: Box<PktinfoCmsg>,
+}
+
+// SAFETY: the raw pointers inside point into the struct's own heap buffers; it is used by one
+// thread at a time.
+unsafe impl Send for TxBatch {}
+
+impl TxBatch {
+    fn new() -> Self {
+        // SAFETY: all-zero iovec, mmsghdr, sockaddr_in and cmsg structs are valid values.
+        let mut b = unsafe {
+            TxBatch {
+                frames: vec![0; TX_FRAMES * SLOT],
+                headers: vec![0; TX_MSGS * HDR_ROOM],
+                iov: vec![zeroed(); TX_MSGS * 2],
+                msgs: vec![zeroed(); TX_MSGS],
+                inner_len: vec![0; TX_MSGS],
+                count: 0,
+                addr: Box::new(zeroed()),
+                cmsg: Box::new(zeroed()),
+            }
+        };
+        b.addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        // SAFETY: CMSG_LEN/CMSG_SPACE are pure arithmetic.
+        let (cmsg_len, cmsg_space) = unsafe {
+            let n = size_of::<libc::in_pktinfo>() as u32;
+            (libc::CMSG_LEN(n) as usize, libc::CMSG_SPACE(n) as usize)
+        };
+        b.cmsg.hdr.cmsg_len = cmsg_len;
+        b.cmsg.hdr.cmsg_level = libc::IPPROTO_IP;
+        b.cmsg.hdr.cmsg_type = libc::IP_PKTINFO;
+        let addr: *mut libc::sockaddr_in = &mut *b.addr;
+        let cmsg: *mut PktinfoCmsg = &mut *b.cmsg;
+        for i in 0..TX_MSGS {
+            let iov = b.iov[2 * i..].as_mut_ptr();
+            let h = &mut b.msgs[i].msg_hdr;
+            h.msg_name = addr.cast();
             h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &mut iov[i];
-            h.msg_iovlen = 1;
-            if with_source {
-                h.msg_control = (&mut cmsg as *mut PktinfoCmsg).cast();
-                h.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize;
+            h.msg_iov = iov;
+            h.msg_iovlen = 2;
+            // The source address is the tunnel's local end, whatever routing would prefer.
+            h.msg_control = cmsg.cast();
+            h.msg_controllen = cmsg_space;
+        }
+        b
+    }
+
+    fn set_destination(&mut self, e: &Endpoint) {
+        self.addr.sin_addr.s_addr = u32::from(e.remote).to_be();
+        self.cmsg.info.ipi_spec_dst.s_addr = u32::from(e.local).to_be();
+    }
+
+    /// Queues a message: `header_len` bytes of message `count`'s header room, then `payload`.
+    fn push(&mut self, header_len: usize, payload: *const u8, payload_len: usize) {
+        let c = self.count;
+        self.iov[2 * c] = libc::iovec {
+            iov_base: self.headers[c * HDR_ROOM..].as_mut_ptr().cast(),
+            iov_len: header_len,
+        };
+        self.iov[2 * c + 1] = libc::iovec {
+            iov_base: payload as *mut libc::c_void,
+            iov_len: payload_len,
+        };
+        self.inner_len[c] = header_len - TX_HEADER_LEN + payload_len;
+        self.count += 1;
+    }
+
+    fn header_room(&mut self) -> &mut [u8] {
+        &mut self.headers[self.count * HDR_ROOM..(self.count + 1) * HDR_ROOM]
+    }
+
+    /// Turns the frame read into slot `k` (`n` bytes, vnet header first) into messages.
+    fn add_frame(&mut self, shared: &Shared, port: &Port, k: usize, n: usize) {
+        let errors = &port.counters.tx_errors;
+        if n < VNET_HDR_LEN + 14 {
+            errors.fetch_add(1, Relaxed);
+            return;
+        }
+        let slot = k * SLOT;
+        let vh = VnetHdr::parse(
+            self.frames[slot..slot + VNET_HDR_LEN]
+                .try_into()
+                .expect("10 bytes"),
+        );
+        let range = slot + VNET_HDR_LEN..slot + n;
+        let mut gre = [0u8; TX_HEADER_LEN];
+        wire::write_header(&mut gre, port.endpoint.key);
+        match vh.gso_type & !GSO_ECN {
+            GSO_NONE => {
+                let frame = &mut self.frames[range.clone()];
+                if vh.flags & F_NEEDS_CSUM != 0
+                    && !complete_checksum(
+                        frame,
+                        usize::from(vh.csum_start),
+                        usize::from(vh.csum_offset),
+                    )
+                {
+                    errors.fetch_add(1, Relaxed);
+                    return;
+                }
+                if self.count == TX_MSGS {
+                    self.flush(shared, port);
+                }
+                self.header_room()[..TX_HEADER_LEN].copy_from_slice(&gre);
+                let payload = self.frames[range.clone()].as_ptr();
+                self.push(TX_HEADER_LEN, payload, range.len());
+            }
+            GSO_TCPV4 => {
+                let frame_ptr = self.frames[range.clone()].as_ptr();
+                // SAFETY: the slice covers slot k, which no message refers to mutably and
+                // which is not written again before the batch is flushed.
+                let frame = unsafe { std::slice::from_raw_parts(frame_ptr, range.len()) };
+                let Some(seg) = TcpSegmenter::new(frame, &vh) else {
+                    errors.fetch_add(1, Relaxed);
+                    return;
+                };
+                let need = seg.count();
+                if need > TX_MSGS || seg.header_len() + TX_HEADER_LEN > HDR_ROOM {
+                    errors.fetch_add(1, Relaxed);
+                    return;
+                }
+                if self.count + need > TX_MSGS {
+                    self.flush(shared, port);
+                }
+                for i in 0..need {
+                    let room = self.header_room();
+                    room[..TX_HEADER_LEN].copy_from_slice(&gre);
+                    let payload = seg.segment(frame, i, &mut room[TX_HEADER_LEN..]);
+                    // SAFETY: `payload` is a range inside `frame`.
+                    let ptr = unsafe { frame_ptr.add(payload.start) };
+                    self.push(TX_HEADER_LEN + seg.header_len(), ptr, payload.len());
+                }
+            }
+            _ => {
+                errors.fetch_add(1, Relaxed);
             }
         }
+    }
+
+    fn flush(&mut self, shared: &Shared, port: &Port) {
+        let count = self.count;
+        self.count = 0;
         let fd = shared.socket.as_raw_fd();
+        let c = &port.counters;
         let mut sent = 0;
         while sent < count {
-            let r = libc::sendmmsg(fd, msgs.as_mut_ptr().add(sent), (count - sent) as u32, 0);
+            // SAFETY: messages [sent, count) were filled by push(); every pointer in them
+            // points into this struct's buffers, alive and unchanged during the call.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.msgs.as_mut_ptr().add(sent),
+                    (count - sent) as u32,
+                    0,
+                )
+            };
             if r < 0 {
                 if last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                // The first message of the rest failed (e.g. EMSGSIZE): count it, go on.
-                port.counters.tx_errors.fetch_add(1, Relaxed);
+                // The first remaining message failed (e.g. EMSGSIZE): count it, go on.
+                c.tx_errors.fetch_add(1, Relaxed);
                 sent += 1;
                 continue;
             }
-            for m in &msgs[sent..sent + r as usize] {
-                port.counters.tx_packets.fetch_add(1, Relaxed);
-                port.counters
-                    .tx_bytes
-                    .fetch_add((m.msg_len as usize - TX_HEADER_LEN) as u64, Relaxed);
+            let r = r as usize;
+            c.tx_packets.fetch_add(r as u64, Relaxed);
+            let bytes: usize = self.inner_len[sent..sent + r].iter().sum();
+            c.tx_bytes.fetch_add(bytes as u64, Relaxed);
+            sent += r;
+        }
+    }
+}
+
+/// Reads what the tap has (a bounded number of rounds) and sends it to the peer.
+fn forward_from_tap(shared: &Shared, port: &Port, tx: &mut TxBatch) {
+    let tap = port.tap.as_raw_fd();
+    tx.set_destination(&port.endpoint);
+    for _ in 0..TX_ROUNDS {
+        let mut frames = 0;
+        while frames < TX_FRAMES {
+            let buf = tx.frames[frames * SLOT..].as_mut_ptr();
+            // SAFETY: slot `frames` has SLOT writable bytes; no queued message refers to it
+            // (slots are reused only after the flush below).
+            let n = unsafe { libc::read(tap, buf.cast(), SLOT) };
+            if n <= 0 {
+                if n < 0 && last_os_error().kind() != std::io::ErrorKind::WouldBlock {
+                    port.counters.tx_errors.fetch_add(1, Relaxed);
+                }
+                break;
             }
-            sent += r as usize;
+            tx.add_frame(shared, port, frames, n as usize);
+            frames += 1;
+        }
+        if tx.count > 0 {
+            tx.flush(shared, port);
+        }
+        if frames < TX_FRAMES {
+            return;
         }
     }
 }
 
 fn rx_loop(shared: &Shared, stop_fd: RawFd) {
     let sock = shared.socket.as_raw_fd();
-    let mut slots = Slots::new();
-    // SAFETY: zeroed iovec/mmsghdr arrays are valid "empty" values.
-    let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
-    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    for i in 0..BATCH {
-        iov[i].iov_base = slots.ptr(i).cast();
+    let mut data = vec![0u8; RX_BATCH * SLOT];
+    // SAFETY: zeroed iovec/mmsghdr values are valid "empty" values.
+    let mut iov: Vec<libc::iovec> = vec![unsafe { zeroed() }; RX_BATCH];
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; RX_BATCH];
+    for i in 0..RX_BATCH {
+        iov[i].iov_base = data[i * SLOT..].as_mut_ptr().cast();
         iov[i].iov_len = SLOT;
         msgs[i].msg_hdr.msg_iov = &mut iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
+    let mut coalescer = Coalescer::new();
     let mut fds = [
         libc::pollfd {
             fd: sock,
@@ -521,12 +636,12 @@ fn rx_loop(shared: &Shared, stop_fd: RawFd) {
             return;
         }
         loop {
-            // SAFETY: msgs/iov point into `slots`, alive for the whole loop.
+            // SAFETY: msgs/iov point into `data`, alive for the whole loop.
             let n = unsafe {
                 libc::recvmmsg(
                     sock,
                     msgs.as_mut_ptr(),
-                    BATCH as u32,
+                    RX_BATCH as u32,
                     libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )
@@ -535,58 +650,104 @@ fn rx_loop(shared: &Shared, stop_fd: RawFd) {
                 break;
             }
             let n = n as usize;
-            for (len, m) in slots.lens.iter_mut().zip(&msgs[..n]) {
-                *len = m.msg_len as usize;
-            }
             let table = shared.ports.read().expect("port table poisoned");
-            for i in 0..n {
-                deliver(shared, &table, slots.slot(i));
+            let mut rx = Receiver {
+                shared,
+                table: &table,
+                coalescer: &mut coalescer,
+                pending: None,
+                pending_bytes: 0,
+            };
+            for (i, m) in msgs[..n].iter().enumerate() {
+                let len = m.msg_len as usize;
+                rx.deliver(&data[i * SLOT..i * SLOT + len]);
             }
+            rx.flush();
             drop(table);
-            if n < BATCH {
+            if n < RX_BATCH {
                 break;
             }
         }
     }
 }
 
-fn deliver(shared: &Shared, table: &PortTable, packet: &[u8]) {
-    let d = &shared.drops;
-    let pkt = match wire::parse(packet) {
-        Ok(p) => p,
-        Err(Malformed::Truncated)
-        | Err(Malformed::UnsupportedFlags)
-        | Err(Malformed::NotEthernet)
-        | Err(Malformed::BadChecksum) => {
+/// One receive batch: demultiplexes packets to taps, merging runs of TCP segments.
+struct Receiver<'a> {
+    shared: &'a Shared,
+    table: &'a PortTable,
+    coalescer: &'a mut Coalescer,
+    /// The tunnel the coalescer's run belongs to.
+    pending: Option<&'a Arc<Port>>,
+    pending_bytes: u64,
+}
+
+const PLAIN_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
+impl<'a> Receiver<'a> {
+    fn deliver(&mut self, packet: &[u8]) {
+        let d = &self.shared.drops;
+        let Ok(pkt) = wire::parse(packet) else {
             d.malformed.fetch_add(1, Relaxed);
             return;
+        };
+        let table: &'a PortTable = self.table;
+        let port = pkt
+            .key
+            .and_then(|k| table.by_flow.get(&(pkt.source, pkt.destination, k)));
+        let Some(port) = port else {
+            if table.knows_peer(pkt.source) {
+                d.unknown_key.fetch_add(1, Relaxed);
+            } else {
+                d.unknown_peer.fetch_add(1, Relaxed);
+            }
+            return;
+        };
+        let frame = pkt.frame;
+        if let Some(seg) = mergeable_segment(frame) {
+            let same_port = self.pending.is_some_and(|p| Arc::ptr_eq(p, port));
+            if !(same_port && self.coalescer.try_append(frame, &seg)) {
+                self.flush();
+                self.coalescer.start(frame, &seg);
+                self.pending = Some(port);
+            }
+            self.pending_bytes += frame.len() as u64;
+            return;
         }
-    };
-    let port = pkt
-        .key
-        .and_then(|k| table.by_flow.get(&(pkt.source, pkt.destination, k)));
-    let Some(port) = port else {
-        if table.knows_peer(pkt.source) {
-            d.unknown_key.fetch_add(1, Relaxed);
-        } else {
-            d.unknown_peer.fetch_add(1, Relaxed);
-        }
-        return;
-    };
-    // SAFETY: writing a borrowed, initialised slice to the tap descriptor.
-    let w = unsafe {
-        libc::write(
-            port.tap.as_raw_fd(),
-            pkt.frame.as_ptr().cast(),
-            pkt.frame.len(),
-        )
-    };
-    if w < 0 {
-        port.counters.rx_errors.fetch_add(1, Relaxed);
+        self.flush();
+        let iov = [
+            libc::iovec {
+                iov_base: PLAIN_VNET_HDR.as_ptr() as *mut libc::c_void,
+                iov_len: VNET_HDR_LEN,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs point to initialised memory alive during the call.
+        let w = unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) };
+        count_rx(port, w, 1, frame.len() as u64);
+    }
+
+    /// Writes the coalesced run, if any, to its tap.
+    fn flush(&mut self) {
+        let Some(port) = self.pending.take() else {
+            return;
+        };
+        let segments = self.coalescer.segments() as u64;
+        let out = self.coalescer.take();
+        // SAFETY: writing an initialised slice to the tap descriptor.
+        let w = unsafe { libc::write(port.tap.as_raw_fd(), out.as_ptr().cast(), out.len()) };
+        count_rx(port, w, segments, std::mem::take(&mut self.pending_bytes));
+    }
+}
+
+fn count_rx(port: &Port, written: isize, packets: u64, bytes: u64) {
+    let c = &port.counters;
+    if written < 0 {
+        c.rx_errors.fetch_add(packets, Relaxed);
     } else {
-        port.counters.rx_packets.fetch_add(1, Relaxed);
-        port.counters
-            .rx_bytes
-            .fetch_add(pkt.frame.len() as u64, Relaxed);
+        c.rx_packets.fetch_add(packets, Relaxed);
+        c.rx_bytes.fetch_add(bytes, Relaxed);
     }
 }

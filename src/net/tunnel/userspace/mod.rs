@@ -2,6 +2,7 @@
 //! gretap would be) served by the [`GreEngine`] of the namespace.
 
 mod engine;
+pub mod offload;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -16,8 +17,10 @@ use super::{
     tenant_mtu, tunnels_of,
 };
 use crate::net::link::Link;
-use crate::net::tap::{TapOptions, open_tap_in};
-use crate::net::{NetResult, Netlink};
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TapOptions, open_tap_in, set_offload};
+use crate::net::{NetError, NetResult, Netlink};
 
 pub struct UserspaceGre {
     netlink: Netlink,
@@ -32,6 +35,20 @@ fn endpoint(spec: &TunnelSpec) -> Endpoint {
         local: spec.local,
         remote: spec.remote,
     }
+}
+
+/// Opens (creating if needed) a tunnel tap the way the engine reads it: non-blocking, with a
+/// vnet header on every frame and checksum + TCP segmentation offload, so that the kernel
+/// hands over 64 KB TCP super-frames that the engine segments itself.
+fn open_engine_tap(netns: Option<&std::path::Path>, name: &str) -> NetResult<OwnedFd> {
+    let opts = TapOptions {
+        vnet_hdr: true,
+        ..TapOptions::default()
+    };
+    let tap = open_tap_in(netns, name, opts)?.remove(0);
+    set_offload(tap.as_fd(), TUN_F_CSUM | TUN_F_TSO4)
+        .map_err(|e| NetError::new("set offloads of", format!("tap {name}"), e.cause))?;
+    Ok(tap)
 }
 
 impl UserspaceGre {
@@ -57,8 +74,8 @@ impl UserspaceGre {
     }
 
     fn attach(&self, spec: &TunnelSpec) -> NetResult<()> {
-        let mut fds = open_tap_in(self.netns.as_deref(), &spec.name, TapOptions::default())?;
-        self.engine.attach(endpoint(spec), fds.remove(0))
+        let tap = open_engine_tap(self.netns.as_deref(), &spec.name)?;
+        self.engine.attach(endpoint(spec), tap)
     }
 
     /// Packet and drop counters of the datapath.
@@ -95,10 +112,10 @@ impl TunnelBackend for UserspaceGre {
             return Ok(link);
         }
         let mtu = tenant_mtu(&self.netlink, spec, GRE_OVERHEAD).await?;
-        let mut fds = open_tap_in(self.netns.as_deref(), &spec.name, TapOptions::default())?;
+        let tap = open_engine_tap(self.netns.as_deref(), &spec.name)?;
         let index = self.netlink.index_of(&spec.name).await?;
         let link = finish(&self.netlink, self.kind(), spec, index, mtu).await?;
-        if let Err(e) = self.engine.attach(endpoint(spec), fds.remove(0)) {
+        if let Err(e) = self.engine.attach(endpoint(spec), tap) {
             let _ = self.netlink.delete(index).await;
             return Err(e);
         }

@@ -1,0 +1,376 @@
+//! Link-layer benchmark: `cargo bench --bench link`.
+//!
+//! Builds a two-host lab in namespaces and prints one table, every row measured in this run:
+//! * TCP throughput (iperf3) over (a) veth + bridge with no tunnel, (b) kernel VXLAN,
+//!   (c) the user-space GRE datapath;
+//! * 64-byte UDP packets/s over (b) and (c);
+//! * creating then deleting 1000 veth pairs attached to a bridge with `tenet::net` against
+//!   `ip -batch` for the same links, and batched (link group) against one-by-one deletion.
+//!
+//! `TENET_BENCH_SECONDS` sets the length of each iperf3 run (default 5).
+
+use std::io::Write;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+use tenet::net::NewLink;
+use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelKey, TunnelSpec, backend};
+use tenet::testbed::{Fabric, Host, Netns, Workload};
+
+const PAIRS: usize = 1000;
+
+struct Row {
+    what: String,
+    value: String,
+    note: String,
+}
+
+fn main() {
+    let seconds: u64 = std::env::var("TENET_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rows = rt.block_on(run(seconds));
+    println!();
+    println!("| measurement | result | compared with |");
+    println!("|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} |", r.what, r.value, r.note);
+    }
+}
+
+async fn run(seconds: u64) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let fabric = Fabric::new().await.unwrap();
+    let a = fabric.add_host("ba").await.unwrap();
+    let b = fabric.add_host("bb").await.unwrap();
+
+    // (a) Two workloads on one bridge: the cost of veth + bridge alone.
+    let br = a
+        .netlink()
+        .create(&NewLink::bridge("br-base").up())
+        .await
+        .unwrap();
+    let w1 = a
+        .add_workload("bw1", "v-b1", br.index, net("10.9.0.1/24"), 1500)
+        .await
+        .unwrap();
+    let w2 = a
+        .add_workload("bw2", "v-b2", br.index, net("10.9.0.2/24"), 1500)
+        .await
+        .unwrap();
+    eprintln!("(a) veth + bridge ...");
+    let base = iperf_tcp(&w1, &w2, seconds);
+
+    // (b) kernel VXLAN between the hosts.
+    let (vx1, vx2, _vx_backends) = tunnel_pair(&a, &b, BackendChoice::Vxlan, "vx", "10.1.0").await;
+    eprintln!("(b) kernel VXLAN ...");
+    let vxlan = iperf_tcp(&vx1, &vx2, seconds);
+    let vxlan_pps = iperf_udp64(&vx1, &vx2, seconds);
+
+    // (c) user-space GRE between the hosts.
+    let (ug1, ug2, _ug_backends) =
+        tunnel_pair(&a, &b, BackendChoice::Userspace, "ug", "10.2.0").await;
+    eprintln!("(c) user-space GRE ...");
+    let ugre = iperf_tcp(&ug1, &ug2, seconds);
+    let ugre_pps = iperf_udp64(&ug1, &ug2, seconds);
+
+    rows.push(Row {
+        what: "TCP, veth + bridge, no tunnel (a)".into(),
+        value: gbps(base),
+        note: "baseline".into(),
+    });
+    rows.push(Row {
+        what: "TCP, kernel VXLAN (b)".into(),
+        value: gbps(vxlan),
+        note: format!("{:.0}% of (a)", 100.0 * vxlan / base),
+    });
+    rows.push(Row {
+        what: "TCP, user-space GRE (c)".into(),
+        value: gbps(ugre),
+        note: format!("**{:.0}% of (b)** (goal ≥ 40%)", 100.0 * ugre / vxlan),
+    });
+    rows.push(Row {
+        what: "UDP 64 B, kernel VXLAN (b)".into(),
+        value: format!("{:.0} kpps received", vxlan_pps / 1e3),
+        note: "baseline".into(),
+    });
+    rows.push(Row {
+        what: "UDP 64 B, user-space GRE (c)".into(),
+        value: format!("{:.0} kpps received", ugre_pps / 1e3),
+        note: format!("{:.0}% of (b)", 100.0 * ugre_pps / vxlan_pps),
+    });
+    drop((vx1, vx2, ug1, ug2, w1, w2));
+
+    eprintln!("link churn ...");
+    rows.extend(churn().await);
+    rows
+}
+
+fn net(s: &str) -> Ipv4Network {
+    s.parse().unwrap()
+}
+
+fn gbps(bits_per_second: f64) -> String {
+    format!("{:.2} Gbit/s", bits_per_second / 1e9)
+}
+
+async fn tunnel_pair(
+    a: &Host,
+    b: &Host,
+    choice: BackendChoice,
+    tag: &str,
+    subnet: &str,
+) -> (Workload, Workload, Vec<Arc<dyn TunnelBackend>>) {
+    let key = TunnelKey::from_subnet(&net(&format!("{subnet}.0/24"))).unwrap();
+    let mut workloads = Vec::new();
+    let mut backends = Vec::new();
+    for (n, (host, peer)) in [(a, b.ip()), (b, a.ip())].into_iter().enumerate() {
+        let tunnels = backend(choice, host.netlink().clone(), Some(host.path()))
+            .await
+            .unwrap();
+        let nl = host.netlink();
+        let br = nl
+            .create(&NewLink::bridge(format!("br-{tag}")).up())
+            .await
+            .unwrap();
+        let tun = tunnels
+            .create(&TunnelSpec::new(format!("t-{tag}"), key, host.ip(), peer))
+            .await
+            .unwrap();
+        nl.enslave(tun.index, br.index).await.unwrap();
+        let addr = net(&format!("{subnet}.{}/24", n + 1));
+        let wl = host
+            .add_workload(
+                &format!("{tag}{n}"),
+                &format!("v-{tag}"),
+                br.index,
+                addr,
+                tun.mtu,
+            )
+            .await
+            .unwrap();
+        workloads.push(wl);
+        backends.push(tunnels);
+    }
+    let w2 = workloads.pop().unwrap();
+    let w1 = workloads.pop().unwrap();
+    assert!(w1.ping(w2.ip, 2), "{tag}: no connectivity");
+    (w1, w2, backends)
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn iperf_server(w: &Workload) -> Server {
+    let child =
+        w.ns.command("iperf3")
+            .args(["-s", "-1", "-B", &w.ip.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 (apt-get install iperf3)");
+    std::thread::sleep(Duration::from_millis(300));
+    Server(child)
+}
+
+fn iperf_json(
+    client: &Workload,
+    server: &Workload,
+    extra: &[&str],
+    seconds: u64,
+) -> serde_json::Value {
+    let _srv = iperf_server(server);
+    let out = client
+        .ns
+        .command("iperf3")
+        .args([
+            "-c",
+            &server.ip.to_string(),
+            "-J",
+            "-t",
+            &seconds.to_string(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Received TCP bits per second.
+fn iperf_tcp(client: &Workload, server: &Workload, seconds: u64) -> f64 {
+    let v = iperf_json(client, server, &[], seconds);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no TCP result: {v}"))
+}
+
+/// Received 64-byte UDP datagrams per second, sender unlimited.
+fn iperf_udp64(client: &Workload, server: &Workload, seconds: u64) -> f64 {
+    let v = iperf_json(client, server, &["-u", "-l", "64", "-b", "0"], seconds);
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no UDP result: {v}"));
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"].as_f64().unwrap();
+    (packets - lost) / secs
+}
+
+fn veth_names(i: usize) -> (String, String) {
+    (format!("ch{i}a"), format!("ch{i}b"))
+}
+
+/// 1000 veth pairs attached to a bridge: created and deleted four ways, each in a fresh
+/// namespace so that no run pays for another's leftovers.
+async fn churn() -> Vec<Row> {
+    // ip -batch: one process, one netlink socket, one request per line.
+    let ip_batch = {
+        let ns = Netns::create("chip").unwrap();
+        ns.run(&["ip", "link", "add", "br0", "up", "type", "bridge"])
+            .unwrap();
+        let mut add = String::new();
+        let mut del = String::new();
+        for i in 0..PAIRS {
+            let (x, y) = veth_names(i);
+            add.push_str(&format!(
+                "link add {x} master br0 up type veth peer name {y}\n"
+            ));
+            del.push_str(&format!("link del {x}\n"));
+        }
+        let create = time_ip_batch(&ns, &add);
+        let delete = time_ip_batch(&ns, &del);
+        (create, delete)
+    };
+
+    // tenet::net: pipelined creation, then batched (link group) deletion.
+    let (t_create, t_delete_batch) = {
+        let ns = Netns::create("chtn").unwrap();
+        let nl = ns.netlink().unwrap();
+        let br = nl.create(&NewLink::bridge("br0").up()).await.unwrap();
+        let links: Vec<NewLink> = (0..PAIRS)
+            .map(|i| {
+                let (x, y) = veth_names(i);
+                NewLink::veth(x, y).controller(br.index).up()
+            })
+            .collect();
+        let t = Instant::now();
+        nl.create_many(&links).await.unwrap();
+        let create = t.elapsed();
+        let indexes = indexes_of(&nl).await;
+        assert_eq!(indexes.len(), 2 * PAIRS);
+        let t = Instant::now();
+        nl.delete_many(&indexes).await.unwrap();
+        (create, t.elapsed())
+    };
+
+    // tenet::net one request at a time: create, then delete one by one.
+    let (t_create_seq, t_delete_one) = {
+        let ns = Netns::create("chsq").unwrap();
+        let nl = ns.netlink().unwrap();
+        let br = nl.create(&NewLink::bridge("br0").up()).await.unwrap();
+        let t = Instant::now();
+        for i in 0..PAIRS {
+            let (x, y) = veth_names(i);
+            nl.create_many(&[NewLink::veth(x, y).controller(br.index).up()])
+                .await
+                .unwrap();
+        }
+        let create = t.elapsed();
+        let mut firsts = Vec::new();
+        for l in nl.links().await.unwrap() {
+            if l.name.ends_with('a') && l.name.starts_with("ch") {
+                firsts.push(l.index);
+            }
+        }
+        let t = Instant::now();
+        for i in firsts {
+            nl.delete(i).await.unwrap();
+        }
+        (create, t.elapsed())
+    };
+
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    let ratio = |x: Duration, base: Duration| x.as_secs_f64() / base.as_secs_f64();
+    vec![
+        Row {
+            what: format!("create {PAIRS} veth pairs on a bridge, `ip -batch`"),
+            value: ms(ip_batch.0),
+            note: "baseline".into(),
+        },
+        Row {
+            what: format!("create {PAIRS}, tenet::net create_many (64 in flight)"),
+            value: ms(t_create),
+            note: format!(
+                "**{:.2}× `ip -batch`** (goal ≤ 1.5×)",
+                ratio(t_create, ip_batch.0)
+            ),
+        },
+        Row {
+            what: format!("create {PAIRS}, tenet::net one request at a time"),
+            value: ms(t_create_seq),
+            note: format!("{:.2}× `ip -batch`", ratio(t_create_seq, ip_batch.0)),
+        },
+        Row {
+            what: format!("delete {PAIRS}, `ip -batch` (`link del` each)"),
+            value: ms(ip_batch.1),
+            note: "baseline".into(),
+        },
+        Row {
+            what: format!("delete {PAIRS}, tenet::net one by one"),
+            value: ms(t_delete_one),
+            note: format!("{:.2}× `ip -batch`", ratio(t_delete_one, ip_batch.1)),
+        },
+        Row {
+            what: format!("delete {PAIRS}, tenet::net batched (link group)"),
+            value: ms(t_delete_batch),
+            note: format!(
+                "{:.1}× faster than one by one",
+                ratio(t_delete_one, t_delete_batch)
+            ),
+        },
+    ]
+}
+
+async fn indexes_of(nl: &tenet::net::Netlink) -> Vec<u32> {
+    nl.links()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.name.starts_with("ch"))
+        .map(|l| l.index)
+        .collect()
+}
+
+fn time_ip_batch(ns: &Netns, script: &str) -> Duration {
+    let mut child = ns
+        .command("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let t = Instant::now();
+    stdin.write_all(script.as_bytes()).unwrap();
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "ip -batch failed");
+    t.elapsed()
+}
