@@ -108,12 +108,14 @@ struct PortTable {
     /// (remote, local, key) → port: the same demultiplexing as kernel gretap.
     by_flow: HashMap<(Ipv4Addr, Ipv4Addr, u32), Arc<Port>>,
     by_name: HashMap<String, u64>,
+    /// Tunnels per remote address, to tell an unknown key from an unknown peer in O(1).
+    peers: HashMap<Ipv4Addr, usize>,
     next_token: u64,
 }
 
 impl PortTable {
     fn knows_peer(&self, peer: Ipv4Addr) -> bool {
-        self.by_flow.keys().any(|(remote, _, _)| *remote == peer)
+        self.peers.contains_key(&peer)
     }
 }
 
@@ -266,6 +268,7 @@ impl GreEngine {
             )
             .map_err(|e| NetError::new("attach", &object, std::io::Error::from(e)))?;
         table.by_flow.insert(flow, port.clone());
+        *table.peers.entry(endpoint.remote).or_default() += 1;
         table.by_name.insert(endpoint.name.clone(), token);
         table.by_token.insert(token, port);
         debug!(tunnel = %endpoint.name, key = endpoint.key, remote = %endpoint.remote, "tunnel attached");
@@ -281,6 +284,12 @@ impl GreEngine {
         if let Some(port) = table.by_token.remove(&token) {
             let e = &port.endpoint;
             table.by_flow.remove(&(e.remote, e.local, e.key));
+            if let Some(n) = table.peers.get_mut(&e.remote) {
+                *n -= 1;
+                if *n == 0 {
+                    table.peers.remove(&e.remote);
+                }
+            }
             let _ = self.shared.epoll.delete(port.tap.as_fd());
         }
         debug!(tunnel = name, "tunnel detached");
