@@ -94,7 +94,13 @@ impl Netlink {
             .map_err(|e| nl_err("add", format!("address {addr} on link #{index}"), e))
     }
 
-    pub async fn addresses(&self, index: u32) -> NetResult<Vec<IpNetwork>> {
+    /// The kernel's address messages for link `index` (the dump filter is advisory, so the
+    /// index is checked again).
+    async fn address_messages(
+        &self,
+        op: &'static str,
+        index: u32,
+    ) -> NetResult<Vec<AddressMessage>> {
         let msgs: Vec<AddressMessage> = self
             .handle()
             .address()
@@ -103,7 +109,15 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|e| nl_err("list", format!("addresses of link #{index}"), e))?;
+            .map_err(|e| nl_err(op, format!("addresses of link #{index}"), e))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.index == index)
+            .collect())
+    }
+
+    pub async fn addresses(&self, index: u32) -> NetResult<Vec<IpNetwork>> {
+        let msgs = self.address_messages("list", index).await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.index == index)
@@ -140,18 +154,8 @@ impl Netlink {
     /// Removes `addr` from link `index`; an address that is not there is not an error.
     pub async fn del_address(&self, index: u32, addr: IpNetwork) -> NetResult<()> {
         let object = format!("address {addr} on link #{index}");
-        let msgs: Vec<AddressMessage> = self
-            .handle()
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl_err("delete", &object, e))?;
-        for m in msgs {
-            let matches = m.header.index == index
-                && m.header.prefix_len == addr.prefix()
+        for m in self.address_messages("delete", index).await? {
+            let matches = m.header.prefix_len == addr.prefix()
                 && m.attributes
                     .iter()
                     .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == addr.ip()));
