@@ -356,10 +356,6 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    pub fn from_handle(handle: rtnetlink::Handle) -> Self {
-        Netlink { handle }
-    }
-
     pub fn handle(&self) -> &rtnetlink::Handle {
         &self.handle
     }

@@ -109,18 +109,6 @@ pub fn open_tap_in(netns: Option<&Path>, name: &str, opts: TapOptions) -> NetRes
     netns::run_in(netns, move || open_tap(&name, opts))
 }
 
-/// The IFF_* flags of an existing tun/tap device (`/sys/class/net/NAME/tun_flags`) as seen
-/// from the caller's namespace; `None` if it is not a tun/tap.
-pub fn tun_flags(name: &str) -> Option<u32> {
-    let raw = std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags")).ok()?;
-    u32::from_str_radix(raw.trim().trim_start_matches("0x"), 16).ok()
-}
-
-/// Whether `flags` (from [`tun_flags`]) describe a tap rather than a tun.
-pub fn is_tap(flags: u32) -> bool {
-    flags & IFF_TAP as u32 != 0
-}
-
 /// Offloads a tap may hand to its reader (TUNSETOFFLOAD): checksum and TCPv4 segmentation.
 pub const TUN_F_CSUM: libc::c_uint = 0x01;
 pub const TUN_F_TSO4: libc::c_uint = 0x02;

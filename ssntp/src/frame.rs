@@ -58,12 +58,38 @@ impl GoTime {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConnectFrame {
+/// The first four fields of every SSNTP struct: version (bit 7 of `major` = path trace),
+/// frame type (COMMAND, STATUS, ERROR, EVENT) and operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Header {
     pub major: u8,
     pub minor: u8,
     pub kind: u8,
     pub operand: u8,
+}
+
+impl Header {
+    fn encode(&self, f: &mut Fields<'_>) {
+        f.uint(0, u64::from(self.major));
+        f.uint(1, u64::from(self.minor));
+        f.uint(2, u64::from(self.kind));
+        f.uint(3, u64::from(self.operand));
+    }
+
+    fn decode(v: &Value) -> Result<Self, GobError> {
+        let g = |n: &str| v.field(n);
+        Ok(Header {
+            major: as_u64(g("Major"), "Major", U8)? as u8,
+            minor: as_u64(g("Minor"), "Minor", U8)? as u8,
+            kind: as_u64(g("Type"), "Type", U8)? as u8,
+            operand: as_u64(g("Operand"), "Operand", U8)? as u8,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectFrame {
+    pub header: Header,
     pub role: u32,
     pub source: Vec<u8>,
     pub destination: Vec<u8>,
@@ -71,10 +97,7 @@ pub struct ConnectFrame {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnectedFrame {
-    pub major: u8,
-    pub minor: u8,
-    pub kind: u8,
-    pub operand: u8,
+    pub header: Header,
     pub role: u32,
     pub source: Vec<u8>,
     pub destination: Vec<u8>,
@@ -101,10 +124,7 @@ pub struct FrameTrace {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Frame {
-    pub major: u8,
-    pub minor: u8,
-    pub kind: u8,
-    pub operand: u8,
+    pub header: Header,
     pub origin: Uuid,
     pub payload_length: u32,
     pub trace: Option<FrameTrace>,
@@ -312,6 +332,14 @@ fn encode_trace(out: &mut Vec<u8>, t: &FrameTrace) {
     f.end();
 }
 
+/// The fields ConnectFrame and ConnectedFrame share: header, role, source, destination.
+fn encode_peer(f: &mut Fields<'_>, h: &Header, role: u32, source: &[u8], destination: &[u8]) {
+    h.encode(f);
+    f.uint(4, u64::from(role));
+    f.bytes(5, source);
+    f.bytes(6, destination);
+}
+
 /// Encodes one direction of an SSNTP stream: type definitions go out before the first value
 /// of their type, once.
 #[derive(Default)]
@@ -344,26 +372,14 @@ impl Encoder {
             Message::Connect(c) => {
                 put_int(&mut body, ID_CONNECT);
                 let mut f = Fields::new(&mut body);
-                f.uint(0, u64::from(c.major));
-                f.uint(1, u64::from(c.minor));
-                f.uint(2, u64::from(c.kind));
-                f.uint(3, u64::from(c.operand));
-                f.uint(4, u64::from(c.role));
-                f.bytes(5, &c.source);
-                f.bytes(6, &c.destination);
+                encode_peer(&mut f, &c.header, c.role, &c.source, &c.destination);
                 f.end();
                 ID_CONNECT
             }
             Message::Connected(c) => {
                 put_int(&mut body, ID_CONNECTED);
                 let mut f = Fields::new(&mut body);
-                f.uint(0, u64::from(c.major));
-                f.uint(1, u64::from(c.minor));
-                f.uint(2, u64::from(c.kind));
-                f.uint(3, u64::from(c.operand));
-                f.uint(4, u64::from(c.role));
-                f.bytes(5, &c.source);
-                f.bytes(6, &c.destination);
+                encode_peer(&mut f, &c.header, c.role, &c.source, &c.destination);
                 f.uint(7, u64::from(c.payload_length));
                 f.bytes(8, &c.payload);
                 f.end();
@@ -372,10 +388,7 @@ impl Encoder {
             Message::Frame(fr) => {
                 put_int(&mut body, ID_FRAME);
                 let mut f = Fields::new(&mut body);
-                f.uint(0, u64::from(fr.major));
-                f.uint(1, u64::from(fr.minor));
-                f.uint(2, u64::from(fr.kind));
-                f.uint(3, u64::from(fr.operand));
+                fr.header.encode(&mut f);
                 // Go sends arrays even when they are all zeros.
                 f.delta(4);
                 put_uint(f.out, 16);
@@ -430,19 +443,13 @@ impl Message {
         let g = |n: &str| v.field(n);
         match type_name {
             "ConnectFrame" => Ok(Message::Connect(ConnectFrame {
-                major: as_u64(g("Major"), "Major", U8)? as u8,
-                minor: as_u64(g("Minor"), "Minor", U8)? as u8,
-                kind: as_u64(g("Type"), "Type", U8)? as u8,
-                operand: as_u64(g("Operand"), "Operand", U8)? as u8,
+                header: Header::decode(v)?,
                 role: as_u64(g("Role"), "Role", U32)? as u32,
                 source: as_bytes(g("Source"), "Source")?,
                 destination: as_bytes(g("Destination"), "Destination")?,
             })),
             "ConnectedFrame" => Ok(Message::Connected(ConnectedFrame {
-                major: as_u64(g("Major"), "Major", U8)? as u8,
-                minor: as_u64(g("Minor"), "Minor", U8)? as u8,
-                kind: as_u64(g("Type"), "Type", U8)? as u8,
-                operand: as_u64(g("Operand"), "Operand", U8)? as u8,
+                header: Header::decode(v)?,
                 role: as_u64(g("Role"), "Role", U32)? as u32,
                 source: as_bytes(g("Source"), "Source")?,
                 destination: as_bytes(g("Destination"), "Destination")?,
@@ -504,10 +511,7 @@ impl Message {
                     }
                 };
                 Ok(Message::Frame(Frame {
-                    major: as_u64(g("Major"), "Major", U8)? as u8,
-                    minor: as_u64(g("Minor"), "Minor", U8)? as u8,
-                    kind: as_u64(g("Type"), "Type", U8)? as u8,
-                    operand: as_u64(g("Operand"), "Operand", U8)? as u8,
+                    header: Header::decode(v)?,
                     origin,
                     payload_length: as_u64(g("PayloadLength"), "PayloadLength", U32)? as u32,
                     trace,

@@ -6,7 +6,7 @@ pub mod frame;
 pub mod gob;
 
 pub use frame::{
-    ConnectFrame, ConnectedFrame, Encoder, Frame, FrameTrace, GoTime, Message, Node, StreamDecoder,
-    Uuid,
+    ConnectFrame, ConnectedFrame, Encoder, Frame, FrameTrace, GoTime, Header, Message, Node,
+    StreamDecoder, Uuid,
 };
 pub use gob::GobError;

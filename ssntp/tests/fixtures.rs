@@ -3,7 +3,8 @@
 //! documented values, and encoding those values gives the same bytes.
 
 use ssntp::{
-    ConnectFrame, ConnectedFrame, Encoder, Frame, FrameTrace, GoTime, Message, Node, StreamDecoder,
+    ConnectFrame, ConnectedFrame, Encoder, Frame, FrameTrace, GoTime, Header, Message, Node,
+    StreamDecoder,
 };
 
 // Copied from ../shared/fixtures/ssntp (ciao Go output) so that a clean clone has them.
@@ -42,9 +43,12 @@ fn client_stream() -> Vec<Message> {
     let tenant = "tenant_added:\n  agent_uuid: 2400bce6-ccc8-4a45-b2aa-b5cc3790077b\n  agent_ip: 10.3.66.71\n  tenant_uuid: 67d86208-000-4465-9018-fe14087d415f\n  tenant_subnet: 172.16.0.0/24\n  concentrator_uuid: 67d86208-b46c-4465-9018-e14187d4010d\n  concentrator_ip: 192.168.0.110\n  subnet_key: 4268\n";
     let event = |operand: u8, payload: &str| {
         Message::Frame(Frame {
-            minor: 1,
-            kind: 3,
-            operand,
+            header: Header {
+                minor: 1,
+                kind: 3,
+                operand,
+                ..Header::default()
+            },
             origin: *CLIENT,
             payload_length: payload.len() as u32,
             payload: payload.as_bytes().to_vec(),
@@ -53,11 +57,13 @@ fn client_stream() -> Vec<Message> {
     };
     vec![
         Message::Connect(ConnectFrame {
-            minor: 1,
+            header: Header {
+                minor: 1,
+                ..Header::default()
+            },
             role: 0x20,
             source: CLIENT.to_vec(),
             destination: vec![0; 16],
-            ..ConnectFrame::default()
         }),
         event(3, added),
         event(0, tenant),
@@ -76,36 +82,46 @@ fn server_stream() -> Vec<Message> {
     };
     vec![
         Message::Connected(ConnectedFrame {
-            minor: 1,
-            kind: 1,
+            header: Header {
+                minor: 1,
+                kind: 1,
+                ..Header::default()
+            },
             role: 0x08,
             source: SERVER.to_vec(),
             destination: CLIENT.to_vec(),
             payload_length: configure.len() as u32,
             payload: configure.as_bytes().to_vec(),
-            ..ConnectedFrame::default()
         }),
         Message::Frame(Frame {
-            minor: 1,
-            kind: 0,
-            operand: 5,
+            header: Header {
+                minor: 1,
+                kind: 0,
+                operand: 5,
+                ..Header::default()
+            },
             origin: *b"ORIGINORIGIN1234",
             payload_length: assign.len() as u32,
             payload: assign.as_bytes().to_vec(),
             ..Frame::default()
         }),
         Message::Frame(Frame {
-            minor: 1,
-            kind: 2,
-            operand: 4,
+            header: Header {
+                minor: 1,
+                kind: 2,
+                operand: 4,
+                ..Header::default()
+            },
             origin: *SERVER,
             ..Frame::default()
         }),
         Message::Frame(Frame {
-            major: 0x80,
-            minor: 1,
-            kind: 1,
-            operand: 1,
+            header: Header {
+                major: 0x80,
+                minor: 1,
+                kind: 1,
+                operand: 1,
+            },
             origin: *SERVER,
             payload_length: ready.len() as u32,
             trace: Some(FrameTrace {

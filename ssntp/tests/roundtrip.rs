@@ -3,7 +3,7 @@
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use ssntp::{Encoder, Frame, FrameTrace, GoTime, Message, Node, StreamDecoder};
+use ssntp::{Encoder, Frame, FrameTrace, GoTime, Header, Message, Node, StreamDecoder};
 
 fn time() -> impl Strategy<Value = GoTime> {
     prop_oneof![
@@ -44,10 +44,12 @@ fn frame() -> impl Strategy<Value = Frame> {
         vec(any::<u8>(), 0..300),
     )
         .prop_map(|(h, origin, len, trace, payload)| Frame {
-            major: h[0],
-            minor: h[1],
-            kind: h[2],
-            operand: h[3],
+            header: Header {
+                major: h[0],
+                minor: h[1],
+                kind: h[2],
+                operand: h[3],
+            },
             origin,
             payload_length: len,
             trace,

@@ -7,7 +7,6 @@
 //! merges consecutive in-order segments of one TCP flow into one super-frame (GRO) and writes
 //! that to the tap once. This is what virtio-net does between a guest and its host.
 
-use std::net::Ipv4Addr;
 use std::ops::Range;
 
 pub const VNET_HDR_LEN: usize = 10;
@@ -376,18 +375,6 @@ impl Coalescer {
         self.closed = true;
         &self.buf[..total]
     }
-}
-
-/// The source and destination of an IPv4 frame, for tests and logs.
-pub fn ipv4_addresses(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    if frame.len() < ETH_HLEN + 20 || be16(frame, 12) != ETH_P_IP {
-        return None;
-    }
-    let ip = &frame[ETH_HLEN..];
-    Some((
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-    ))
 }
 
 #[cfg(test)]
