@@ -2,6 +2,7 @@
 //! 0 success, 1 the command ran but found or hit a problem, 2 the datastore is unreachable
 //! (or the command line is wrong, as clap reports it).
 
+mod cert;
 mod dump;
 mod ipam;
 mod lab;
@@ -40,6 +41,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Make SSNTP certificates: a CA, and node certificates carrying roles.
+    Cert(cert::CertArgs),
     /// List every key under a prefix with the kind of object it holds.
     ///
     /// Keys whose value does not decode are listed with the reason; the exit status is then 1.
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
+            Command::Cert(args) => cert::run(args),
             Command::Dump(args) => dump::run(&cli, args).await,
             Command::Ipam(args) => ipam::run(&cli, args).await,
             Command::Lab(args) => lab::run(args).await,

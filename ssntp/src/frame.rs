@@ -1,10 +1,8 @@
 //! ciao's three SSNTP structs and their gob encoding, with the type ids and definition order
 //! a Go ciao process uses, so that encoding gives Go's bytes.
 
-use crate::gob::wire::{put_bytes, put_int, put_uint};
+use crate::gob::wire::{Reader, put_bytes, put_int, put_uint};
 use crate::gob::{GobError, T_BYTES, T_UINT, Value};
-
-pub type Uuid = [u8; 16];
 
 /// `time.Time` as Go's MarshalBinary writes it (version 1): seconds since 0001-01-01 UTC,
 /// nanoseconds, and the zone offset in minutes (-1 = UTC).
@@ -125,7 +123,8 @@ pub struct FrameTrace {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Frame {
     pub header: Header,
-    pub origin: Uuid,
+    /// UUID of the node that first sent the frame; forwarding keeps it.
+    pub origin: [u8; 16],
     pub payload_length: u32,
     pub trace: Option<FrameTrace>,
     pub payload: Vec<u8>,
@@ -537,13 +536,26 @@ impl StreamDecoder {
     }
 
     /// Decodes the next message from `input`: `Ok(None)` if `input` holds no whole value
-    /// yet, else the message and how many bytes it used (type definitions included).
+    /// yet, else the message and how many bytes it used (type definitions included). Nothing
+    /// is consumed until a whole value is there, so the caller may offer the same bytes again
+    /// with more appended.
     pub fn next(&mut self, input: &[u8]) -> Result<Option<(Message, usize)>, GobError> {
-        let mut used = 0;
+        let mut end = 0;
         loop {
-            let Some((body, n)) = crate::gob::Decoder::frame(&input[used..])? else {
+            let Some((body, n)) = crate::gob::Decoder::frame(&input[end..])? else {
                 return Ok(None);
             };
+            end += n;
+            // Type definitions carry a negative id; anything else ends the run.
+            let is_definition = matches!(Reader::new(body).int(), Ok(id) if id < 0);
+            if !is_definition {
+                break;
+            }
+        }
+        let mut used = 0;
+        while used < end {
+            let (body, n) = crate::gob::Decoder::frame(&input[used..])?
+                .expect("a message that was whole a moment ago");
             used += n;
             if let Some((id, value)) = self.gob.message(body)? {
                 let name = match self.gob.wire_type(id) {
@@ -557,5 +569,6 @@ impl StreamDecoder {
                 return Ok(Some((Message::from_value(&name, &value)?, used)));
             }
         }
+        Err(GobError::invalid("a run of type definitions with no value"))
     }
 }

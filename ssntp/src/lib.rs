@@ -1,12 +1,33 @@
-//! ciao's SSNTP protocol. So far: the wire format — Go `encoding/gob` streams carrying
-//! `ConnectFrame`, `ConnectedFrame` and `Frame` — decoded from untrusted input and encoded to
-//! the bytes Go writes. TLS roles, client, server and the scheduler are still to come.
+//! ciao's SSNTP protocol, compatible with ciao's Go components:
+//!
+//! * [`frame`] and [`gob`]: the wire format — Go `encoding/gob` streams carrying
+//!   `ConnectFrame`, `ConnectedFrame` and `Frame` — decoded from untrusted input and encoded to
+//!   the bytes Go writes;
+//! * [`types`]: frame types, operands and roles with Go's constant values;
+//! * [`payload`]: the YAML payloads of the networking messages;
+//! * [`tls`] and [`cert`]: mutual TLS (rustls, ring) with roles carried in certificates;
+//! * [`client`], [`server`]: sessions over TLS; [`scheduler`]: ciao's forwarding rules.
 
+pub mod cert;
+pub mod client;
+pub mod conn;
 pub mod frame;
 pub mod gob;
+pub mod payload;
+pub mod scheduler;
+pub mod server;
+pub mod tls;
+pub mod types;
 
+pub use client::{Backoff, Client, ClientConfig, ClientError, ClientEvent, ServerInfo};
 pub use frame::{
     ConnectFrame, ConnectedFrame, Encoder, Frame, FrameTrace, GoTime, Header, Message, Node,
-    StreamDecoder, Uuid,
+    StreamDecoder,
 };
 pub use gob::GobError;
+pub use server::{
+    NoHandler, Peer, Route, Rules, Server, ServerConfig, ServerError, ServerHandle, ServerHandler,
+};
+pub use tls::{Identity, TlsError, TlsFiles};
+pub use types::{Command, ErrorCode, Event, FrameType, Operation, Role, Status};
+pub use uuid::Uuid;

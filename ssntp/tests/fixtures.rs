@@ -194,3 +194,98 @@ fn every_prefix_is_incomplete_or_an_error_never_a_panic() {
         }
     }
 }
+
+fn payload_of(m: &Message) -> &[u8] {
+    match m {
+        Message::Frame(f) => &f.payload,
+        Message::Connected(c) => &c.payload,
+        Message::Connect(_) => panic!("CONNECT has no payload"),
+    }
+}
+
+/// The YAML payloads Go wrote parse into ssntp's payload types with the documented values,
+/// and the frames' operands map to the right constants.
+#[test]
+fn fixture_payloads_parse_into_payload_types() {
+    use ssntp::payload::*;
+    use ssntp::{Command, Event, Operation, Status};
+
+    let client = decode_all(&read("client_stream.gob"));
+    let Message::Frame(f) = &client[1] else {
+        panic!()
+    };
+    assert_eq!(
+        f.operation(),
+        Some(Operation::Event(Event::ConcentratorInstanceAdded))
+    );
+    let cia = ConcentratorInstanceAdded::from_yaml(payload_of(&client[1])).unwrap();
+    assert_eq!(
+        cia.concentrator_instance_added.concentrator_mac,
+        "02:00:ff:00:00:01"
+    );
+    assert_eq!(cia.concentrator_instance_added.tenant_uuid, "");
+    let ta = TenantAdded::from_yaml(payload_of(&client[2]))
+        .unwrap()
+        .tenant_added;
+    assert_eq!(ta.subnet_key, 4268);
+    assert_eq!(ta.tenant_subnet, "172.16.0.0/24");
+    assert_eq!(ta.concentrator_uuid, "67d86208-b46c-4465-9018-e14187d4010d");
+    assert_eq!(ta.agent_ip, "10.3.66.71");
+
+    let server = decode_all(&read("server_stream.gob"));
+    let Message::Connected(c) = &server[0] else {
+        panic!()
+    };
+    assert_eq!(
+        Operation::from_header(&c.header),
+        Some(Operation::Status(Status::Connected))
+    );
+    let cfg = Configure::from_yaml(payload_of(&server[0]))
+        .unwrap()
+        .configure;
+    let launcher = cfg.launcher.unwrap();
+    assert_eq!(launcher.compute_net, vec!["10.3.66.0/24"]);
+    assert_eq!(launcher.mgmt_net, vec!["10.3.66.0/24"]);
+    assert_eq!(
+        cfg.scheduler.unwrap().storage_uri,
+        "/etc/ciao/configuration.yaml"
+    );
+    let Message::Frame(f) = &server[1] else {
+        panic!()
+    };
+    assert_eq!(
+        f.operation(),
+        Some(Operation::Command(Command::AssignPublicIp))
+    );
+    let a = AssignPublicIp::from_yaml(payload_of(&server[1]))
+        .unwrap()
+        .assign_public_ip;
+    assert_eq!(a.vnic_mac, "02:00:e6:f5:00:02");
+    assert_eq!(a.public_ip, "10.1.2.3");
+    let Message::Frame(f) = &server[2] else {
+        panic!()
+    };
+    assert_eq!(
+        f.operation(),
+        Some(Operation::Error(ssntp::ErrorCode::ConnectionAborted))
+    );
+}
+
+/// The decoder consumes nothing until a whole value is there, so feeding a stream byte by
+/// byte (as a slow TCP peer would) gives the same messages.
+#[test]
+fn byte_at_a_time_feeding_decodes_the_same() {
+    for name in ["client_stream.gob", "server_stream.gob"] {
+        let bytes = read(name);
+        let mut d = StreamDecoder::new();
+        let (mut start, mut end, mut out) = (0, 0, Vec::new());
+        while end < bytes.len() {
+            end += 1;
+            if let Some((m, n)) = d.next(&bytes[start..end]).unwrap() {
+                start += n;
+                out.push(m);
+            }
+        }
+        assert_eq!(out, decode_all(&bytes), "{name}");
+    }
+}

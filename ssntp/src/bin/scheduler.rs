@@ -1,0 +1,122 @@
+//! tenet-scheduler: the SSNTP server that every tenet and ciao node connects to. It checks
+//! each node's certificate role and forwards frames by ciao's networking rules.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde::Deserialize;
+use ssntp::payload::{Configure, Payload};
+use ssntp::{Identity, Role, Server, ServerConfig, TlsFiles, Uuid, scheduler};
+use tracing::info;
+
+const AFTER_HELP: &str = "\
+Forwarding rules:
+  TenantAdded, TenantRemoved           -> the CNCI whose UUID is `concentrator_uuid`
+  AssignPublicIP, ReleasePublicIP      -> `concentrator_uuid` (from controllers only)
+  RefreshCNCI                          -> `cnci_uuid` (from controllers only)
+  START                                -> a compute node (a network node if asked), round robin
+  ConcentratorInstanceAdded, PublicIPAssigned/Unassigned, public-IP errors, STATS,
+  InstanceDeleted/Stopped, TraceReport -> every controller
+  NodeConnected/NodeDisconnected       -> every controller, when agents come and go
+
+Certificates come from `tenet cert`: the scheduler's file must carry the scheduler role.
+
+Example:
+  tenet cert ca --out /etc/tenet/pki
+  tenet cert issue --ca /etc/tenet/pki/CAkey-tenet.pem --role scheduler,server \\
+      --host sched.example --ip 10.0.0.5 --out /etc/tenet/pki
+  tenet-scheduler --cert /etc/tenet/pki/cert-Server-Scheduler-sched.example.pem \\
+      --ca /etc/tenet/pki/CAcert-tenet.pem --configuration cluster.yaml";
+
+/// The SSNTP scheduler: mutual-TLS server and frame forwarder for tenet and ciao nodes.
+#[derive(Parser, Debug)]
+#[command(name = "tenet-scheduler", version, after_help = AFTER_HELP)]
+struct Args {
+    /// YAML file with any of the keys below (listen, cert, ca, uuid, configuration); flags win.
+    #[arg(long, env = "TENET_SCHEDULER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "TENET_SCHEDULER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// PEM file holding the scheduler's certificate and private key.
+    #[arg(long, env = "TENET_SCHEDULER_CERT")]
+    cert: Option<PathBuf>,
+    /// PEM file with the CA certificate that signed every node's certificate.
+    #[arg(long, env = "TENET_SCHEDULER_CA")]
+    ca: Option<PathBuf>,
+    /// The scheduler's SSNTP UUID (default: a new random one per start).
+    #[arg(long)]
+    uuid: Option<Uuid>,
+    /// Cluster configuration YAML (`configure:` document) sent to every node on connect.
+    #[arg(long)]
+    configuration: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    uuid: Option<Uuid>,
+    configuration: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_saphyr::from_str::<FileConfig>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], ssntp::types::DEFAULT_PORT)));
+    let (Some(cert), Some(ca)) = (args.cert.or(file.cert), args.ca.or(file.ca)) else {
+        bail!("--cert and --ca are required (see --help for how to make them)");
+    };
+    let identity = Identity::load(&TlsFiles { cert, ca })?;
+    if !identity.roles().contains(Role::SCHEDULER) {
+        bail!(
+            "the certificate holds roles {} but not scheduler; issue one with --role scheduler",
+            identity.roles()
+        );
+    }
+    let uuid = args.uuid.or(file.uuid).unwrap_or_else(Uuid::new_v4);
+    let mut config = ServerConfig::new(listen, identity, uuid);
+    if let Some(path) = args.configuration.or(file.configuration) {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Configure::from_yaml(&bytes).with_context(|| format!("{}", path.display()))?;
+        config.configuration = bytes;
+    }
+    let server = Server::start(
+        config,
+        scheduler::rules(),
+        Arc::new(scheduler::NodeNotifier),
+    )
+    .await?;
+    info!(addr = %server.local_addr(), %uuid, "tenet-scheduler ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}

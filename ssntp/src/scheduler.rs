@@ -1,0 +1,163 @@
+//! ciao's scheduler as far as networking needs it: the forwarding rules and the node
+//! connect/disconnect notifications, on top of the generic server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::frame::Frame;
+use crate::payload::{
+    AssignPublicIp, CnciRefresh, NodeConnected, NodeDisconnected, NodeEvent, NodeType, Payload,
+    ReleasePublicIp, Start, TenantAdded, TenantRemoved,
+};
+use crate::server::{Peer, Route, Rules, ServerHandle, ServerHandler};
+use crate::types::{Command, ErrorCode, Event, Operation, Role};
+
+/// What goes to every controller unchanged.
+const TO_CONTROLLERS: &[Operation] = &[
+    Operation::Command(Command::Stats),
+    Operation::Event(Event::TraceReport),
+    Operation::Event(Event::InstanceDeleted),
+    Operation::Event(Event::InstanceStopped),
+    Operation::Event(Event::ConcentratorInstanceAdded),
+    Operation::Event(Event::PublicIpAssigned),
+    Operation::Event(Event::PublicIpUnassigned),
+    Operation::Error(ErrorCode::StartFailure),
+    Operation::Error(ErrorCode::DeleteFailure),
+    Operation::Error(ErrorCode::AttachVolumeFailure),
+    Operation::Error(ErrorCode::AssignPublicIpFailure),
+    Operation::Error(ErrorCode::UnassignPublicIpFailure),
+];
+
+/// Parses `payload` as `P` and forwards to the UUID `pick` finds in it; a payload that does
+/// not parse, or names no valid UUID, is logged and dropped.
+fn route_by<P: Payload>(frame: &Frame, pick: impl Fn(&P) -> &str) -> Route {
+    let parsed = match P::from_yaml(&frame.payload) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(origin = %frame.origin_uuid(), error = %e, "payload does not parse; frame dropped");
+            return Route::Discard;
+        }
+    };
+    let target = pick(&parsed);
+    match Uuid::parse_str(target) {
+        Ok(uuid) => Route::Forward(vec![uuid]),
+        Err(_) => {
+            warn!(origin = %frame.origin_uuid(), target, what = P::WHAT, "no valid destination UUID; frame dropped");
+            Route::Discard
+        }
+    }
+}
+
+/// Commands a concentrator acts on are taken from controllers only.
+fn from_controller(peer: &Peer, route: impl FnOnce() -> Route) -> Route {
+    if peer.role.contains(Role::CONTROLLER) {
+        route()
+    } else {
+        warn!(sender = %peer.uuid, role = %peer.role, "controller command from a non-controller; dropped");
+        Route::Discard
+    }
+}
+
+/// The scheduler's forwarding rules.
+pub fn rules() -> Rules {
+    let mut rules = Rules::new();
+    for &op in TO_CONTROLLERS {
+        rules.to_role(op, Role::CONTROLLER);
+    }
+    rules
+        .callback(Operation::Event(Event::TenantAdded), |_, _, f| {
+            route_by::<TenantAdded>(f, |p| &p.tenant_added.concentrator_uuid)
+        })
+        .callback(Operation::Event(Event::TenantRemoved), |_, _, f| {
+            route_by::<TenantRemoved>(f, |p| &p.tenant_removed.concentrator_uuid)
+        })
+        .callback(Operation::Command(Command::AssignPublicIp), |_, peer, f| {
+            from_controller(peer, || {
+                route_by::<AssignPublicIp>(f, |p| &p.assign_public_ip.concentrator_uuid)
+            })
+        })
+        .callback(
+            Operation::Command(Command::ReleasePublicIp),
+            |_, peer, f| {
+                from_controller(peer, || {
+                    route_by::<ReleasePublicIp>(f, |p| &p.release_public_ip.concentrator_uuid)
+                })
+            },
+        )
+        .callback(Operation::Command(Command::RefreshCnci), |_, peer, f| {
+            from_controller(peer, || {
+                route_by::<CnciRefresh>(f, |p| &p.cnci_refresh.cnci_uuid)
+            })
+        });
+    let next = Arc::new(AtomicUsize::new(0));
+    rules.callback(
+        Operation::Command(Command::Start),
+        move |server, peer, f| from_controller(peer, || place_start(server, f, &next)),
+    );
+    rules
+}
+
+/// START goes to a network node when the workload asks for one, else to a compute node,
+/// round robin; with none connected the controller gets StartFailure.
+fn place_start(server: &ServerHandle, frame: &Frame, next: &AtomicUsize) -> Route {
+    let start = match Start::from_yaml(&frame.payload) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "START payload does not parse; answering StartFailure");
+            return Route::Reply(ErrorCode::StartFailure, frame.payload.clone());
+        }
+    };
+    let role = if start.start.requirements.network_node {
+        Role::NETAGENT
+    } else {
+        Role::AGENT
+    };
+    let mut nodes = server.sessions_with(role);
+    if nodes.is_empty() {
+        warn!(instance = %start.start.instance_uuid, %role, "no node to start the instance on");
+        return Route::Reply(ErrorCode::StartFailure, frame.payload.clone());
+    }
+    nodes.sort();
+    let pick = nodes[next.fetch_add(1, Ordering::Relaxed) % nodes.len()];
+    debug!(instance = %start.start.instance_uuid, node = %pick, "START placed");
+    Route::Forward(vec![pick])
+}
+
+/// Tells controllers when compute and network nodes come and go (CNCI agents are not nodes).
+pub struct NodeNotifier;
+
+fn node_event(peer: &Peer) -> Option<NodeEvent> {
+    let node_type = if peer.role.contains(Role::NETAGENT) {
+        NodeType::NetworkNode
+    } else if peer.role.contains(Role::AGENT) {
+        NodeType::ComputeNode
+    } else {
+        return None;
+    };
+    Some(NodeEvent {
+        node_uuid: peer.uuid.to_string(),
+        node_type,
+    })
+}
+
+#[async_trait::async_trait]
+impl ServerHandler for NodeNotifier {
+    async fn connected(&self, server: &ServerHandle, peer: &Peer) {
+        if let Some(ev) = node_event(peer) {
+            let payload = NodeConnected::from(ev).to_yaml();
+            let op = Operation::Event(Event::NodeConnected);
+            server.send_to_role(Role::CONTROLLER, op, payload).await;
+        }
+    }
+
+    async fn disconnected(&self, server: &ServerHandle, peer: &Peer) {
+        if let Some(ev) = node_event(peer) {
+            let payload = NodeDisconnected::from(ev).to_yaml();
+            let op = Operation::Event(Event::NodeDisconnected);
+            server.send_to_role(Role::CONTROLLER, op, payload).await;
+        }
+    }
+}
