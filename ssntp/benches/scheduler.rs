@@ -23,7 +23,55 @@ use ssntp::{
 use tokio::sync::Semaphore;
 
 const CLIENTS: usize = 100;
-const WINDOW: usize = 4;
+
+/// How hard the clients push.
+#[derive(Clone, Copy)]
+enum Load {
+    /// As fast as possible with this many frames in flight per client: the peak rate.
+    Saturate { window: usize },
+    /// Each client sends at this rate (open loop, up to 64 in flight): latency below the peak.
+    Rate { per_client_hz: u32 },
+}
+
+impl Load {
+    fn window(self) -> usize {
+        match self {
+            Load::Saturate { window } => window,
+            Load::Rate { .. } => 64,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Load::Saturate { window } => format!("saturated, {window} in flight per client"),
+            Load::Rate { per_client_hz } => {
+                format!("offered {} frames/s", per_client_hz as usize * CLIENTS)
+            }
+        }
+    }
+
+    /// A pacer for one sender: `None` when sending flat out.
+    fn pacer(self) -> Option<tokio::time::Interval> {
+        match self {
+            Load::Saturate { .. } => None,
+            Load::Rate { per_client_hz } => {
+                let period = Duration::from_secs(1) / per_client_hz;
+                // Spread the clients' phases so they do not all send in the same millisecond.
+                let offset = period.mul_f64(rand_fraction());
+                let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                Some(i)
+            }
+        }
+    }
+}
+
+fn rand_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() % 10_000) as f64 / 10_000.0
+}
 
 struct Pki {
     ca: cert::GeneratedCert,
@@ -97,19 +145,25 @@ impl Meter {
         }
     }
 
-    async fn measure(&self, warmup: Duration, seconds: f64) -> Outcome {
+    /// Runs the measured window after a warm-up; returns (frames, seconds).
+    async fn measure(&self, warmup: Duration, seconds: f64) -> (u64, f64) {
         tokio::time::sleep(warmup).await;
         self.measuring.store(true, Ordering::Relaxed);
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
         self.measuring.store(false, Ordering::Relaxed);
-        let seconds = start.elapsed().as_secs_f64();
-        // Receivers flush their local samples when they next see a frame or stop.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        (
+            self.frames.load(Ordering::Relaxed),
+            start.elapsed().as_secs_f64(),
+        )
+    }
+
+    /// Once every receiver has stopped and handed in its samples.
+    fn outcome(&self, (frames, seconds): (u64, f64)) -> Outcome {
         let mut latencies_us = std::mem::take(&mut *self.latencies.lock().unwrap());
         latencies_us.sort_unstable();
         Outcome {
-            frames: self.frames.load(Ordering::Relaxed),
+            frames,
             seconds,
             latencies_us,
         }
@@ -136,7 +190,7 @@ fn sent_time(frame: &Frame) -> u64 {
         .unwrap_or(0)
 }
 
-async fn run_scheduler(pki: &Pki, seconds: f64) -> Outcome {
+async fn run_scheduler(pki: &Pki, seconds: f64, load: Load) -> Outcome {
     let mut config = ServerConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         pki.identity(Role::SCHEDULER | Role::SERVER),
@@ -167,15 +221,19 @@ async fn run_scheduler(pki: &Pki, seconds: f64) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     // One window per sender; the receiver (the next client) gives the permit back.
     let windows: Vec<Arc<Semaphore>> = (0..CLIENTS)
-        .map(|_| Arc::new(Semaphore::new(WINDOW)))
+        .map(|_| Arc::new(Semaphore::new(load.window())))
         .collect();
     let mut tasks = Vec::new();
     for (i, (client, mut events)) in clients.into_iter().enumerate() {
         let target = uuids[(i + 1) % CLIENTS];
         let window = windows[i].clone();
         let (m, s, c) = (meter.clone(), stop.clone(), client.clone());
+        let mut pacer = load.pacer();
         tasks.push(tokio::spawn(async move {
             while !s.load(Ordering::Relaxed) {
+                if let Some(p) = pacer.as_mut() {
+                    p.tick().await;
+                }
                 let permit = window.acquire().await.unwrap();
                 permit.forget();
                 if c.send_event(Event::TenantAdded, payload(target, m.now_ns()))
@@ -206,19 +264,19 @@ async fn run_scheduler(pki: &Pki, seconds: f64) -> Outcome {
             client.close().await;
         }));
     }
-    let outcome = meter.measure(Duration::from_millis(500), seconds).await;
+    let measured = meter.measure(Duration::from_millis(500), seconds).await;
     stop.store(true, Ordering::Relaxed);
     for w in &windows {
-        w.add_permits(WINDOW);
+        w.add_permits(load.window());
     }
     server.shutdown().await;
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    outcome
+    meter.outcome(measured)
 }
 
-async fn run_echo(pki: &Pki, seconds: f64) -> Outcome {
+async fn run_echo(pki: &Pki, seconds: f64, load: Load) -> Outcome {
     let server_id = pki.identity(Role::SERVER);
     let acceptor = tokio_rustls::TlsAcceptor::from(server_id.server_config().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -249,13 +307,17 @@ async fn run_echo(pki: &Pki, seconds: f64) -> Outcome {
         let name = ssntp::tls::server_name("127.0.0.1").unwrap();
         let tls = connector.connect(name, tcp).await.unwrap();
         let (r, w) = tokio::io::split(tls);
-        let window = Arc::new(Semaphore::new(WINDOW));
+        let window = Arc::new(Semaphore::new(load.window()));
+        let mut pacer = load.pacer();
         let origin = Uuid::new_v4();
         let target = Uuid::new_v4();
         let (m, s, win) = (meter.clone(), stop.clone(), window.clone());
         tasks.push(tokio::spawn(async move {
             let mut writer = MessageWriter::new(w);
             while !s.load(Ordering::Relaxed) {
+                if let Some(p) = pacer.as_mut() {
+                    p.tick().await;
+                }
                 win.acquire().await.unwrap().forget();
                 let f = Frame::new(
                     Operation::Event(Event::TenantAdded),
@@ -282,13 +344,13 @@ async fn run_echo(pki: &Pki, seconds: f64) -> Outcome {
             m.latencies.lock().unwrap().append(&mut local);
         }));
     }
-    let outcome = meter.measure(Duration::from_millis(500), seconds).await;
+    let measured = meter.measure(Duration::from_millis(500), seconds).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     echo.abort();
-    outcome
+    meter.outcome(measured)
 }
 
 fn main() {
@@ -304,30 +366,33 @@ fn main() {
     let pki = Pki {
         ca: cert::generate_ca("bench CA", "tenet bench", 1).unwrap(),
     };
-    let (echo, sched) = runtime.block_on(async {
-        let echo = run_echo(&pki, seconds).await;
-        let sched = run_scheduler(&pki, seconds).await;
-        (echo, sched)
-    });
+    let loads = [
+        Load::Saturate { window: 4 },
+        Load::Rate { per_client_hz: 100 },
+    ];
     println!(
-        "\nSSNTP forwarding, {CLIENTS} TLS clients on loopback, {WINDOW} frames in flight each, {seconds} s per run, 2 worker threads\n"
+        "\nSSNTP forwarding, {CLIENTS} TLS clients on loopback, {seconds} s per run, 2 worker threads\n"
     );
-    println!("| path | frames/s | p50 ms | p99 ms | vs echo |");
-    println!("|---|---|---|---|---|");
-    for (name, o) in [
-        ("raw TLS echo of the same gob bytes (baseline)", &echo),
-        ("client → tenet-scheduler rules → client", &sched),
-    ] {
-        println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2}× |",
-            o.rate(),
-            o.percentile(0.50),
-            o.percentile(0.99),
-            o.rate() / echo.rate()
-        );
+    println!("| load | path | frames/s | p50 ms | p99 ms | rate vs echo |");
+    println!("|---|---|---|---|---|---|");
+    for load in loads {
+        let (echo, sched) = runtime.block_on(async {
+            let echo = run_echo(&pki, seconds, load).await;
+            let sched = run_scheduler(&pki, seconds, load).await;
+            (echo, sched)
+        });
+        for (name, o) in [
+            ("raw TLS echo of the same gob bytes (baseline)", &echo),
+            ("client → tenet-scheduler → client", &sched),
+        ] {
+            println!(
+                "| {} | {name} | {:.0} | {:.2} | {:.2} | {:.2}× |",
+                load.describe(),
+                o.rate(),
+                o.percentile(0.50),
+                o.percentile(0.99),
+                o.rate() / echo.rate()
+            );
+        }
     }
-    println!(
-        "\nframes measured: echo {}, scheduler {}",
-        echo.frames, sched.frames
-    );
 }

@@ -27,6 +27,9 @@ fn is_eof(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::UnexpectedEof
 }
 
+/// How much room each read offers; messages larger than this take several reads.
+const READ_CHUNK: usize = 16 * 1024;
+
 /// Reads messages from one direction of a connection.
 pub struct MessageReader<R> {
     inner: R,
@@ -40,34 +43,34 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         MessageReader {
             inner,
             decoder: StreamDecoder::new(),
-            buf: Vec::with_capacity(16 * 1024),
+            buf: Vec::with_capacity(READ_CHUNK),
             start: 0,
         }
     }
 
     /// The next message, or `None` when the peer closed the stream between messages.
+    /// Cancel-safe: bytes read are kept in the buffer until a whole message is there.
     pub async fn read(&mut self) -> Result<Option<Message>, ConnError> {
         loop {
             if let Some((msg, used)) = self.decoder.next(&self.buf[self.start..])? {
                 self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 return Ok(Some(msg));
             }
-            // Keep the unread tail at the front so the buffer never grows past one message.
+            // Move the incomplete tail (usually a few bytes) to the front before reading more.
             if self.start > 0 {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let len = self.buf.len();
-            self.buf.resize(len + 16 * 1024, 0);
-            let n = match self.inner.read(&mut self.buf[len..]).await {
+            self.buf.reserve(READ_CHUNK);
+            let n = match self.inner.read_buf(&mut self.buf).await {
                 Ok(n) => n,
                 Err(e) if is_eof(&e) => 0,
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             };
-            self.buf.truncate(len + n);
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
