@@ -8,16 +8,15 @@
 //! Latency is send → receive of each frame (one forward vs one echo round trip: both are two
 //! TLS hops). `TENET_BENCH_SECONDS` sets the measured time per run (default 5).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ssntp::cert::{self, CertRequest};
 use ssntp::conn::{MessageReader, MessageWriter};
 use ssntp::payload::{Payload, TenantAdded, TenantSubnet};
 use ssntp::{
-    Client, ClientConfig, ClientEvent, Event, Frame, Identity, Message, Operation, Role, Server,
+    Client, ClientConfig, ClientEvent, Event, Frame, Message, Operation, Role, Server,
     ServerConfig, Uuid,
 };
 use tokio::sync::Semaphore;
@@ -73,27 +72,10 @@ fn rand_fraction() -> f64 {
     (h.finish() % 10_000) as f64 / 10_000.0
 }
 
-struct Pki {
-    ca: cert::GeneratedCert,
-}
-
-impl Pki {
-    fn identity(&self, roles: Role) -> Identity {
-        let req = CertRequest::new(
-            roles,
-            vec!["localhost".into()],
-            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        );
-        let c = cert::issue(&self.ca.cert_pem, &self.ca.key_pem, &req).unwrap();
-        Identity::from_pem(
-            c.bundle().as_bytes(),
-            self.ca.cert_pem.as_bytes(),
-            "node",
-            "ca",
-        )
-        .unwrap()
-    }
-}
+// The same throw-away PKI the tests use.
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::Pki;
 
 /// What one run measured.
 struct Outcome {
@@ -363,9 +345,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let pki = Pki {
-        ca: cert::generate_ca("bench CA", "tenet bench", 1).unwrap(),
-    };
+    let pki = Pki::new();
     let loads = [
         Load::Saturate { window: 4 },
         Load::Rate { per_client_hz: 100 },

@@ -121,6 +121,14 @@ async fn every_frame_type_both_ways() {
     server.shutdown().await;
 }
 
+/// A server with role SERVER, no rules and no handler.
+async fn plain_server(pki: &Pki) -> Server {
+    let config = ServerConfig::new(loopback(), pki.identity(Role::SERVER), Uuid::new_v4());
+    Server::start(config, Rules::new(), Arc::new(NoHandler))
+        .await
+        .unwrap()
+}
+
 async fn common_wait(mut f: impl FnMut() -> bool) {
     for _ in 0..200 {
         if f() {
@@ -134,13 +142,7 @@ async fn common_wait(mut f: impl FnMut() -> bool) {
 #[tokio::test]
 async fn client_claiming_a_role_it_lacks_is_aborted() {
     let pki = Pki::new();
-    let server = Server::start(
-        ServerConfig::new(loopback(), pki.identity(Role::SERVER), Uuid::new_v4()),
-        Rules::new(),
-        Arc::new(NoHandler),
-    )
-    .await
-    .unwrap();
+    let server = plain_server(&pki).await;
     let mut config = client_config(&pki, Role::AGENT, server.local_addr());
     config.role = Some(Role::CONTROLLER);
     let (client, mut events) = ssntp::Client::start(config).unwrap();
@@ -245,13 +247,7 @@ async fn raw_connect(
 #[tokio::test]
 async fn unauthenticated_clients_are_refused() {
     let pki = Pki::new();
-    let server = Server::start(
-        ServerConfig::new(loopback(), pki.identity(Role::SERVER), Uuid::new_v4()),
-        Rules::new(),
-        Arc::new(NoHandler),
-    )
-    .await
-    .unwrap();
+    let server = plain_server(&pki).await;
     let addr = server.local_addr();
 
     // The control: a certificate from the right CA gets a CONNECTED back.
@@ -293,13 +289,7 @@ async fn unauthenticated_clients_are_refused() {
 #[tokio::test]
 async fn unknown_frame_type_gets_invalid_frame_type() {
     let pki = Pki::new();
-    let server = Server::start(
-        ServerConfig::new(loopback(), pki.identity(Role::SERVER), Uuid::new_v4()),
-        Rules::new(),
-        Arc::new(NoHandler),
-    )
-    .await
-    .unwrap();
+    let server = plain_server(&pki).await;
     let (mut c, _) = TestClient::start(client_config(&pki, Role::AGENT, server.local_addr())).await;
     let mut f = Frame::new(
         Operation::Event(ssntp::Event::TenantAdded),
