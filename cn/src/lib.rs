@@ -1,1 +1,16 @@
-//! Compute-node dataplane (built in a later issue; see ARCHITECTURE.md → Compute node).
+//! Compute-node dataplane: tenant VNICs (VM taps, container veths, concentrator macvtaps), one
+//! bridge and one tunnel per tenant subnet, and the tunnel and container-network events the
+//! agent turns into SSNTP messages and runtime calls. Built on `tenet::net`.
+
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod node;
+
+pub use config::{ContainerNetns, VnicConfig, VnicRole};
+pub use discovery::{Underlay, UnderlayAddr, UnderlayConfig};
+pub use error::CnError;
+pub use node::{
+    CnConfig, ComputeNode, ContainerEvent, ContainerNetwork, CreatedVnic, DestroyedVnic, SubnetId,
+    TunnelEvent, TunnelEventKind, Vnic,
+};
