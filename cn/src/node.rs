@@ -85,16 +85,6 @@ impl SubnetId {
             .with("conc", &self.concentrator)
             .with("conc_ip", self.concentrator_ip)
     }
-
-    fn from_alias(a: &Alias) -> Option<Self> {
-        Some(SubnetId {
-            tenant: a.get("tenant")?.into(),
-            subnet_id: a.get("subnet_id")?.into(),
-            subnet: a.get("subnet")?.parse().ok()?,
-            concentrator: a.get("conc")?.into(),
-            concentrator_ip: a.get("conc_ip")?.parse().ok()?,
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +198,8 @@ enum Reservation {
     /// Booked: create the VNIC, and the subnet's links when `new_subnet` is set (others wait
     /// on `subnet_wait`). `container` = (is a container, first container on the bridge).
     New {
+        ifname: String,
+        peer: Option<String>,
         links: SubnetLinks,
         subnet_wait: Option<watch::Receiver<Progress>>,
         new_subnet: Option<watch::Sender<Progress>>,
@@ -307,9 +299,12 @@ impl ComputeNode {
 
     /// The tenant MTU: configured, or the compute link's MTU minus the tunnel overhead.
     fn tenant_mtu(&self, config: &VnicConfig) -> u32 {
-        config
-            .mtu
-            .unwrap_or(self.underlay.compute.mtu - self.tunnels.overhead())
+        config.mtu.unwrap_or_else(|| {
+            self.underlay
+                .compute
+                .mtu
+                .saturating_sub(self.tunnels.overhead())
+        })
     }
 
     fn event(&self, kind: TunnelEventKind, s: &SubnetId, key: TunnelKey) -> TunnelEvent {
@@ -356,7 +351,7 @@ impl ComputeNode {
         let (vnic_tx, vnic_rx) = watch::channel(Progress::Creating);
         // Reserve under the lock: the VNIC, and the subnet if it is new.
         let reserved = self.reserve(config, &sid, vnic_rx);
-        let (links, subnet_wait, new_subnet, container_event) = match reserved? {
+        let (ifname, peer, links, subnet_wait, new_subnet, container_event) = match reserved? {
             Reservation::Existing {
                 progress,
                 ifname,
@@ -366,11 +361,13 @@ impl ComputeNode {
                 return self.existing(config, progress, ifname, peer, bridge).await;
             }
             Reservation::New {
+                ifname,
+                peer,
                 links,
                 subnet_wait,
                 new_subnet,
                 container,
-            } => (links, subnet_wait, new_subnet, container),
+            } => (ifname, peer, links, subnet_wait, new_subnet, container),
         };
 
         let result = async {
@@ -394,7 +391,9 @@ impl ComputeNode {
                 )
                 .await?;
             }
-            let vnic = self.create_link(config, mac, &links.bridge).await?;
+            let vnic = self
+                .create_link(config, mac, &links.bridge, ifname, peer)
+                .await?;
             Ok((vnic, tunnel_event))
         }
         .await;
@@ -467,8 +466,8 @@ impl ComputeNode {
             VnicEntry {
                 subnet: sid.clone(),
                 role: config.role,
-                ifname,
-                peer,
+                ifname: ifname.clone(),
+                peer: peer.clone(),
                 progress: vnic_rx,
             },
         );
@@ -479,6 +478,8 @@ impl ComputeNode {
                 let first_container = is_container && !entry.had_container;
                 entry.had_container |= is_container;
                 Reservation::New {
+                    ifname,
+                    peer,
                     links: entry.links.clone(),
                     subnet_wait: Some(entry.progress.clone()),
                     new_subnet: None,
@@ -501,6 +502,8 @@ impl ComputeNode {
                     },
                 );
                 Reservation::New {
+                    ifname,
+                    peer,
                     links,
                     subnet_wait: None,
                     new_subnet: Some(tx),
@@ -602,12 +605,9 @@ impl ComputeNode {
         config: &VnicConfig,
         mac: Option<[u8; 6]>,
         bridge: &str,
+        ifname: String,
+        peer: Option<String>,
     ) -> Result<Vnic, CnError> {
-        let (ifname, peer) = {
-            let topo = self.topology.lock().expect("topology lock");
-            let e = &topo.vnics[&config.vnic_id];
-            (e.ifname.clone(), e.peer.clone())
-        };
         let bridge_index = self.netlink.index_of(bridge).await?;
         let mtu = self.tenant_mtu(config);
         let alias = Alias::new(VNIC_KIND)
@@ -625,14 +625,10 @@ impl ComputeNode {
                         why: "tap vanished after creation".into(),
                     }
                 })?;
-                let set = async {
-                    self.netlink.set_mtu(link.index, mtu).await?;
-                    Ok::<_, CnError>(())
-                };
-                if let Err(e) = set.await {
+                if let Err(e) = self.netlink.set_mtu(link.index, mtu).await {
                     drop(queues);
                     let _ = self.netlink.delete(link.index).await;
-                    return Err(e);
+                    return Err(e.into());
                 }
                 link
             }
@@ -876,13 +872,6 @@ impl ComputeNode {
             .iter()
             .map(|(k, v)| (k.clone(), v.links.bridge.clone(), v.vnics.len()))
             .collect()
-    }
-
-    #[doc(hidden)]
-    pub fn parse_bridge_alias(text: &str) -> Option<SubnetId> {
-        Alias::parse(text)
-            .filter(|a| a.kind == BRIDGE_KIND)
-            .and_then(|a| SubnetId::from_alias(&a))
     }
 }
 

@@ -419,7 +419,7 @@ impl Runner {
                 _ = self.closed.changed() => {
                     // Write what the application queued before it asked to close.
                     while let Ok(f) = outbound.try_recv() {
-                        writer.queue(&Message::Frame(f));
+                        writer.queue_frame(&f);
                     }
                     let _ = writer.shutdown().await;
                     break Ending::Stop(None);
@@ -434,11 +434,11 @@ impl Runner {
                 }
                 frame = outbound.recv() => {
                     let Some(frame) = frame else { break Ending::Stop(None) };
-                    writer.queue(&Message::Frame(frame));
+                    writer.queue_frame(&frame);
                     let mut n = 1;
                     while n < WRITE_BATCH {
                         let Ok(f) = outbound.try_recv() else { break };
-                        writer.queue(&Message::Frame(f));
+                        writer.queue_frame(&f);
                         n += 1;
                     }
                     if let Err(e) = writer.flush().await {

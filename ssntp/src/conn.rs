@@ -118,6 +118,10 @@ impl<W: AsyncWrite + Unpin> MessageWriter<W> {
         self.encoder.encode(msg, &mut self.buf);
     }
 
+    pub fn queue_frame(&mut self, frame: &crate::frame::Frame) {
+        self.encoder.encode_frame(frame, &mut self.buf);
+    }
+
     pub fn pending(&self) -> usize {
         self.buf.len()
     }

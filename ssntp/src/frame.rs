@@ -384,27 +384,33 @@ impl Encoder {
                 f.end();
                 ID_CONNECTED
             }
-            Message::Frame(fr) => {
-                put_int(&mut body, ID_FRAME);
-                let mut f = Fields::new(&mut body);
-                fr.header.encode(&mut f);
-                // Go sends arrays even when they are all zeros.
-                f.delta(4);
-                put_uint(f.out, 16);
-                for b in fr.origin {
-                    put_uint(f.out, u64::from(b));
-                }
-                f.uint(5, u64::from(fr.payload_length));
-                if let Some(t) = &fr.trace {
-                    f.delta(6);
-                    encode_trace(f.out, t);
-                }
-                f.bytes(7, &fr.payload);
-                f.end();
-                ID_FRAME
-            }
+            Message::Frame(fr) => return self.encode_frame(fr, out),
         };
         self.types(out, id);
+        Self::message(out, &body);
+    }
+
+    /// `encode(&Message::Frame(..))` without owning the frame: what a forwarder sends to many
+    /// sessions.
+    pub fn encode_frame(&mut self, fr: &Frame, out: &mut Vec<u8>) {
+        let mut body = Vec::new();
+        put_int(&mut body, ID_FRAME);
+        let mut f = Fields::new(&mut body);
+        fr.header.encode(&mut f);
+        // Go sends arrays even when they are all zeros.
+        f.delta(4);
+        put_uint(f.out, 16);
+        for b in fr.origin {
+            put_uint(f.out, u64::from(b));
+        }
+        f.uint(5, u64::from(fr.payload_length));
+        if let Some(t) = &fr.trace {
+            f.delta(6);
+            encode_trace(f.out, t);
+        }
+        f.bytes(7, &fr.payload);
+        f.end();
+        self.types(out, ID_FRAME);
         Self::message(out, &body);
     }
 }

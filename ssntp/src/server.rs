@@ -448,19 +448,14 @@ where
         );
         return Err(ErrorCode::ConnectionFailure);
     };
+    let payload = ctx.handle.configuration();
     let reply = ConnectedFrame {
         header: Operation::Status(Status::Connected).header(),
         role: ctx.handle.role().bits(),
         source: ctx.handle.uuid().as_bytes().to_vec(),
         destination: uuid.as_bytes().to_vec(),
-        payload_length: 0,
-        payload: Vec::new(),
-    };
-    let payload = ctx.handle.configuration();
-    let reply = ConnectedFrame {
         payload_length: payload.len() as u32,
         payload,
-        ..reply
     };
     if let Err(e) = writer.send(&Message::Connected(reply)).await {
         info!(error = %e, "sending CONNECTED");
@@ -558,10 +553,10 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         let Some(frame) = frame else {
             return writer.shutdown().await;
         };
-        writer.queue(&Message::Frame(Frame::clone(&frame)));
+        writer.queue_frame(&frame);
         for _ in 1..BATCH {
             let Ok(f) = rx.try_recv() else { break };
-            writer.queue(&Message::Frame(Frame::clone(&f)));
+            writer.queue_frame(&f);
         }
         writer.flush().await?;
     }
