@@ -17,6 +17,8 @@ pub enum CnError {
     /// A call this one waited on failed.
     #[error("{what} could not be created: {why}")]
     Dependency { what: String, why: String },
+    #[error("links still present after the reset: {0}")]
+    ResetIncomplete(String),
 }
 
 impl CnError {

@@ -5,12 +5,17 @@
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod fault;
+mod names;
 pub mod node;
+pub mod rebuild;
 
 pub use config::{ContainerNetns, VnicConfig, VnicRole};
 pub use discovery::{Underlay, UnderlayAddr, UnderlayConfig};
 pub use error::CnError;
+pub use fault::{FaultHook, FaultPoint};
 pub use node::{
     CnConfig, ComputeNode, ContainerEvent, ContainerNetwork, CreatedVnic, DestroyedVnic, SubnetId,
     TunnelEvent, TunnelEventKind, Vnic,
 };
+pub use rebuild::{RebuildReport, Repair};

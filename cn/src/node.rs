@@ -16,13 +16,15 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use tenet::net::alias::Alias;
 use tenet::net::tap::{TapOptions, open_tap_in};
 use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelKey, TunnelSpec, backend};
-use tenet::net::{Link, MacvtapMode, Netlink, NewLink, Route};
-use tokio::sync::{Semaphore, watch};
+use tenet::net::{Link, LinkUpdate, MacvtapMode, Netlink, NewLink, Route};
+use tokio::sync::{RwLock, Semaphore, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{VnicConfig, VnicRole};
 use crate::discovery::{Underlay, UnderlayConfig, discover};
 use crate::error::CnError;
+use crate::fault::{FaultHook, FaultPoint};
+use crate::names;
 
 /// Alias kinds tenet's compute node writes.
 pub const BRIDGE_KIND: &str = "cn-bridge";
@@ -41,6 +43,8 @@ pub struct CnConfig {
     pub max_parallel: usize,
     /// How long a call waits for an object another call is creating.
     pub wait_timeout: Duration,
+    /// Tests only: called at each [`FaultPoint`] to simulate a crash there.
+    pub fault_hook: Option<FaultHook>,
 }
 
 impl CnConfig {
@@ -52,6 +56,7 @@ impl CnConfig {
             netns: None,
             max_parallel: 8,
             wait_timeout: Duration::from_secs(6),
+            fault_hook: None,
         }
     }
 }
@@ -77,13 +82,34 @@ impl SubnetId {
         }
     }
 
-    fn alias(&self) -> Alias {
+    pub(crate) fn alias(&self) -> Alias {
         Alias::new(BRIDGE_KIND)
             .with("tenant", &self.tenant)
             .with("subnet_id", &self.subnet_id)
             .with("subnet", self.subnet)
             .with("conc", &self.concentrator)
             .with("conc_ip", self.concentrator_ip)
+    }
+
+    /// The subnet a bridge alias records; `None` if any field is missing or malformed.
+    pub(crate) fn from_alias(alias: &Alias) -> Option<Self> {
+        if alias.kind != BRIDGE_KIND {
+            return None;
+        }
+        let sid = SubnetId {
+            tenant: alias.get("tenant")?.to_string(),
+            subnet_id: alias.get("subnet_id")?.to_string(),
+            subnet: alias.get("subnet")?.parse().ok()?,
+            concentrator: alias.get("conc")?.to_string(),
+            concentrator_ip: alias.get("conc_ip")?.parse().ok()?,
+        };
+        // Only a subnet tenet could have made: a valid tunnel key, no host bits.
+        TunnelKey::from_subnet(&sid.subnet).ok()?;
+        (sid.subnet.ip() == sid.subnet.network() && !sid.tenant.is_empty()).then_some(sid)
+    }
+
+    pub(crate) fn key(&self) -> TunnelKey {
+        TunnelKey::from_subnet(&self.subnet).expect("checked when the subnet was admitted")
     }
 }
 
@@ -158,32 +184,38 @@ pub struct DestroyedVnic {
 
 /// Progress of an object some call is creating.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Progress {
+pub(crate) enum Progress {
     Creating,
-    Ready,
+    /// Made; the link's index (the bridge's for a subnet).
+    Ready(u32),
     Failed(String),
 }
 
 #[derive(Debug, Clone)]
-struct SubnetLinks {
-    bridge: String,
-    tunnel: String,
+pub(crate) struct SubnetLinks {
+    pub bridge: String,
+    pub tunnel: String,
 }
 
-struct SubnetEntry {
-    links: SubnetLinks,
-    progress: watch::Receiver<Progress>,
-    vnics: HashSet<String>,
+pub(crate) struct SubnetEntry {
+    pub links: SubnetLinks,
+    pub progress: watch::Receiver<Progress>,
+    pub vnics: HashSet<String>,
     /// Whether a container VNIC was ever on this bridge (then its removal emits Del).
-    had_container: bool,
+    pub had_container: bool,
 }
 
-struct VnicEntry {
-    subnet: SubnetId,
-    role: VnicRole,
-    ifname: String,
-    peer: Option<String>,
-    progress: watch::Receiver<Progress>,
+pub(crate) struct VnicEntry {
+    pub subnet: SubnetId,
+    pub role: VnicRole,
+    pub ifname: String,
+    pub peer: Option<String>,
+    pub progress: watch::Receiver<Progress>,
+}
+
+/// A progress channel for an object that already exists (found by `rebuild`).
+pub(crate) fn ready(index: u32) -> watch::Receiver<Progress> {
+    watch::channel(Progress::Ready(index)).1
 }
 
 /// What booking a VNIC found.
@@ -208,36 +240,41 @@ enum Reservation {
 }
 
 #[derive(Default)]
-struct Topology {
-    subnets: HashMap<SubnetId, SubnetEntry>,
-    vnics: HashMap<String, VnicEntry>,
+pub(crate) struct Topology {
+    pub subnets: HashMap<SubnetId, SubnetEntry>,
+    pub vnics: HashMap<String, VnicEntry>,
+}
+
+/// A VNIC booked for removal by a destroy: what to delete and what to report.
+struct Removal {
+    vnic: VnicEntry,
+    /// The subnet, when this was its last VNIC.
+    subnet: Option<SubnetEntry>,
 }
 
 /// The compute node's dataplane.
 pub struct ComputeNode {
-    config: CnConfig,
-    netlink: Netlink,
-    tunnels: Arc<dyn TunnelBackend>,
-    underlay: Underlay,
-    topology: Mutex<Topology>,
+    pub(crate) config: CnConfig,
+    pub(crate) netlink: Netlink,
+    pub(crate) tunnels: Arc<dyn TunnelBackend>,
+    pub(crate) underlay: Underlay,
+    pub(crate) topology: Mutex<Topology>,
     throttle: Semaphore,
-}
-
-/// A random interface name `<prefix>_<8 hex digits>` (12 bytes).
-fn random_ifname(prefix: &str) -> String {
-    format!("{prefix}_{:08x}", rand::random::<u32>())
+    /// Creates and destroys hold it shared; `rebuild` and `reset`, which replace the whole
+    /// topology, hold it exclusively.
+    pub(crate) gate: RwLock<()>,
 }
 
 fn gateway_of(subnet: &Ipv4Network) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 1)
 }
 
-/// Waits until `rx` leaves `Creating`.
+/// Waits until `rx` leaves `Creating`; returns the made link's index.
 async fn wait_ready(
     mut rx: watch::Receiver<Progress>,
     what: &str,
     timeout: Duration,
-) -> Result<(), CnError> {
+) -> Result<u32, CnError> {
     let waited = tokio::time::timeout(timeout, rx.wait_for(|p| *p != Progress::Creating)).await;
     match waited {
         Err(_) => Err(CnError::Timeout {
@@ -253,8 +290,17 @@ async fn wait_ready(
                 what: what.into(),
                 why: why.clone(),
             }),
-            _ => Ok(()),
+            Progress::Ready(index) => Ok(*index),
+            Progress::Creating => unreachable!("waited for a change"),
         },
+    }
+}
+
+/// The index of an object that is ready, if it is.
+fn ready_index(rx: &watch::Receiver<Progress>) -> Option<u32> {
+    match *rx.borrow() {
+        Progress::Ready(i) => Some(i),
+        _ => None,
     }
 }
 
@@ -282,6 +328,7 @@ impl ComputeNode {
             tunnels,
             underlay,
             topology: Mutex::new(Topology::default()),
+            gate: RwLock::new(()),
         })
     }
 
@@ -293,21 +340,29 @@ impl ComputeNode {
         &self.tunnels
     }
 
-    fn tunnel_local(&self) -> Ipv4Addr {
+    pub(crate) fn tunnel_local(&self) -> Ipv4Addr {
         self.underlay.compute.addr.ip()
+    }
+
+    pub(crate) fn fault(&self, point: FaultPoint) {
+        if let Some(hook) = &self.config.fault_hook {
+            (hook.0)(point);
+        }
     }
 
     /// The tenant MTU: configured, or the compute link's MTU minus the tunnel overhead.
     fn tenant_mtu(&self, config: &VnicConfig) -> u32 {
-        config.mtu.unwrap_or_else(|| {
-            self.underlay
-                .compute
-                .mtu
-                .saturating_sub(self.tunnels.overhead())
-        })
+        config.mtu.unwrap_or_else(|| self.default_mtu())
     }
 
-    fn event(&self, kind: TunnelEventKind, s: &SubnetId, key: TunnelKey) -> TunnelEvent {
+    pub(crate) fn default_mtu(&self) -> u32 {
+        self.underlay
+            .compute
+            .mtu
+            .saturating_sub(self.tunnels.overhead())
+    }
+
+    pub(crate) fn event(&self, kind: TunnelEventKind, s: &SubnetId) -> TunnelEvent {
         TunnelEvent {
             kind,
             concentrator_id: s.concentrator.clone(),
@@ -315,10 +370,17 @@ impl ComputeNode {
             tenant_id: s.tenant.clone(),
             subnet_id: s.subnet_id.clone(),
             subnet: s.subnet,
-            subnet_key: key,
+            subnet_key: s.key(),
             cn_id: self.config.id.clone(),
             cn_ip: self.tunnel_local(),
         }
+    }
+
+    /// The tunnel a subnet's bridge carries.
+    pub(crate) fn tunnel_spec(&self, sid: &SubnetId, name: &str, mtu: u32) -> TunnelSpec {
+        let mut spec = TunnelSpec::new(name, sid.key(), self.tunnel_local(), sid.concentrator_ip);
+        spec.mtu = Some(mtu);
+        spec
     }
 
     /// Creates a tenant VNIC (VM tap or container veth). The first VNIC of a tenant subnet
@@ -335,8 +397,9 @@ impl ComputeNode {
         if cancel.is_some_and(|c| *c.borrow()) {
             return Err(CnError::Cancelled);
         }
+        let _gate = self.gate.read().await;
         let span = info_span!("create_vnic", vnic = %config.vnic_id, tenant = %config.tenant_id, subnet = %config.subnet);
-        self.create_checked(config, checked.key, checked.mac)
+        self.create_checked(config, checked.mac)
             .instrument(span)
             .await
     }
@@ -344,7 +407,6 @@ impl ComputeNode {
     async fn create_checked(
         &self,
         config: &VnicConfig,
-        key: TunnelKey,
         mac: Option<[u8; 6]>,
     ) -> Result<CreatedVnic, CnError> {
         let sid = SubnetId::of(config);
@@ -372,27 +434,25 @@ impl ComputeNode {
 
         let result = async {
             let mut tunnel_event = None;
-            if let Some(tx) = new_subnet {
-                match self.create_subnet(&sid, &links, key, config).await {
-                    Ok(()) => {
-                        let _ = tx.send(Progress::Ready);
-                        tunnel_event = Some(self.event(TunnelEventKind::Add, &sid, key));
+            let bridge_index = if let Some(tx) = new_subnet {
+                match self.create_subnet(&sid, &links, config).await {
+                    Ok(index) => {
+                        let _ = tx.send(Progress::Ready(index));
+                        tunnel_event = Some(self.event(TunnelEventKind::Add, &sid));
+                        index
                     }
                     Err(e) => {
                         let _ = tx.send(Progress::Failed(e.to_string()));
                         return Err(e);
                     }
                 }
-            } else if let Some(rx) = subnet_wait {
-                wait_ready(
-                    rx,
-                    &format!("bridge {}", links.bridge),
-                    self.config.wait_timeout,
-                )
-                .await?;
-            }
+            } else {
+                let rx = subnet_wait.expect("a booked VNIC waits for its subnet or makes it");
+                let what = format!("bridge {}", links.bridge);
+                wait_ready(rx, &what, self.config.wait_timeout).await?
+            };
             let vnic = self
-                .create_link(config, mac, &links.bridge, ifname, peer)
+                .create_link(config, mac, bridge_index, &links.bridge, ifname, peer)
                 .await?;
             Ok((vnic, tunnel_event))
         }
@@ -400,7 +460,7 @@ impl ComputeNode {
 
         match result {
             Ok((vnic, tunnel)) => {
-                let _ = vnic_tx.send(Progress::Ready);
+                let _ = vnic_tx.send(Progress::Ready(vnic.index));
                 let container = match container_event {
                     (false, _) => None,
                     (true, first) => {
@@ -459,8 +519,8 @@ impl ComputeNode {
                 bridge,
             });
         }
-        let ifname = random_ifname("tvn");
-        let peer = (config.role == VnicRole::Container).then(|| ifname.replacen("tvn", "tvp", 1));
+        let ifname = names::random(names::VNIC);
+        let peer = (config.role == VnicRole::Container).then(|| names::peer_of(&ifname));
         topo.vnics.insert(
             config.vnic_id.clone(),
             VnicEntry {
@@ -488,8 +548,8 @@ impl ComputeNode {
             }
             None => {
                 let links = SubnetLinks {
-                    bridge: random_ifname("tbr"),
-                    tunnel: random_ifname("tgt"),
+                    bridge: names::random(names::BRIDGE),
+                    tunnel: names::random(names::TUNNEL),
                 };
                 let (tx, rx) = watch::channel(Progress::Creating);
                 topo.subnets.insert(
@@ -522,20 +582,16 @@ impl ComputeNode {
         peer: Option<String>,
         bridge: Option<String>,
     ) -> Result<CreatedVnic, CnError> {
-        wait_ready(
-            rx,
-            &format!("VNIC {}", config.vnic_id),
-            self.config.wait_timeout,
-        )
-        .await?;
-        let link =
-            self.netlink
-                .link_by_name(&ifname)
-                .await?
-                .ok_or_else(|| CnError::Dependency {
-                    what: format!("VNIC {}", config.vnic_id),
-                    why: format!("{ifname} has disappeared from the kernel"),
-                })?;
+        let what = format!("VNIC {}", config.vnic_id);
+        let index = wait_ready(rx, &what, self.config.wait_timeout).await?;
+        let link = self
+            .netlink
+            .link_by_index(index)
+            .await?
+            .ok_or_else(|| CnError::Dependency {
+                what,
+                why: format!("{ifname} has disappeared from the kernel"),
+            })?;
         let queues = if config.role == VnicRole::Vm {
             open_tap_in(self.config.netns.as_deref(), &ifname, tap_options(config))?
         } else {
@@ -565,50 +621,51 @@ impl ComputeNode {
         })
     }
 
+    /// Makes the bridge (up) and its tunnel; the bridge's alias goes on last, so that a crash
+    /// part-way leaves an alias-less bridge that `rebuild` recognises as unfinished.
     async fn create_subnet(
         &self,
         sid: &SubnetId,
         links: &SubnetLinks,
-        key: TunnelKey,
         config: &VnicConfig,
-    ) -> Result<(), CnError> {
+    ) -> Result<u32, CnError> {
         let mtu = self.tenant_mtu(config);
         let bridge = self
             .netlink
-            .create(&NewLink::bridge(&links.bridge).mtu(mtu))
+            .create_index(&NewLink::bridge(&links.bridge).mtu(mtu).up())
             .await?;
+        self.fault(FaultPoint::BridgeCreated);
         let made = async {
-            self.netlink
-                .set_alias(bridge.index, &sid.alias().to_string())
-                .await?;
-            let mut spec =
-                TunnelSpec::new(&links.tunnel, key, self.tunnel_local(), sid.concentrator_ip);
-            spec.mtu = Some(mtu);
+            let spec = self.tunnel_spec(sid, &links.tunnel, mtu);
             let tunnel = self.tunnels.create(&spec).await?;
-            if let Err(e) = self.netlink.enslave(tunnel.index, bridge.index).await {
-                let _ = self.tunnels.delete(&links.tunnel).await;
-                return Err(e.into());
-            }
-            self.netlink.set_up(bridge.index).await?;
+            self.fault(FaultPoint::TunnelCreated);
+            self.netlink.enslave(tunnel.index, bridge).await?;
+            self.fault(FaultPoint::TunnelEnslaved);
+            self.netlink
+                .set_alias(bridge, &sid.alias().to_string())
+                .await?;
             Ok::<_, CnError>(())
         }
         .await;
-        if made.is_err() {
+        if let Err(e) = made {
             let _ = self.tunnels.delete(&links.tunnel).await;
-            let _ = self.netlink.delete(bridge.index).await;
+            let _ = self.netlink.delete(bridge).await;
+            return Err(e);
         }
-        made
+        self.fault(FaultPoint::SubnetReady);
+        Ok(bridge)
     }
 
+    /// Makes the VNIC's link, fully configured, with its alias last (see `create_subnet`).
     async fn create_link(
         &self,
         config: &VnicConfig,
         mac: Option<[u8; 6]>,
+        bridge_index: u32,
         bridge: &str,
         ifname: String,
         peer: Option<String>,
     ) -> Result<Vnic, CnError> {
-        let bridge_index = self.netlink.index_of(bridge).await?;
         let mtu = self.tenant_mtu(config);
         let alias = Alias::new(VNIC_KIND)
             .with("id", &config.vnic_id)
@@ -616,59 +673,64 @@ impl ComputeNode {
             .with("instance", &config.instance_id)
             .to_string();
         let mut queues = Vec::new();
-        let link = match config.role {
+        let index = match config.role {
             VnicRole::Vm => {
                 queues = open_tap_in(self.config.netns.as_deref(), &ifname, tap_options(config))?;
-                let link = self.netlink.link_by_name(&ifname).await?.ok_or_else(|| {
-                    CnError::Dependency {
-                        what: ifname.clone(),
-                        why: "tap vanished after creation".into(),
+                match self.netlink.index_of(&ifname).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        drop(queues);
+                        return Err(e.into());
                     }
-                })?;
-                if let Err(e) = self.netlink.set_mtu(link.index, mtu).await {
-                    drop(queues);
-                    let _ = self.netlink.delete(link.index).await;
-                    return Err(e.into());
                 }
-                link
             }
             _ => {
-                let peer = peer.clone().expect("containers have a peer");
-                let mut new = NewLink::veth(&ifname, &peer).mtu(mtu);
-                new = new.controller(bridge_index);
-                self.netlink.create(&new).await?
+                let peer = peer.as_deref().expect("containers have a peer");
+                // Host end on the bridge and up, container end with its MTU and MAC: one
+                // request.
+                let new = NewLink::veth(&ifname, peer)
+                    .peer_settings(Some(mtu), mac)
+                    .mtu(mtu)
+                    .controller(bridge_index)
+                    .up();
+                self.netlink.create_index(&new).await?
             }
         };
+        self.fault(FaultPoint::VnicLinkCreated);
         let finish = async {
-            self.netlink.set_alias(link.index, &alias).await?;
-            if config.role == VnicRole::Vm {
-                self.netlink.enslave(link.index, bridge_index).await?;
-            }
-            if let Some(peer) = &peer {
+            if let (Some(peer), Some(ns)) = (&peer, &config.netns) {
                 let p = self.netlink.index_of(peer).await?;
-                if let Some(mac) = mac {
-                    self.netlink.set_mac(p, mac).await?;
-                }
-                self.netlink.set_mtu(p, mtu).await?;
-                if let Some(ns) = &config.netns {
-                    self.move_into_container(p, ns).await?;
-                }
+                self.move_into_container(p, ns).await?;
             }
-            self.netlink.set_up(link.index).await?;
+            let update = if config.role == VnicRole::Vm {
+                LinkUpdate {
+                    mtu: Some(mtu),
+                    controller: Some(bridge_index),
+                    alias: Some(alias),
+                    up: true,
+                }
+            } else {
+                LinkUpdate {
+                    alias: Some(alias),
+                    ..LinkUpdate::default()
+                }
+            };
+            self.netlink.update(index, &update).await?;
             Ok::<_, CnError>(())
         }
         .await;
         if let Err(e) = finish {
             drop(queues);
             // Deleting the host side of a veth removes its peer too, wherever it is.
-            let _ = self.netlink.delete(link.index).await;
+            let _ = self.netlink.delete(index).await;
             return Err(e);
         }
+        self.fault(FaultPoint::VnicReady);
         Ok(Vnic {
             id: config.vnic_id.clone(),
             role: config.role,
             ifname,
-            index: link.index,
+            index,
             peer: config.netns.as_ref().map(|n| n.ifname.clone()).or(peer),
             bridge: bridge.to_string(),
             mtu,
@@ -731,22 +793,15 @@ impl ComputeNode {
             }
         };
         if let Some(entry) = teardown {
-            self.delete_subnet_links(&entry.links).await;
-        }
-    }
-
-    async fn delete_subnet_links(&self, links: &SubnetLinks) {
-        if let Err(e) = self.tunnels.delete(&links.tunnel).await {
-            warn!(tunnel = %links.tunnel, error = %e, "deleting tunnel");
-        }
-        match self.netlink.link_by_name(&links.bridge).await {
-            Ok(Some(b)) => {
-                if let Err(e) = self.netlink.delete(b.index).await {
-                    warn!(bridge = %links.bridge, error = %e, "deleting bridge");
-                }
+            if let Err(e) = self.tunnels.delete(&entry.links.tunnel).await {
+                warn!(tunnel = %entry.links.tunnel, error = %e, "deleting tunnel");
             }
-            Ok(None) => {}
-            Err(e) => warn!(bridge = %links.bridge, error = %e, "looking up bridge"),
+            if let Some(bridge) = ready_index(&entry.progress)
+                && let Err(e) = self.netlink.delete(bridge).await
+                && !e.is_not_found()
+            {
+                warn!(bridge = %entry.links.bridge, error = %e, "deleting bridge");
+            }
         }
     }
 
@@ -757,63 +812,116 @@ impl ComputeNode {
         config: &VnicConfig,
         cancel: Option<&watch::Receiver<bool>>,
     ) -> Result<DestroyedVnic, CnError> {
-        let checked = config.check(&[VnicRole::Vm, VnicRole::Container])?;
+        let mut out = self
+            .destroy_vnics(std::slice::from_ref(config), cancel)
+            .await?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Destroys many VNICs at once, as [`ComputeNode::destroy_vnic`] does each one, but with
+    /// the kernel work batched: every VNIC in one link-group deletion, then every subnet they
+    /// emptied in another. Returns one result per config, in order. Every config is checked
+    /// first; a bad one fails the call before anything is touched.
+    pub async fn destroy_vnics(
+        &self,
+        configs: &[VnicConfig],
+        cancel: Option<&watch::Receiver<bool>>,
+    ) -> Result<Vec<DestroyedVnic>, CnError> {
+        for config in configs {
+            config.check(&[VnicRole::Vm, VnicRole::Container])?;
+        }
         let _permit = self.throttle.acquire().await.expect("never closed");
         if cancel.is_some_and(|c| *c.borrow()) {
             return Err(CnError::Cancelled);
         }
-        let span = info_span!("destroy_vnic", vnic = %config.vnic_id, tenant = %config.tenant_id);
-        async {
-            let progress = {
-                let topo = self.topology.lock().expect("topology lock");
-                match topo.vnics.get(&config.vnic_id) {
-                    None => return Ok(DestroyedVnic::default()),
-                    Some(e) => e.progress.clone(),
-                }
-            };
-            // A create still in flight finishes (or fails and cleans up) first.
-            let _ = wait_ready(
-                progress,
-                &format!("VNIC {}", config.vnic_id),
-                self.config.wait_timeout,
-            )
-            .await;
-            let (entry, last) = {
-                let mut topo = self.topology.lock().expect("topology lock");
-                let Some(entry) = topo.vnics.remove(&config.vnic_id) else {
-                    return Ok(DestroyedVnic::default());
-                };
-                let last = match topo.subnets.get_mut(&entry.subnet) {
-                    Some(s) => {
-                        s.vnics.remove(&config.vnic_id);
-                        if s.vnics.is_empty() {
-                            topo.subnets.remove(&entry.subnet)
-                        } else {
-                            None
-                        }
-                    }
-                    None => None,
-                };
-                (entry, last)
-            };
-            if let Some(link) = self.netlink.link_by_name(&entry.ifname).await? {
-                self.netlink.delete(link.index).await?;
-            }
-            let mut out = DestroyedVnic::default();
-            if let Some(subnet) = last {
-                self.delete_subnet_links(&subnet.links).await;
-                out.tunnel = Some(self.event(TunnelEventKind::Del, &entry.subnet, checked.key));
-                if subnet.had_container {
-                    out.container = Some(ContainerEvent::Del {
-                        bridge: subnet.links.bridge.clone(),
-                    });
-                }
-            }
-            info!(tunnel_del = out.tunnel.is_some(), "VNIC destroyed");
-            Ok(out)
+        let _gate = self.gate.read().await;
+        let span = info_span!("destroy_vnics", count = configs.len());
+        self.destroy_checked(configs).instrument(span).await
+    }
+
+    async fn destroy_checked(&self, configs: &[VnicConfig]) -> Result<Vec<DestroyedVnic>, CnError> {
+        // Creates still in flight finish (or fail and clean up) first.
+        let in_flight: Vec<_> = {
+            let topo = self.topology.lock().expect("topology lock");
+            configs
+                .iter()
+                .filter_map(|c| topo.vnics.get(&c.vnic_id))
+                .filter(|e| ready_index(&e.progress).is_none())
+                .map(|e| e.progress.clone())
+                .collect()
+        };
+        for rx in in_flight {
+            let _ = wait_ready(rx, "VNIC", self.config.wait_timeout).await;
         }
-        .instrument(span)
-        .await
+
+        let removals: Vec<Option<Removal>> = {
+            let mut topo = self.topology.lock().expect("topology lock");
+            configs
+                .iter()
+                .map(|c| {
+                    let vnic = topo.vnics.remove(&c.vnic_id)?;
+                    let entry = topo.subnets.get_mut(&vnic.subnet);
+                    let emptied = entry.is_some_and(|s| {
+                        s.vnics.remove(&c.vnic_id);
+                        s.vnics.is_empty()
+                    });
+                    let subnet = if emptied {
+                        let s = topo.subnets.remove(&vnic.subnet);
+                        // Before the lock goes: a create for the same subnet may start a new
+                        // tunnel with the same key and peer right after.
+                        if let Some(s) = &s {
+                            self.tunnels.forget(&s.links.tunnel);
+                        }
+                        s
+                    } else {
+                        None
+                    };
+                    Some(Removal { vnic, subnet })
+                })
+                .collect()
+        };
+
+        let vnic_links: Vec<u32> = removals
+            .iter()
+            .flatten()
+            .filter_map(|r| ready_index(&r.vnic.progress))
+            .collect();
+        self.netlink.delete_many(&vnic_links).await?;
+        self.fault(FaultPoint::VnicsDeleted);
+        let mut subnet_links = Vec::new();
+        for s in removals.iter().flatten().filter_map(|r| r.subnet.as_ref()) {
+            subnet_links.extend(ready_index(&s.progress));
+            match self.netlink.link_by_name(&s.links.tunnel).await {
+                Ok(Some(t)) => subnet_links.push(t.index),
+                Ok(None) => {}
+                Err(e) => warn!(tunnel = %s.links.tunnel, error = %e, "looking up tunnel"),
+            }
+        }
+        self.netlink.delete_many(&subnet_links).await?;
+
+        let out: Vec<DestroyedVnic> = removals
+            .into_iter()
+            .map(|r| {
+                let Some(Removal { vnic, subnet }) = r else {
+                    return DestroyedVnic::default();
+                };
+                let Some(subnet) = subnet else {
+                    return DestroyedVnic::default();
+                };
+                DestroyedVnic {
+                    tunnel: Some(self.event(TunnelEventKind::Del, &vnic.subnet)),
+                    container: subnet.had_container.then(|| ContainerEvent::Del {
+                        bridge: subnet.links.bridge.clone(),
+                    }),
+                }
+            })
+            .collect();
+        info!(
+            vnics = vnic_links.len(),
+            tunnel_del = out.iter().filter(|d| d.tunnel.is_some()).count(),
+            "VNICs destroyed"
+        );
+        Ok(out)
     }
 
     /// A concentrator VM's VNIC: a macvtap (bridge mode) on the compute link with the given
@@ -821,45 +929,36 @@ impl ComputeNode {
     pub async fn create_cnci_vnic(&self, config: &VnicConfig) -> Result<Link, CnError> {
         let checked = config.check(&[VnicRole::Concentrator])?;
         let _permit = self.throttle.acquire().await.expect("never closed");
-        let alias = Alias::new(CNCI_VNIC_KIND)
-            .with("tenant", &config.tenant_id)
-            .with("id", &config.vnic_id)
-            .to_string();
+        let _gate = self.gate.read().await;
+        let alias = cnci_alias(config);
         if let Some(link) = self.netlink.link_by_alias(&alias).await? {
             return Ok(link);
         }
-        let name = random_ifname("tvc");
+        let name = names::random(names::CNCI_VNIC);
         let mut new = NewLink::macvtap(&name, self.underlay.compute.index, MacvtapMode::Bridge);
         if let Some(mac) = checked.mac {
             new = new.mac(mac);
         }
-        let link = self.netlink.create(&new).await?;
-        let finish = async {
-            self.netlink.set_alias(link.index, &alias).await?;
-            self.netlink.set_up(link.index).await?;
-            Ok::<_, CnError>(())
-        }
-        .await;
-        if let Err(e) = finish {
-            let _ = self.netlink.delete(link.index).await;
-            return Err(e);
+        let index = self.netlink.create_index(&new.up()).await?;
+        if let Err(e) = self.netlink.set_alias(index, &alias).await {
+            let _ = self.netlink.delete(index).await;
+            return Err(e.into());
         }
         info!(ifname = %name, vnic = %config.vnic_id, "concentrator VNIC created");
-        Ok(self
-            .netlink
-            .link_by_index(link.index)
+        self.netlink
+            .link_by_index(index)
             .await?
-            .unwrap_or(link))
+            .ok_or_else(|| CnError::Dependency {
+                what: format!("concentrator VNIC {}", config.vnic_id),
+                why: format!("{name} has disappeared from the kernel"),
+            })
     }
 
     /// Removes a concentrator VNIC; an unknown one is not an error.
     pub async fn destroy_cnci_vnic(&self, config: &VnicConfig) -> Result<(), CnError> {
         config.check(&[VnicRole::Concentrator])?;
-        let alias = Alias::new(CNCI_VNIC_KIND)
-            .with("tenant", &config.tenant_id)
-            .with("id", &config.vnic_id)
-            .to_string();
-        if let Some(link) = self.netlink.link_by_alias(&alias).await? {
+        let _gate = self.gate.read().await;
+        if let Some(link) = self.netlink.link_by_alias(&cnci_alias(config)).await? {
             self.netlink.delete(link.index).await?;
         }
         Ok(())
@@ -873,6 +972,19 @@ impl ComputeNode {
             .map(|(k, v)| (k.clone(), v.links.bridge.clone(), v.vnics.len()))
             .collect()
     }
+
+    /// The ids of the VNICs this node knows.
+    pub fn vnic_ids(&self) -> Vec<String> {
+        let topo = self.topology.lock().expect("topology lock");
+        topo.vnics.keys().cloned().collect()
+    }
+}
+
+fn cnci_alias(config: &VnicConfig) -> String {
+    Alias::new(CNCI_VNIC_KIND)
+        .with("tenant", &config.tenant_id)
+        .with("id", &config.vnic_id)
+        .to_string()
 }
 
 fn tap_options(config: &VnicConfig) -> TapOptions {

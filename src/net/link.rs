@@ -10,8 +10,8 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::link::{
-    GreIOFlags, InfoData, InfoGre, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-    MacVtapMode,
+    GreIOFlags, InfoData, InfoGre, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage, MacVtapMode,
 };
 use rtnetlink::{LinkBridge, LinkMacVtap, LinkUnspec, LinkVeth, LinkVxlan};
 use tracing::debug;
@@ -54,11 +54,19 @@ pub struct GretapParams {
     pub key: u32,
 }
 
+/// The far end of a veth pair, with the settings it gets in the same request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethPeer {
+    pub name: String,
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+}
+
 /// What kind of link to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkKind {
     Bridge,
-    Veth { peer: String },
+    Veth(VethPeer),
     Macvtap { lower: u32, mode: MacvtapMode },
     Vxlan(VxlanParams),
     Gretap(GretapParams),
@@ -68,7 +76,7 @@ impl LinkKind {
     fn describe(&self) -> &'static str {
         match self {
             LinkKind::Bridge => "bridge",
-            LinkKind::Veth { .. } => "veth",
+            LinkKind::Veth(_) => "veth",
             LinkKind::Macvtap { .. } => "macvtap",
             LinkKind::Vxlan(_) => "vxlan",
             LinkKind::Gretap(_) => "gretap",
@@ -104,7 +112,22 @@ impl NewLink {
         Self::new(name, LinkKind::Bridge)
     }
     pub fn veth(name: impl Into<String>, peer: impl Into<String>) -> Self {
-        Self::new(name, LinkKind::Veth { peer: peer.into() })
+        Self::new(
+            name,
+            LinkKind::Veth(VethPeer {
+                name: peer.into(),
+                mtu: None,
+                mac: None,
+            }),
+        )
+    }
+    /// Sets the MTU and MAC of a veth's peer in the creating request (no-op for other kinds).
+    pub fn peer_settings(mut self, mtu: Option<u32>, mac: Option<[u8; 6]>) -> Self {
+        if let LinkKind::Veth(peer) = &mut self.kind {
+            peer.mtu = mtu;
+            peer.mac = mac;
+        }
+        self
     }
     pub fn macvtap(name: impl Into<String>, lower: u32, mode: MacvtapMode) -> Self {
         Self::new(name, LinkKind::Macvtap { lower, mode })
@@ -146,9 +169,13 @@ impl NewLink {
         check_name("create", &self.object(), &self.name)?;
         let mut msg = match &self.kind {
             LinkKind::Bridge => LinkBridge::new(&self.name).build(),
-            LinkKind::Veth { peer } => {
-                check_name("create", &self.object(), peer)?;
-                LinkVeth::new(&self.name, peer).build()
+            LinkKind::Veth(peer) => {
+                check_name("create", &self.object(), &peer.name)?;
+                let mut msg = LinkVeth::new(&self.name, &peer.name).build();
+                if peer.mtu.is_some() || peer.mac.is_some() {
+                    set_veth_peer(&mut msg, peer);
+                }
+                msg
             }
             LinkKind::Macvtap { lower, mode } => {
                 let mode = match mode {
@@ -191,6 +218,25 @@ impl NewLink {
             msg.header.change_mask |= LinkFlags::Up;
         }
         Ok(msg)
+    }
+}
+
+/// Adds the peer's MTU and MAC to the IFLA_INFO_DATA/VETH_INFO_PEER message `LinkVeth` built.
+fn set_veth_peer(msg: &mut LinkMessage, peer: &VethPeer) {
+    for attr in &mut msg.attributes {
+        let LinkAttribute::LinkInfo(infos) = attr else {
+            continue;
+        };
+        for info in infos {
+            if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
+                if let Some(mtu) = peer.mtu {
+                    p.attributes.push(LinkAttribute::Mtu(mtu));
+                }
+                if let Some(mac) = peer.mac {
+                    p.attributes.push(LinkAttribute::Address(mac.to_vec()));
+                }
+            }
+        }
     }
 }
 
@@ -387,23 +433,30 @@ impl Netlink {
 
     /// Creates a link and returns it as the kernel reports it.
     pub async fn create(&self, link: &NewLink) -> NetResult<Link> {
+        let index = self.create_index(link).await?;
+        // The echo is the link as registered, before the controller is set: re-read it.
+        self.link_by_index(index)
+            .await?
+            .ok_or_else(|| NetError::not_found("create", link.object()))
+    }
+
+    /// Creates a link and returns only its index: one round trip, for hot paths.
+    pub async fn create_index(&self, link: &NewLink) -> NetResult<u32> {
         let object = link.object();
         let mut req = new_link_request(link)?;
         // NLM_F_ECHO makes the kernel answer with the new link's index.
         req.header.flags |= NLM_F_ECHO;
         let replies = self.request("create", &object, req).await?;
-        // The echo is the link as registered, before the controller is set: re-read it.
         let echoed = replies.iter().find_map(|m| match m {
             RouteNetlinkMessage::NewLink(l) if l.header.index != 0 => Some(l.header.index),
             _ => None,
         });
-        let created = match echoed {
-            Some(index) => self.link_by_index(index).await?,
-            None => self.link_by_name(&link.name).await?,
-        }
-        .ok_or_else(|| NetError::not_found("create", &object))?;
-        debug!(link = %link.name, index = created.index, kind = link.kind.describe(), "link created");
-        Ok(created)
+        let index = match echoed {
+            Some(index) => index,
+            None => self.index_of(&link.name).await?,
+        };
+        debug!(link = %link.name, index, kind = link.kind.describe(), "link created");
+        Ok(index)
     }
 
     /// Creates many links with up to 64 requests in flight; stops at the first failure and
@@ -501,6 +554,30 @@ impl Netlink {
             .map_err(|e| nl_err(op, format!("link #{index}"), e))
     }
 
+    /// Applies several settings in one RTM_SETLINK. The kernel applies them one after another
+    /// in its own order, so a failure can leave some of them applied.
+    pub async fn update(&self, index: u32, change: &LinkUpdate) -> NetResult<()> {
+        if let Some(alias) = &change.alias {
+            check_alias(index, alias)?;
+        }
+        self.set("update", index, |mut b| {
+            if let Some(mtu) = change.mtu {
+                b = b.mtu(mtu);
+            }
+            if let Some(c) = change.controller {
+                b = b.controller(c);
+            }
+            if let Some(alias) = &change.alias {
+                b = b.alias(alias);
+            }
+            if change.up {
+                b = b.up();
+            }
+            b
+        })
+        .await
+    }
+
     pub async fn set_up(&self, index: u32) -> NetResult<()> {
         self.set("set up", index, |b| b.up()).await
     }
@@ -516,16 +593,7 @@ impl Netlink {
     }
     /// Sets IFLA_IFALIAS (at most 255 bytes); tenet keeps object identities there.
     pub async fn set_alias(&self, index: u32, alias: &str) -> NetResult<()> {
-        if alias.len() > 255 {
-            return Err(NetError::invalid(
-                "set alias of",
-                format!("link #{index}"),
-                format!(
-                    "alias is {} bytes, the kernel keeps at most 255",
-                    alias.len()
-                ),
-            ));
-        }
+        check_alias(index, alias)?;
         self.set("set alias of", index, |b| b.alias(alias)).await
     }
     pub async fn set_group(&self, index: u32, group: u32) -> NetResult<()> {
@@ -580,8 +648,16 @@ impl Netlink {
     /// deletes the group. The kernel then pays its per-deletion synchronisation once, not once
     /// per link. Links that are already gone are skipped.
     pub async fn delete_many(&self, indexes: &[u32]) -> NetResult<()> {
-        if indexes.is_empty() {
-            return Ok(());
+        match indexes {
+            [] => return Ok(()),
+            // One link: a plain delete is one request instead of two.
+            [one] => {
+                return match self.delete(*one).await {
+                    Err(e) if e.is_not_found() => Ok(()),
+                    other => other,
+                };
+            }
+            _ => {}
         }
         let group = batch_group();
         stream::iter(indexes.iter().map(|&i| async move {
@@ -616,6 +692,29 @@ impl Netlink {
             other => other.map(drop),
         }
     }
+}
+
+fn check_alias(index: u32, alias: &str) -> NetResult<()> {
+    if alias.len() > 255 {
+        return Err(NetError::invalid(
+            "set alias of",
+            format!("link #{index}"),
+            format!(
+                "alias is {} bytes, the kernel keeps at most 255",
+                alias.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Settings [`Netlink::update`] applies together; `None`/`false` leaves a setting alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkUpdate {
+    pub mtu: Option<u32>,
+    pub controller: Option<u32>,
+    pub alias: Option<String>,
+    pub up: bool,
 }
 
 /// A link group number unlikely to be used by anything else: high bit pattern, pid, counter.

@@ -13,8 +13,8 @@ pub mod tunnel;
 pub use addr::{Neighbour, Route};
 pub use error::{Cause, NetError, NetResult};
 pub use link::{
-    GretapParams, Link, LinkKind, MAX_IFNAME, MacvtapMode, Netlink, NewLink, VxlanParams,
-    new_link_request,
+    GretapParams, Link, LinkKind, LinkUpdate, MAX_IFNAME, MacvtapMode, Netlink, NewLink, VethPeer,
+    VxlanParams, new_link_request,
 };
 
 pub(crate) fn nl_err(op: &'static str, object: impl Into<String>, e: rtnetlink::Error) -> NetError {

@@ -219,6 +219,10 @@ pub trait TunnelBackend: Send + Sync {
 
     /// Tunnels of this backend found in the kernel (by alias).
     async fn tunnels(&self) -> NetResult<Vec<(TunnelSpec, Link)>>;
+
+    /// Drops what the backend holds for tunnel `name` without touching its link, because the
+    /// caller deletes the link itself (in a batch). Kernel tunnels hold nothing.
+    fn forget(&self, _name: &str) {}
 }
 
 /// Builds the backend for `choice` in the namespace `netlink` is bound to (`netns` is the

@@ -130,4 +130,8 @@ impl TunnelBackend for UserspaceGre {
     async fn tunnels(&self) -> NetResult<Vec<(TunnelSpec, Link)>> {
         tunnels_of(&self.netlink, self.kind()).await
     }
+
+    fn forget(&self, name: &str) {
+        self.engine.detach(name);
+    }
 }
