@@ -378,3 +378,78 @@ async fn concurrent_creates_make_one_bridge_and_one_tunnel() {
         .count();
     assert_eq!((tunnels, bridge_links, links.len()), (1, 1, 18));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_repairs_a_damaged_node_and_traffic_flows_again() {
+    let fabric = Fabric::new().await.unwrap();
+    let cn_host = fabric.add_host("cnrep").await.unwrap();
+    let conc = fabric.add_host("ccrep").await.unwrap();
+    let gre = UserspaceGre::start(conc.netlink().clone(), Some(conc.path()))
+        .await
+        .unwrap();
+    let gw = concentrator_end(&conc, &gre, cn_host.ip(), "r", "172.16.0.10").await;
+
+    let cn = cn_on(&cn_host, BackendChoice::Userspace).await.unwrap();
+    let (ns, netns) = container("ctrep", "172.16.0.2");
+    let mut cfg = vnic("v0", "t1", "cr", conc.ip(), "02:00:ac:10:00:02");
+    cfg.netns = Some(netns);
+    let made = cn.create_vnic(&cfg, None).await.unwrap();
+    let ct = Workload {
+        ns,
+        ip: "172.16.0.2".parse().unwrap(),
+    };
+    assert!(ct.ping(gw.ip, 3), "before the damage");
+    let tunnel = made.tunnel.unwrap();
+
+    // The agent goes away; meanwhile the subnet's tunnel is deleted by hand and a VNIC is
+    // left on no bridge.
+    drop(cn);
+    let nl = cn_host.netlink();
+    let links = nl.links().await.unwrap();
+    let tgt = links.iter().find(|l| l.name.starts_with("tgt_")).unwrap();
+    nl.delete(tgt.index).await.unwrap();
+    let orphan = nl
+        .create(&NewLink::veth("tvn_0000beef", "tvp_0000beef"))
+        .await
+        .unwrap();
+    nl.set_alias(
+        orphan.index,
+        "tenet:v1:cn-vnic id=lost role=container instance=lost",
+    )
+    .await
+    .unwrap();
+    assert!(!ct.ping(gw.ip, 1), "no tunnel, no traffic");
+
+    let cn = cn_on(&cn_host, BackendChoice::Userspace).await.unwrap();
+    let report = cn.rebuild().await.unwrap();
+    assert_eq!((report.subnets, report.vnics), (1, 1));
+    assert!(
+        report
+            .repairs
+            .iter()
+            .any(|r| matches!(r, tenet_cn::Repair::AddedTunnel { .. })),
+        "{:?}",
+        report.repairs
+    );
+    assert!(
+        report
+            .repairs
+            .contains(&tenet_cn::Repair::RemovedVnicWithoutBridge {
+                vnic_id: "lost".into(),
+                ifname: "tvn_0000beef".into()
+            })
+    );
+    assert_eq!(report.present.len(), 1);
+    assert_eq!(report.present[0].subnet_key, tunnel.subnet_key);
+    assert!(nl.link_by_name("tvn_0000beef").await.unwrap().is_none());
+    assert!(ct.ping(gw.ip, 3), "the new tunnel carries the subnet again");
+    assert!(cn.rebuild().await.unwrap().repairs.is_empty());
+
+    // The rebuilt node knows the VNIC: a repeated create returns it, the destroy ends it all.
+    let again = cn.create_vnic(&cfg, None).await.unwrap();
+    assert_eq!(again.vnic.index, made.vnic.index);
+    assert!(again.tunnel.is_none());
+    let gone = cn.destroy_vnic(&cfg, None).await.unwrap();
+    assert_eq!(gone.tunnel.map(|t| t.kind), Some(TunnelEventKind::Del));
+    assert!(tenet_links(&cn_host).await.is_empty());
+}
