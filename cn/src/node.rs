@@ -821,7 +821,9 @@ impl ComputeNode {
     /// Destroys many VNICs at once, as [`ComputeNode::destroy_vnic`] does each one, but with
     /// the kernel work batched: every VNIC in one link-group deletion, then every subnet they
     /// emptied in another. Returns one result per config, in order. Every config is checked
-    /// first; a bad one fails the call before anything is touched.
+    /// first; a bad one fails the call before anything is touched. The VNICs are forgotten
+    /// before the kernel work, so if the kernel refuses a deletion the error is returned and
+    /// the links left over are taken up by the next [`ComputeNode::rebuild`].
     pub async fn destroy_vnics(
         &self,
         configs: &[VnicConfig],
