@@ -194,6 +194,7 @@ pub(crate) enum Progress {
 #[derive(Debug, Clone)]
 pub(crate) struct SubnetLinks {
     pub bridge: String,
+    /// Empty when `rebuild` found the tunnel missing and could not make it.
     pub tunnel: String,
 }
 
@@ -893,6 +894,10 @@ impl ComputeNode {
         let mut subnet_links = Vec::new();
         for s in removals.iter().flatten().filter_map(|r| r.subnet.as_ref()) {
             subnet_links.extend(ready_index(&s.progress));
+            if s.links.tunnel.is_empty() {
+                // A subnet `rebuild` could not give a tunnel.
+                continue;
+            }
             match self.netlink.link_by_name(&s.links.tunnel).await {
                 Ok(Some(t)) => subnet_links.push(t.index),
                 Ok(None) => {}
