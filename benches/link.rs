@@ -9,7 +9,6 @@
 //!
 //! `TENET_BENCH_SECONDS` sets the length of each iperf3 run (default 5).
 
-use std::io::Write;
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -256,8 +255,8 @@ async fn churn() -> Vec<Row> {
             ));
             del.push_str(&format!("link del {x}\n"));
         }
-        let create = time_ip_batch(&ns, &add);
-        let delete = time_ip_batch(&ns, &del);
+        let create = ns.time_ip_batch(&add).unwrap();
+        let delete = ns.time_ip_batch(&del).unwrap();
         (create, delete)
     };
 
@@ -358,19 +357,4 @@ async fn indexes_of(nl: &tenet::net::Netlink) -> Vec<u32> {
         .filter(|l| l.name.starts_with("ch"))
         .map(|l| l.index)
         .collect()
-}
-
-fn time_ip_batch(ns: &Netns, script: &str) -> Duration {
-    let mut child = ns
-        .command("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let t = Instant::now();
-    stdin.write_all(script.as_bytes()).unwrap();
-    drop(stdin);
-    assert!(child.wait().unwrap().success(), "ip -batch failed");
-    t.elapsed()
 }

@@ -11,9 +11,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,21 +188,11 @@ fn ip_batch(configs: &[VnicConfig], aliases: bool, what: &str) -> Row {
             ));
         }
     }
-    let mut child = ns
-        .command("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let t = Instant::now();
-    stdin.write_all(script.as_bytes()).unwrap();
-    drop(stdin);
-    assert!(child.wait().unwrap().success(), "ip -batch failed");
+    let total = ns.time_ip_batch(&script).unwrap();
     Row {
         what: what.into(),
         count: configs.len(),
-        total: t.elapsed(),
+        total,
         latencies: Vec::new(),
     }
 }

@@ -1,6 +1,8 @@
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
@@ -59,6 +61,32 @@ impl Netns {
     /// A netlink connection whose socket lives in this namespace. Needs a tokio runtime.
     pub fn netlink(&self) -> TestbedResult<Netlink> {
         Ok(Netlink::connect_in(&self.path())?)
+    }
+
+    /// Feeds `script` to one `ip -batch -` in the namespace and returns how long it took from
+    /// the first byte written to its exit (benchmarks compare against it).
+    pub fn time_ip_batch(&self, script: &str) -> TestbedResult<Duration> {
+        let what = format!("ip -batch in {}", self.name);
+        let mut child = self
+            .command("ip")
+            .args(["-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(io_err(what.clone()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let started = Instant::now();
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(io_err(what.clone()))?;
+        drop(stdin);
+        let status = child.wait().map_err(io_err(what.clone()))?;
+        let took = started.elapsed();
+        if !status.success() {
+            return Err(io_err(what)(std::io::Error::other(format!(
+                "exited with {status}"
+            ))));
+        }
+        Ok(took)
     }
 
     /// The namespace file, open (for moving links here with `setns_by_fd`).
