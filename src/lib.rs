@@ -5,10 +5,10 @@
 //! * [`testbed`]: real etcd and network namespaces for tests, benchmarks and the lab.
 
 pub mod calico;
-pub mod config;
 pub mod dump;
 pub mod ipam;
 pub mod net;
 pub mod state;
 pub mod store;
+#[cfg(feature = "testbed")]
 pub mod testbed;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use ipnetwork::IpNetwork;
-use tenet::config::DatastoreConfig;
 use tenet::ipam::{AutoAssignArgs, Ipam, IpamError};
+use tenet::store::config::DatastoreConfig;
 
 use super::{Cli, CliError, connect, store_error};
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tenet::config::DatastoreConfig;
+use tenet::store::config::DatastoreConfig;
 use tenet::store::{EtcdStore, StoreError};
 
 /// tenet: tenant networking for multi-tenant clouds.

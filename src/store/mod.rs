@@ -10,6 +10,7 @@
 //! key's *revision* is its `mod_revision` and every compare-and-swap is a transaction that
 //! compares it.
 
+pub mod config;
 mod error;
 mod etcd;
 mod memory;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::Stream;
 
+pub use config::{ConfigError, DatastoreConfig};
 pub use error::{StoreError, StoreResult};
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use memory::MemoryStore;
