@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use tenet::net::NewLink;
-use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelKey, TunnelSpec, backend};
+use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelSpec, backend};
 use tenet::testbed::{Fabric, Host, Netns, Workload};
+use tenet::types::TunnelKey;
 
 const PAIRS: usize = 1000;
 

@@ -12,3 +12,4 @@ pub mod state;
 pub mod store;
 #[cfg(feature = "testbed")]
 pub mod testbed;
+pub mod types;

@@ -4,7 +4,7 @@
 //! concentrator serves it, its tunnel key and the networking mode.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnetwork::{IpNetwork, Ipv4Network};
@@ -52,7 +52,7 @@ impl FromStr for NetworkMode {
 /// ciao's tunnel key for a subnet: the network address read as a little-endian u32
 /// (172.16.0.0 → 4268). Key 0 (network 0.0.0.0) is invalid.
 pub fn subnet_key(subnet: &Ipv4Network) -> Result<u32, String> {
-    crate::net::tunnel::TunnelKey::from_subnet(subnet).map(|k| k.get())
+    crate::types::TunnelKey::from_subnet(subnet).map(|k| k.get())
 }
 
 /// The key of one tenant subnet.
@@ -155,11 +155,6 @@ pub fn decode(path: &str, raw: &[u8]) -> Result<TenantSubnet, String> {
         serde_json::from_slice(raw).map_err(|e| format!("invalid JSON value: {e}"))?;
     subnet.validate(Some(&key))?;
     Ok(subnet)
-}
-
-/// Helper for tests and the lab: the gateway (network + 1) of a subnet.
-pub fn gateway(subnet: &Ipv4Network) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + 1)
 }
 
 #[cfg(test)]

@@ -12,11 +12,12 @@ use std::time::Duration;
 use common::{ip, tcp_transfer, wait_until};
 use ipnetwork::Ipv4Network;
 use tenet::net::tunnel::{
-    BackendChoice, TunnelBackend, TunnelKey, TunnelKind, TunnelSpec, UserspaceGre, backend,
+    BackendChoice, TunnelBackend, TunnelKind, TunnelSpec, UserspaceGre, backend,
     kernel_supports_gretap,
 };
 use tenet::net::{NetError, NewLink};
 use tenet::testbed::{Fabric, Host, Workload};
+use tenet::types::TunnelKey;
 
 /// One tenant subnet on one host: a bridge, a tunnel to the peer host and a workload.
 struct TenantEnd {

@@ -179,7 +179,7 @@ fn ip_batch(configs: &[VnicConfig], aliases: bool, what: &str) -> Row {
         let k = i % SUBNETS + 1;
         script.push_str(&format!(
             "link add v{i} mtu 1458 master br{k} up type veth peer name p{i} mtu 1458 address {}\n",
-            c.mac
+            c.mac.expect("containers have a MAC")
         ));
         if aliases {
             script.push_str(&format!(

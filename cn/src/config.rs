@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnetwork::Ipv4Network;
-use tenet::net::tunnel::TunnelKey;
+use tenet::types::{MacAddr, TunnelKey};
 
 use crate::error::CnError;
 
@@ -53,9 +53,9 @@ pub struct VnicConfig {
     pub subnet_key: u32,
     pub concentrator_id: String,
     pub concentrator_ip: Ipv4Addr,
-    /// `aa:bb:cc:dd:ee:ff`, unicast. For a VM the VMM sets it; for a container it goes on the
-    /// container side; for a concentrator on the macvtap.
-    pub mac: String,
+    /// Unicast; required except for a VM, whose VMM sets it. For a container it goes on
+    /// the container side; for a concentrator on the macvtap.
+    pub mac: Option<MacAddr>,
     /// Tenant MTU; by default the underlay MTU minus the tunnel's overhead.
     pub mtu: Option<u32>,
     /// VM taps: how many queues (descriptors) to open. 0 is taken as 1.
@@ -71,7 +71,7 @@ impl VnicConfig {
         subnet: Ipv4Network,
         concentrator_id: &str,
         concentrator_ip: Ipv4Addr,
-        mac: &str,
+        mac: MacAddr,
     ) -> Self {
         VnicConfig {
             role: VnicRole::Container,
@@ -83,7 +83,7 @@ impl VnicConfig {
             subnet_key: TunnelKey::from_subnet(&subnet).map_or(0, |k| k.get()),
             concentrator_id: concentrator_id.into(),
             concentrator_ip,
-            mac: mac.into(),
+            mac: Some(mac),
             mtu: None,
             queues: 1,
             netns: None,
@@ -111,45 +111,11 @@ fn check_id(field: &'static str, value: &str) -> Result<(), CnError> {
     Ok(())
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(text: &str) -> Result<[u8; 6], CnError> {
-    let err = || {
-        CnError::config(
-            "mac",
-            format!("{text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-        )
-    };
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        return Err(err());
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(&parts) {
-        if p.len() != 2 {
-            return Err(err());
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| err())?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(CnError::config(
-            "mac",
-            format!("{text} is a multicast address"),
-        ));
-    }
-    if mac == [0; 6] {
-        return Err(CnError::config(
-            "mac",
-            "00:00:00:00:00:00 is not a usable address",
-        ));
-    }
-    Ok(mac)
-}
-
 /// What a validated request carries besides the config itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Checked {
     pub key: TunnelKey,
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<MacAddr>,
 }
 
 impl VnicConfig {
@@ -164,10 +130,14 @@ impl VnicConfig {
         }
         check_id("vnic_id", &self.vnic_id)?;
         check_id("tenant_id", &self.tenant_id)?;
-        let mac = match self.role {
-            // A VM's MAC is set by its VMM; check it if given.
-            VnicRole::Vm if self.mac.is_empty() => None,
-            _ => Some(parse_mac(&self.mac)?),
+        let mac = match (self.role, self.mac) {
+            (_, Some(mac)) => Some(
+                mac.check_unicast()
+                    .map_err(|why| CnError::config("mac", why))?,
+            ),
+            // A VM's MAC is set by its VMM.
+            (VnicRole::Vm, None) => None,
+            (_, None) => return Err(CnError::config("mac", "is required for this role")),
         };
         if self.role == VnicRole::Concentrator {
             return Ok(Checked {
@@ -256,7 +226,7 @@ mod tests {
             "172.16.0.0/24".parse().unwrap(),
             "c1",
             "10.254.0.9".parse().unwrap(),
-            "02:00:ac:10:00:02",
+            "02:00:ac:10:00:02".parse().unwrap(),
         )
     }
 
@@ -273,8 +243,12 @@ mod tests {
             ("concentrator_id", Box::new(|c| c.concentrator_id.clear())),
             ("subnet_key", Box::new(|c| c.subnet_key = 0)),
             ("subnet_key", Box::new(|c| c.subnet_key = 4269)),
-            ("mac", Box::new(|c| c.mac = "02:00:zz:00:00:01".into())),
-            ("mac", Box::new(|c| c.mac = "01:00:5e:00:00:01".into())),
+            // A malformed MAC is refused where it is parsed (`tenet::types::MacAddr`).
+            ("mac", Box::new(|c| c.mac = None)),
+            (
+                "mac",
+                Box::new(|c| c.mac = Some("01:00:5e:00:00:01".parse().unwrap())),
+            ),
             (
                 "subnet",
                 Box::new(|c| c.subnet = "172.16.0.5/24".parse().unwrap()),

@@ -1,4 +1,4 @@
-use tenet::net::NetError;
+use tenet::net::{Leftovers, NetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CnError {
@@ -17,11 +17,28 @@ pub enum CnError {
     /// A call this one waited on failed.
     #[error("{what} could not be created: {why}")]
     Dependency { what: String, why: String },
-    #[error("links still present after the reset: {0}")]
-    ResetIncomplete(String),
+    /// The call failed, and undoing what it had done failed too: `leftovers` names what is
+    /// left behind (the next `rebuild` takes it up).
+    #[error("{cause}; {leftovers}")]
+    Incomplete {
+        cause: Box<CnError>,
+        leftovers: Leftovers,
+    },
 }
 
 impl CnError {
+    /// This error, with what its rollback could not undo (unchanged if that is nothing).
+    pub fn with_leftovers(self, leftovers: Leftovers) -> Self {
+        if leftovers.is_empty() {
+            self
+        } else {
+            CnError::Incomplete {
+                cause: Box::new(self),
+                leftovers,
+            }
+        }
+    }
+
     pub fn config(field: &'static str, why: impl Into<String>) -> Self {
         CnError::Config {
             field,

@@ -5,17 +5,19 @@
 pub mod config;
 pub mod discovery;
 pub mod error;
+#[cfg(feature = "fault-injection")]
 pub mod fault;
-mod names;
+pub mod names;
 pub mod node;
 pub mod rebuild;
 
 pub use config::{ContainerNetns, VnicConfig, VnicRole};
 pub use discovery::{Underlay, UnderlayAddr, UnderlayConfig};
 pub use error::CnError;
+#[cfg(feature = "fault-injection")]
 pub use fault::{FaultHook, FaultPoint};
 pub use node::{
-    CnConfig, ComputeNode, ContainerEvent, ContainerNetwork, CreatedVnic, DestroyedVnic, SubnetId,
-    TunnelEvent, TunnelEventKind, Vnic,
+    CnConfig, ComputeNode, ContainerEvent, ContainerNetwork, CreatedVnic, DestroyedVnic,
+    SubnetBinding, TunnelEvent, TunnelEventKind, Vnic,
 };
 pub use rebuild::{RebuildReport, Repair};

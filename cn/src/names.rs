@@ -1,8 +1,9 @@
-//! Interface names the compute node gives its links: `<prefix>_<8 hex digits>`.
-//!
-//! The alias is written last, as the commit mark of a finished object, so a link with one of
-//! these names and no alias is something a crashed call started: `rebuild` deletes it. The
-//! container end of a veth (`tvp_`) is not listed: it always goes with its host end.
+//! The compute node's ownership scheme (see `tenet::net::owned`): the prefixes of the names
+//! it generates and the alias kinds it writes. A link with one of these names and no alias is
+//! something a crashed call started: `rebuild` deletes it. The container end of a veth
+//! (`tvp_`) is not listed: it always goes with its host end.
+
+use tenet::net::owned::Ownership;
 
 pub const BRIDGE: &str = "tbr";
 pub const TUNNEL: &str = "tgt";
@@ -10,10 +11,19 @@ pub const VNIC: &str = "tvn";
 pub const PEER: &str = "tvp";
 pub const CNCI_VNIC: &str = "tvc";
 
-/// A fresh random name `<prefix>_xxxxxxxx` (12 bytes, under IFNAMSIZ).
-pub fn random(prefix: &str) -> String {
-    format!("{prefix}_{:08x}", rand::random::<u32>())
-}
+/// Alias kinds the compute node writes.
+pub const BRIDGE_KIND: &str = "cn-bridge";
+pub const VNIC_KIND: &str = "cn-vnic";
+pub const CNCI_VNIC_KIND: &str = "cn-cncivnic";
+/// The tunnel backends' alias kind, shared with other components: a tunnel is the compute
+/// node's when it has a `tgt_` name or sits on one of its bridges.
+pub const TUNNEL_KIND: &str = "tunnel";
+
+pub const OWNERSHIP: Ownership = Ownership {
+    component: "compute node",
+    prefixes: &[BRIDGE, TUNNEL, VNIC, CNCI_VNIC],
+    kinds: &[BRIDGE_KIND, VNIC_KIND, CNCI_VNIC_KIND],
+};
 
 /// The container end of VNIC `ifname` (same suffix).
 pub fn peer_of(ifname: &str) -> String {
@@ -23,21 +33,9 @@ pub fn peer_of(ifname: &str) -> String {
     }
 }
 
-/// Whether `name` is one the compute node generates for a link it owns outright.
-pub fn is_generated(name: &str) -> bool {
-    let Some((prefix, suffix)) = name.split_once('_') else {
-        return false;
-    };
-    [BRIDGE, TUNNEL, VNIC, CNCI_VNIC].contains(&prefix)
-        && suffix.len() == 8
-        && suffix
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// Whether `name` is a tunnel name the compute node generated.
 pub fn is_tunnel(name: &str) -> bool {
-    is_generated(name) && name.starts_with(TUNNEL)
+    OWNERSHIP.is_generated_as(name, TUNNEL)
 }
 
 #[cfg(test)]
@@ -47,9 +45,12 @@ mod tests {
     #[test]
     fn generated_names_are_recognised() {
         for p in [BRIDGE, TUNNEL, VNIC, CNCI_VNIC] {
-            assert!(is_generated(&random(p)));
+            assert!(OWNERSHIP.is_generated(&Ownership::random_name(p)));
         }
-        assert!(!is_generated(&random(PEER)), "peers go with their veth");
+        assert!(
+            !OWNERSHIP.is_generated(&Ownership::random_name(PEER)),
+            "peers go with their veth"
+        );
         for other in [
             "eth0",
             "tbr_1234567",
@@ -57,7 +58,7 @@ mod tests {
             "tbr_ABCDEF01",
             "xbr_12345678",
         ] {
-            assert!(!is_generated(other), "{other}");
+            assert!(!OWNERSHIP.is_generated(other), "{other}");
         }
         assert_eq!(peer_of("tvn_0123abcd"), "tvp_0123abcd");
         assert!(is_tunnel("tgt_0123abcd") && !is_tunnel("tbr_0123abcd"));

@@ -10,20 +10,16 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use tenet::net::Link;
-use tenet::net::alias::Alias;
+use tenet::net::owned::{Owned, tenet_alias};
 use tenet::net::tunnel::{TunnelKind, TunnelSpec};
+use tenet::net::{Leftovers, Link};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::VnicRole;
 use crate::error::CnError;
-use crate::names;
-use crate::node::{
-    BRIDGE_KIND, CNCI_VNIC_KIND, ComputeNode, SubnetEntry, SubnetId, SubnetLinks, Topology,
-    TunnelEvent, TunnelEventKind, VNIC_KIND, VnicEntry, ready,
-};
-
-const TUNNEL_KIND: &str = "tunnel";
+use crate::names::{self, BRIDGE_KIND, CNCI_VNIC_KIND, OWNERSHIP, TUNNEL_KIND, VNIC_KIND};
+use crate::node::topology::{FoundVnicEntry, SubnetLinks, Topology};
+use crate::node::{ComputeNode, SubnetBinding, TunnelEvent, TunnelEventKind};
 
 /// One thing `rebuild` found wrong, and what it did about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,16 +43,19 @@ pub enum Repair {
     /// or peer), or a second one: deleted.
     RemovedStrayTunnel { ifname: String, bridge: String },
     /// A subnet bridge with no VNIC: deleted with its tunnel (a TunnelDel is reported).
-    RemovedEmptyBridge { subnet: SubnetId, bridge: String },
+    RemovedEmptyBridge {
+        subnet: SubnetBinding,
+        bridge: String,
+    },
     /// A second bridge for one subnet: its VNICs moved to `kept`; it and its tunnel deleted.
     MergedDuplicateBridge {
-        subnet: SubnetId,
+        subnet: SubnetBinding,
         removed: String,
         kept: String,
     },
     /// A subnet bridge without its tunnel: the tunnel was made.
     AddedTunnel {
-        subnet: SubnetId,
+        subnet: SubnetBinding,
         bridge: String,
         tunnel: String,
     },
@@ -150,7 +149,7 @@ pub(crate) struct FoundVnic {
 /// A subnet that stays: its bridge, its tunnel (`None`: to be made) and its VNICs.
 #[derive(Debug)]
 pub(crate) struct KeptSubnet {
-    pub id: SubnetId,
+    pub id: SubnetBinding,
     pub bridge: Link,
     pub tunnel: Option<Link>,
     pub vnics: Vec<FoundVnic>,
@@ -166,7 +165,7 @@ pub(crate) struct Plan {
     pub forget: Vec<String>,
     pub delete: Vec<u32>,
     /// Subnets removed because no VNIC was left.
-    pub emptied: Vec<SubnetId>,
+    pub emptied: Vec<SubnetBinding>,
     pub repairs: Vec<Repair>,
     pub cnci_vnics: usize,
 }
@@ -186,14 +185,9 @@ fn parse_role(text: &str) -> Option<VnicRole> {
     }
 }
 
-/// A tenet alias, if the link has one.
-fn tenet_alias(link: &Link) -> Option<Alias> {
-    Alias::parse(link.alias.as_deref()?)
-}
-
 pub(crate) fn plan(links: &[Link], want: WantedTunnel) -> Plan {
     let mut plan = Plan::default();
-    let mut bridges: Vec<(SubnetId, &Link)> = Vec::new();
+    let mut bridges: Vec<(SubnetBinding, &Link)> = Vec::new();
     let mut vnics: Vec<FoundVnic> = Vec::new();
     let mut tunnels: Vec<(TunnelKind, TunnelSpec, &Link)> = Vec::new();
 
@@ -205,8 +199,9 @@ pub(crate) fn plan(links: &[Link], want: WantedTunnel) -> Plan {
         });
     };
     for l in links {
-        let Some(alias) = tenet_alias(l) else {
-            if names::is_generated(&l.name) {
+        let alias = match OWNERSHIP.classify(l) {
+            Owned::Finished(alias) => alias,
+            Owned::Unfinished => {
                 if names::is_tunnel(&l.name) {
                     plan.forget.push(l.name.clone());
                 }
@@ -214,11 +209,16 @@ pub(crate) fn plan(links: &[Link], want: WantedTunnel) -> Plan {
                 plan.repairs.push(Repair::RemovedUnfinished {
                     ifname: l.name.clone(),
                 });
+                continue;
             }
-            continue;
+            // Tunnels carry the backends' shared alias kind; the rest is not ours.
+            Owned::Foreign => match tenet_alias(l) {
+                Some(alias) if alias.kind == TUNNEL_KIND => alias,
+                _ => continue,
+            },
         };
         match alias.kind.as_str() {
-            BRIDGE_KIND => match SubnetId::from_alias(&alias) {
+            BRIDGE_KIND => match SubnetBinding::from_alias(&alias) {
                 Some(sid) if l.kind.as_deref() == Some("bridge") => bridges.push((sid, l)),
                 _ => unreadable(&mut plan, l),
             },
@@ -256,7 +256,7 @@ pub(crate) fn plan(links: &[Link], want: WantedTunnel) -> Plan {
             *on_bridge.entry(c).or_default() += 1;
         }
     }
-    let mut by_subnet: HashMap<SubnetId, Vec<&Link>> = HashMap::new();
+    let mut by_subnet: HashMap<SubnetBinding, Vec<&Link>> = HashMap::new();
     for (sid, l) in bridges {
         by_subnet.entry(sid).or_default().push(l);
     }
@@ -390,20 +390,18 @@ pub(crate) fn plan(links: &[Link], want: WantedTunnel) -> Plan {
     plan
 }
 
-/// Whether the compute node owns `link` (what `reset` deletes). `cn_bridges` are the indexes
-/// of the links carrying a compute-node bridge alias.
-fn owned(link: &Link, cn_bridges: &HashSet<u32>) -> bool {
-    match tenet_alias(link) {
-        Some(a) => match a.kind.as_str() {
-            BRIDGE_KIND | VNIC_KIND | CNCI_VNIC_KIND => true,
-            TUNNEL_KIND => {
-                names::is_tunnel(&link.name)
-                    || link.controller.is_some_and(|c| cn_bridges.contains(&c))
-            }
-            _ => false,
-        },
-        None => names::is_generated(&link.name),
-    }
+/// The links `reset` deletes: the compute node's own (see `names::OWNERSHIP`) and the
+/// tunnels that are its: named `tgt_` or enslaved to one of its bridges.
+fn reset_selection(links: &[Link]) -> Vec<&Link> {
+    let cn_bridges: HashSet<u32> = links
+        .iter()
+        .filter(|l| tenet_alias(l).is_some_and(|a| a.kind == BRIDGE_KIND))
+        .map(|l| l.index)
+        .collect();
+    OWNERSHIP.reset_selection(links, |l, a| {
+        a.kind == TUNNEL_KIND
+            && (names::is_tunnel(&l.name) || l.controller.is_some_and(|c| cn_bridges.contains(&c)))
+    })
 }
 
 impl ComputeNode {
@@ -412,7 +410,7 @@ impl ComputeNode {
     /// in-memory topology. Waits for calls in flight and blocks new ones while it runs. A
     /// second call with nothing changed in between repairs nothing.
     pub async fn rebuild(&self) -> Result<RebuildReport, CnError> {
-        let _gate = self.gate.write().await;
+        let _exclusive = self.rebuild_lock.write().await;
         async {
             let links = self.netlink.links().await?;
             let want = WantedTunnel {
@@ -432,29 +430,21 @@ impl ComputeNode {
                         .map(|t| t.name.clone())
                         .unwrap_or_default(),
                 };
-                topo.subnets.insert(
-                    s.id.clone(),
-                    SubnetEntry {
-                        links,
-                        progress: ready(s.bridge.index),
-                        vnics: s.vnics.iter().map(|v| v.id.clone()).collect(),
-                        had_container: s.vnics.iter().any(|v| v.role == VnicRole::Container),
-                    },
-                );
-                for v in &s.vnics {
-                    let entry = VnicEntry {
-                        subnet: s.id.clone(),
+                let vnics = s
+                    .vnics
+                    .iter()
+                    .map(|v| FoundVnicEntry {
+                        id: v.id.clone(),
                         role: v.role,
                         ifname: v.link.name.clone(),
-                        peer: (v.role == VnicRole::Container).then(|| names::peer_of(&v.link.name)),
-                        progress: ready(v.link.index),
-                    };
-                    topo.vnics.insert(v.id.clone(), entry);
-                }
+                        index: v.link.index,
+                    })
+                    .collect();
+                topo.insert_found(s.id.clone(), links, s.bridge.index, vnics);
             }
             let report = RebuildReport {
-                subnets: topo.subnets.len(),
-                vnics: topo.vnics.len(),
+                subnets: topo.subnet_count(),
+                vnics: topo.vnic_count(),
                 cnci_vnics: plan.cnci_vnics,
                 present: plan
                     .subnets
@@ -468,7 +458,7 @@ impl ComputeNode {
                     .collect(),
                 repairs: plan.repairs,
             };
-            *self.topology.lock().expect("topology lock") = topo;
+            *self.topology() = topo;
             for r in &report.repairs {
                 warn!(repair = %r, "rebuild");
             }
@@ -504,7 +494,16 @@ impl ComputeNode {
             });
         }
         for s in plan.subnets.iter_mut().filter(|s| s.tunnel.is_none()) {
-            let name = names::random(names::TUNNEL);
+            let name = match OWNERSHIP.fresh_name(&self.netlink, names::TUNNEL).await {
+                Ok(name) => name,
+                Err(e) => {
+                    plan.repairs.push(Repair::Failed {
+                        what: format!("the tunnel of bridge {}", s.bridge.name),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
             let spec = self.tunnel_spec(&s.id, &name, s.bridge.mtu);
             let made = async {
                 let t = self.tunnels.create(&spec).await?;
@@ -522,10 +521,12 @@ impl ComputeNode {
                     s.tunnel = Some(t);
                 }
                 Err(e) => {
-                    let _ = self.tunnels.delete(&name).await;
+                    let mut left = Leftovers::new();
+                    left.note(self.tunnels.delete(&name).await);
+                    left.log(&format!("tunnel {name}"));
                     plan.repairs.push(Repair::Failed {
                         what: format!("the tunnel of bridge {}", s.bridge.name),
-                        error: e.to_string(),
+                        error: e.with_leftovers(left).to_string(),
                     });
                 }
             }
@@ -536,38 +537,19 @@ impl ComputeNode {
     /// concentrator VNICs, and unfinished links) and forgets the topology. Links of anything
     /// else, tenet's other components included, are left alone. Returns how many links went.
     pub async fn reset(&self) -> Result<usize, CnError> {
-        let _gate = self.gate.write().await;
+        let _exclusive = self.rebuild_lock.write().await;
         async {
             let links = self.netlink.links().await?;
-            let cn_bridges: HashSet<u32> = links
-                .iter()
-                .filter(|l| tenet_alias(l).is_some_and(|a| a.kind == BRIDGE_KIND))
-                .map(|l| l.index)
-                .collect();
-            let doomed: Vec<&Link> = links.iter().filter(|l| owned(l, &cn_bridges)).collect();
+            let doomed = reset_selection(&links);
             for l in &doomed {
                 if tenet_alias(l).is_some_and(|a| a.kind == TUNNEL_KIND) {
                     self.tunnels.forget(&l.name);
                 }
             }
-            let indexes: Vec<u32> = doomed.iter().map(|l| l.index).collect();
-            self.netlink.delete_many(&indexes).await?;
-            *self.topology.lock().expect("topology lock") = Topology::default();
-
-            let gone: HashSet<u32> = indexes.iter().copied().collect();
-            let left: Vec<String> = self
-                .netlink
-                .links()
-                .await?
-                .into_iter()
-                .filter(|l| gone.contains(&l.index))
-                .map(|l| l.name)
-                .collect();
-            if !left.is_empty() {
-                return Err(CnError::ResetIncomplete(left.join(", ")));
-            }
-            info!(deleted = indexes.len(), "compute-node links reset");
-            Ok(indexes.len())
+            *self.topology() = Topology::default();
+            let deleted = OWNERSHIP.delete_all(&self.netlink, &doomed).await?;
+            info!(deleted, "compute-node links reset");
+            Ok(deleted)
         }
         .instrument(info_span!("reset"))
         .await
@@ -577,6 +559,7 @@ impl ComputeNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tenet::net::alias::Alias;
 
     const LOCAL: &str = "10.254.0.1";
 
@@ -595,8 +578,8 @@ mod tests {
         }
     }
 
-    fn subnet(tenant: &str, net: &str, conc_ip: &str) -> SubnetId {
-        SubnetId {
+    fn subnet(tenant: &str, net: &str, conc_ip: &str) -> SubnetBinding {
+        SubnetBinding {
             tenant: tenant.into(),
             subnet_id: net.into(),
             subnet: net.parse().unwrap(),
@@ -605,11 +588,11 @@ mod tests {
         }
     }
 
-    fn bridge(index: u32, name: &str, sid: &SubnetId) -> Link {
+    fn bridge(index: u32, name: &str, sid: &SubnetBinding) -> Link {
         link(index, name, "bridge", Some(sid.alias().to_string()), None)
     }
 
-    fn tunnel(index: u32, name: &str, kind: &str, sid: &SubnetId, on: Option<u32>) -> Link {
+    fn tunnel(index: u32, name: &str, kind: &str, sid: &SubnetBinding, on: Option<u32>) -> Link {
         let alias = Alias::new(TUNNEL_KIND)
             .with("type", kind)
             .with("key", sid.key())
@@ -634,7 +617,7 @@ mod tests {
     }
 
     /// A healthy subnet plus one of every kind of damage.
-    fn damaged() -> (Vec<Link>, [SubnetId; 3]) {
+    fn damaged() -> (Vec<Link>, [SubnetBinding; 3]) {
         let a = subnet("t1", "172.16.0.0/24", "10.254.0.9");
         let b = subnet("t2", "172.16.0.0/24", "10.254.0.8");
         let c = subnet("t3", "10.9.0.0/16", "10.254.0.7");
@@ -775,14 +758,10 @@ mod tests {
     #[test]
     fn reset_takes_only_compute_node_links() {
         let (links, _) = damaged();
-        let bridges: HashSet<u32> = links
-            .iter()
-            .filter(|l| tenet_alias(l).is_some_and(|a| a.kind == BRIDGE_KIND))
-            .map(|l| l.index)
-            .collect();
+        let doomed: HashSet<u32> = reset_selection(&links).iter().map(|l| l.index).collect();
         let kept: Vec<&str> = links
             .iter()
-            .filter(|l| !owned(l, &bridges))
+            .filter(|l| !doomed.contains(&l.index))
             .map(|l| l.name.as_str())
             .collect();
         // The container end goes with its veth; the rest are not the compute node's.

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use ipnetwork::Ipv4Network;
 use tenet::net::NewLink;
 use tenet::net::alias::ALIAS_PREFIX;
-use tenet::net::tunnel::{BackendChoice, TunnelKey, TunnelSpec, UserspaceGre};
+use tenet::net::tunnel::{BackendChoice, TunnelSpec, UserspaceGre};
 use tenet::testbed::{Fabric, Host, Netns, Workload};
+use tenet::types::TunnelKey;
 use tenet_cn::{
     CnConfig, CnError, ComputeNode, ContainerEvent, ContainerNetns, TunnelEventKind, VnicConfig,
     VnicRole,
@@ -24,7 +25,14 @@ async fn cn_on(host: &Host, tunnel: BackendChoice) -> Result<ComputeNode, CnErro
 }
 
 fn vnic(id: &str, tenant: &str, conc: &str, conc_ip: Ipv4Addr, mac: &str) -> VnicConfig {
-    VnicConfig::container(id, tenant, SUBNET.parse().unwrap(), conc, conc_ip, mac)
+    VnicConfig::container(
+        id,
+        tenant,
+        SUBNET.parse().unwrap(),
+        conc,
+        conc_ip,
+        mac.parse().unwrap(),
+    )
 }
 
 /// tenet's links on the host: (name, alias).
@@ -93,8 +101,10 @@ async fn events_follow_the_rules_one_by_one() {
     assert!(again.tunnel.is_none());
 
     // A VM VNIC in the same subnet: a multi-queue tap, N descriptors, no events.
-    let mut v3 = vnic("v3", "t1", "c1", conc_ip, "");
+    let mut v3 = vnic("v3", "t1", "c1", conc_ip, "02:00:00:00:00:03");
     v3.role = VnicRole::Vm;
+    // Its VMM sets the MAC.
+    v3.mac = None;
     v3.queues = 4;
     let c = cn.create_vnic(&v3, None).await.unwrap();
     assert_eq!(c.vnic.queues.len(), 4);
@@ -186,7 +196,7 @@ async fn bad_config_and_half_way_failures_leave_nothing() {
             .contains("tenant_id")
     );
     bad.tenant_id = "t1".into();
-    bad.mac = "nonsense".into();
+    bad.mac = Some("01:00:5e:00:00:01".parse().unwrap());
     assert!(
         cn.create_vnic(&bad, None)
             .await

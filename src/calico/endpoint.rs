@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use super::scalar::{MacAddr, null_as_default};
+use super::scalar::null_as_default;
+use crate::types::MacAddr;
 
 /// `/calico/v1/host/<h>/workload/<o>/<w>/endpoint/<e>`. Field order is Go's struct order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

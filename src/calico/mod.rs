@@ -17,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
+pub use crate::types::MacAddr;
 pub use bgp::{BGP_LOG_LEVELS, BgpPeer, DEFAULT_AS_NUMBER, NodeMesh};
 pub use endpoint::{
     EndpointState, EndpointStatus, HostEndpoint, IpNat, OrchestratorRef, WorkloadEndpoint,
@@ -26,7 +27,7 @@ pub use felix::FelixStatus;
 pub use ipam::{AllocationAttribute, AllocationBlock, IpPool, IpamConfig, IpamHandle};
 pub use keys::*;
 pub use policy::{Policy, PolicyType, ProfileRules, Rule, RuleAction};
-pub use scalar::{Asn, MacAddr, Port, Protocol};
+pub use scalar::{Asn, Port, Protocol};
 
 use crate::store::{Datastore, StoreError, StoreResult};
 

@@ -6,53 +6,6 @@ use std::str::FromStr;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-/// A MAC address, written as Go's `net.HardwareAddr` does: lower-case, colon-separated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("'{s}' is not a MAC address (want six hex octets)"));
-        }
-        let mut mac = [0u8; 6];
-        for (octet, part) in mac.iter_mut().zip(&parts) {
-            if part.len() != 2 {
-                return Err(format!("'{s}' is not a MAC address (octet '{part}')"));
-            }
-            *octet = u8::from_str_radix(part, 16)
-                .map_err(|_| format!("'{s}' is not a MAC address (octet '{part}')"))?;
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
-    }
-}
-
 /// Serialises an `f64` the way Go's `encoding/json` does for the values Calico stores:
 /// integral values without a fraction (`100`, not `100.0`).
 pub fn go_float<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
@@ -342,14 +295,6 @@ mod tests {
         assert!("1.65536".parse::<Asn>().is_err());
         assert_eq!(serde_json::from_str::<Asn>("64567").unwrap(), Asn(64567));
         assert_eq!(serde_json::to_string(&Asn(64567)).unwrap(), r#""64567""#);
-    }
-
-    #[test]
-    fn macs_print_lower_case() {
-        let mac: MacAddr = "EE:ee:0A:00:00:01".parse().unwrap();
-        assert_eq!(mac.to_string(), "ee:ee:0a:00:00:01");
-        assert!("ee:ee:ee".parse::<MacAddr>().is_err());
-        assert!("gg:ee:ee:ee:ee:ee".parse::<MacAddr>().is_err());
     }
 
     #[test]

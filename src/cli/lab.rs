@@ -9,8 +9,9 @@ use ipnetwork::Ipv4Network;
 use tenet::calico::ensure_initialized;
 use tenet::dump::dump;
 use tenet::net::NewLink;
-use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelKey, TunnelSpec, backend};
+use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelSpec, backend};
 use tenet::testbed::{EtcdServer, Fabric, Host, Workload};
+use tenet::types::TunnelKey;
 
 use super::CliError;
 

@@ -7,11 +7,12 @@ pub mod alias;
 mod error;
 mod link;
 pub mod netns;
+pub mod owned;
 pub mod tap;
 pub mod tunnel;
 
 pub use addr::{Neighbour, Route};
-pub use error::{Cause, NetError, NetResult};
+pub use error::{Cause, Leftovers, NetError, NetResult};
 pub use link::{
     GretapParams, Link, LinkKind, LinkUpdate, MAX_IFNAME, MacvtapMode, Netlink, NewLink, VethPeer,
     VxlanParams, new_link_request,

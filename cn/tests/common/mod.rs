@@ -24,7 +24,7 @@ pub fn fleet(count: usize, subnets: usize, conc_ip: Ipv4Addr, vm_every: usize) -
                 subnet,
                 "conc",
                 conc_ip,
-                &mac,
+                mac.parse().unwrap(),
             );
             if vm_every > 0 && i % vm_every == vm_every - 1 {
                 c.role = VnicRole::Vm;

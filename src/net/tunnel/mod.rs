@@ -8,13 +8,11 @@ mod vxlan;
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use ipnetwork::Ipv4Network;
 use tracing::info;
 
 pub use kernel::{KernelGre, gretap_link, kernel_supports_gretap};
@@ -23,7 +21,8 @@ pub use vxlan::Vxlan;
 
 use super::alias::Alias;
 use super::link::{Link, Netlink};
-use super::{NetError, NetResult};
+use super::{Leftovers, NetError, NetResult};
+use crate::types::TunnelKey;
 
 /// Bytes GRE-with-key over IPv4 adds around an Ethernet frame: outer IPv4 (20) + GRE with
 /// key (8) + inner Ethernet (14).
@@ -31,32 +30,6 @@ pub const GRE_OVERHEAD: u32 = 42;
 /// VXLAN: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 pub const VXLAN_PORT: u16 = 4789;
-
-/// ciao's tunnel key: the subnet's network address read as a little-endian u32. Never 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TunnelKey(NonZeroU32);
-
-impl TunnelKey {
-    pub fn new(key: u32) -> Option<Self> {
-        NonZeroU32::new(key).map(TunnelKey)
-    }
-
-    /// 172.16.0.0/16 → 4268. Errors for a subnet at 0.0.0.0.
-    pub fn from_subnet(subnet: &Ipv4Network) -> Result<Self, String> {
-        Self::new(u32::from_le_bytes(subnet.network().octets()))
-            .ok_or_else(|| format!("subnet {subnet} has tunnel key 0, which is invalid"))
-    }
-
-    pub fn get(self) -> u32 {
-        self.0.get()
-    }
-}
-
-impl fmt::Display for TunnelKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// One point-to-point tunnel.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -317,10 +290,15 @@ async fn finish(
             .ok_or_else(|| NetError::not_found("create", spec.object()))
     }
     .await;
-    if res.is_err() {
-        let _ = netlink.delete(index).await;
+    match res {
+        Ok(link) => Ok(link),
+        Err(e) => {
+            let mut left = Leftovers::new();
+            left.note(netlink.delete(index).await);
+            left.log(&spec.object());
+            Err(e.with_leftovers(left))
+        }
     }
-    res
 }
 
 async fn tunnels_of(netlink: &Netlink, kind: TunnelKind) -> NetResult<Vec<(TunnelSpec, Link)>> {

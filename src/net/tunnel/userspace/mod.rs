@@ -20,7 +20,7 @@ use crate::net::link::Link;
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TapOptions, open_tap_in, set_offload};
-use crate::net::{NetError, NetResult, Netlink};
+use crate::net::{Leftovers, NetError, NetResult, Netlink};
 
 pub struct UserspaceGre {
     netlink: Netlink,
@@ -116,8 +116,10 @@ impl TunnelBackend for UserspaceGre {
         let index = self.netlink.index_of(&spec.name).await?;
         let link = finish(&self.netlink, self.kind(), spec, index, mtu).await?;
         if let Err(e) = self.engine.attach(endpoint(spec), tap) {
-            let _ = self.netlink.delete(index).await;
-            return Err(e);
+            let mut left = Leftovers::new();
+            left.note(self.netlink.delete(index).await);
+            left.log(&format!("tunnel {}", spec.name));
+            return Err(e.with_leftovers(left));
         }
         Ok(link)
     }
