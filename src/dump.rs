@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::calico::{self, CalicoKey};
-use crate::state;
+use crate::keyspace;
 use crate::store::{Datastore, Revision, StoreResult};
 
 /// One listed key.
@@ -33,8 +33,8 @@ impl DumpEntry {
 
 /// Classifies and decodes one stored key.
 pub fn describe(key: &str, revision: Revision, raw: &[u8]) -> DumpEntry {
-    let (kind, decoded) = if key.starts_with(state::TENET_ROOT) {
-        let decoded = state::decode(key, raw)
+    let (kind, decoded) = if key.starts_with(keyspace::TENET_ROOT) {
+        let decoded = keyspace::decode(key, raw)
             .map(|v| serde_json::to_value(v).unwrap_or_default())
             .map_err(|e| e.to_string());
         ("TenantSubnet".to_string(), decoded)

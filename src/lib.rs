@@ -1,14 +1,26 @@
 //! tenet core: what the compute-node agent, the concentrator agent and the CLI share.
 //!
-//! * [`store`]: the datastore trait with etcd and in-memory backends.
+//! One job per module, lowest layer first:
+//!
+//! * [`types`]: small values every layer shares (`MacAddr`, `TunnelKey`, the gateway rule).
+//! * [`store`]: the datastore trait with etcd and in-memory backends, and how to find the
+//!   datastore (`store::config`, calicoctl's conventions).
+//! * [`net`]: link primitives over rtnetlink, link ownership (`net::owned`), the tunnel
+//!   backends.
+//! * [`process`]: running programs and supervising daemons (dnsmasq, BIRD, etcd).
 //! * [`calico`]: Calico 2.x's etcd keyspace: key builders/parsers and value types.
-//! * [`testbed`]: real etcd and network namespaces for tests, benchmarks and the lab.
+//! * [`keyspace`]: tenet's own keys under `/tenet/v1/`.
+//! * [`ipam`]: Calico block IPAM made atomic with etcd transactions.
+//! * [`dump`]: decoding any stored key for `tenet dump`.
+//! * [`testbed`] (feature `testbed`): real etcd and network namespaces for tests,
+//!   benchmarks and the lab.
 
 pub mod calico;
 pub mod dump;
 pub mod ipam;
+pub mod keyspace;
 pub mod net;
-pub mod state;
+pub mod process;
 pub mod store;
 #[cfg(feature = "testbed")]
 pub mod testbed;

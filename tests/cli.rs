@@ -43,13 +43,13 @@ async fn dump_lists_kinds_and_flags_invalid_values() {
         .await
         .unwrap();
     store.put("/calico/v1/unknown/thing", b"x").await.unwrap();
-    let subnet = tenet::state::TenantSubnet {
+    let subnet = tenet::keyspace::TenantSubnet {
         tenant: "acme".into(),
         subnet: "172.16.0.0/24".parse().unwrap(),
         concentrator_id: "cnci-1".into(),
         concentrator_ip: "10.99.0.2".parse().unwrap(),
         subnet_key: 4268,
-        mode: tenet::state::NetworkMode::Gre,
+        mode: tenet::keyspace::NetworkMode::Gre,
     };
     store
         .put(&subnet.key().path(), &serde_json::to_vec(&subnet).unwrap())

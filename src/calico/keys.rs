@@ -109,6 +109,18 @@ pub const IPAM_HANDLES: &str = "/calico/ipam/v2/handle/";
 pub const IPAM_HOSTS: &str = "/calico/ipam/v2/host/";
 pub const IP_POOLS_V4: &str = "/calico/v1/ipam/v4/pool/";
 pub const IP_POOLS_V6: &str = "/calico/v1/ipam/v6/pool/";
+/// Every host's subtree (metadata, workload and host endpoints, config).
+pub const HOSTS: &str = "/calico/v1/host/";
+
+/// A host's whole IPAM subtree (its affinity keys).
+pub fn ipam_host_prefix(host: &str) -> String {
+    format!("{IPAM_HOSTS}{host}/")
+}
+
+/// The affinity keys of one host and IP version (4 or 6).
+pub fn host_affinity_prefix(host: &str, version: u8) -> String {
+    format!("{IPAM_HOSTS}{host}/{}/block/", ipv(version))
+}
 
 fn v(version: u8) -> &'static str {
     if version == 4 { "v4" } else { "v6" }

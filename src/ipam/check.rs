@@ -8,12 +8,13 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use super::{Ipam, IpamResult, address, affinity_key, block_key, handle_key, json, parse_block};
+use super::cache::parse_block;
+use super::{Ipam, IpamResult, address, affinity_key, block_key, handle_key, json};
 use crate::calico::{
-    CalicoKey, CalicoValue, IPAM_BLOCKS_V4, IPAM_BLOCKS_V6, IPAM_HANDLES, IPAM_HOSTS, IpamHandle,
-    decode,
+    CalicoKey, CalicoValue, HOSTS, IPAM_BLOCKS_V4, IPAM_BLOCKS_V6, IPAM_HANDLES, IPAM_HOSTS,
+    IpamHandle, decode,
 };
-use crate::store::{Compare, Revision, Txn, TxnOp};
+use crate::store::{Compare, Revision, StoreError, StoreResult, Txn, TxnOp};
 
 /// One disagreement found by [`Ipam::check`].
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -135,7 +136,7 @@ impl Ipam {
                 snap.affinities.insert((host, cidr), kv.mod_revision);
             }
         }
-        for kv in self.store.list("/calico/v1/host/").await?.kvs {
+        for kv in self.store.list(HOSTS).await?.kvs {
             let Ok(key @ CalicoKey::WorkloadEndpoint(_)) = CalicoKey::parse(&kv.key) else {
                 continue;
             };
@@ -208,7 +209,7 @@ impl Ipam {
             } else {
                 TxnOp::put(key, json(&IpamHandle { block: want }))
             });
-            let _ = self.store.txn(txn).await;
+            lost_race_is_fine(self.store.txn(txn).await)?;
         }
         for ((host, cidr), rev) in &snap.affinities {
             let ours = snap
@@ -216,10 +217,11 @@ impl Ipam {
                 .get(cidr)
                 .is_some_and(|(b, _)| b.affine_host() == Some(host));
             if !ours {
-                let _ = self
-                    .store
-                    .delete(&affinity_key(host, cidr), Some(*rev))
-                    .await;
+                lost_race_is_fine(
+                    self.store
+                        .delete(&affinity_key(host, cidr), Some(*rev))
+                        .await,
+                )?;
             }
         }
         for (cidr, (block, rev)) in &snap.blocks {
@@ -230,7 +232,7 @@ impl Ipam {
                     .when(Compare::revision(block_key(cidr), *rev))
                     .when(Compare::absent(affinity_key(host, cidr)))
                     .then(TxnOp::put(affinity_key(host, cidr), "{}"));
-                let _ = self.store.txn(txn).await;
+                lost_race_is_fine(self.store.txn(txn).await)?;
             }
         }
         self.blocks
@@ -238,6 +240,16 @@ impl Ipam {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.check().await
+    }
+}
+
+/// A repair is a transaction conditioned on what was read. Losing that race (someone changed
+/// the key meanwhile) is fine: the check that follows reports what is still wrong. A
+/// datastore failure is not.
+fn lost_race_is_fine(result: StoreResult<Revision>) -> IpamResult<()> {
+    match result {
+        Ok(_) | Err(StoreError::Conflict { .. }) | Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -1,4 +1,4 @@
-//! tenet's own state in etcd, under `/tenet/v1/` next to Calico's keys.
+//! tenet's own keyspace in etcd, under `/tenet/v1/` next to Calico's keys (`calico::keys`).
 //!
 //! A tenant subnet lives at `/tenet/v1/tenant/<tenant>/subnet/<cidrkey>` and records which
 //! concentrator serves it, its tunnel key and the networking mode.

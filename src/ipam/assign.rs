@@ -1,0 +1,444 @@
+//! Allocation: automatic assignment (affine blocks, then new blocks, then borrowing) and the
+//! assignment of one chosen address, each committed with its handle in one transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use rand::{Rng, SeedableRng};
+use tracing::debug;
+
+use super::cache::{Seen, SeenHandle, parse_block, parse_handle_opt};
+use super::{
+    Ipam, IpamError, IpamResult, MAX_RETRIES, Owner, address, affinity_key, backoff, block_key,
+    block_of, blocks_in, blocks_prefix, empty_block, handle_ops, json, nth_block, ordinal,
+};
+use crate::calico::IpamConfig;
+use crate::store::{Compare, Revision, Txn, TxnOp, TxnOutcome};
+
+/// A request for automatically chosen addresses.
+#[derive(Clone, Debug, Default)]
+pub struct AutoAssignArgs {
+    pub num_v4: usize,
+    pub num_v6: usize,
+    pub handle: Option<String>,
+    pub attributes: BTreeMap<String, String>,
+    pub host: String,
+    /// Restrict to these pools (each must exist); `None` = every enabled pool.
+    pub pools_v4: Option<Vec<IpNetwork>>,
+    pub pools_v6: Option<Vec<IpNetwork>>,
+}
+
+/// FNV-1 (32-bit) of the hostname: Calico seeds each host's block walk with it, so hosts
+/// start claiming at different places in a pool.
+fn host_seed(host: &str) -> u64 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in host.bytes() {
+        hash = hash.wrapping_mul(0x0100_0193);
+        hash ^= u32::from(b);
+    }
+    u64::from(hash)
+}
+
+/// Block candidates of a pool in the host's random order: a random start, then forward with
+/// wrap-around, each block once (at most `limit` blocks for huge IPv6 pools).
+fn block_walk(
+    pool: &IpNetwork,
+    host: &str,
+    limit: u128,
+) -> impl Iterator<Item = IpNetwork> + use<> {
+    let pool = *pool;
+    let n = blocks_in(&pool);
+    let start = if n == 0 {
+        0
+    } else {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(host_seed(host));
+        rng.random_range(0..n)
+    };
+    (0..n.min(limit)).map(move |i| nth_block(&pool, (start + i) % n))
+}
+
+/// Most blocks tried when walking a pool for a free one.
+const WALK_LIMIT: u128 = 1 << 20;
+
+impl Ipam {
+    /// Assigns up to `num_v4` + `num_v6` addresses to `host`: from its affine blocks first,
+    /// then by claiming new blocks, then (unless strict affinity) by borrowing from other
+    /// hosts' blocks. Fewer than requested is not an error.
+    pub async fn auto_assign(
+        &self,
+        args: &AutoAssignArgs,
+    ) -> IpamResult<(Vec<IpAddr>, Vec<IpAddr>)> {
+        if args.host.is_empty() {
+            return Err(IpamError::NoHost);
+        }
+        let owner = Owner {
+            handle: args.handle.clone(),
+            attributes: args.attributes.clone(),
+        };
+        let v4 = self
+            .assign_version(
+                true,
+                args.num_v4,
+                args.pools_v4.as_deref(),
+                &args.host,
+                &owner,
+            )
+            .await?;
+        let v6 = self
+            .assign_version(
+                false,
+                args.num_v6,
+                args.pools_v6.as_deref(),
+                &args.host,
+                &owner,
+            )
+            .await?;
+        Ok((v4, v6))
+    }
+
+    async fn assign_version(
+        &self,
+        v4: bool,
+        num: usize,
+        requested: Option<&[IpNetwork]>,
+        host: &str,
+        owner: &Owner,
+    ) -> IpamResult<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        if num == 0 {
+            return Ok(out);
+        }
+        if let Some(pools) = requested
+            && let Some(bad) = pools.iter().find(|p| p.is_ipv4() != v4)
+        {
+            return Err(IpamError::WrongPoolVersion(*bad, if v4 { 4 } else { 6 }));
+        }
+        let in_requested = |cidr: &IpNetwork| {
+            requested.is_none_or(|ps| ps.iter().any(|p| p.contains(cidr.network())))
+        };
+
+        // 1. The host's affine blocks. The list is cached per instance: a block used from it
+        // is re-validated by the allocation's own transaction (revision compare) and must
+        // still be affine to this host. On a miss, list afresh and read again the blocks that
+        // looked full (someone may have released addresses) before claiming a new block.
+        if let Some(cached) = self.cached_affine(host, v4) {
+            let want = num - out.len();
+            out.extend(
+                self.fill_from(&cached, &in_requested, want, host, owner, false)
+                    .await?,
+            );
+            if out.len() == num {
+                return Ok(out);
+            }
+        }
+        let affine = self.affine_blocks(host, v4).await?;
+        self.set_affine(host, v4, Some(affine.clone()));
+        let want = num - out.len();
+        out.extend(
+            self.fill_from(&affine, &in_requested, want, host, owner, true)
+                .await?,
+        );
+        if out.len() == num {
+            return Ok(out);
+        }
+
+        // 2. Claim new blocks.
+        let config = self.config().await?;
+        let pools = self.candidate_pools(v4, requested).await?;
+        let mut existing: BTreeSet<IpNetwork> = self.existing_blocks(v4).await?;
+        if config.auto_allocate_blocks {
+            while out.len() < num {
+                match self
+                    .claim_and_assign(&pools, &mut existing, num - out.len(), host, owner, &config)
+                    .await?
+                {
+                    Some(ips) => out.extend(ips),
+                    None => break, // no free block left in the pools
+                }
+            }
+        }
+
+        // 3. Borrow from other hosts' blocks.
+        if out.len() < num && !config.strict_affinity {
+            'pools: for pool in &pools {
+                for cidr in block_walk(pool, host, WALK_LIMIT) {
+                    if out.len() == num {
+                        break 'pools;
+                    }
+                    if !existing.contains(&cidr) {
+                        continue;
+                    }
+                    out.extend(
+                        self.assign_from_block(cidr, num - out.len(), host, owner, false)
+                            .await?,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Assigns up to `want` addresses from the host's affine `blocks`, in order. A block the
+    /// cache says is full is skipped, or read again first when `reread_full`.
+    async fn fill_from(
+        &self,
+        blocks: &[IpNetwork],
+        in_requested: &(dyn Fn(&IpNetwork) -> bool + Sync),
+        want: usize,
+        host: &str,
+        owner: &Owner,
+        reread_full: bool,
+    ) -> IpamResult<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        for cidr in blocks.iter().filter(|c| in_requested(c)) {
+            if out.len() == want {
+                break;
+            }
+            if self.cached(cidr).is_some_and(|s| s.block.free() == 0) {
+                if !reread_full {
+                    continue;
+                }
+                self.read(cidr, None).await?;
+            }
+            let got = self
+                .assign_from_block(*cidr, want - out.len(), host, owner, true)
+                .await?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// Assigns up to `n` addresses from an existing block in one transaction (block + handle).
+    async fn assign_from_block(
+        &self,
+        cidr: IpNetwork,
+        n: usize,
+        host: &str,
+        owner: &Owner,
+        check_affinity: bool,
+    ) -> IpamResult<Vec<IpAddr>> {
+        let handle = owner.handle.as_deref();
+        let (mut seen, mut seen_handle) = match self.cached(&cidr) {
+            Some(s) => (Some(s), None),
+            None => self.read(&cidr, handle).await?,
+        };
+        for attempt in 0..MAX_RETRIES {
+            let Some(current) = seen.clone() else {
+                return Ok(Vec::new()); // the block went away
+            };
+            if check_affinity && current.block.affine_host() != Some(host) {
+                // No longer ours (affinity released, e.g. by a pool deletion): stop using it.
+                let v4 = cidr.is_ipv4();
+                if let Some(mut affine) = self.cached_affine(host, v4) {
+                    affine.retain(|c| *c != cidr);
+                    self.set_affine(host, v4, Some(affine));
+                }
+                return Ok(Vec::new());
+            }
+            if !current.block.allows(host, check_affinity) {
+                return Ok(Vec::new());
+            }
+            let mut block = current.block.clone();
+            let ordinals = block.assign(n, owner);
+            if ordinals.is_empty() {
+                return Ok(Vec::new());
+            }
+            let key = block_key(&cidr);
+            let mut txn = Txn::new().when(Compare::revision(key.clone(), current.revision));
+            if let Some(h) = handle {
+                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, ordinals.len() as i64);
+                txn = txn.when(cmp);
+                txn.ops.extend(op);
+            }
+            txn = txn.then(TxnOp::put(key, json(&block)));
+            match self.store.txn_or_read(txn).await? {
+                TxnOutcome::Committed(revision) => {
+                    self.remember(cidr, Some(Seen { block, revision }));
+                    debug!(%cidr, host, n = ordinals.len(), "assigned");
+                    return Ok(ordinals.iter().map(|&o| address(&cidr, o)).collect());
+                }
+                TxnOutcome::Failed { current } => {
+                    seen = current[0].as_ref().map(parse_block).transpose()?;
+                    self.remember(cidr, seen.clone());
+                    seen_handle = parse_handle_opt(current.get(1).and_then(Option::as_ref))?;
+                    backoff(attempt).await;
+                }
+            }
+        }
+        Err(IpamError::MaxRetries {
+            key: block_key(&cidr),
+        })
+    }
+
+    /// Claims the first free block of the host's walk through `pools` and assigns from it,
+    /// all in one transaction. `None` when every block of the pools exists.
+    async fn claim_and_assign(
+        &self,
+        pools: &[IpNetwork],
+        existing: &mut BTreeSet<IpNetwork>,
+        n: usize,
+        host: &str,
+        owner: &Owner,
+        config: &IpamConfig,
+    ) -> IpamResult<Option<Vec<IpAddr>>> {
+        let handle = owner.handle.as_deref();
+        let mut seen_handle: SeenHandle = None;
+        let mut affinity_rev: Revision = 0;
+        for attempt in 0..MAX_RETRIES {
+            let Some(cidr) = pools
+                .iter()
+                .flat_map(|p| block_walk(p, host, WALK_LIMIT))
+                .find(|c| !existing.contains(c))
+            else {
+                return Ok(None);
+            };
+            let mut block = empty_block(cidr, Some(host), config.strict_affinity);
+            let ordinals = block.assign(n, owner);
+            let bkey = block_key(&cidr);
+            let akey = affinity_key(host, &cidr);
+            let mut txn = Txn::new()
+                .when(Compare::absent(bkey.clone()))
+                .when(Compare::revision(akey.clone(), affinity_rev));
+            if let Some(h) = handle {
+                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, ordinals.len() as i64);
+                txn = txn.when(cmp);
+                txn.ops.extend(op);
+            }
+            txn = txn
+                .then(TxnOp::put(bkey, json(&block)))
+                .then(TxnOp::put(akey, "{}"));
+            match self.store.txn_or_read(txn).await? {
+                TxnOutcome::Committed(revision) => {
+                    existing.insert(cidr);
+                    self.remember(cidr, Some(Seen { block, revision }));
+                    let v4 = cidr.is_ipv4();
+                    let mut affine = self.cached_affine(host, v4).unwrap_or_default();
+                    affine.push(cidr);
+                    self.set_affine(host, v4, Some(affine));
+                    debug!(%cidr, host, "claimed block");
+                    return Ok(Some(ordinals.iter().map(|&o| address(&cidr, o)).collect()));
+                }
+                TxnOutcome::Failed { current } => {
+                    if current[0].is_some() {
+                        // Someone else claimed it first: try the next block.
+                        existing.insert(cidr);
+                        affinity_rev = 0;
+                    } else {
+                        // A leftover affinity key of ours without a block: overwrite it.
+                        affinity_rev = current[1].as_ref().map_or(0, |kv| kv.mod_revision);
+                    }
+                    seen_handle = parse_handle_opt(current.get(2).and_then(Option::as_ref))?;
+                    if attempt > 0 {
+                        backoff(attempt).await;
+                    }
+                }
+            }
+        }
+        Err(IpamError::MaxRetries {
+            key: blocks_prefix(pools.first().is_none_or(|p| p.is_ipv4())).to_string(),
+        })
+    }
+
+    /// Assigns one specific address. Its block is claimed for `host` if nobody has it yet.
+    pub async fn assign_ip(
+        &self,
+        ip: IpAddr,
+        handle: Option<&str>,
+        attributes: BTreeMap<String, String>,
+        host: &str,
+    ) -> IpamResult<()> {
+        if host.is_empty() {
+            return Err(IpamError::NoHost);
+        }
+        let pools = self.enabled_pools(ip.is_ipv4()).await?;
+        if !pools.iter().any(|p| p.contains(ip)) {
+            return Err(IpamError::NotInPool(ip));
+        }
+        let config = self.config().await?;
+        let owner = Owner {
+            handle: handle.map(str::to_string),
+            attributes,
+        };
+        let cidr = block_of(ip);
+        let ord = ordinal(&cidr, ip);
+        let (mut seen, mut seen_handle) = self.read(&cidr, handle).await?;
+        let mut affinity_rev = 0;
+        for attempt in 0..MAX_RETRIES {
+            let bkey = block_key(&cidr);
+            let (mut block, mut txn) = match &seen {
+                Some(s) => {
+                    if s.block.strict_affinity && !s.block.allows(host, true) {
+                        return Err(IpamError::AffinityMismatch {
+                            block: cidr,
+                            affinity: s.block.affinity.clone().unwrap_or_default(),
+                            host: host.into(),
+                        });
+                    }
+                    (
+                        s.block.clone(),
+                        Txn::new().when(Compare::revision(bkey.clone(), s.revision)),
+                    )
+                }
+                None => {
+                    let akey = affinity_key(host, &cidr);
+                    let txn = Txn::new()
+                        .when(Compare::absent(bkey.clone()))
+                        .when(Compare::revision(akey.clone(), affinity_rev))
+                        .then(TxnOp::put(akey, "{}"));
+                    (empty_block(cidr, Some(host), config.strict_affinity), txn)
+                }
+            };
+            if !block.assign_ordinal(ord, &owner) {
+                return Err(IpamError::AlreadyAssigned(ip));
+            }
+            if let Some(h) = handle {
+                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, 1);
+                txn = txn.when(cmp);
+                txn.ops.extend(op);
+            }
+            let creating = seen.is_none();
+            txn = txn.then(TxnOp::put(bkey, json(&block)));
+            match self.store.txn_or_read(txn).await? {
+                TxnOutcome::Committed(revision) => {
+                    self.remember(cidr, Some(Seen { block, revision }));
+                    return Ok(());
+                }
+                TxnOutcome::Failed { current } => {
+                    seen = current[0].as_ref().map(parse_block).transpose()?;
+                    let handle_at = if creating {
+                        affinity_rev = current[1].as_ref().map_or(0, |kv| kv.mod_revision);
+                        2
+                    } else {
+                        1
+                    };
+                    seen_handle =
+                        parse_handle_opt(current.get(handle_at).and_then(Option::as_ref))?;
+                    backoff(attempt).await;
+                }
+            }
+        }
+        Err(IpamError::MaxRetries {
+            key: block_key(&cidr),
+        })
+    }
+
+    /// The handle and attributes recorded for an assigned address.
+    pub async fn get_assignment_attributes(
+        &self,
+        ip: IpAddr,
+    ) -> IpamResult<(Option<String>, BTreeMap<String, String>)> {
+        let cidr = block_of(ip);
+        let (seen, _) = self.read(&cidr, None).await?;
+        let seen = seen.ok_or(IpamError::NotAssigned(ip))?;
+        let index =
+            seen.block.allocations[ordinal(&cidr, ip)].ok_or(IpamError::NotAssignedInBlock(ip))?;
+        let attr = seen
+            .block
+            .attributes
+            .get(index)
+            .cloned()
+            .unwrap_or_default();
+        Ok((attr.handle_id, attr.secondary.unwrap_or_default()))
+    }
+}

@@ -1,0 +1,160 @@
+//! Running a program to completion.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::{ProcessError, command_line, tail};
+
+/// A program to run: its arguments, the namespace to run it in and what to feed its stdin.
+#[derive(Debug, Clone)]
+pub struct Command {
+    program: String,
+    args: Vec<String>,
+    netns: Option<PathBuf>,
+    stdin: Option<Vec<u8>>,
+}
+
+/// What a successful run wrote.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Command {
+    pub fn new(program: impl Into<String>) -> Self {
+        Command {
+            program: program.into(),
+            args: Vec::new(),
+            netns: None,
+            stdin: None,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Runs the program inside the network namespace at `path` (`/run/netns/<name>` or
+    /// `/proc/<pid>/ns/net`); `None` runs it in the caller's.
+    pub fn netns(mut self, path: Option<&Path>) -> Self {
+        self.netns = path.map(Path::to_path_buf);
+        self
+    }
+
+    /// Feeds `input` to the program's stdin (then closes it).
+    pub fn stdin(mut self, input: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(input.into());
+        self
+    }
+
+    pub fn program(&self) -> &str {
+        &self.program
+    }
+
+    pub fn arguments(&self) -> &[String] {
+        &self.args
+    }
+
+    /// The command line, for messages.
+    pub fn display(&self) -> String {
+        command_line(&self.program, &self.args)
+    }
+
+    /// Runs the program to completion. A non-zero exit is an error quoting the end of its
+    /// stderr; a program that cannot be started is an error naming it.
+    pub async fn run(&self) -> Result<Output, ProcessError> {
+        let mut cmd = self.tokio_command()?;
+        cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| spawn_error(&self.program, e))?;
+        if let Some(input) = &self.stdin {
+            let mut pipe = child.stdin.take().expect("piped");
+            // A program that exits without reading all of its input fails below with its
+            // own message; the broken pipe says less.
+            let _ignored_broken_pipe = pipe.write_all(input).await;
+            drop(pipe);
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| ProcessError::Spawn {
+                program: self.program.clone(),
+                hint: "",
+                source: e,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        debug!(command = %self.display(), status = %out.status, "ran");
+        if !out.status.success() {
+            let said = if stderr.trim().is_empty() {
+                &stdout
+            } else {
+                &stderr
+            };
+            return Err(ProcessError::Failed {
+                command: self.display(),
+                status: out.status.to_string(),
+                stderr: tail(said),
+            });
+        }
+        Ok(Output { stdout, stderr })
+    }
+
+    /// The tokio command, entering the namespace between fork and exec.
+    pub(super) fn tokio_command(&self) -> Result<tokio::process::Command, ProcessError> {
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args);
+        if let Some(path) = &self.netns {
+            let ns: OwnedFd = File::open(path)
+                .map_err(|source| ProcessError::Netns {
+                    path: path.clone(),
+                    source,
+                })?
+                .into();
+            let fd = ns.as_raw_fd();
+            // SAFETY: between fork and exec only async-signal-safe calls are allowed;
+            // setns(2) is a plain system call. The descriptor stays open in the parent
+            // (`ns` is moved into the closure, which lives as long as `cmd`).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let _keep_open = &ns;
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
+    }
+}
+
+pub(super) fn spawn_error(program: &str, source: std::io::Error) -> ProcessError {
+    let hint = if source.kind() == std::io::ErrorKind::NotFound {
+        " (is it installed? scripts/setup.sh installs what tenet needs)"
+    } else {
+        ""
+    };
+    ProcessError::Spawn {
+        program: program.to_string(),
+        hint,
+        source,
+    }
+}
