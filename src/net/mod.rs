@@ -7,15 +7,16 @@ pub mod alias;
 mod error;
 mod link;
 pub mod netns;
+mod new_link;
 pub mod owned;
 pub mod tap;
 pub mod tunnel;
 
 pub use addr::{Neighbour, Route};
 pub use error::{Cause, Leftovers, NetError, NetResult};
-pub use link::{
-    GretapParams, Link, LinkKind, LinkUpdate, MAX_IFNAME, MacvtapMode, Netlink, NewLink, VethPeer,
-    VxlanParams, new_link_request,
+pub use link::{Link, LinkUpdate, MAX_IFNAME, Netlink};
+pub use new_link::{
+    GretapParams, LinkKind, MacvtapMode, NewLink, VethPeer, VxlanParams, new_link_request,
 };
 
 pub(crate) fn nl_err(op: &'static str, object: impl Into<String>, e: rtnetlink::Error) -> NetError {

@@ -9,7 +9,8 @@ use super::{
     GRE_OVERHEAD, GRETAP_SUPPORTED, TunnelBackend, TunnelKind, TunnelSpec, delete_named, existing,
     finish, tenant_mtu, tunnels_of,
 };
-use crate::net::link::{GretapParams, Link, NewLink};
+use crate::net::link::Link;
+use crate::net::new_link::{GretapParams, NewLink};
 use crate::net::{NetResult, Netlink};
 
 pub struct KernelGre {

@@ -6,7 +6,8 @@ use super::{
     TunnelBackend, TunnelKind, TunnelSpec, VXLAN_OVERHEAD, VXLAN_PORT, delete_named, existing,
     finish, tenant_mtu, tunnels_of,
 };
-use crate::net::link::{Link, NewLink, VxlanParams};
+use crate::net::link::Link;
+use crate::net::new_link::{NewLink, VxlanParams};
 use crate::net::{NetError, NetResult, Netlink};
 
 /// VNIs are 24 bits.

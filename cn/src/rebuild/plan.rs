@@ -1,142 +1,17 @@
-//! Taking over after a crash. `rebuild` reads the topology back from the aliases tenet wrote
-//! and repairs what a crash (or an operator) left inconsistent; `reset` deletes the compute
-//! node's links and nothing else.
-//!
-//! An alias is written last, so it marks a finished object: a link with a generated name and
-//! no alias is an interrupted create (see `names`). Everything else is decided from the
-//! aliases and from which bridge each link is enslaved to.
+//! The pure half of `rebuild`: from one dump of the links, decide what stays, what is
+//! re-enslaved, what is deleted and what is missing, without touching the kernel.
 
-use std::collections::{HashMap, HashSet};
-use std::fmt;
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
+use tenet::net::Link;
 use tenet::net::owned::{Owned, tenet_alias};
 use tenet::net::tunnel::{TunnelKind, TunnelSpec};
-use tenet::net::{Leftovers, Link};
-use tracing::{Instrument, info, info_span, warn};
 
+use super::Repair;
 use crate::config::VnicRole;
-use crate::error::CnError;
 use crate::names::{self, BRIDGE_KIND, CNCI_VNIC_KIND, OWNERSHIP, TUNNEL_KIND, VNIC_KIND};
-use crate::node::topology::{FoundVnicEntry, SubnetLinks, Topology};
-use crate::node::{ComputeNode, SubnetBinding, TunnelEvent, TunnelEventKind};
-
-/// One thing `rebuild` found wrong, and what it did about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Repair {
-    /// A link a crashed call had started (a generated name, no alias yet): deleted.
-    RemovedUnfinished { ifname: String },
-    /// A compute-node alias that cannot be read: the link is deleted.
-    RemovedUnreadable { ifname: String, alias: String },
-    /// A VNIC on no tenet bridge: deleted. Its subnet is unknown, so the controller must
-    /// create it again.
-    RemovedVnicWithoutBridge { vnic_id: String, ifname: String },
-    /// A second link with the same VNIC id: deleted.
-    RemovedDuplicateVnic {
-        vnic_id: String,
-        ifname: String,
-        kept: String,
-    },
-    /// A compute-node tunnel on no tenet bridge: deleted.
-    RemovedTunnelWithoutBridge { ifname: String },
-    /// A tunnel on a subnet bridge that is not the one the subnet needs (another backend, key
-    /// or peer), or a second one: deleted.
-    RemovedStrayTunnel { ifname: String, bridge: String },
-    /// A subnet bridge with no VNIC: deleted with its tunnel (a TunnelDel is reported).
-    RemovedEmptyBridge {
-        subnet: SubnetBinding,
-        bridge: String,
-    },
-    /// A second bridge for one subnet: its VNICs moved to `kept`; it and its tunnel deleted.
-    MergedDuplicateBridge {
-        subnet: SubnetBinding,
-        removed: String,
-        kept: String,
-    },
-    /// A subnet bridge without its tunnel: the tunnel was made.
-    AddedTunnel {
-        subnet: SubnetBinding,
-        bridge: String,
-        tunnel: String,
-    },
-    /// A repair that did not work; what it concerns is left as it was.
-    Failed { what: String, error: String },
-}
-
-impl fmt::Display for Repair {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Repair::RemovedUnfinished { ifname } => {
-                write!(
-                    f,
-                    "removed {ifname}, left unfinished by an interrupted call"
-                )
-            }
-            Repair::RemovedUnreadable { ifname, alias } => {
-                write!(f, "removed {ifname}, whose alias {alias:?} cannot be read")
-            }
-            Repair::RemovedVnicWithoutBridge { vnic_id, ifname } => {
-                write!(f, "removed VNIC {vnic_id} ({ifname}): its bridge is gone")
-            }
-            Repair::RemovedDuplicateVnic {
-                vnic_id,
-                ifname,
-                kept,
-            } => write!(
-                f,
-                "removed {ifname}, a second link for VNIC {vnic_id} (kept {kept})"
-            ),
-            Repair::RemovedTunnelWithoutBridge { ifname } => {
-                write!(f, "removed tunnel {ifname}: it is on no subnet bridge")
-            }
-            Repair::RemovedStrayTunnel { ifname, bridge } => {
-                write!(
-                    f,
-                    "removed tunnel {ifname} from {bridge}: not the subnet's tunnel"
-                )
-            }
-            Repair::RemovedEmptyBridge { subnet, bridge } => write!(
-                f,
-                "removed bridge {bridge} of tenant {} subnet {}: it had no VNIC",
-                subnet.tenant, subnet.subnet
-            ),
-            Repair::MergedDuplicateBridge {
-                subnet,
-                removed,
-                kept,
-            } => write!(
-                f,
-                "merged bridge {removed} into {kept}: both were tenant {} subnet {}",
-                subnet.tenant, subnet.subnet
-            ),
-            Repair::AddedTunnel {
-                subnet,
-                bridge,
-                tunnel,
-            } => write!(
-                f,
-                "made tunnel {tunnel} for bridge {bridge} (tenant {} subnet {})",
-                subnet.tenant, subnet.subnet
-            ),
-            Repair::Failed { what, error } => write!(f, "could not repair {what}: {error}"),
-        }
-    }
-}
-
-/// What `rebuild` found and did.
-#[derive(Debug, Default)]
-pub struct RebuildReport {
-    pub subnets: usize,
-    pub vnics: usize,
-    pub cnci_vnics: usize,
-    /// A TunnelAdd for every subnet present. A crash can fall between making a subnet and
-    /// reporting it, so the agent announces them all again; a concentrator takes a repeat as a
-    /// no-op.
-    pub present: Vec<TunnelEvent>,
-    /// A TunnelDel for every subnet removed because it had no VNIC.
-    pub removed: Vec<TunnelEvent>,
-    pub repairs: Vec<Repair>,
-}
+use crate::node::SubnetBinding;
 
 /// A VNIC found in the kernel.
 #[derive(Debug, Clone)]
@@ -390,174 +265,8 @@ pub(crate) fn plan(links: &[Link], want: WantedTunnel) -> Plan {
     plan
 }
 
-/// The links `reset` deletes: the compute node's own (see `names::OWNERSHIP`) and the
-/// tunnels that are its: named `tgt_` or enslaved to one of its bridges.
-fn reset_selection(links: &[Link]) -> Vec<&Link> {
-    let cn_bridges: HashSet<u32> = links
-        .iter()
-        .filter(|l| tenet_alias(l).is_some_and(|a| a.kind == BRIDGE_KIND))
-        .map(|l| l.index)
-        .collect();
-    OWNERSHIP.reset_selection(links, |l, a| {
-        a.kind == TUNNEL_KIND
-            && (names::is_tunnel(&l.name) || l.controller.is_some_and(|c| cn_bridges.contains(&c)))
-    })
-}
-
-impl ComputeNode {
-    /// Takes over the links a previous run left: reads every subnet bridge, tunnel and VNIC
-    /// back from its alias, repairs what is inconsistent (see [`Repair`]) and replaces the
-    /// in-memory topology. Waits for calls in flight and blocks new ones while it runs. A
-    /// second call with nothing changed in between repairs nothing.
-    pub async fn rebuild(&self) -> Result<RebuildReport, CnError> {
-        let _exclusive = self.rebuild_lock.write().await;
-        async {
-            let links = self.netlink.links().await?;
-            let want = WantedTunnel {
-                kind: self.tunnels.kind(),
-                local: self.tunnel_local(),
-            };
-            let mut plan = plan(&links, want);
-            self.carry_out(&mut plan).await;
-
-            let mut topo = Topology::default();
-            for s in &plan.subnets {
-                let links = SubnetLinks {
-                    bridge: s.bridge.name.clone(),
-                    tunnel: s
-                        .tunnel
-                        .as_ref()
-                        .map(|t| t.name.clone())
-                        .unwrap_or_default(),
-                };
-                let vnics = s
-                    .vnics
-                    .iter()
-                    .map(|v| FoundVnicEntry {
-                        id: v.id.clone(),
-                        role: v.role,
-                        ifname: v.link.name.clone(),
-                        index: v.link.index,
-                    })
-                    .collect();
-                topo.insert_found(s.id.clone(), links, s.bridge.index, vnics);
-            }
-            let report = RebuildReport {
-                subnets: topo.subnet_count(),
-                vnics: topo.vnic_count(),
-                cnci_vnics: plan.cnci_vnics,
-                present: plan
-                    .subnets
-                    .iter()
-                    .map(|s| self.event(TunnelEventKind::Add, &s.id))
-                    .collect(),
-                removed: plan
-                    .emptied
-                    .iter()
-                    .map(|s| self.event(TunnelEventKind::Del, s))
-                    .collect(),
-                repairs: plan.repairs,
-            };
-            *self.topology() = topo;
-            for r in &report.repairs {
-                warn!(repair = %r, "rebuild");
-            }
-            info!(
-                subnets = report.subnets,
-                vnics = report.vnics,
-                repairs = report.repairs.len(),
-                "topology rebuilt from the kernel"
-            );
-            Ok(report)
-        }
-        .instrument(info_span!("rebuild"))
-        .await
-    }
-
-    /// Applies the kernel side of `plan`; what fails becomes a `Repair::Failed`.
-    async fn carry_out(&self, plan: &mut Plan) {
-        for &(link, bridge) in &plan.moves {
-            if let Err(e) = self.netlink.enslave(link, bridge).await {
-                plan.repairs.push(Repair::Failed {
-                    what: format!("moving link #{link} to bridge #{bridge}"),
-                    error: e.to_string(),
-                });
-            }
-        }
-        for name in &plan.forget {
-            self.tunnels.forget(name);
-        }
-        if let Err(e) = self.netlink.delete_many(&plan.delete).await {
-            plan.repairs.push(Repair::Failed {
-                what: format!("deleting {} links", plan.delete.len()),
-                error: e.to_string(),
-            });
-        }
-        for s in plan.subnets.iter_mut().filter(|s| s.tunnel.is_none()) {
-            let name = match OWNERSHIP.fresh_name(&self.netlink, names::TUNNEL).await {
-                Ok(name) => name,
-                Err(e) => {
-                    plan.repairs.push(Repair::Failed {
-                        what: format!("the tunnel of bridge {}", s.bridge.name),
-                        error: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            let spec = self.tunnel_spec(&s.id, &name, s.bridge.mtu);
-            let made = async {
-                let t = self.tunnels.create(&spec).await?;
-                self.netlink.enslave(t.index, s.bridge.index).await?;
-                Ok::<_, CnError>(t)
-            }
-            .await;
-            match made {
-                Ok(t) => {
-                    plan.repairs.push(Repair::AddedTunnel {
-                        subnet: s.id.clone(),
-                        bridge: s.bridge.name.clone(),
-                        tunnel: name,
-                    });
-                    s.tunnel = Some(t);
-                }
-                Err(e) => {
-                    let mut left = Leftovers::new();
-                    left.note(self.tunnels.delete(&name).await);
-                    left.log(&format!("tunnel {name}"));
-                    plan.repairs.push(Repair::Failed {
-                        what: format!("the tunnel of bridge {}", s.bridge.name),
-                        error: e.with_leftovers(left).to_string(),
-                    });
-                }
-            }
-        }
-    }
-
-    /// Deletes every link the compute node owns (subnet bridges and their tunnels, VNICs,
-    /// concentrator VNICs, and unfinished links) and forgets the topology. Links of anything
-    /// else, tenet's other components included, are left alone. Returns how many links went.
-    pub async fn reset(&self) -> Result<usize, CnError> {
-        let _exclusive = self.rebuild_lock.write().await;
-        async {
-            let links = self.netlink.links().await?;
-            let doomed = reset_selection(&links);
-            for l in &doomed {
-                if tenet_alias(l).is_some_and(|a| a.kind == TUNNEL_KIND) {
-                    self.tunnels.forget(&l.name);
-                }
-            }
-            *self.topology() = Topology::default();
-            let deleted = OWNERSHIP.delete_all(&self.netlink, &doomed).await?;
-            info!(deleted, "compute-node links reset");
-            Ok(deleted)
-        }
-        .instrument(info_span!("reset"))
-        .await
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tenet::net::alias::Alias;
 
@@ -617,7 +326,7 @@ mod tests {
     }
 
     /// A healthy subnet plus one of every kind of damage.
-    fn damaged() -> (Vec<Link>, [SubnetBinding; 3]) {
+    pub(in crate::rebuild) fn damaged() -> (Vec<Link>, [SubnetBinding; 3]) {
         let a = subnet("t1", "172.16.0.0/24", "10.254.0.9");
         let b = subnet("t2", "172.16.0.0/24", "10.254.0.8");
         let c = subnet("t3", "10.9.0.0/16", "10.254.0.7");
@@ -753,18 +462,5 @@ mod tests {
         assert!(again.delete.is_empty() && again.moves.is_empty() && again.forget.is_empty());
         assert_eq!(again.subnets.len(), 2);
         assert!(again.subnets.iter().all(|s| s.tunnel.is_some()));
-    }
-
-    #[test]
-    fn reset_takes_only_compute_node_links() {
-        let (links, _) = damaged();
-        let doomed: HashSet<u32> = reset_selection(&links).iter().map(|l| l.index).collect();
-        let kept: Vec<&str> = links
-            .iter()
-            .filter(|l| !doomed.contains(&l.index))
-            .map(|l| l.name.as_str())
-            .collect();
-        // The container end goes with its veth; the rest are not the compute node's.
-        assert_eq!(kept, ["eth0", "foreign0", "cncibr", "tvp_0000003e"]);
     }
 }
