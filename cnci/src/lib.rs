@@ -1,1 +1,2 @@
-//! Concentrator dataplane (built in a later issue; see ARCHITECTURE.md → Concentrator).
+//! Concentrator dataplane: remote subnets over tunnels, a gateway bridge and dnsmasq per
+//! subnet, NAT and floating IPs (see the Architecture section of the README).
