@@ -379,7 +379,10 @@ impl Netlink {
             _ => {}
         }
         let group = batch_group();
-        stream::iter(indexes.iter().map(|&i| async move {
+        // Owned indexes: a closure over `&u32` makes this future not `Send` for every
+        // lifetime (a rustc limitation), and callers spawn it.
+        let owned: Vec<u32> = indexes.to_vec();
+        stream::iter(owned.into_iter().map(|i| async move {
             match self.set_group(i, group).await {
                 Err(e) if e.is_not_found() => Ok(()),
                 other => other,

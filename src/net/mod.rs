@@ -11,6 +11,7 @@ mod new_link;
 pub mod owned;
 pub mod tap;
 pub mod tunnel;
+pub mod underlay;
 
 pub use addr::{Neighbour, Route};
 pub use error::{Cause, Leftovers, NetError, NetResult};

@@ -272,6 +272,22 @@ impl Daemon {
         .await
     }
 
+    /// Stops a daemon a previous agent left running (found by its pid file, as adoption
+    /// finds it) without supervising it: SIGTERM, then SIGKILL after the grace period, pid
+    /// file removed. Returns whether there was one.
+    pub async fn stop_leftover(spec: &DaemonSpec) -> Result<bool, ProcessError> {
+        let Some(pid) = adoptable(spec) else {
+            remove_pid_file(spec);
+            return Ok(false);
+        };
+        let exit = exit_watch(pid).map_err(file_err("pidfd of", &spec.pid_file()))?;
+        let mut running = Running::Adopted { pid, exit };
+        terminate(spec, &mut running).await;
+        remove_pid_file(spec);
+        info!(daemon = %spec.name, pid, "stopped a daemon left by a previous run");
+        Ok(true)
+    }
+
     pub fn name(&self) -> &str {
         &self.spec.name
     }

@@ -1,0 +1,142 @@
+//! TenantAdded: a compute node's tunnel for a subnet, and the subnet itself if it is new.
+
+use tenet::net::Leftovers;
+use tenet::net::tunnel::TunnelSpec;
+use tracing::{Instrument, info, info_span};
+
+use super::subnet;
+use super::{Concentrator, TunnelState};
+use crate::config::RemoteSubnet;
+use crate::error::CnciError;
+use crate::names::{self, OWNERSHIP};
+
+/// What an attach did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// The subnet's bridge.
+    pub bridge: String,
+    /// This attach made the subnet (bridge, gateway, dnsmasq).
+    pub new_subnet: bool,
+    /// This attach made the compute node's tunnel (false: a repeat, nothing changed).
+    pub new_tunnel: bool,
+}
+
+impl Concentrator {
+    /// Attaches a compute node's tunnel for a tenant subnet (ciao's TenantAdded). The first
+    /// attach of a subnet makes its bridge with the gateway and starts its dnsmasq; each
+    /// compute node gets its own tunnel (key = subnet key, remote = the node). Idempotent: a
+    /// repeat (a compute node re-announcing after a restart) changes nothing. Bad input is
+    /// refused with the field named before anything is touched; a failure half-way removes
+    /// what this call made.
+    pub async fn attach_remote_subnet(&self, req: &RemoteSubnet) -> Result<Attached, CnciError> {
+        let key = req.check(
+            &self.inner.config.tenant,
+            self.inner.config.strict_subnet_key,
+        )?;
+        if req.cn_ip == self.inner.tunnel_local() {
+            return Err(CnciError::invalid(
+                "cn_ip",
+                format!("{} is this concentrator's own address", req.cn_ip),
+            ));
+        }
+        let span = info_span!("attach", subnet = %req.subnet, cn = %req.cn_ip, cn_id = %req.cn_id);
+        self.attach_checked(req, key).instrument(span).await
+    }
+
+    async fn attach_checked(
+        &self,
+        req: &RemoteSubnet,
+        key: tenet::types::TunnelKey,
+    ) -> Result<Attached, CnciError> {
+        let inner = &*self.inner;
+        let mut subnets = inner.subnets.lock().await;
+        if let Some((other, _)) = subnets
+            .iter()
+            .find(|(net, _)| **net != req.subnet && net.overlaps(req.subnet))
+        {
+            return Err(CnciError::invalid(
+                "subnet",
+                format!("{} overlaps {other}, already attached here", req.subnet),
+            ));
+        }
+        let new_subnet = !subnets.contains_key(&req.subnet);
+        if let Some(s) = subnets.get(&req.subnet)
+            && s.key != key
+        {
+            return Err(CnciError::invalid(
+                "subnet_key",
+                format!("{} is attached with key {}, not {key}", req.subnet, s.key),
+            ));
+        }
+        if new_subnet {
+            let state = subnet::create(inner, &req.subnet, key).await?;
+            subnets.insert(req.subnet, state);
+        }
+        let state = subnets.get_mut(&req.subnet).expect("present");
+        if let Some(t) = state.tunnels.get_mut(&req.cn_ip) {
+            if t.cn_id != req.cn_id {
+                info!(old = %t.cn_id, "the compute node at this address has a new id");
+                t.cn_id = req.cn_id.clone();
+            }
+            return Ok(Attached {
+                bridge: state.bridge.clone(),
+                new_subnet,
+                new_tunnel: false,
+            });
+        }
+
+        let made = async {
+            let name = OWNERSHIP.fresh_name(&inner.netlink, names::TUNNEL).await?;
+            let mut spec = TunnelSpec::new(&name, key, inner.tunnel_local(), req.cn_ip);
+            spec.mtu = Some(inner.tenant_mtu());
+            let tunnel = inner.tunnels.create(&spec).await?;
+            fault_point!(inner, TunnelCreated);
+            if let Err(e) = inner
+                .netlink
+                .enslave(tunnel.index, state.bridge_index)
+                .await
+            {
+                let mut left = Leftovers::new();
+                left.note(inner.tunnels.delete(&name).await);
+                left.log(&format!("tunnel {name}"));
+                return Err(CnciError::from(e).with_leftovers(left));
+            }
+            Ok::<_, CnciError>(TunnelState {
+                name,
+                index: tunnel.index,
+                cn_id: req.cn_id.clone(),
+            })
+        }
+        .await;
+        match made {
+            Ok(tunnel) => {
+                fault_point!(inner, TunnelReady);
+                info!(tunnel = %tunnel.name, bridge = %state.bridge, new_subnet, "tunnel attached");
+                state.tunnels.insert(req.cn_ip, tunnel);
+                state.idle_since = None;
+                Ok(Attached {
+                    bridge: state.bridge.clone(),
+                    new_subnet,
+                    new_tunnel: true,
+                })
+            }
+            Err(e) if new_subnet => {
+                // This call made the subnet: it goes too.
+                let state = subnets.remove(&req.subnet).expect("present");
+                match subnet::destroy(inner, &req.subnet, state).await {
+                    Ok(()) => Err(e),
+                    Err(also) => Err(e.with_leftovers({
+                        let mut left = Leftovers::new();
+                        left.push(tenet::net::NetError::invalid(
+                            "remove",
+                            format!("subnet {}", req.subnet),
+                            also.to_string(),
+                        ));
+                        left
+                    })),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

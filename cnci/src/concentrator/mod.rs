@@ -1,0 +1,278 @@
+//! `Concentrator`: the far end of the compute nodes' tunnels for one tenant. Per subnet, a
+//! bridge holding the gateway (network + 1), a dnsmasq bound to it, and one tunnel per compute
+//! node enslaved to it. One file per verb: [`attach`] (TenantAdded), [`detach`]
+//! (TenantRemoved), [`subnet`] (making and removing a subnet); `crate::rebuild` takes over
+//! after a crash; `crate::sync` keeps dnsmasq's hosts in step with the endpoints in etcd.
+//!
+//! Calls are serialised by one async lock over the subnets: a concentrator applies its
+//! tenant's changes in the order they arrive.
+
+/// Stops the process here when a test's fault hook says so; compiles to nothing without the
+/// `fault-injection` feature.
+macro_rules! fault_point {
+    ($inner:expr, $point:ident) => {
+        #[cfg(feature = "fault-injection")]
+        $inner.fault($crate::fault::FaultPoint::$point);
+    };
+}
+
+mod attach;
+mod detach;
+pub(crate) mod subnet;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+use tenet::net::Netlink;
+use tenet::net::tunnel::{TunnelBackend, backend};
+use tenet::net::underlay::{self, UnderlayAddr};
+use tenet::store::{Datastore, Revision};
+use tenet::types::TunnelKey;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use attach::Attached;
+pub use detach::Detached;
+
+use crate::config::CnciConfig;
+use crate::dnsmasq::DhcpServer;
+use crate::endpoints::EndpointTable;
+use crate::error::CnciError;
+
+/// One tenant subnet as the concentrator holds it.
+pub(crate) struct SubnetState {
+    pub key: TunnelKey,
+    pub bridge: String,
+    pub bridge_index: u32,
+    /// Tunnels by compute-node address.
+    pub tunnels: BTreeMap<Ipv4Addr, TunnelState>,
+    pub dhcp: DhcpServer,
+    /// Since when it has had no tunnel.
+    pub idle_since: Option<Instant>,
+}
+
+pub(crate) struct TunnelState {
+    pub name: String,
+    pub index: u32,
+    pub cn_id: String,
+}
+
+/// What the concentrator shares with its background tasks.
+pub(crate) struct Inner {
+    pub config: CnciConfig,
+    pub netlink: Netlink,
+    pub tunnels: Arc<dyn TunnelBackend>,
+    pub compute: UnderlayAddr,
+    pub uplink: Option<UnderlayAddr>,
+    pub subnets: tokio::sync::Mutex<BTreeMap<Ipv4Network, SubnetState>>,
+    pub endpoints: Mutex<EndpointTable>,
+    /// The etcd revision whose endpoints the hosts files reflect.
+    pub synced: watch::Sender<Revision>,
+}
+
+impl Inner {
+    pub fn endpoints(&self) -> MutexGuard<'_, EndpointTable> {
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tenant MTU: the compute link's MTU minus the tunnel overhead.
+    pub fn tenant_mtu(&self) -> u32 {
+        self.compute.mtu.saturating_sub(self.tunnels.overhead())
+    }
+
+    pub fn tunnel_local(&self) -> Ipv4Addr {
+        self.compute.addr.ip()
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub fn fault(&self, point: crate::fault::FaultPoint) {
+        if let Some(hook) = &self.config.fault_hook {
+            (hook.0)(point);
+        }
+    }
+}
+
+/// What one subnet looks like now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetInfo {
+    pub subnet: Ipv4Network,
+    pub key: TunnelKey,
+    pub bridge: String,
+    /// (compute node address, its id, tunnel interface).
+    pub tunnels: Vec<(Ipv4Addr, String, String)>,
+    pub dhcp_pid: Option<u32>,
+}
+
+/// The concentrator's dataplane for one tenant.
+pub struct Concentrator {
+    pub(crate) inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Concentrator {
+    /// Finds the compute link and the uplink, sets up the tunnel backend and, given a
+    /// datastore, starts following the tenant's workload endpoints for DHCP. Does not touch
+    /// existing links or daemons: call [`Concentrator::rebuild`] to take over what a previous
+    /// run left before attaching anything.
+    pub async fn init(
+        config: CnciConfig,
+        store: Option<Arc<dyn Datastore>>,
+    ) -> Result<Self, CnciError> {
+        config.check()?;
+        let netlink = match &config.netns {
+            Some(p) => Netlink::connect_in(p)?,
+            None => Netlink::connect()?,
+        };
+        let candidates = underlay::candidates(&netlink).await?;
+        let compute = match config.tunnel_local {
+            Some(ip) => underlay::by_address("tunnel local", &candidates, ip),
+            None => underlay::pick("compute", &candidates, &config.compute_nets),
+        }
+        .map_err(CnciError::Discovery)?;
+        let uplink = find_uplink(&config, &candidates, &compute)?;
+        let tunnels = backend(config.tunnel, netlink.clone(), config.netns.clone()).await?;
+        info!(
+            cnci = %config.id,
+            tenant = %config.tenant,
+            compute = %compute.addr,
+            uplink = ?uplink.as_ref().map(|u| u.addr),
+            tunnel = %tunnels.kind(),
+            "concentrator ready"
+        );
+        let (synced, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            endpoints: Mutex::new(EndpointTable::new(&config.tenant)),
+            config,
+            netlink,
+            tunnels,
+            compute,
+            uplink,
+            subnets: tokio::sync::Mutex::new(BTreeMap::new()),
+            synced,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let span = info_span!("cnci", id = %inner.config.id, tenant = %inner.config.tenant);
+        if let Some(store) = store {
+            tasks.push(tokio::spawn(
+                crate::sync::follow_endpoints(Arc::downgrade(&inner), store, stop_rx.clone())
+                    .instrument(span.clone()),
+            ));
+        }
+        if let Some(idle) = inner.config.idle_timeout {
+            tasks.push(tokio::spawn(
+                reap_idle(Arc::downgrade(&inner), idle, stop_rx).instrument(span),
+            ));
+        }
+        Ok(Concentrator { inner, stop, tasks })
+    }
+
+    /// The compute link: where tunnels arrive.
+    pub fn compute(&self) -> &UnderlayAddr {
+        &self.inner.compute
+    }
+
+    /// The uplink (the external network), when there is one.
+    pub fn uplink(&self) -> Option<&UnderlayAddr> {
+        self.inner.uplink.as_ref()
+    }
+
+    pub fn tunnel_backend(&self) -> &Arc<dyn TunnelBackend> {
+        &self.inner.tunnels
+    }
+
+    /// The etcd revision whose workload endpoints dnsmasq's hosts files reflect; changes as
+    /// the endpoint watch is applied (await it instead of polling).
+    pub fn synced_revision(&self) -> watch::Receiver<Revision> {
+        self.inner.synced.subscribe()
+    }
+
+    /// Every subnet with its bridge, tunnels and dnsmasq.
+    pub async fn subnets(&self) -> Vec<SubnetInfo> {
+        let subnets = self.inner.subnets.lock().await;
+        subnets
+            .iter()
+            .map(|(net, s)| SubnetInfo {
+                subnet: *net,
+                key: s.key,
+                bridge: s.bridge.clone(),
+                tunnels: s
+                    .tunnels
+                    .iter()
+                    .map(|(ip, t)| (*ip, t.cn_id.clone(), t.name.clone()))
+                    .collect(),
+                dhcp_pid: s.dhcp.daemon().pid(),
+            })
+            .collect()
+    }
+
+    /// Stops the background tasks. The links and dnsmasq processes stay, for the next
+    /// concentrator to take over with [`Concentrator::rebuild`]; [`Concentrator::reset`]
+    /// removes them.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        for task in self.tasks.drain(..) {
+            if let Err(e) = task.await {
+                warn!(error = %e, "a concentrator task failed");
+            }
+        }
+    }
+}
+
+impl Drop for Concentrator {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The uplink: explicit, else by CIDR, else the one physical address that is not the
+/// compute link's (none is fine: NAT is then unavailable).
+fn find_uplink(
+    config: &CnciConfig,
+    candidates: &[UnderlayAddr],
+    compute: &UnderlayAddr,
+) -> Result<Option<UnderlayAddr>, CnciError> {
+    if let Some(ip) = config.uplink_addr {
+        return underlay::by_address("uplink", candidates, ip)
+            .map(Some)
+            .map_err(CnciError::Discovery);
+    }
+    if !config.uplink_nets.is_empty() {
+        return underlay::pick("uplink", candidates, &config.uplink_nets)
+            .map(Some)
+            .map_err(CnciError::Discovery);
+    }
+    let others: Vec<UnderlayAddr> = candidates
+        .iter()
+        .filter(|a| a.index != compute.index)
+        .cloned()
+        .collect();
+    match others.len() {
+        0 => Ok(None),
+        _ => underlay::pick("uplink", &others, &[])
+            .map(Some)
+            .map_err(CnciError::Discovery),
+    }
+}
+
+/// Removes subnets that have had no tunnel for `idle`.
+async fn reap_idle(inner: std::sync::Weak<Inner>, idle: Duration, mut stop: watch::Receiver<bool>) {
+    let tick = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.changed() => return,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        for net in subnet::remove_idle(&inner, idle).await {
+            info!(subnet = %net, idle_s = idle.as_secs(), "removed an idle subnet");
+        }
+    }
+}
