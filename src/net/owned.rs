@@ -139,6 +139,21 @@ impl Ownership {
     }
 }
 
+/// Whether `name` has the shape of any tenet component's generated names (`t??_` + 8 hex):
+/// such a link is tenet's even before its alias is written, so underlay discovery must never
+/// take it for a physical link.
+pub fn looks_generated(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 4 + SUFFIX_LEN
+        && b[0] == b't'
+        && b[1].is_ascii_lowercase()
+        && b[2].is_ascii_lowercase()
+        && b[3] == b'_'
+        && b[4..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
 /// Writes `alias` on a finished link: the commit mark, always the last step of a create.
 pub async fn commit(netlink: &Netlink, index: u32, alias: &Alias) -> NetResult<()> {
     netlink.set_alias(index, &alias.to_string()).await
@@ -190,6 +205,8 @@ mod tests {
             assert!(!CN.is_generated(other), "{other}");
         }
         assert!(CN.is_generated_as("tgt_0123abcd", "tgt"));
+        assert!(looks_generated("tcb_0123abcd") && looks_generated("tvp_0123abcd"));
+        assert!(!looks_generated("eth0") && !looks_generated("tcb_0123abcg"));
         assert!(!CN.is_generated_as("tbr_0123abcd", "tgt"));
     }
 

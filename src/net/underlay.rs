@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::{IpNetwork, Ipv4Network};
 
 use super::alias::ALIAS_PREFIX;
+use super::owned;
 use super::{NetResult, Netlink};
 
 /// An IPv4 address on a physical (underlay) link.
@@ -18,11 +19,15 @@ pub struct UnderlayAddr {
     pub mtu: u32,
 }
 
-/// Links that can be the underlay: not loopback, not tenet's own (tenet's bridges carry
-/// gateway addresses on a concentrator: ciao counted them, a bug), not a container engine's
+/// Links that can be the underlay: not loopback, not tenet's own, aliased or still unfinished
+/// (tenet's bridges carry gateway addresses on a concentrator: ciao counted them, a bug),
+/// not a container engine's
 /// or libvirt's bridge. veth counts, because test hosts and many VMs are cabled with one.
 fn is_physical(kind: Option<&str>, name: &str, alias: Option<&str>) -> bool {
-    if name == "lo" || alias.is_some_and(|a| a.starts_with(ALIAS_PREFIX)) {
+    if name == "lo"
+        || alias.is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+        || owned::looks_generated(name)
+    {
         return false;
     }
     match kind {
@@ -155,5 +160,9 @@ mod tests {
             Some("tenet:v1:cnci-bridge x=y")
         ));
         assert!(!is_physical(Some("bridge"), "docker0", None));
+        assert!(
+            !is_physical(Some("bridge"), "tcb_0123abcd", None),
+            "an unfinished bridge"
+        );
     }
 }
