@@ -183,10 +183,11 @@ fn dnsmasqs(run: &Path) -> Vec<String> {
             s.rsplit_once(')')
                 .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
         });
-        if argv.first().is_some_and(|a| a == "dnsmasq") && !zombie {
-            if let Some(conf) = argv.iter().find_map(|a| a.strip_prefix(&needle)) {
-                found.push(conf.split('/').next().unwrap().to_string());
-            }
+        if argv.first().is_some_and(|a| a == "dnsmasq")
+            && !zombie
+            && let Some(conf) = argv.iter().find_map(|a| a.strip_prefix(&needle))
+        {
+            found.push(conf.split('/').next().unwrap().to_string());
         }
     }
     found.sort();
