@@ -23,13 +23,24 @@ async fn etcd() -> (EtcdServer, Arc<dyn Datastore>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_leases_its_endpoint_address_over_the_tunnel() {
+    lease_over(BackendChoice::Userspace, 1458).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_leases_its_endpoint_address_over_vxlan() {
+    lease_over(BackendChoice::Vxlan, 1450).await;
+}
+
+async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
     let (_etcd, store) = etcd().await;
     let fabric = Fabric::new().await.unwrap();
     let cn_host = fabric.add_host("cn").await.unwrap();
     let conc_host = fabric.add_host("conc").await.unwrap();
     let run = tempfile::tempdir().unwrap();
-    let conc = conc_on(cnci_config(&conc_host, "c1", "t1", run.path()), &store).await;
-    let cn = cn_on(&cn_host, "cn-1", BackendChoice::Userspace).await;
+    let mut config = cnci_config(&conc_host, "c1", "t1", run.path());
+    config.tunnel = backend;
+    let conc = conc_on(config, &store).await;
+    let cn = cn_on(&cn_host, "cn-1", backend).await;
     let dhcp = DhcpClient::new();
 
     let w = workload(
@@ -68,8 +79,8 @@ async fn a_workload_leases_its_endpoint_address_over_the_tunnel() {
         gw.to_string(),
         "dnsmasq answers DNS at the gateway"
     );
-    assert_eq!(lease.mtu, Some(1458), "option 26 = the tunnel MTU");
-    assert_eq!(mtu_of(&w.ns), 1458);
+    assert_eq!(lease.mtu, Some(tunnel_mtu), "option 26 = the tunnel MTU");
+    assert_eq!(mtu_of(&w.ns), tunnel_mtu);
     assert!(ping(&w.ns, gw), "the workload reaches its gateway");
     assert_eq!(conc.subnets().await[0].dhcp_pid, Some(pid), "no restart");
 
@@ -100,7 +111,33 @@ async fn a_workload_leases_its_endpoint_address_over_the_tunnel() {
     assert!(!again.new_subnet && !again.new_tunnel);
     assert_eq!(conc.subnets().await[0].tunnels.len(), 1);
 
+    // A new concentrator process takes over: the tunnel (in VXLAN mode, the flood entry) and
+    // dnsmasq are found again, and nothing needs repair.
+    let config = conc.config().clone();
+    drop(conc);
+    let conc = Concentrator::init(config, Some(store.clone()))
+        .await
+        .unwrap();
+    let report = conc.rebuild().await.unwrap();
+    assert_eq!(
+        (report.subnets, report.tunnels, report.dhcp_adopted),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    assert!(report.repairs.is_empty(), "{:#?}", report.repairs);
+    assert_eq!(dhcp.lease(&w.ns, 3).unwrap().ip, ip);
+
+    let forwarding =
+        || tenet::net::sysctl::read(Some(&conc_host.path()), "net.ipv4.ip_forward").unwrap();
+    if backend == BackendChoice::Vxlan {
+        assert_eq!(
+            forwarding(),
+            "1",
+            "VXLAN subnets route between compute nodes"
+        );
+    }
     conc.reset().await.unwrap();
+    assert_eq!(forwarding(), "0", "reset restores forwarding");
     assert!(
         std::fs::read_dir(run.path()).unwrap().next().is_none(),
         "files removed"
@@ -109,15 +146,26 @@ async fn a_workload_leases_its_endpoint_address_over_the_tunnel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_compute_nodes_share_a_subnet_and_one_can_leave() {
+    two_compute_nodes(BackendChoice::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_compute_nodes_share_a_subnet_over_vxlan() {
+    two_compute_nodes(BackendChoice::Vxlan).await;
+}
+
+async fn two_compute_nodes(backend: BackendChoice) {
     let (_etcd, store) = etcd().await;
     let fabric = Fabric::new().await.unwrap();
     let cn1_host = fabric.add_host("cn").await.unwrap();
     let cn2_host = fabric.add_host("cn").await.unwrap();
     let conc_host = fabric.add_host("conc").await.unwrap();
     let run = tempfile::tempdir().unwrap();
-    let conc = conc_on(cnci_config(&conc_host, "c1", "t1", run.path()), &store).await;
-    let cn1 = cn_on(&cn1_host, "cn-1", BackendChoice::Userspace).await;
-    let cn2 = cn_on(&cn2_host, "cn-2", BackendChoice::Userspace).await;
+    let mut config = cnci_config(&conc_host, "c1", "t1", run.path());
+    config.tunnel = backend;
+    let conc = conc_on(config, &store).await;
+    let cn1 = cn_on(&cn1_host, "cn-1", backend).await;
+    let cn2 = cn_on(&cn2_host, "cn-2", backend).await;
     let dhcp = DhcpClient::new();
     let conc_at = ("c1", conc_host.ip());
 
@@ -163,10 +211,18 @@ async fn two_compute_nodes_share_a_subnet_and_one_can_leave() {
         ping(&w2.ns, gateway_of(&subnet())),
         "cn-2's traffic still flows"
     );
-    assert!(
-        !ping(&w1.ns, gateway_of(&subnet())),
-        "cn-1's tunnel is gone"
-    );
+    if backend == BackendChoice::Vxlan {
+        // One device: cn-1's flood entry and the MACs learned behind it are gone. (A
+        // multipoint VXLAN device accepts any sender; filtering senders is the firewall's.)
+        let fdb = conc_host.run(&["bridge", "fdb", "show"]).unwrap();
+        assert!(!fdb.contains(&format!("dst {} ", cn1_host.ip())), "{fdb}");
+        assert!(fdb.contains(&format!("dst {} ", cn2_host.ip())), "{fdb}");
+    } else {
+        assert!(
+            !ping(&w1.ns, gateway_of(&subnet())),
+            "cn-1's tunnel is gone"
+        );
+    }
     // An unknown tunnel: success, nothing to do.
     let again = conc
         .detach_remote_subnet(&remote(w1.vnic.tunnel.as_ref().unwrap()))

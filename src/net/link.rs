@@ -126,7 +126,7 @@ impl Netlink {
     }
 
     /// Sends one request and collects the messages the kernel answers with.
-    async fn request(
+    pub(super) async fn request(
         &self,
         op: &'static str,
         object: &str,

@@ -5,16 +5,19 @@
 mod addr;
 pub mod alias;
 mod error;
+mod fdb;
 mod link;
 pub mod netns;
 mod new_link;
 pub mod owned;
+pub mod sysctl;
 pub mod tap;
 pub mod tunnel;
 pub mod underlay;
 
 pub use addr::{Neighbour, Route};
 pub use error::{Cause, Leftovers, NetError, NetResult};
+pub use fdb::{FLOOD_MAC, FdbEntry};
 pub use link::{Link, LinkUpdate, MAX_IFNAME, Netlink};
 pub use new_link::{
     GretapParams, LinkKind, MacvtapMode, NewLink, VethPeer, VxlanParams, new_link_request,

@@ -1,7 +1,7 @@
 //! TenantAdded: a compute node's tunnel for a subnet, and the subnet itself if it is new.
 
-use tenet::net::Leftovers;
 use tenet::net::tunnel::TunnelSpec;
+use tenet::net::{FLOOD_MAC, Leftovers};
 use tracing::{Instrument, info, info_span};
 
 use super::subnet;
@@ -86,6 +86,19 @@ impl Concentrator {
         }
 
         let made = async {
+            if let Some((name, index)) = &state.vxlan {
+                // VXLAN mode: a flood entry to the compute node on the subnet's device.
+                inner
+                    .netlink
+                    .fdb_append(*index, FLOOD_MAC, req.cn_ip)
+                    .await?;
+                fault_point!(inner, TunnelCreated);
+                return Ok(TunnelState {
+                    name: name.clone(),
+                    index: *index,
+                    cn_id: req.cn_id.clone(),
+                });
+            }
             let name = OWNERSHIP.fresh_name(&inner.netlink, names::TUNNEL).await?;
             let mut spec = TunnelSpec::new(&name, key, inner.tunnel_local(), req.cn_ip);
             spec.mtu = Some(inner.tenant_mtu());

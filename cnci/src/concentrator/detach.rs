@@ -41,7 +41,18 @@ impl Concentrator {
                     remaining: state.tunnels.len(),
                 });
             };
-            self.inner.tunnels.delete(&tunnel.name).await?;
+            match &state.vxlan {
+                Some((_, index)) => {
+                    // Its flood entry, and the MACs learned behind it.
+                    let netlink = &self.inner.netlink;
+                    for entry in netlink.fdb(*index).await? {
+                        if entry.dst == Some(req.cn_ip.into()) {
+                            netlink.fdb_del(*index, entry.mac, req.cn_ip).await?;
+                        }
+                    }
+                }
+                None => self.inner.tunnels.delete(&tunnel.name).await?,
+            }
             let tunnel = state.tunnels.remove(&req.cn_ip).expect("present");
             if state.tunnels.is_empty() {
                 state.idle_since = Some(Instant::now());

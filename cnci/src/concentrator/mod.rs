@@ -48,8 +48,10 @@ pub(crate) struct SubnetState {
     pub key: TunnelKey,
     pub bridge: String,
     pub bridge_index: u32,
-    /// Tunnels by compute-node address.
+    /// Tunnels by compute-node address. In VXLAN mode each is a flood entry of `vxlan`.
     pub tunnels: BTreeMap<Ipv4Addr, TunnelState>,
+    /// VXLAN mode: the subnet's one VXLAN device (name, index).
+    pub vxlan: Option<(String, u32)>,
     pub dhcp: DhcpServer,
     /// Since when it has had no tunnel.
     pub idle_since: Option<Instant>,
@@ -86,6 +88,12 @@ impl Inner {
 
     pub fn tunnel_local(&self) -> Ipv4Addr {
         self.compute.addr.ip()
+    }
+
+    /// VXLAN mode: one VXLAN device per subnet with a flood entry per compute node, because
+    /// the kernel refuses a second device with the same VNI and port.
+    pub fn vxlan_mode(&self) -> bool {
+        self.tunnels.kind() == tenet::net::tunnel::TunnelKind::Vxlan
     }
 
     #[cfg(feature = "fault-injection")]
@@ -170,6 +178,10 @@ impl Concentrator {
             ));
         }
         Ok(Concentrator { inner, stop, tasks })
+    }
+
+    pub fn config(&self) -> &CnciConfig {
+        &self.inner.config
     }
 
     /// The compute link: where tunnels arrive.

@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 use ipnetwork::{IpNetwork, Ipv4Network};
 use tenet::net::alias::Alias;
 use tenet::net::owned;
-use tenet::net::{Leftovers, NewLink};
+use tenet::net::tunnel::VXLAN_PORT;
+use tenet::net::{Leftovers, NewLink, VxlanParams, sysctl};
 use tenet::types::{TunnelKey, gateway_of};
 use tracing::info;
 
 use super::{Inner, SubnetState};
 use crate::dnsmasq::{DhcpServer, DhcpSubnet, dir_name, render_config, render_hosts};
 use crate::error::CnciError;
-use crate::names::{self, BRIDGE_KIND, OWNERSHIP};
+use crate::names::{self, BRIDGE_KIND, OWNERSHIP, VXLAN_KIND};
 
 /// The alias of a subnet's bridge: whose it is and what it serves.
 pub(crate) fn bridge_alias(inner: &Inner, subnet: &Ipv4Network, key: TunnelKey) -> Alias {
@@ -23,6 +24,77 @@ pub(crate) fn bridge_alias(inner: &Inner, subnet: &Ipv4Network, key: TunnelKey) 
         .with("tenant", &inner.config.tenant)
         .with("subnet", subnet)
         .with("key", key)
+}
+
+/// The alias of a subnet's VXLAN device.
+pub(crate) fn vxlan_alias(inner: &Inner, subnet: &Ipv4Network, key: TunnelKey) -> Alias {
+    Alias::new(VXLAN_KIND)
+        .with("conc", &inner.config.id)
+        .with("subnet", subnet)
+        .with("key", key)
+}
+
+/// VXLAN mode: the subnet's VXLAN device (VNI = key, learning, no fixed remote: one flood
+/// entry per compute node), enslaved to `bridge`, its alias last. Removed again on failure.
+pub(crate) async fn create_vxlan(
+    inner: &Inner,
+    subnet: &Ipv4Network,
+    key: TunnelKey,
+    bridge: u32,
+) -> Result<(String, u32), CnciError> {
+    let netlink = &inner.netlink;
+    let name = OWNERSHIP.fresh_name(netlink, names::VXLAN).await?;
+    let params = VxlanParams {
+        vni: key.get(),
+        local: Some(inner.tunnel_local()),
+        remote: None,
+        dev: Some(inner.compute.index),
+        port: VXLAN_PORT,
+        // The concentrator learns which compute node each workload MAC is behind, so
+        // known unicast is not flooded to every node.
+        learning: true,
+    };
+    let new = NewLink::vxlan(&name, params)
+        .mtu(inner.tenant_mtu())
+        .controller(bridge)
+        .up();
+    let index = netlink.create_index(&new).await?;
+    if let Err(e) = owned::commit(netlink, index, &vxlan_alias(inner, subnet, key)).await {
+        let mut left = Leftovers::new();
+        left.note(netlink.delete(index).await);
+        return Err(CnciError::from(e).with_leftovers(left));
+    }
+    Ok((name, index))
+}
+
+/// The file that remembers the namespace's `ip_forward` from before tenet turned it on, so
+/// that `reset` restores it even after a crash.
+pub(crate) fn forward_memo(inner: &Inner) -> std::path::PathBuf {
+    inner.config.run_dir.join("ip_forward.orig")
+}
+
+/// VXLAN mode: all compute nodes of a subnet are behind one bridge port (the VXLAN device),
+/// and a bridge never sends a frame back out the port it came in on; reflecting it would
+/// echo every broadcast to its sender. So the gateway answers ARP for the subnet's other
+/// hosts (RFC 3069 proxy ARP, `proxy_arp_pvlan`) and routes between compute nodes, which
+/// needs forwarding on in the concentrator's namespace.
+pub(crate) fn enable_cross_node_routing(inner: &Inner, bridge: &str) -> Result<(), CnciError> {
+    let netns = inner.config.netns.as_deref();
+    let memo = forward_memo(inner);
+    if let Some(old) = sysctl::set(netns, "net.ipv4.ip_forward", "1")? {
+        std::fs::create_dir_all(&inner.config.run_dir)
+            .and_then(|()| std::fs::write(&memo, &old))
+            .map_err(|e| CnciError::file("writing", &memo, e))?;
+        info!(was = %old, "turned IP forwarding on for VXLAN subnets");
+    }
+    sysctl::write(
+        netns,
+        &format!("net.ipv4.conf.{bridge}.proxy_arp_pvlan"),
+        "1",
+    )?;
+    // Proxy ARP answers are otherwise delayed by up to 0.8 s.
+    sysctl::write(netns, &format!("net.ipv4.neigh.{bridge}.proxy_delay"), "0")?;
+    Ok(())
 }
 
 /// The gateway address the bridge holds: network + 1 with the subnet's prefix.
@@ -66,6 +138,12 @@ pub(crate) async fn create(
     fault_point!(inner, BridgeCreated);
     let made = async {
         netlink.add_address(index, gateway_address(subnet)).await?;
+        let vxlan = if inner.vxlan_mode() {
+            enable_cross_node_routing(inner, &bridge)?;
+            Some(create_vxlan(inner, subnet, key, index).await?)
+        } else {
+            None
+        };
         let dhcp = start_dhcp(inner, subnet, &bridge).await?;
         fault_point!(inner, DhcpStarted);
         if let Err(e) = owned::commit(netlink, index, &bridge_alias(inner, subnet, key)).await {
@@ -83,13 +161,20 @@ pub(crate) async fn create(
                 }),
             });
         }
-        Ok(dhcp)
+        Ok((dhcp, vxlan))
     }
     .await;
-    let dhcp = match made {
-        Ok(dhcp) => dhcp,
+    let (dhcp, vxlan) = match made {
+        Ok(made) => made,
         Err(e) => {
             let mut left = Leftovers::new();
+            // A VXLAN device on the bridge is not deleted with it.
+            if let Ok(Some(vx)) = netlink.links().await.map(|ls| {
+                ls.into_iter()
+                    .find(|l| l.controller == Some(index) && l.kind.as_deref() == Some("vxlan"))
+            }) {
+                left.note(netlink.delete(vx.index).await);
+            }
             left.note(netlink.delete(index).await);
             left.log(&format!("subnet {subnet} bridge {bridge}"));
             return Err(e.with_leftovers(left));
@@ -102,6 +187,7 @@ pub(crate) async fn create(
         bridge,
         bridge_index: index,
         tunnels: BTreeMap::new(),
+        vxlan,
         dhcp,
         idle_since: Some(Instant::now()),
     })
@@ -114,9 +200,15 @@ pub(crate) async fn destroy(
     state: SubnetState,
 ) -> Result<(), CnciError> {
     let mut links: Vec<u32> = Vec::new();
-    for t in state.tunnels.values() {
-        inner.tunnels.forget(&t.name);
-        links.push(t.index);
+    match &state.vxlan {
+        // Its flood entries go with it.
+        Some((_, index)) => links.push(*index),
+        None => {
+            for t in state.tunnels.values() {
+                inner.tunnels.forget(&t.name);
+                links.push(t.index);
+            }
+        }
     }
     links.push(state.bridge_index);
     let deleted = inner.netlink.delete_many(&links).await;

@@ -11,16 +11,18 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use tenet::net::Link;
 use tenet::net::owned::{Owned, tenet_alias};
+use tenet::net::{FLOOD_MAC, Link};
 use tenet::process::Daemon;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::concentrator::subnet::{gateway_address, start_dhcp};
+use crate::concentrator::subnet::{
+    create_vxlan, enable_cross_node_routing, forward_memo, gateway_address, start_dhcp,
+};
 use crate::concentrator::{Concentrator, Inner, SubnetState, TunnelState};
 use crate::dnsmasq::{daemon_spec, parse_dir_name};
 use crate::error::CnciError;
-use crate::names::{self, BRIDGE_KIND, OWNERSHIP, TUNNEL_KIND};
+use crate::names::{self, BRIDGE_KIND, OWNERSHIP, TUNNEL_KIND, VXLAN_KIND};
 use plan::{Plan, Wanted, plan};
 
 /// One thing `rebuild` found wrong, and what it did about it.
@@ -47,6 +49,9 @@ pub enum Repair {
     /// A tunnel that does not fit its bridge (other backend, key or local address), or a
     /// second one to the same compute node: deleted.
     RemovedStrayTunnel { ifname: String, bridge: String },
+    /// VXLAN mode: a subnet without its VXLAN device: the device was made (the compute
+    /// nodes' flood entries come back with their re-announcements).
+    AddedVxlan { subnet: Ipv4Network, device: String },
     /// A bridge without its gateway address: the address was added.
     AddedGateway { subnet: Ipv4Network, bridge: String },
     /// A subnet whose dnsmasq was not running: started again.
@@ -91,6 +96,9 @@ impl fmt::Display for Repair {
                     "removed tunnel {ifname} from {bridge}: not one the subnet needs"
                 )
             }
+            Repair::AddedVxlan { subnet, device } => {
+                write!(f, "made the VXLAN device {device} of {subnet}")
+            }
             Repair::AddedGateway { subnet, bridge } => {
                 write!(f, "put the gateway of {subnet} back on {bridge}")
             }
@@ -124,9 +132,15 @@ pub struct RebuildReport {
 /// unfinished links, and the tunnels named `tct_` or enslaved to its bridges.
 fn reset_selection<'a>(links: &'a [Link], id: &str) -> Vec<&'a Link> {
     let ours = |l: &Link| {
-        tenet_alias(l).is_some_and(|a| a.kind == BRIDGE_KIND && a.get("conc") == Some(id))
+        tenet_alias(l).is_some_and(|a| {
+            (a.kind == BRIDGE_KIND || a.kind == VXLAN_KIND) && a.get("conc") == Some(id)
+        })
     };
-    let bridges: HashSet<u32> = links.iter().filter(|l| ours(l)).map(|l| l.index).collect();
+    let bridges: HashSet<u32> = links
+        .iter()
+        .filter(|l| ours(l) && l.kind.as_deref() == Some("bridge"))
+        .map(|l| l.index)
+        .collect();
     links
         .iter()
         .filter(|l| match OWNERSHIP.classify(l) {
@@ -224,6 +238,16 @@ impl Concentrator {
                 }
             }
             let deleted = OWNERSHIP.delete_all(&inner.netlink, &doomed).await?;
+            let memo = forward_memo(inner);
+            if let Ok(old) = std::fs::read_to_string(&memo) {
+                tenet::net::sysctl::write(
+                    inner.config.netns.as_deref(),
+                    "net.ipv4.ip_forward",
+                    old.trim(),
+                )?;
+                std::fs::remove_file(&memo).map_err(|e| CnciError::file("removing", &memo, e))?;
+                info!(restored = %old.trim(), "IP forwarding restored");
+            }
             if !failures.is_empty() {
                 return Err(CnciError::file(
                     "reset left dnsmasq state in",
@@ -279,29 +303,66 @@ async fn take_over(
             bridge: kept.bridge.name.clone(),
         });
     }
+    let vxlan = if inner.vxlan_mode() {
+        enable_cross_node_routing(inner, &kept.bridge.name)?;
+        Some(match kept.vxlan {
+            Some(l) => (l.name, l.index),
+            None => {
+                let made = create_vxlan(inner, &net, kept.key, kept.bridge.index).await?;
+                repairs.push(Repair::AddedVxlan {
+                    subnet: net,
+                    device: made.0.clone(),
+                });
+                made
+            }
+        })
+    } else {
+        None
+    };
     let dhcp = start_dhcp(inner, &net, &kept.bridge.name).await?;
     if !dhcp.daemon().adopted() {
         repairs.push(Repair::RestartedDhcp { subnet: net });
     }
-    let tunnels: BTreeMap<Ipv4Addr, TunnelState> = kept
-        .tunnels
-        .into_iter()
-        .map(|(ip, link)| {
-            (
-                ip,
-                TunnelState {
-                    name: link.name,
-                    index: link.index,
-                    // Not recorded in the kernel; the compute node's re-announcement fills it.
-                    cn_id: String::new(),
-                },
-            )
-        })
-        .collect();
+    // The compute node's id is not recorded in the kernel; its re-announcement fills it.
+    let tunnels: BTreeMap<Ipv4Addr, TunnelState> = match &vxlan {
+        Some((name, index)) => inner
+            .netlink
+            .fdb(*index)
+            .await?
+            .into_iter()
+            .filter(|e| e.mac == FLOOD_MAC)
+            .filter_map(|e| match e.dst {
+                Some(std::net::IpAddr::V4(ip)) => Some((
+                    ip,
+                    TunnelState {
+                        name: name.clone(),
+                        index: *index,
+                        cn_id: String::new(),
+                    },
+                )),
+                _ => None,
+            })
+            .collect(),
+        None => kept
+            .tunnels
+            .into_iter()
+            .map(|(ip, link)| {
+                (
+                    ip,
+                    TunnelState {
+                        name: link.name,
+                        index: link.index,
+                        cn_id: String::new(),
+                    },
+                )
+            })
+            .collect(),
+    };
     Ok(SubnetState {
         key: kept.key,
         bridge: kept.bridge.name,
         bridge_index: kept.bridge.index,
+        vxlan,
         idle_since: tunnels.is_empty().then(std::time::Instant::now),
         tunnels,
         dhcp,

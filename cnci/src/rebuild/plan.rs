@@ -12,7 +12,7 @@ use tenet::net::tunnel::{TunnelKind, TunnelSpec};
 use tenet::types::TunnelKey;
 
 use super::Repair;
-use crate::names::{self, BRIDGE_KIND, OWNERSHIP, TUNNEL_KIND};
+use crate::names::{self, BRIDGE_KIND, OWNERSHIP, TUNNEL_KIND, VXLAN_KIND};
 
 /// Whose links these are and which tunnels they should have.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub(crate) struct KeptSubnet {
     pub key: TunnelKey,
     pub bridge: Link,
     pub tunnels: Vec<(Ipv4Addr, Link)>,
+    /// VXLAN mode: the subnet's VXLAN device (`None`: to be made).
+    pub vxlan: Option<Link>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +65,7 @@ pub(crate) fn plan(links: &[Link], want: &Wanted<'_>) -> Plan {
     let mut plan = Plan::default();
     let mut bridges: Vec<(Ipv4Network, TunnelKey, &Link)> = Vec::new();
     let mut tunnels: Vec<(TunnelKind, TunnelSpec, &Link)> = Vec::new();
+    let mut vxlans: Vec<(TunnelKey, &Link)> = Vec::new();
     for l in links {
         match OWNERSHIP.classify(l) {
             Owned::Unfinished => {
@@ -73,6 +76,25 @@ pub(crate) fn plan(links: &[Link], want: &Wanted<'_>) -> Plan {
                 plan.repairs.push(Repair::RemovedUnfinished {
                     ifname: l.name.clone(),
                 });
+            }
+            Owned::Finished(alias) if alias.kind == VXLAN_KIND => {
+                if alias.get("conc") != Some(want.id) {
+                    continue;
+                }
+                match alias
+                    .get("key")
+                    .and_then(|k| k.parse().ok())
+                    .and_then(TunnelKey::new)
+                {
+                    Some(key) if l.kind.as_deref() == Some("vxlan") => vxlans.push((key, l)),
+                    _ => {
+                        plan.delete.push(l.index);
+                        plan.repairs.push(Repair::RemovedUnreadable {
+                            ifname: l.name.clone(),
+                            alias: l.alias.clone().unwrap_or_default(),
+                        });
+                    }
+                }
             }
             Owned::Finished(alias) => match bridge_of(&alias, want) {
                 Some(Ok((subnet, key))) if l.kind.as_deref() == Some("bridge") => {
@@ -148,7 +170,41 @@ pub(crate) fn plan(links: &[Link], want: &Wanted<'_>) -> Plan {
             key,
             bridge: kept.clone(),
             tunnels: Vec::new(),
+            vxlan: None,
         });
+    }
+
+    vxlans.sort_by_key(|(_, l)| l.index);
+    for (key, l) in vxlans {
+        let slot = l.controller.and_then(|c| slot_of.get(&c)).copied();
+        match slot {
+            Some((slot, is_kept))
+                if want.kind == TunnelKind::Vxlan
+                    && plan.subnets[slot].key == key
+                    && plan.subnets[slot].vxlan.is_none() =>
+            {
+                let s = &mut plan.subnets[slot];
+                if !is_kept {
+                    plan.moves.push((l.index, s.bridge.index));
+                }
+                s.vxlan = Some(l.clone());
+            }
+            Some((slot, _)) => {
+                let bridge = plan.subnets[slot].bridge.name.clone();
+                plan.delete.push(l.index);
+                plan.repairs.push(Repair::RemovedStrayTunnel {
+                    ifname: l.name.clone(),
+                    bridge,
+                });
+            }
+            None if l.controller.is_none() => {
+                plan.delete.push(l.index);
+                plan.repairs.push(Repair::RemovedTunnelWithoutBridge {
+                    ifname: l.name.clone(),
+                });
+            }
+            None => {}
+        }
     }
 
     tunnels.sort_by_key(|(_, _, l)| l.index);
