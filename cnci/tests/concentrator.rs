@@ -409,6 +409,28 @@ async fn bad_requests_are_refused_and_touch_nothing() {
     let e = conc.attach_remote_subnet(&wide).await.unwrap_err();
     assert!(e.to_string().contains("overlaps"), "{e}");
 
+    // Idle: a subnet goes once it has had no tunnel for the idle period, not before.
+    assert!(
+        conc.remove_idle_subnets(std::time::Duration::ZERO)
+            .await
+            .is_empty()
+    );
+    conc.detach_remote_subnet(&good).await.unwrap();
+    assert!(
+        conc.remove_idle_subnets(std::time::Duration::from_secs(3600))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        conc.remove_idle_subnets(std::time::Duration::ZERO).await,
+        [subnet()]
+    );
+    assert!(
+        !run.path().join("172.16.0.0-24").exists(),
+        "its dnsmasq files went too"
+    );
+    conc.attach_remote_subnet(&good).await.unwrap();
+
     // A tunnel the kernel cannot make (no GRE here) rolls the new subnet back.
     let mut kernel = cnci_config(&conc_host, "c2", "t1", run.path());
     kernel.tunnel = BackendChoice::Kernel;
