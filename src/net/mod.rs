@@ -6,6 +6,7 @@ mod addr;
 pub mod alias;
 mod error;
 mod fdb;
+pub mod firewall;
 mod link;
 pub mod netns;
 mod new_link;

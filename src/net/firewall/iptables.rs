@@ -1,0 +1,95 @@
+//! The iptables backends: `iptables-nft` (Debian's default) and `iptables-legacy`, driven by
+//! their `-restore` and `-save` programs inside the firewall's namespace.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use super::{FirewallBackend, FirewallError, rejected};
+use crate::process::Command;
+
+/// Which iptables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IptablesVariant {
+    Nft,
+    Legacy,
+}
+
+impl IptablesVariant {
+    /// The variant the system's `iptables` is (Debian's alternatives).
+    pub async fn detect() -> Result<Self, FirewallError> {
+        let out = Command::new("iptables").arg("--version").run().await?;
+        Ok(if out.stdout.contains("legacy") {
+            IptablesVariant::Legacy
+        } else {
+            IptablesVariant::Nft
+        })
+    }
+
+    pub fn restore_program(self) -> &'static str {
+        match self {
+            IptablesVariant::Nft => "iptables-nft-restore",
+            IptablesVariant::Legacy => "iptables-legacy-restore",
+        }
+    }
+
+    pub fn save_program(self) -> &'static str {
+        match self {
+            IptablesVariant::Nft => "iptables-nft-save",
+            IptablesVariant::Legacy => "iptables-legacy-save",
+        }
+    }
+}
+
+pub struct Iptables {
+    variant: IptablesVariant,
+    netns: Option<PathBuf>,
+}
+
+impl Iptables {
+    pub fn new(variant: IptablesVariant, netns: Option<&Path>) -> Self {
+        Iptables {
+            variant,
+            netns: netns.map(Path::to_path_buf),
+        }
+    }
+
+    async fn run_restore(&self, batch: &str, test: bool) -> Result<(), FirewallError> {
+        let program = self.variant.restore_program();
+        let mut cmd = Command::new(program).arg("--noflush");
+        if test {
+            cmd = cmd.arg("--test");
+        }
+        cmd.netns(self.netns.as_deref())
+            .stdin(batch)
+            .run()
+            .await
+            .map_err(|e| rejected(program, batch, e))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl FirewallBackend for Iptables {
+    fn name(&self) -> &'static str {
+        match self.variant {
+            IptablesVariant::Nft => "iptables-nft",
+            IptablesVariant::Legacy => "iptables-legacy",
+        }
+    }
+
+    async fn save(&self) -> Result<String, FirewallError> {
+        Ok(Command::new(self.variant.save_program())
+            .netns(self.netns.as_deref())
+            .run()
+            .await?
+            .stdout)
+    }
+
+    async fn restore(&self, batch: &str) -> Result<(), FirewallError> {
+        // iptables-restore commits table by table: a batch refused in its second table
+        // would leave the first applied. The dry run refuses it before anything is.
+        self.run_restore(batch, true).await?;
+        self.run_restore(batch, false).await
+    }
+}
