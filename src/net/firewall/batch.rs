@@ -62,7 +62,8 @@ impl Saved {
             .unwrap_or_default()
     }
 
-    /// The comments of the rules of `chain`.
+    /// The comments of the rules of `chain`; a rule without one (someone else's, added to
+    /// an owned chain) stands as its whole line.
     pub fn comments(&self, table: Table, chain: &str) -> Vec<String> {
         self.tables
             .get(&table)
@@ -70,11 +71,38 @@ impl Saved {
                 t.rules
                     .iter()
                     .filter(|(c, _)| c == chain)
-                    .filter_map(|(_, line)| comment_of(line))
+                    .map(|(_, line)| comment_of(line).unwrap_or_else(|| line.clone()))
                     .collect()
             })
             .unwrap_or_default()
     }
+}
+
+/// The owner's jumps in the built-in chains of `table`: (chain, 1-based position in that
+/// chain, the rule line), in chain order.
+fn owner_jumps(saved: &Saved, table: Table, owner: &str) -> Vec<(String, usize, String)> {
+    let Some(t) = saved.tables.get(&table) else {
+        return Vec::new();
+    };
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (chain, line) in &t.rules {
+        let pos = seen.entry(chain).or_default();
+        *pos += 1;
+        if table.is_builtin(chain) && targets_owner(line, owner) {
+            out.push((chain.clone(), *pos, line.clone()));
+        }
+    }
+    out
+}
+
+/// `-D` lines for jumps, by position, bottom-up so that earlier positions stay valid.
+fn delete_by_position(doomed: &mut [(String, usize)]) -> String {
+    doomed.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    doomed
+        .iter()
+        .map(|(chain, pos)| format!("-D {chain} {pos}\n"))
+        .collect()
 }
 
 /// The text of a rule's `--comment`, if it has one.
@@ -122,17 +150,7 @@ pub fn full(desired: &Ruleset, saved: &Saved) -> (Vec<(Table, String)>, Drift) {
         let stale: Vec<&String> = present.iter().filter(|c| !wanted.contains(c)).collect();
         let jumps: Vec<_> = desired.jumps.iter().filter(|j| j.table == table).collect();
         // Existing jumps into the owner's chains, from any built-in chain.
-        let existing: Vec<(String, String)> = saved
-            .tables
-            .get(&table)
-            .map(|t| {
-                t.rules
-                    .iter()
-                    .filter(|(c, line)| table.is_builtin(c) && targets_owner(line, owner))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let existing = owner_jumps(saved, table, owner);
         if wanted.is_empty() && stale.is_empty() && existing.is_empty() && jumps.is_empty() {
             continue;
         }
@@ -141,9 +159,11 @@ pub fn full(desired: &Ruleset, saved: &Saved) -> (Vec<(Table, String)>, Drift) {
         for c in wanted.iter().copied().chain(stale.iter().copied()) {
             text.push_str(&format!(":{c} - [0:0]\n"));
         }
-        // Jumps: keep the first exact copy of each wanted one, delete everything else.
+        // Jumps: keep the first exact copy of each wanted one, delete everything else (by
+        // position: `-D` by spec would take the first of two identical copies).
         let mut kept = BTreeSet::new();
-        for (chain, line) in &existing {
+        let mut doomed = Vec::new();
+        for (chain, pos, line) in &existing {
             let spec = line
                 .strip_prefix(&format!("-A {chain} "))
                 .unwrap_or_default()
@@ -154,9 +174,10 @@ pub fn full(desired: &Ruleset, saved: &Saved) -> (Vec<(Table, String)>, Drift) {
             if wanted_jump && kept.insert((chain.clone(), spec.clone())) {
                 continue;
             }
-            text.push_str(&format!("-D {chain} {spec}\n"));
+            doomed.push((chain.clone(), *pos));
             drift.removed.push(format!("{table} {chain}: {spec}"));
         }
+        text.push_str(&delete_by_position(&mut doomed));
         for j in &jumps {
             let spec = desired.jump_spec(j);
             if !kept.contains(&(j.from.clone(), spec.clone())) {
@@ -249,6 +270,51 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Vec<(Table, String)> {
     out
 }
 
+/// The batch that puts the owner's part back as it was in `before`, from `now`: for undoing a
+/// batch that the kernel refused half-way (iptables commits table by table, and
+/// iptables-nft's dry run does not check everything the kernel checks).
+pub fn rollback(before: &Saved, now: &Saved, owner: &str) -> String {
+    let mut out = String::new();
+    for table in Table::ALL {
+        let (was, is) = (
+            before.owned_chains(table, owner),
+            now.owned_chains(table, owner),
+        );
+        let jumps_now = owner_jumps(now, table, owner);
+        let jumps_before = owner_jumps(before, table, owner);
+        if was.is_empty() && is.is_empty() && jumps_now.is_empty() && jumps_before.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("*{table}\n"));
+        for c in was.iter().chain(is.iter().filter(|c| !was.contains(c))) {
+            out.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        let mut doomed: Vec<(String, usize)> =
+            jumps_now.iter().map(|(c, p, _)| (c.clone(), *p)).collect();
+        out.push_str(&delete_by_position(&mut doomed));
+        // Back where they were: ascending positions rebuild the old order.
+        for (chain, pos, line) in &jumps_before {
+            let spec = line
+                .strip_prefix(&format!("-A {chain} "))
+                .unwrap_or_default();
+            out.push_str(&format!("-I {chain} {pos} {spec}\n"));
+        }
+        if let Some(t) = before.tables.get(&table) {
+            for (chain, line) in &t.rules {
+                if was.contains(chain) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        for c in is.iter().filter(|c| !was.contains(c)) {
+            out.push_str(&format!("-X {c}\n"));
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
 /// Whether a rule line jumps (or goes) to one of the owner's chains.
 fn targets_owner(line: &str, owner: &str) -> bool {
     let prefix = format!("{owner}-");
@@ -321,8 +387,8 @@ COMMIT\n";
             "*nat\n\
 :TENET-T-POST - [0:0]\n\
 :TENET-T-OLD - [0:0]\n\
--D POSTROUTING -m comment --comment \"TENET-T: entry\" -j TENET-T-POST\n\
--D PREROUTING -j TENET-T-OLD\n\
+-D POSTROUTING 2\n\
+-D PREROUTING 1\n\
 -A TENET-T-POST -s 172.16.0.0/24 -m comment --comment \"TENET-T: masquerade 172.16.0.0/24\" -j MASQUERADE\n\
 -X TENET-T-OLD\n\
 COMMIT\n"
@@ -346,7 +412,7 @@ COMMIT\n";
         assert_eq!(
             batches[0].1,
             "*nat\n:TENET-T-POST - [0:0]\n\
--D POSTROUTING -m comment --comment \"TENET-T: entry\" -j TENET-T-POST\n\
+-D POSTROUTING 1\n\
 -X TENET-T-POST\nCOMMIT\n"
         );
     }

@@ -115,8 +115,11 @@ impl Firewall {
                 if !batch.is_empty()
                     && let Err(e) = self.backend.restore(&batch).await
                 {
-                    // Unknown state now: the next apply reconciles.
-                    *self.applied() = None;
+                    // Part of it may be in: put the last applied state back.
+                    if let Err(undo) = self.reconcile(&old).await {
+                        warn!(owner = %desired.owner, error = %undo, "firewall: undoing a refused change");
+                        *self.applied() = None;
+                    }
                     return Err(e);
                 }
                 debug!(owner = %desired.owner, bytes = batch.len(), "firewall change applied");
@@ -135,8 +138,11 @@ impl Firewall {
         let saved = batch::Saved::parse(&self.backend.save().await?);
         let (batches, drift) = batch::full(desired, &saved);
         let text: String = batches.into_iter().map(|(_, t)| t).collect();
-        if !text.is_empty() {
-            self.backend.restore(&text).await?;
+        if !text.is_empty()
+            && let Err(e) = self.backend.restore(&text).await
+        {
+            self.undo(&saved, &desired.owner).await;
+            return Err(e);
         }
         for d in &drift.restored {
             warn!(owner = %desired.owner, what = %d, "firewall: restored");
@@ -147,6 +153,22 @@ impl Firewall {
         info!(owner = %desired.owner, rules = desired.chains.values().map(Vec::len).sum::<usize>(), "firewall reconciled");
         *self.applied() = Some(desired.clone());
         Ok(drift)
+    }
+
+    /// After a refused batch: puts the owner's part back as it was in `before`.
+    async fn undo(&self, before: &batch::Saved, owner: &str) {
+        let undone = async {
+            let now = batch::Saved::parse(&self.backend.save().await?);
+            let text = batch::rollback(before, &now, owner);
+            if !text.is_empty() {
+                self.backend.restore(&text).await?;
+            }
+            Ok::<_, FirewallError>(())
+        }
+        .await;
+        if let Err(e) = undone {
+            warn!(%owner, error = %e, "firewall: could not undo a refused batch");
+        }
     }
 
     /// Removes every chain, jump and IP set of `owner`.
@@ -203,11 +225,13 @@ impl Firewall {
     }
 }
 
-/// Turns a failed restore into a `Rejected` naming the line it failed at.
+/// Turns a failed restore into a `Rejected` naming the batch line it failed at. iptables says
+/// `Error occurred at line: N`; iptables-nft reports errors at the table's COMMIT, so a name
+/// the message quotes (`Chain 'X' does not exist`) finds the line better.
 pub(crate) fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallError {
     match e {
         ProcessError::Failed { stderr, .. } => {
-            let line = stderr
+            let numbered = stderr
                 .lines()
                 .find_map(|l| {
                     l.split("line: ")
@@ -217,6 +241,17 @@ pub(crate) fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallE
                         .and_then(|n| n.parse::<usize>().ok())
                 })
                 .and_then(|n| batch.lines().nth(n.checked_sub(1)?))
+                .filter(|l| *l != "COMMIT")
+                .map(str::to_string);
+            let quoted: Vec<&str> = stderr
+                .split(['\'', '`'])
+                .skip(1)
+                .step_by(2)
+                .filter(|t| !t.is_empty() && !t.contains(' '))
+                .collect();
+            let named = batch
+                .lines()
+                .find(|l| l.starts_with('-') && quoted.iter().any(|q| l.contains(q)))
                 .map(str::to_string);
             let message = stderr
                 .lines()
@@ -226,7 +261,7 @@ pub(crate) fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallE
             FirewallError::Rejected {
                 program: program.to_string(),
                 message,
-                line,
+                line: numbered.or(named),
             }
         }
         other => FirewallError::Process(other),
