@@ -34,10 +34,13 @@ impl DumpEntry {
 /// Classifies and decodes one stored key.
 pub fn describe(key: &str, revision: Revision, raw: &[u8]) -> DumpEntry {
     let (kind, decoded) = if key.starts_with(keyspace::TENET_ROOT) {
-        let decoded = keyspace::decode(key, raw)
-            .map(|v| serde_json::to_value(v).unwrap_or_default())
-            .map_err(|e| e.to_string());
-        ("TenantSubnet".to_string(), decoded)
+        match keyspace::decode(key, raw) {
+            Ok(v) => (
+                v.kind().to_string(),
+                Ok(serde_json::to_value(v).unwrap_or_default()),
+            ),
+            Err(e) => ("Tenet".to_string(), Err(e)),
+        }
     } else {
         match CalicoKey::parse(key) {
             Ok(k) => {

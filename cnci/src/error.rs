@@ -10,6 +10,10 @@ pub enum CnciError {
     Net(#[from] NetError),
     #[error("underlay discovery: {0}")]
     Discovery(String),
+    #[error("firewall: {0}")]
+    Firewall(#[from] tenet::net::firewall::FirewallError),
+    #[error("datastore: {0}")]
+    Store(#[from] tenet::store::StoreError),
     /// dnsmasq for a subnet could not be started, reloaded or stopped.
     #[error("DHCP for subnet {subnet}: {cause}")]
     Dhcp {

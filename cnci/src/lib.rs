@@ -6,6 +6,7 @@
 pub mod concentrator;
 pub mod config;
 pub mod dnsmasq;
+pub mod edge;
 pub mod endpoints;
 pub mod error;
 #[cfg(feature = "fault-injection")]
@@ -13,6 +14,7 @@ pub mod fault;
 pub mod names;
 pub mod rebuild;
 mod sync;
+mod sysctls;
 
 pub use concentrator::{Attached, Concentrator, Detached, SubnetInfo};
 pub use config::{CnciConfig, DhcpOptions, RemoteSubnet, TENANT_LABEL};

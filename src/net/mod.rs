@@ -7,6 +7,7 @@ pub mod alias;
 mod error;
 mod fdb;
 pub mod firewall;
+pub mod garp;
 mod link;
 pub mod netns;
 mod new_link;

@@ -2,7 +2,7 @@
 
 use tenet::net::tunnel::TunnelSpec;
 use tenet::net::{FLOOD_MAC, Leftovers};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::subnet;
 use super::{Concentrator, TunnelState};
@@ -71,6 +71,18 @@ impl Concentrator {
         if new_subnet {
             let state = subnet::create(inner, &req.subnet, key).await?;
             subnets.insert(req.subnet, state);
+            // NAT out and forwarding for the new subnet.
+            let applied = {
+                let edge = inner.edge.lock().await;
+                super::edge::apply(inner, &subnets, &edge).await
+            };
+            if let Err(e) = applied {
+                let state = subnets.remove(&req.subnet).expect("present");
+                if let Err(also) = subnet::destroy(inner, &req.subnet, state).await {
+                    warn!(error = %also, "removing the subnet whose firewall rules failed");
+                }
+                return Err(e);
+            }
         }
         let state = subnets.get_mut(&req.subnet).expect("present");
         if let Some(t) = state.tunnels.get_mut(&req.cn_ip) {

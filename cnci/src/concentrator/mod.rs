@@ -18,6 +18,7 @@ macro_rules! fault_point {
 
 mod attach;
 mod detach;
+pub(crate) mod edge;
 pub(crate) mod subnet;
 
 use std::collections::BTreeMap;
@@ -40,8 +41,10 @@ pub use detach::Detached;
 
 use crate::config::CnciConfig;
 use crate::dnsmasq::DhcpServer;
+use crate::edge::EdgeState;
 use crate::endpoints::EndpointTable;
 use crate::error::CnciError;
+use tenet::net::firewall::Firewall;
 
 /// One tenant subnet as the concentrator holds it.
 pub(crate) struct SubnetState {
@@ -74,6 +77,12 @@ pub(crate) struct Inner {
     pub endpoints: Mutex<EndpointTable>,
     /// The etcd revision whose endpoints the hosts files reflect.
     pub synced: watch::Sender<Revision>,
+    /// Where the edge's desired state is kept (`/tenet/v1/cnci/<id>/`).
+    pub store: Option<Arc<dyn Datastore>>,
+    /// The edge's rules; `None` without an uplink.
+    pub firewall: Option<Firewall>,
+    /// Port forwards and floating IPs. Locked after `subnets` when both are held.
+    pub edge: tokio::sync::Mutex<EdgeState>,
 }
 
 impl Inner {
@@ -144,6 +153,14 @@ impl Concentrator {
         .map_err(CnciError::Discovery)?;
         let uplink = find_uplink(&config, &candidates, &compute)?;
         let tunnels = backend(config.tunnel, netlink.clone(), config.netns.clone()).await?;
+        let firewall = match &uplink {
+            Some(_) => Some(
+                Firewall::new(config.netns.as_deref(), None)
+                    .await
+                    .map_err(CnciError::Firewall)?,
+            ),
+            None => None,
+        };
         info!(
             cnci = %config.id,
             tenant = %config.tenant,
@@ -162,6 +179,9 @@ impl Concentrator {
             uplink,
             subnets: tokio::sync::Mutex::new(BTreeMap::new()),
             synced,
+            store: store.clone(),
+            firewall,
+            edge: tokio::sync::Mutex::new(EdgeState::default()),
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -256,8 +276,14 @@ fn find_uplink(
             .map(Some)
             .map_err(CnciError::Discovery);
     }
+    // Floating IPs sit on the uplink as /32s; they are not its address.
+    let candidates: Vec<UnderlayAddr> = candidates
+        .iter()
+        .filter(|a| a.addr.prefix() < 32)
+        .cloned()
+        .collect();
     if !config.uplink_nets.is_empty() {
-        return underlay::pick("uplink", candidates, &config.uplink_nets)
+        return underlay::pick("uplink", &candidates, &config.uplink_nets)
             .map(Some)
             .map_err(CnciError::Discovery);
     }

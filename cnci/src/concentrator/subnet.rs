@@ -67,12 +67,6 @@ pub(crate) async fn create_vxlan(
     Ok((name, index))
 }
 
-/// The file that remembers the namespace's `ip_forward` from before tenet turned it on, so
-/// that `reset` restores it even after a crash.
-pub(crate) fn forward_memo(inner: &Inner) -> std::path::PathBuf {
-    inner.config.run_dir.join("ip_forward.orig")
-}
-
 /// VXLAN mode: all compute nodes of a subnet are behind one bridge port (the VXLAN device),
 /// and a bridge never sends a frame back out the port it came in on; reflecting it would
 /// echo every broadcast to its sender. So the gateway answers ARP for the subnet's other
@@ -80,13 +74,7 @@ pub(crate) fn forward_memo(inner: &Inner) -> std::path::PathBuf {
 /// needs forwarding on in the concentrator's namespace.
 pub(crate) fn enable_cross_node_routing(inner: &Inner, bridge: &str) -> Result<(), CnciError> {
     let netns = inner.config.netns.as_deref();
-    let memo = forward_memo(inner);
-    if let Some(old) = sysctl::set(netns, "net.ipv4.ip_forward", "1")? {
-        std::fs::create_dir_all(&inner.config.run_dir)
-            .and_then(|()| std::fs::write(&memo, &old))
-            .map_err(|e| CnciError::file("writing", &memo, e))?;
-        info!(was = %old, "turned IP forwarding on for VXLAN subnets");
-    }
+    crate::sysctls::ensure(inner)?;
     sysctl::write(
         netns,
         &format!("net.ipv4.conf.{bridge}.proxy_arp_pvlan"),
@@ -237,6 +225,12 @@ pub(crate) async fn remove_idle(inner: &Inner, idle: Duration) -> Vec<Ipv4Networ
             Err(e) => tracing::warn!(subnet = %net, error = %e, "removing an idle subnet"),
         }
     }
+    if !removed.is_empty() {
+        let edge = inner.edge.lock().await;
+        if let Err(e) = super::edge::apply(inner, &subnets, &edge).await {
+            tracing::warn!(error = %e, "firewall after removing idle subnets");
+        }
+    }
     removed
 }
 
@@ -248,7 +242,10 @@ impl super::Concentrator {
         let Some(state) = subnets.remove(subnet) else {
             return Ok(false);
         };
-        destroy(&self.inner, subnet, state).await?;
+        let destroyed = destroy(&self.inner, subnet, state).await;
+        let edge = self.inner.edge.lock().await;
+        super::edge::apply(&self.inner, &subnets, &edge).await?;
+        destroyed?;
         Ok(true)
     }
 

@@ -17,7 +17,7 @@ use tenet::process::Daemon;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::concentrator::subnet::{
-    create_vxlan, enable_cross_node_routing, forward_memo, gateway_address, start_dhcp,
+    create_vxlan, enable_cross_node_routing, gateway_address, start_dhcp,
 };
 use crate::concentrator::{Concentrator, Inner, SubnetState, TunnelState};
 use crate::dnsmasq::{daemon_spec, parse_dir_name};
@@ -126,6 +126,9 @@ pub struct RebuildReport {
     /// Subnets whose running dnsmasq was adopted.
     pub dhcp_adopted: usize,
     pub repairs: Vec<Repair>,
+    /// What the firewall reconciliation found different (rules changed behind tenet's back,
+    /// or missing after a reboot).
+    pub firewall: tenet::net::firewall::Drift,
 }
 
 /// The links `reset` deletes: this concentrator's bridges (not another concentrator's),
@@ -193,6 +196,13 @@ impl Concentrator {
             }
             let keep: HashSet<Ipv4Network> = subnets.keys().copied().collect();
             remove_orphan_dhcp(inner, &keep, &mut plan.repairs).await;
+            match crate::concentrator::edge::restore(inner, &subnets).await {
+                Ok(drift) => report.firewall = drift,
+                Err(e) => plan.repairs.push(Repair::Failed {
+                    what: "the firewall rules".into(),
+                    error: e.to_string(),
+                }),
+            }
             report.subnets = subnets.len();
             report.repairs = plan.repairs;
             for r in &report.repairs {
@@ -230,6 +240,19 @@ impl Concentrator {
                 Repair::Failed { what, error } => Some(format!("{what}: {error}")),
                 _ => None,
             }));
+            if let Some(fw) = &inner.firewall {
+                fw.remove(crate::edge::OWNER).await?;
+            }
+            if let Some(up) = &inner.uplink {
+                let mut edge = inner.edge.lock().await;
+                for public in std::mem::take(&mut edge.floating).into_keys() {
+                    let addr = ipnetwork::IpNetwork::V4(Ipv4Network::new(public, 32).expect("/32"));
+                    if let Err(e) = inner.netlink.del_address(up.index, addr).await {
+                        failures.push(format!("{public}: {e}"));
+                    }
+                }
+                edge.forwards.clear();
+            }
             let links = inner.netlink.links().await?;
             let doomed = reset_selection(&links, &inner.config.id);
             for l in &doomed {
@@ -238,16 +261,7 @@ impl Concentrator {
                 }
             }
             let deleted = OWNERSHIP.delete_all(&inner.netlink, &doomed).await?;
-            let memo = forward_memo(inner);
-            if let Ok(old) = std::fs::read_to_string(&memo) {
-                tenet::net::sysctl::write(
-                    inner.config.netns.as_deref(),
-                    "net.ipv4.ip_forward",
-                    old.trim(),
-                )?;
-                std::fs::remove_file(&memo).map_err(|e| CnciError::file("removing", &memo, e))?;
-                info!(restored = %old.trim(), "IP forwarding restored");
-            }
+            crate::sysctls::restore(inner)?;
             if !failures.is_empty() {
                 return Err(CnciError::file(
                     "reset left dnsmasq state in",

@@ -1,7 +1,10 @@
 //! tenet's own keyspace in etcd, under `/tenet/v1/` next to Calico's keys (`calico::keys`).
 //!
 //! A tenant subnet lives at `/tenet/v1/tenant/<tenant>/subnet/<cidrkey>` and records which
-//! concentrator serves it, its tunnel key and the networking mode.
+//! concentrator serves it, its tunnel key and the networking mode. A concentrator's edge state
+//! (port forwards, floating IPs) lives under `/tenet/v1/cnci/<id>/` ([`cnci`]).
+
+pub mod cnci;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -148,13 +151,36 @@ impl TenantSubnet {
     }
 }
 
+/// A decoded value stored under `/tenet/v1/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TenetValue {
+    TenantSubnet(TenantSubnet),
+    Cnci(cnci::CnciValue),
+}
+
+impl TenetValue {
+    /// What kind of value this is, for `tenet dump`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TenetValue::TenantSubnet(_) => "TenantSubnet",
+            TenetValue::Cnci(cnci::CnciValue::Forward(_)) => "PortForward",
+            TenetValue::Cnci(cnci::CnciValue::Floating(_)) => "FloatingIp",
+        }
+    }
+}
+
 /// Decodes and validates a value stored under `/tenet/v1/`.
-pub fn decode(path: &str, raw: &[u8]) -> Result<TenantSubnet, String> {
+pub fn decode(path: &str, raw: &[u8]) -> Result<TenetValue, String> {
+    if let Some(rest) = path.strip_prefix(&format!("{TENET_ROOT}cnci/")) {
+        let key = cnci::CnciKey::parse(rest)?;
+        return cnci::decode(&key, raw).map(TenetValue::Cnci);
+    }
     let key = TenantSubnetKey::parse(path)?;
     let subnet: TenantSubnet =
         serde_json::from_slice(raw).map_err(|e| format!("invalid JSON value: {e}"))?;
     subnet.validate(Some(&key))?;
-    Ok(subnet)
+    Ok(TenetValue::TenantSubnet(subnet))
 }
 
 #[cfg(test)]
@@ -185,7 +211,10 @@ mod tests {
         let path = value.key().path();
         assert_eq!(path, "/tenet/v1/tenant/acme%2feu/subnet/172.16.0.0-24");
         let raw = serde_json::to_vec(&value).unwrap();
-        assert_eq!(decode(&path, &raw).unwrap(), value);
+        assert_eq!(
+            decode(&path, &raw).unwrap(),
+            TenetValue::TenantSubnet(value.clone())
+        );
 
         let wrong_key = TenantSubnet {
             subnet_key: 1,
@@ -202,5 +231,35 @@ mod tests {
         );
         let mode: Result<NetworkMode, _> = "ipip".parse();
         assert!(mode.is_err());
+    }
+
+    #[test]
+    fn concentrator_edge_state_round_trips_and_is_checked_against_its_key() {
+        use cnci::{FloatingIp, PortForward, Protocol};
+        let fwd = PortForward {
+            protocol: Protocol::Udp,
+            external_port: 5353,
+            internal_ip: "172.16.0.5".parse().unwrap(),
+            internal_port: 53,
+        };
+        let key = cnci::forward_key("c/1", Protocol::Udp, 5353);
+        assert_eq!(key, "/tenet/v1/cnci/c%2f1/forward/udp-5353");
+        let raw = serde_json::to_vec(&fwd).unwrap();
+        let got = decode(&key, &raw).unwrap();
+        assert_eq!(got.kind(), "PortForward");
+        let moved = decode(&cnci::forward_key("c1", Protocol::Tcp, 5353), &raw).unwrap_err();
+        assert!(moved.contains("stored at"), "{moved}");
+        let fip = FloatingIp {
+            public_ip: "192.0.2.50".parse().unwrap(),
+            private_ip: "172.16.0.5".parse().unwrap(),
+        };
+        let key = cnci::floating_key("c1", fip.public_ip);
+        assert_eq!(
+            decode(&key, &serde_json::to_vec(&fip).unwrap())
+                .unwrap()
+                .kind(),
+            "FloatingIp"
+        );
+        assert!(decode("/tenet/v1/cnci/c1/forward/sctp-1", b"{}").is_err());
     }
 }

@@ -1,0 +1,66 @@
+//! The namespace-wide settings a concentrator changes, each remembered in the run directory
+//! before it is changed (`<run_dir>/sysctl/<key>` holds the old value), so that `reset`
+//! restores them even after a crash:
+//!
+//! * `net.ipv4.ip_forward = 1`: NAT out, floating IPs and VXLAN subnets route;
+//! * `net.bridge.bridge-nf-call-iptables = 0`: with br_netfilter loaded, frames the tenant
+//!   bridges carry would pass iptables a second time, which breaks hairpin NAT (a workload
+//!   reaching another through a port forward). The concentrator polices nothing at the
+//!   bridge level; compute nodes do.
+
+use std::path::PathBuf;
+
+use tenet::net::sysctl;
+use tracing::info;
+
+use crate::concentrator::Inner;
+use crate::error::CnciError;
+
+const WANTED: [(&str, &str); 2] = [
+    ("net.ipv4.ip_forward", "1"),
+    ("net.bridge.bridge-nf-call-iptables", "0"),
+];
+
+fn memo_dir(inner: &Inner) -> PathBuf {
+    inner.config.run_dir.join("sysctl")
+}
+
+/// Sets every setting the concentrator needs, remembering the old values. A setting the
+/// kernel does not have (no br_netfilter) is skipped.
+pub(crate) fn ensure(inner: &Inner) -> Result<(), CnciError> {
+    let netns = inner.config.netns.as_deref();
+    for (key, value) in WANTED {
+        let Ok(current) = sysctl::read(netns, key) else {
+            continue;
+        };
+        if current == value {
+            continue;
+        }
+        let dir = memo_dir(inner);
+        let memo = dir.join(key);
+        if !memo.exists() {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&memo, &current))
+                .map_err(|e| CnciError::file("writing", &memo, e))?;
+        }
+        sysctl::write(netns, key, value)?;
+        info!(key, was = %current, now = value, "namespace setting changed");
+    }
+    Ok(())
+}
+
+/// Puts back every setting `ensure` changed.
+pub(crate) fn restore(inner: &Inner) -> Result<(), CnciError> {
+    let dir = memo_dir(inner);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let key = entry.file_name().to_string_lossy().into_owned();
+        let old = std::fs::read_to_string(entry.path())
+            .map_err(|e| CnciError::file("reading", &entry.path(), e))?;
+        sysctl::write(inner.config.netns.as_deref(), &key, old.trim())?;
+        info!(key = %key, restored = %old.trim(), "namespace setting restored");
+    }
+    std::fs::remove_dir_all(&dir).map_err(|e| CnciError::file("removing", &dir, e))
+}
