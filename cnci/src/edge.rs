@@ -2,9 +2,11 @@
 //! port forwards (with hairpin from inside the tenant), floating IPs (1:1 DNAT in, SNAT out)
 //! and the forwarding between the uplink and the tenant bridges. Pure: state → `Ruleset`.
 //!
-//! Chains (owner `TENET-CNCI`): `nat TENET-CNCI-PRE` (from PREROUTING: floating IPs, then
-//! port forwards), `nat TENET-CNCI-POST` (from POSTROUTING: floating SNAT, hairpin, NAT
-//! out), `filter TENET-CNCI-FWD` (from FORWARD).
+//! Chains (owner `TENET-CNCI`), each entered by one jump: `nat TENET-CNCI-FLOATING` and
+//! `nat TENET-CNCI-PORTS` (from PREROUTING: floating-IP DNAT, port-forward DNAT; apart, so
+//! that a floating-IP change does not rewrite 65,536 forwards), `nat TENET-CNCI-SNAT` (from
+//! POSTROUTING: floating SNAT before hairpin and NAT out), `filter TENET-CNCI-FORWARD` (from
+//! FORWARD).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -63,16 +65,17 @@ pub struct Uplink {
 /// The edge's rules for `subnets` and `state` behind `uplink`.
 pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &EdgeState) -> Ruleset {
     let mut r = Ruleset::new(OWNER);
-    let pre = r.chain(Table::Nat, "PRE", "PREROUTING");
-    let post = r.chain(Table::Nat, "POST", "POSTROUTING");
-    let fwd = r.chain(Table::Filter, "FWD", "FORWARD");
+    let floating = r.chain(Table::Nat, "FLOATING", "PREROUTING");
+    let ports = r.chain(Table::Nat, "PORTS", "PREROUTING");
+    let post = r.chain(Table::Nat, "SNAT", "POSTROUTING");
+    let fwd = r.chain(Table::Filter, "FORWARD", "FORWARD");
     let up = uplink.ifname.as_str();
 
     for f in state.floating.values() {
         let (public, private) = (f.public_ip, f.private_ip);
         r.push(
             Table::Nat,
-            &pre,
+            &floating,
             Rule::new(
                 format!("floating {public} -> {private}"),
                 [
@@ -109,7 +112,7 @@ pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &EdgeState) -> Rul
         // tenant too.
         r.push(
             Table::Nat,
-            &pre,
+            &ports,
             Rule::new(
                 format!(
                     "forward {proto} {} -> {}:{}",
@@ -284,9 +287,9 @@ mod tests {
         assert!(has(
             "-s 172.16.0.0/24 -o up0 -m comment --comment \"TENET-CNCI: nat out 172.16.0.0/24\" -j MASQUERADE"
         ));
-        assert_eq!(r.jumps.len(), 3);
+        assert_eq!(r.jumps.len(), 4);
         // Floating SNAT comes before NAT out in POSTROUTING.
-        let post = &r.chains[&(Table::Nat, "TENET-CNCI-POST".to_string())];
+        let post = &r.chains[&(Table::Nat, "TENET-CNCI-SNAT".to_string())];
         assert!(post[0].object.starts_with("floating"));
     }
 }

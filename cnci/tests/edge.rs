@@ -325,10 +325,10 @@ async fn nat_forwards_and_floating_ips_at_the_edge() {
         .unwrap();
     drop(conc);
     conc_host
-        .run(&["iptables", "-t", "nat", "-D", "TENET-CNCI-PRE", "1"])
+        .run(&["iptables", "-t", "nat", "-D", "TENET-CNCI-PORTS", "1"])
         .unwrap();
     conc_host
-        .run(&["iptables", "-A", "TENET-CNCI-FWD", "-j", "ACCEPT"])
+        .run(&["iptables", "-A", "TENET-CNCI-FORWARD", "-j", "ACCEPT"])
         .unwrap();
     let conc = Concentrator::init(edge_config(&conc_host, run.path()), Some(store.clone()))
         .await

@@ -110,44 +110,69 @@ impl Concentrator {
     /// Forwards `external_port` on the uplink address to a workload (DNAT; hairpin from
     /// inside the tenant works). Idempotent; a port already forwarded elsewhere is an error.
     pub async fn add_port_forward(&self, fwd: &PortForward) -> Result<bool, CnciError> {
+        Ok(self.add_port_forwards(std::slice::from_ref(fwd)).await? == 1)
+    }
+
+    /// Adds many port forwards as one change: every one is checked first (a bad one adds
+    /// nothing), the new ones are kept in etcd (in transactions of 100), and the firewall
+    /// gets one batch. Returns how many were new.
+    pub async fn add_port_forwards(&self, forwards: &[PortForward]) -> Result<usize, CnciError> {
         let inner = &*self.inner;
-        let span = info_span!("port_forward", proto = %fwd.protocol, port = fwd.external_port);
+        let span = info_span!("port_forwards", count = forwards.len());
         async {
             if inner.uplink.is_none() {
                 return Err(no_uplink());
             }
-            if fwd.external_port == 0 || fwd.internal_port == 0 {
-                return Err(CnciError::invalid("port", "0 is not a port"));
-            }
             let subnets = inner.subnets.lock().await;
-            check_private(&subnets, fwd.internal_ip, "internal_ip")?;
             let mut edge = inner.edge.lock().await;
-            let key = (fwd.protocol, fwd.external_port);
-            if let Some(existing) = edge.forwards.get(&key) {
-                if existing == fwd {
-                    return Ok(false);
+            let mut new: BTreeMap<(Protocol, u16), PortForward> = BTreeMap::new();
+            for fwd in forwards {
+                if fwd.external_port == 0 || fwd.internal_port == 0 {
+                    return Err(CnciError::invalid("port", "0 is not a port"));
                 }
-                return Err(CnciError::invalid(
-                    "external_port",
-                    format!(
-                        "{} {} already forwards to {}:{}",
-                        fwd.protocol,
-                        fwd.external_port,
-                        existing.internal_ip,
-                        existing.internal_port
-                    ),
-                ));
+                check_private(&subnets, fwd.internal_ip, "internal_ip")?;
+                let key = (fwd.protocol, fwd.external_port);
+                let existing = edge.forwards.get(&key).or_else(|| new.get(&key));
+                match existing {
+                    Some(e) if e == fwd => {}
+                    Some(e) => {
+                        return Err(CnciError::invalid(
+                            "external_port",
+                            format!(
+                                "{} {} already forwards to {}:{}",
+                                fwd.protocol, fwd.external_port, e.internal_ip, e.internal_port
+                            ),
+                        ));
+                    }
+                    None => {
+                        new.insert(key, fwd.clone());
+                    }
+                }
             }
-            let store_key = keys::forward_key(&inner.config.id, fwd.protocol, fwd.external_port);
-            self.persist(&store_key, fwd).await?;
-            edge.forwards.insert(key, fwd.clone());
+            if new.is_empty() {
+                return Ok(0);
+            }
+            let id = &inner.config.id;
+            let entries: Vec<(String, Vec<u8>)> = new
+                .values()
+                .map(|f| {
+                    let key = keys::forward_key(id, f.protocol, f.external_port);
+                    (key, serde_json::to_vec(f).expect("edge values serialise"))
+                })
+                .collect();
+            self.persist_many(&entries).await?;
+            edge.forwards.extend(new.clone());
             if let Err(e) = apply(inner, &subnets, &edge).await {
-                edge.forwards.remove(&key);
-                self.unpersist(&store_key).await;
+                for key in new.keys() {
+                    edge.forwards.remove(key);
+                }
+                for (key, _) in &entries {
+                    self.unpersist(key).await;
+                }
                 return Err(e);
             }
-            info!(to = %format!("{}:{}", fwd.internal_ip, fwd.internal_port), "port forward added");
-            Ok(true)
+            info!(added = new.len(), "port forwards added");
+            Ok(new.len())
         }
         .instrument(span)
         .await
@@ -189,11 +214,7 @@ impl Concentrator {
                 internal_port: 22,
             });
         }
-        let mut added = 0;
-        for f in &forwards {
-            added += usize::from(self.add_port_forward(f).await?);
-        }
-        Ok(added)
+        self.add_port_forwards(&forwards).await
     }
 
     /// Maps `public` 1:1 to a workload's `private` address (ciao's AssignPublicIP): the
@@ -330,6 +351,28 @@ impl Concentrator {
         if let Some(store) = &self.inner.store {
             let raw = serde_json::to_vec(value).expect("edge values serialise");
             store.put(key, &raw).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts many keys, 100 to a transaction, 8 transactions at a time.
+    async fn persist_many(&self, entries: &[(String, Vec<u8>)]) -> Result<(), CnciError> {
+        use futures::StreamExt;
+        let Some(store) = &self.inner.store else {
+            return Ok(());
+        };
+        let results: Vec<Result<_, _>> = futures::stream::iter(entries.chunks(100).map(|chunk| {
+            let mut txn = tenet::store::Txn::new();
+            for (k, v) in chunk {
+                txn = txn.then(tenet::store::TxnOp::put(k.clone(), v.clone()));
+            }
+            async move { store.txn(txn).await }
+        }))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+        for r in results {
+            r?;
         }
         Ok(())
     }
