@@ -54,13 +54,11 @@ impl Iptables {
         }
     }
 
-    async fn run_restore(&self, batch: &str, test: bool) -> Result<(), FirewallError> {
+    async fn run_restore(&self, batch: &str) -> Result<(), FirewallError> {
         let program = self.variant.restore_program();
-        let mut cmd = Command::new(program).arg("--noflush");
-        if test {
-            cmd = cmd.arg("--test");
-        }
-        cmd.netns(self.netns.as_deref())
+        Command::new(program)
+            .arg("--noflush")
+            .netns(self.netns.as_deref())
             .stdin(batch)
             .run()
             .await
@@ -87,9 +85,10 @@ impl FirewallBackend for Iptables {
     }
 
     async fn restore(&self, batch: &str) -> Result<(), FirewallError> {
-        // iptables-restore commits table by table: a batch refused in its second table
-        // would leave the first applied. The dry run refuses it before anything is.
-        self.run_restore(batch, true).await?;
-        self.run_restore(batch, false).await
+        // One exec: iptables-restore commits table by table, so a batch refused in its
+        // second table leaves the first applied, and a dry run (`--test`) would not help
+        // with iptables-nft, whose dry run skips the kernel's checks. `Firewall` undoes a
+        // refused batch from what it saved before instead.
+        self.run_restore(batch).await
     }
 }

@@ -1,8 +1,9 @@
 //! tenet's firewall: every rule tenet installs lives in chains an owner (one component, e.g.
 //! `TENET-CNCI`) owns, each rule commented with its owner and object, entered from the
 //! built-in chains by one jump each. A change is one transaction: one `ipset restore` and one
-//! `iptables-restore --noflush` batch, checked first with `--test` so that a rejected batch
-//! applies nothing, never one `iptables` process per rule. After a restart the first apply
+//! `iptables-restore --noflush` batch, never one `iptables` process per rule; a batch the
+//! kernel refuses part-way (iptables commits table by table) is undone from the state saved
+//! before it, so a rejected batch leaves nothing applied. After a restart the first apply
 //! reads `iptables-save` and repairs the owner's part (rules added or removed behind its back);
 //! rules of others are never touched. [`Firewall::remove`] leaves no chain, rule or set of the
 //! owner behind.
@@ -54,7 +55,8 @@ pub trait FirewallBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The current rules, in `iptables-save` form.
     async fn save(&self) -> Result<String, FirewallError>;
-    /// Checks `batch` (restore format, `--noflush`) without applying it, then applies it.
+    /// Applies `batch` (restore format, `--noflush`). It may be refused part-way; the caller
+    /// undoes what went in.
     async fn restore(&self, batch: &str) -> Result<(), FirewallError>;
 }
 
