@@ -29,25 +29,6 @@ use tenet_cnci::RemoteSubnet;
 
 const CNS: u8 = 4;
 
-fn count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e3)
-}
-
 fn row(what: &str, mut lat: Vec<Duration>, total: Option<Duration>) {
     lat.sort();
     let total = total.map_or("–".to_string(), |t| format!("{:.2} s", t.as_secs_f64()));
@@ -78,8 +59,8 @@ fn ip_of(i: usize) -> Ipv4Addr {
 }
 
 async fn run() {
-    let subnets = count("TENET_BENCH_SUBNETS", 100);
-    let hosts = count("TENET_BENCH_HOSTS", 100);
+    let subnets = env_count("TENET_BENCH_SUBNETS", 100);
+    let hosts = env_count("TENET_BENCH_HOSTS", 100);
     let etcd = EtcdServer::start().await.unwrap();
     let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
     let fabric = Fabric::new().await.unwrap();

@@ -27,25 +27,9 @@ use ipnetwork::Ipv4Network;
 use tenet::keyspace::cnci::{PortForward, Protocol};
 use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
-use tenet::testbed::{EtcdServer, Fabric, Host, Netns};
+use tenet::testbed::{EtcdServer, Fabric, Netns};
 use tenet::types::TunnelKey;
 use tenet_cnci::RemoteSubnet;
-
-fn count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e3)
-}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -54,31 +38,6 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(run());
-}
-
-fn internet(conc: &Host) -> Netns {
-    let inet = Netns::create("inet").unwrap();
-    conc.run(&[
-        "ip",
-        "link",
-        "add",
-        "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ext0",
-        "netns",
-        inet.name(),
-    ])
-    .unwrap();
-    conc.run(&["ip", "addr", "add", "192.0.2.2/24", "dev", "up0"])
-        .unwrap();
-    conc.run(&["ip", "link", "set", "up0", "up"]).unwrap();
-    inet.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "ext0"])
-        .unwrap();
-    inet.run(&["ip", "link", "set", "ext0", "up"]).unwrap();
-    inet
 }
 
 /// TCP throughput in Gbit/s from `client` to `server_ip` (iperf3 server in `server`).
@@ -124,9 +83,9 @@ async fn floating_ips(conc: &tenet_cnci::Concentrator, n: usize) -> (Vec<Duratio
 }
 
 async fn run() {
-    let forwards = count("TENET_BENCH_FORWARDS", 65536);
-    let floating = count("TENET_BENCH_FLOATING", 200);
-    let seconds = count("TENET_BENCH_SECONDS", 5);
+    let forwards = env_count("TENET_BENCH_FORWARDS", 65536);
+    let floating = env_count("TENET_BENCH_FLOATING", 200);
+    let seconds = env_count("TENET_BENCH_SECONDS", 5);
     let etcd = EtcdServer::start().await.unwrap();
     let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
     let fabric = Fabric::new().await.unwrap();

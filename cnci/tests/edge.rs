@@ -24,40 +24,6 @@ use tenet_cnci::{CnciConfig, CnciError, Concentrator};
 const UPLINK: &str = "192.0.2.2";
 const EXTERNAL: &str = "192.0.2.1";
 
-/// The "internet": a namespace cabled to the concentrator's uplink.
-fn internet(conc: &Host) -> Netns {
-    let inet = Netns::create("inet").unwrap();
-    conc.run(&[
-        "ip",
-        "link",
-        "add",
-        "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ext0",
-        "netns",
-        inet.name(),
-    ])
-    .unwrap();
-    conc.run(&["ip", "addr", "add", &format!("{UPLINK}/24"), "dev", "up0"])
-        .unwrap();
-    conc.run(&["ip", "link", "set", "up0", "up"]).unwrap();
-    inet.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{EXTERNAL}/24"),
-        "dev",
-        "ext0",
-    ])
-    .unwrap();
-    inet.run(&["ip", "link", "set", "ext0", "up"]).unwrap();
-    inet.run(&["ip", "link", "set", "lo", "up"]).unwrap();
-    inet
-}
-
 fn edge_config(host: &Host, run: &Path) -> CnciConfig {
     let mut c = cnci_config(host, "c1", "t1", run);
     c.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];

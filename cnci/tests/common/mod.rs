@@ -223,3 +223,53 @@ pub fn mtu_of(ns: &Netns) -> u32 {
     let out = ns.run(&["cat", "/sys/class/net/eth0/mtu"]).unwrap();
     out.trim().parse().unwrap()
 }
+
+/// The "internet": a namespace cabled to the concentrator host's uplink `up0`
+/// (192.0.2.2/24); the external host is the namespace itself (192.0.2.1). Nothing routes to
+/// the machine's real network.
+pub fn internet(conc: &Host) -> Netns {
+    let inet = Netns::create("inet").unwrap();
+    conc.run(&[
+        "ip",
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ext0",
+        "netns",
+        inet.name(),
+    ])
+    .unwrap();
+    conc.run(&["ip", "addr", "add", "192.0.2.2/24", "dev", "up0"])
+        .unwrap();
+    conc.run(&["ip", "link", "set", "up0", "up"]).unwrap();
+    inet.run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "ext0"])
+        .unwrap();
+    inet.run(&["ip", "link", "set", "ext0", "up"]).unwrap();
+    inet.run(&["ip", "link", "set", "lo", "up"]).unwrap();
+    inet
+}
+
+/// A count from the environment (benchmarks).
+pub fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `p` quantile of sorted latencies (benchmarks).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Milliseconds with one decimal (benchmarks).
+pub fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
