@@ -16,7 +16,7 @@ pub mod rebuild;
 mod sync;
 mod sysctls;
 
-pub use concentrator::{Attached, Concentrator, Detached, SubnetInfo};
+pub use concentrator::{Attached, Concentrator, Detached, MeshChange, SubnetInfo};
 pub use config::{CnciConfig, DhcpOptions, RemoteSubnet, TENANT_LABEL};
 pub use error::CnciError;
 #[cfg(feature = "fault-injection")]

@@ -6,6 +6,8 @@ use tenet::net::owned::Ownership;
 
 pub const BRIDGE: &str = "tcb";
 pub const TUNNEL: &str = "tct";
+/// A tunnel to another concentrator of the tenant (the mesh).
+pub const MESH: &str = "tcm";
 /// A subnet's one VXLAN device (VXLAN mode).
 pub const VXLAN: &str = "tcx";
 
@@ -15,10 +17,15 @@ pub const TUNNEL_KIND: &str = "tunnel";
 
 pub const OWNERSHIP: Ownership = Ownership {
     component: "concentrator",
-    prefixes: &[BRIDGE, TUNNEL, VXLAN],
+    prefixes: &[BRIDGE, TUNNEL, VXLAN, MESH],
     kinds: &[BRIDGE_KIND, VXLAN_KIND],
 };
 
 pub fn is_tunnel(name: &str) -> bool {
     OWNERSHIP.is_generated_as(name, TUNNEL)
+}
+
+/// Whether `name` is one of the concentrator's mesh tunnels.
+pub fn is_mesh(name: &str) -> bool {
+    OWNERSHIP.is_generated_as(name, MESH)
 }

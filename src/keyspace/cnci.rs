@@ -4,9 +4,12 @@
 //!
 //! * `/tenet/v1/cnci/<id>/forward/<tcp|udp>-<port>` → [`PortForward`]
 //! * `/tenet/v1/cnci/<id>/floating/<public ip>` → [`FloatingIp`]
+//! * `/tenet/v1/cnci/<id>/mesh` → [`Mesh`] (the tenant's concentrators, ciao's RefreshCNCI)
 
 use std::fmt;
 use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +63,68 @@ pub struct FloatingIp {
     pub private_ip: Ipv4Addr,
 }
 
+/// One concentrator of a tenant's mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshPeer {
+    /// The concentrator's id.
+    pub id: String,
+    /// Where its tunnels end.
+    pub underlay_ip: Ipv4Addr,
+    /// Its address inside the mesh (from the mesh CIDR).
+    pub mesh_ip: Ipv4Addr,
+    /// The tenant subnets it serves.
+    pub subnets: Vec<Ipv4Network>,
+}
+
+/// A tenant's L3 mesh between its concentrators: every concentrator of the tenant, itself
+/// included, and the CIDR their mesh addresses come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    pub cidr: Ipv4Network,
+    pub peers: Vec<MeshPeer>,
+}
+
+/// Mesh addresses for `ids`: an id keeps the address it had in `existing` (so a change of
+/// the list does not renumber the others), a new one gets the lowest free host address of
+/// `cidr`. Errors when `cidr` has too few.
+pub fn assign_mesh_addresses(
+    cidr: &Ipv4Network,
+    existing: &std::collections::BTreeMap<String, Ipv4Addr>,
+    ids: &[String],
+) -> Result<std::collections::BTreeMap<String, Ipv4Addr>, String> {
+    let hosts = (1u64 << (32 - cidr.prefix())).saturating_sub(2);
+    if (ids.len() as u64) > hosts {
+        return Err(format!(
+            "mesh CIDR {cidr} has {hosts} addresses for {} concentrators",
+            ids.len()
+        ));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for id in ids {
+        if let Some(ip) = existing.get(id).filter(|ip| cidr.contains(**ip)) {
+            out.insert(id.clone(), *ip);
+        }
+    }
+    let first = u32::from(cidr.network()) + 1;
+    for id in ids {
+        if out.contains_key(id) {
+            continue;
+        }
+        let free = (0..hosts as u32)
+            .map(|i| Ipv4Addr::from(first + i))
+            .find(|ip| !out.values().any(|v| v == ip))
+            .ok_or_else(|| format!("mesh CIDR {cidr} is full"))?;
+        out.insert(id.clone(), free);
+    }
+    Ok(out)
+}
+
+pub fn mesh_key(cnci: &str) -> String {
+    format!("{}mesh", prefix(cnci))
+}
+
 /// Every key of one concentrator lives under this prefix.
 pub fn prefix(cnci: &str) -> String {
     format!("{TENET_ROOT}cnci/{}/", escape_name(cnci))
@@ -85,6 +150,9 @@ pub enum CnciKey {
         cnci: String,
         public: Ipv4Addr,
     },
+    Mesh {
+        cnci: String,
+    },
 }
 
 impl CnciKey {
@@ -109,6 +177,9 @@ impl CnciKey {
                     .parse()
                     .map_err(|_| format!("'{ip}' is not an IPv4 address"))?,
             }),
+            [id, "mesh"] if !id.is_empty() => Ok(CnciKey::Mesh {
+                cnci: unescape_name(id),
+            }),
             _ => Err("not a concentrator key".into()),
         }
     }
@@ -120,6 +191,7 @@ impl CnciKey {
 pub enum CnciValue {
     Forward(PortForward),
     Floating(FloatingIp),
+    Mesh(Mesh),
 }
 
 pub(super) fn decode(key: &CnciKey, raw: &[u8]) -> Result<CnciValue, String> {
@@ -145,5 +217,8 @@ pub(super) fn decode(key: &CnciKey, raw: &[u8]) -> Result<CnciValue, String> {
             }
             Ok(CnciValue::Floating(v))
         }
+        CnciKey::Mesh { .. } => serde_json::from_slice(raw)
+            .map(CnciValue::Mesh)
+            .map_err(bad),
     }
 }

@@ -166,6 +166,7 @@ impl TenetValue {
             TenetValue::TenantSubnet(_) => "TenantSubnet",
             TenetValue::Cnci(cnci::CnciValue::Forward(_)) => "PortForward",
             TenetValue::Cnci(cnci::CnciValue::Floating(_)) => "FloatingIp",
+            TenetValue::Cnci(cnci::CnciValue::Mesh(_)) => "Mesh",
         }
     }
 }
@@ -261,5 +262,25 @@ mod tests {
             "FloatingIp"
         );
         assert!(decode("/tenet/v1/cnci/c1/forward/sctp-1", b"{}").is_err());
+
+        // Mesh addresses stay where they were; new concentrators take the free ones.
+        let cidr: Ipv4Network = "10.99.0.0/29".parse().unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a =
+            cnci::assign_mesh_addresses(&cidr, &Default::default(), &ids(&["c1", "c2"])).unwrap();
+        assert_eq!(a["c1"].to_string(), "10.99.0.1");
+        let b = cnci::assign_mesh_addresses(&cidr, &a, &ids(&["c2", "c3"])).unwrap();
+        assert_eq!(b["c2"], a["c2"]);
+        assert_eq!(
+            b["c3"].to_string(),
+            "10.99.0.1",
+            "c1's address is free again"
+        );
+        let full = ids(&["a", "b", "c", "d", "e", "f", "g"]);
+        assert!(
+            cnci::assign_mesh_addresses(&cidr, &Default::default(), &full)
+                .unwrap_err()
+                .contains("6 addresses")
+        );
     }
 }

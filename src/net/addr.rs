@@ -44,6 +44,11 @@ impl Route {
         }
         if let Some(dev) = self.dev {
             b = b.output_interface(dev);
+            // As `ip route add X dev Y` does: a route without a gateway reaches its
+            // destination on the link, and can then serve as a gateway's route.
+            if self.gateway.is_none() {
+                b = b.scope(rtnetlink::packet_route::route::RouteScope::Link);
+            }
         }
         if let Some(t) = self.table {
             b = b.table_id(t);

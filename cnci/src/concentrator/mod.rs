@@ -19,6 +19,7 @@ macro_rules! fault_point {
 mod attach;
 mod detach;
 pub(crate) mod edge;
+pub(crate) mod mesh;
 pub(crate) mod subnet;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub use attach::Attached;
 pub use detach::Detached;
+pub use mesh::{MeshChange, pair_key};
 
 use crate::config::CnciConfig;
 use crate::dnsmasq::DhcpServer;
@@ -83,6 +85,8 @@ pub(crate) struct Inner {
     pub firewall: Option<Firewall>,
     /// Port forwards and floating IPs. Locked after `subnets` when both are held.
     pub edge: tokio::sync::Mutex<EdgeState>,
+    /// The tenant mesh in place.
+    pub mesh: tokio::sync::Mutex<mesh::MeshState>,
 }
 
 impl Inner {
@@ -182,6 +186,7 @@ impl Concentrator {
             store: store.clone(),
             firewall,
             edge: tokio::sync::Mutex::new(EdgeState::default()),
+            mesh: tokio::sync::Mutex::new(mesh::MeshState::default()),
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();

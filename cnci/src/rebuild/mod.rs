@@ -152,6 +152,7 @@ fn reset_selection<'a>(links: &'a [Link], id: &str) -> Vec<&'a Link> {
             Owned::Foreign => tenet_alias(l).is_some_and(|a| {
                 a.kind == TUNNEL_KIND
                     && (names::is_tunnel(&l.name)
+                        || names::is_mesh(&l.name)
                         || l.controller.is_some_and(|c| bridges.contains(&c)))
             }),
         })
@@ -203,6 +204,12 @@ impl Concentrator {
                     error: e.to_string(),
                 }),
             }
+            if let Err(e) = crate::concentrator::mesh::restore(inner).await {
+                plan.repairs.push(Repair::Failed {
+                    what: "the tenant mesh".into(),
+                    error: e.to_string(),
+                });
+            }
             report.subnets = subnets.len();
             report.repairs = plan.repairs;
             for r in &report.repairs {
@@ -253,6 +260,7 @@ impl Concentrator {
                 }
                 edge.forwards.clear();
             }
+            *inner.mesh.lock().await = Default::default();
             let links = inner.netlink.links().await?;
             let doomed = reset_selection(&links, &inner.config.id);
             for l in &doomed {
