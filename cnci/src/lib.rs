@@ -13,6 +13,7 @@ pub mod error;
 pub mod fault;
 pub mod names;
 pub mod rebuild;
+pub mod show;
 mod sync;
 mod sysctls;
 

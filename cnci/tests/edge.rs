@@ -321,6 +321,38 @@ async fn nat_forwards_and_floating_ips_at_the_edge() {
         "a second rebuild repairs nothing"
     );
 
+    // What an operator sees: the library view and the command.
+    let view =
+        tenet_cnci::show::inspect(Some(&conc_host.path()), run.path(), Some((&*store, "c1")))
+            .await
+            .unwrap();
+    assert_eq!(view.subnets.len(), 1);
+    assert_eq!(view.subnets[0].compute_nodes, [cn_host.ip()]);
+    assert!(
+        view.subnets[0].dnsmasq_pid.is_some() && view.subnets[0].leases >= 2,
+        "{view:?}"
+    );
+    assert!(view.firewall_rules > 0);
+    assert_eq!((view.forwards.len(), view.floating_ips.len()), (2, 1));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenet-cnci"))
+        .args(["show", "--id", "c1", "--netns"])
+        .arg(conc_host.path())
+        .arg("--run-dir")
+        .arg(run.path())
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("172.16.0.0/24") && text.contains("floating 192.0.2.51 -> 172.16.0.6"),
+        "{text}"
+    );
+
     // Removal leaves the namespace's firewall as it was.
     conc.reset().await.unwrap();
     assert_eq!(saved(&conc_host), before);
