@@ -582,6 +582,30 @@ async fn rebuild_adopts_dnsmasq_and_repairs_the_damage() {
         "dnsmasq stopped"
     );
     assert!(std::fs::read_dir(run.path()).unwrap().next().is_none());
+
+    // A replaced concentrator (nothing in its kernel or run directory) attaches again what
+    // etcd records, and the workload leases again.
+    let replaced = Concentrator::init(config.clone(), Some(store.clone()))
+        .await
+        .unwrap();
+    let report = replaced.rebuild().await.unwrap();
+    assert_eq!(
+        report.repairs,
+        [Repair::RestoredAttachment {
+            subnet: subnet(),
+            cn_ip: cn_host.ip()
+        }]
+    );
+    assert_eq!((report.subnets, report.tunnels), (1, 1));
+    assert_eq!(dhcp.lease(&w.ns, 5).unwrap().ip, ip);
+    assert!(replaced.rebuild().await.unwrap().repairs.is_empty());
+    // Removing the subnet forgets its attachments too.
+    assert!(replaced.remove_subnet(&subnet()).await.unwrap());
+    let again = Concentrator::init(config, Some(store.clone()))
+        .await
+        .unwrap();
+    assert_eq!(again.rebuild().await.unwrap().subnets, 0);
+    again.reset().await.unwrap();
 }
 
 #[tokio::test]

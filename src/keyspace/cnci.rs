@@ -5,6 +5,7 @@
 //! * `/tenet/v1/cnci/<id>/forward/<tcp|udp>-<port>` → [`PortForward`]
 //! * `/tenet/v1/cnci/<id>/floating/<public ip>` → [`FloatingIp`]
 //! * `/tenet/v1/cnci/<id>/mesh` → [`Mesh`] (the tenant's concentrators, ciao's RefreshCNCI)
+//! * `/tenet/v1/cnci/<id>/attach/<subnet>/<cn ip>` → [`Attachment`] (a TenantAdded in force)
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -61,6 +62,31 @@ pub struct PortForward {
 pub struct FloatingIp {
     pub public_ip: Ipv4Addr,
     pub private_ip: Ipv4Addr,
+}
+
+/// A compute node's tunnel for a tenant subnet, as attached (TenantAdded's fields).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    pub tenant: String,
+    pub subnet: Ipv4Network,
+    pub subnet_key: u32,
+    pub cn_id: String,
+    pub cn_ip: Ipv4Addr,
+}
+
+pub fn attach_key(cnci: &str, subnet: &Ipv4Network, cn_ip: Ipv4Addr) -> String {
+    format!("{}{cn_ip}", attach_subnet_prefix(cnci, subnet))
+}
+
+/// Every attachment of one subnet.
+pub fn attach_subnet_prefix(cnci: &str, subnet: &Ipv4Network) -> String {
+    format!(
+        "{}attach/{}-{}/",
+        prefix(cnci),
+        subnet.network(),
+        subnet.prefix()
+    )
 }
 
 /// One concentrator of a tenant's mesh.
@@ -153,6 +179,11 @@ pub enum CnciKey {
     Mesh {
         cnci: String,
     },
+    Attach {
+        cnci: String,
+        subnet: Ipv4Network,
+        cn_ip: Ipv4Addr,
+    },
 }
 
 impl CnciKey {
@@ -177,6 +208,25 @@ impl CnciKey {
                     .parse()
                     .map_err(|_| format!("'{ip}' is not an IPv4 address"))?,
             }),
+            [id, "attach", net, ip] if !id.is_empty() => {
+                let (addr, len) = net
+                    .split_once('-')
+                    .ok_or_else(|| format!("'{net}' is not <network>-<prefix>"))?;
+                let subnet = Ipv4Network::new(
+                    addr.parse()
+                        .map_err(|_| format!("'{addr}' is not an address"))?,
+                    len.parse()
+                        .map_err(|_| format!("'{len}' is not a prefix"))?,
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(CnciKey::Attach {
+                    cnci: unescape_name(id),
+                    subnet,
+                    cn_ip: ip
+                        .parse()
+                        .map_err(|_| format!("'{ip}' is not an IPv4 address"))?,
+                })
+            }
             [id, "mesh"] if !id.is_empty() => Ok(CnciKey::Mesh {
                 cnci: unescape_name(id),
             }),
@@ -192,6 +242,7 @@ pub enum CnciValue {
     Forward(PortForward),
     Floating(FloatingIp),
     Mesh(Mesh),
+    Attach(Attachment),
 }
 
 pub(super) fn decode(key: &CnciKey, raw: &[u8]) -> Result<CnciValue, String> {
@@ -220,5 +271,15 @@ pub(super) fn decode(key: &CnciKey, raw: &[u8]) -> Result<CnciValue, String> {
         CnciKey::Mesh { .. } => serde_json::from_slice(raw)
             .map(CnciValue::Mesh)
             .map_err(bad),
+        CnciKey::Attach { subnet, cn_ip, .. } => {
+            let v: Attachment = serde_json::from_slice(raw).map_err(bad)?;
+            if v.subnet != *subnet || v.cn_ip != *cn_ip {
+                return Err(format!(
+                    "value is for {} from {}, but stored at {subnet} from {cn_ip}",
+                    v.subnet, v.cn_ip
+                ));
+            }
+            Ok(CnciValue::Attach(v))
+        }
     }
 }

@@ -167,6 +167,7 @@ impl TenetValue {
             TenetValue::Cnci(cnci::CnciValue::Forward(_)) => "PortForward",
             TenetValue::Cnci(cnci::CnciValue::Floating(_)) => "FloatingIp",
             TenetValue::Cnci(cnci::CnciValue::Mesh(_)) => "Mesh",
+            TenetValue::Cnci(cnci::CnciValue::Attach(_)) => "Attachment",
         }
     }
 }

@@ -10,6 +10,20 @@ use crate::config::RemoteSubnet;
 use crate::error::CnciError;
 use crate::names::{self, OWNERSHIP};
 
+fn attach_key(inner: &super::Inner, req: &RemoteSubnet) -> String {
+    tenet::keyspace::cnci::attach_key(&inner.config.id, &req.subnet, req.cn_ip)
+}
+
+fn attachment(req: &RemoteSubnet) -> tenet::keyspace::cnci::Attachment {
+    tenet::keyspace::cnci::Attachment {
+        tenant: req.tenant.clone(),
+        subnet: req.subnet,
+        subnet_key: req.subnet_key,
+        cn_id: req.cn_id.clone(),
+        cn_ip: req.cn_ip,
+    }
+}
+
 /// What an attach did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
@@ -87,8 +101,14 @@ impl Concentrator {
         let state = subnets.get_mut(&req.subnet).expect("present");
         if let Some(t) = state.tunnels.get_mut(&req.cn_ip) {
             if t.cn_id != req.cn_id {
-                info!(old = %t.cn_id, "the compute node at this address has a new id");
+                // Empty after a rebuild (the kernel does not hold it): the same attachment.
+                let renamed = !t.cn_id.is_empty();
                 t.cn_id = req.cn_id.clone();
+                if renamed {
+                    info!("the compute node at this address has a new id");
+                    self.persist(&attach_key(inner, req), &attachment(req))
+                        .await?;
+                }
             }
             return Ok(Attached {
                 bridge: state.bridge.clone(),
@@ -133,6 +153,21 @@ impl Concentrator {
             })
         }
         .await;
+        let made = match made {
+            // Kept in etcd, so that a replaced concentrator attaches it again.
+            Ok(tunnel) => match self
+                .persist(&attach_key(inner, req), &attachment(req))
+                .await
+            {
+                Ok(()) => Ok(tunnel),
+                Err(e) => {
+                    let mut left = Leftovers::new();
+                    left.note(inner.tunnels.delete(&tunnel.name).await);
+                    Err(e.with_leftovers(left))
+                }
+            },
+            Err(e) => Err(e),
+        };
         match made {
             Ok(tunnel) => {
                 fault_point!(inner, TunnelReady);

@@ -54,6 +54,12 @@ impl Concentrator {
                 None => self.inner.tunnels.delete(&tunnel.name).await?,
             }
             let tunnel = state.tunnels.remove(&req.cn_ip).expect("present");
+            self.unpersist(&tenet::keyspace::cnci::attach_key(
+                &self.inner.config.id,
+                &req.subnet,
+                req.cn_ip,
+            ))
+            .await;
             if state.tunnels.is_empty() {
                 state.idle_since = Some(Instant::now());
             }

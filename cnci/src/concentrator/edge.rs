@@ -347,7 +347,11 @@ impl Concentrator {
         self.inner.edge.lock().await.clone()
     }
 
-    async fn persist(&self, key: &str, value: &impl serde::Serialize) -> Result<(), CnciError> {
+    pub(super) async fn persist(
+        &self,
+        key: &str,
+        value: &impl serde::Serialize,
+    ) -> Result<(), CnciError> {
         if let Some(store) = &self.inner.store {
             let raw = serde_json::to_vec(value).expect("edge values serialise");
             store.put(key, &raw).await?;
@@ -377,7 +381,7 @@ impl Concentrator {
         Ok(())
     }
 
-    async fn unpersist(&self, key: &str) {
+    pub(super) async fn unpersist(&self, key: &str) {
         if let Some(store) = &self.inner.store {
             match store.delete(key, None).await {
                 Ok(_) | Err(tenet::store::StoreError::NotFound { .. }) => {}

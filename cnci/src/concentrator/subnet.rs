@@ -203,6 +203,14 @@ pub(crate) async fn destroy(
     let stopped = state.dhcp.stop(true).await;
     deleted?;
     stopped?;
+    if let Some(store) = &inner.store {
+        store
+            .delete_prefix(&tenet::keyspace::cnci::attach_subnet_prefix(
+                &inner.config.id,
+                subnet,
+            ))
+            .await?;
+    }
     info!(%subnet, bridge = %state.bridge, "subnet removed");
     Ok(())
 }

@@ -56,6 +56,12 @@ pub enum Repair {
     AddedGateway { subnet: Ipv4Network, bridge: String },
     /// A subnet whose dnsmasq was not running: started again.
     RestartedDhcp { subnet: Ipv4Network },
+    /// An attachment kept in etcd whose tunnel (or subnet) was not in the kernel (a replaced
+    /// or rebooted concentrator): attached again.
+    RestoredAttachment {
+        subnet: Ipv4Network,
+        cn_ip: Ipv4Addr,
+    },
     /// A dnsmasq (and its files) for a subnet that is gone: stopped and removed.
     RemovedOrphanDhcp { subnet: String, was_running: bool },
     /// A repair that did not work; what it concerns is left as it was.
@@ -94,6 +100,12 @@ impl fmt::Display for Repair {
                 write!(
                     f,
                     "removed tunnel {ifname} from {bridge}: not one the subnet needs"
+                )
+            }
+            Repair::RestoredAttachment { subnet, cn_ip } => {
+                write!(
+                    f,
+                    "attached {subnet} from {cn_ip} again, as etcd records it"
                 )
             }
             Repair::AddedVxlan { subnet, device } => {
@@ -165,6 +177,65 @@ impl Concentrator {
     /// is inconsistent (see [`Repair`]) and replaces the in-memory state. A second call with
     /// nothing changed in between repairs nothing and restarts nothing.
     pub async fn rebuild(&self) -> Result<RebuildReport, CnciError> {
+        let mut report = self.rebuild_kernel().await?;
+        self.restore_attachments(&mut report).await;
+        let now = self.subnets().await;
+        report.subnets = now.len();
+        report.tunnels = now.iter().map(|s| s.tunnels.len()).sum();
+        Ok(report)
+    }
+
+    /// The attachments etcd records that the kernel did not hold, attached again.
+    async fn restore_attachments(&self, report: &mut RebuildReport) {
+        let Some(store) = &self.inner.store else {
+            return;
+        };
+        let prefix = format!(
+            "{}attach/",
+            tenet::keyspace::cnci::prefix(&self.inner.config.id)
+        );
+        let listing = match store.list(&prefix).await {
+            Ok(l) => l,
+            Err(e) => {
+                report.repairs.push(Repair::Failed {
+                    what: "reading the attachments from etcd".into(),
+                    error: e.to_string(),
+                });
+                return;
+            }
+        };
+        for kv in listing.kvs {
+            let Ok(tenet::keyspace::TenetValue::Cnci(tenet::keyspace::cnci::CnciValue::Attach(a))) =
+                tenet::keyspace::decode(&kv.key, &kv.value)
+            else {
+                continue;
+            };
+            let req = crate::RemoteSubnet {
+                tenant: a.tenant,
+                subnet: a.subnet,
+                subnet_key: a.subnet_key,
+                cn_id: a.cn_id,
+                cn_ip: a.cn_ip,
+            };
+            match self.attach_remote_subnet(&req).await {
+                Ok(done) if done.new_tunnel => {
+                    let r = Repair::RestoredAttachment {
+                        subnet: req.subnet,
+                        cn_ip: req.cn_ip,
+                    };
+                    warn!(repair = %r, "rebuild");
+                    report.repairs.push(r);
+                }
+                Ok(_) => {}
+                Err(e) => report.repairs.push(Repair::Failed {
+                    what: format!("attaching {} from {} again", req.subnet, req.cn_ip),
+                    error: e.to_string(),
+                }),
+            }
+        }
+    }
+
+    async fn rebuild_kernel(&self) -> Result<RebuildReport, CnciError> {
         let inner = &*self.inner;
         async {
             let mut subnets = inner.subnets.lock().await;
