@@ -184,7 +184,7 @@ async fn scenario(variant: IptablesVariant) {
         Rule::new("broken", ["-j", "NO-SUCH-TARGET"]),
     );
     let pre = bad.chain_name("PRE");
-    bad.chains.get_mut(&(Table::Nat, pre)).unwrap().clear();
+    bad.set_rules(Table::Nat, &pre, Default::default());
     let fresh = Firewall::new(Some(&ns.path()), Some(variant))
         .await
         .unwrap();

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use tenet::keyspace::cnci::{FloatingIp, PortForward, Protocol};
@@ -46,6 +47,16 @@ pub struct EdgeState {
     pub forwards: BTreeMap<(Protocol, u16), PortForward>,
     /// By public address.
     pub floating: BTreeMap<Ipv4Addr, FloatingIp>,
+    /// The port-forward rules as last rendered; `None` once the forwards change. Tens of
+    /// thousands of forwards are then not rendered again for every floating-IP change.
+    pub ports_rules: Option<Arc<Vec<Rule>>>,
+}
+
+impl EdgeState {
+    /// Call after changing `forwards`.
+    pub fn forwards_changed(&mut self) {
+        self.ports_rules = None;
+    }
 }
 
 /// A tenant subnet as the edge sees it.
@@ -62,8 +73,44 @@ pub struct Uplink {
     pub addr: Ipv4Addr,
 }
 
-/// The edge's rules for `subnets` and `state` behind `uplink`.
-pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &EdgeState) -> Ruleset {
+/// The port-forward DNAT rules.
+pub fn render_ports(
+    uplink: &Uplink,
+    forwards: &BTreeMap<(Protocol, u16), PortForward>,
+) -> Vec<Rule> {
+    forwards
+        .values()
+        .map(|f| {
+            let proto = f.protocol.to_string();
+            // Matching the uplink address (not the interface) serves hairpin traffic from
+            // the tenant too.
+            Rule::new(
+                format!(
+                    "forward {proto} {} -> {}:{}",
+                    f.external_port, f.internal_ip, f.internal_port
+                ),
+                [
+                    "-d".to_string(),
+                    format!("{}/32", uplink.addr),
+                    "-p".into(),
+                    proto.clone(),
+                    "-m".into(),
+                    proto,
+                    "--dport".into(),
+                    f.external_port.to_string(),
+                    "-j".into(),
+                    "DNAT".into(),
+                    "--to-destination".into(),
+                    format!("{}:{}", f.internal_ip, f.internal_port),
+                ],
+            )
+        })
+        .collect()
+}
+
+/// The edge's rules for `subnets` and `state` behind `uplink`. The port-forward rules are
+/// rendered once and kept in `state` until the forwards change.
+pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &mut EdgeState) -> Ruleset {
     let mut r = Ruleset::new(OWNER);
     let floating = r.chain(Table::Nat, "FLOATING", "PREROUTING");
     let ports = r.chain(Table::Nat, "PORTS", "PREROUTING");
@@ -106,35 +153,11 @@ pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &EdgeState) -> Rul
             ),
         );
     }
-    for f in state.forwards.values() {
-        let proto = f.protocol.to_string();
-        // Matching the uplink address (not the interface) serves hairpin traffic from the
-        // tenant too.
-        r.push(
-            Table::Nat,
-            &ports,
-            Rule::new(
-                format!(
-                    "forward {proto} {} -> {}:{}",
-                    f.external_port, f.internal_ip, f.internal_port
-                ),
-                [
-                    "-d".to_string(),
-                    format!("{}/32", uplink.addr),
-                    "-p".into(),
-                    proto.clone(),
-                    "-m".into(),
-                    proto.clone(),
-                    "--dport".into(),
-                    f.external_port.to_string(),
-                    "-j".into(),
-                    "DNAT".into(),
-                    "--to-destination".into(),
-                    format!("{}:{}", f.internal_ip, f.internal_port),
-                ],
-            ),
-        );
-    }
+    let ports_rules = state
+        .ports_rules
+        .get_or_insert_with(|| Arc::new(render_ports(uplink, &state.forwards)))
+        .clone();
+    r.set_rules(Table::Nat, &ports, ports_rules);
     for s in subnets {
         let net = s.subnet.to_string();
         let br = s.bridge.as_str();
@@ -270,7 +293,7 @@ mod tests {
             subnet: "172.16.0.0/24".parse().unwrap(),
             bridge: "tcb_00000001".into(),
         }];
-        let r = render(&uplink, &subnets, &state);
+        let r = render(&uplink, &subnets, &mut state);
         let lines: Vec<String> = r
             .chains
             .iter()

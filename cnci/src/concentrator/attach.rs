@@ -87,8 +87,8 @@ impl Concentrator {
             subnets.insert(req.subnet, state);
             // NAT out and forwarding for the new subnet.
             let applied = {
-                let edge = inner.edge.lock().await;
-                super::edge::apply(inner, &subnets, &edge).await
+                let mut edge = inner.edge.lock().await;
+                super::edge::apply(inner, &subnets, &mut edge).await
             };
             if let Err(e) = applied {
                 let state = subnets.remove(&req.subnet).expect("present");

@@ -30,7 +30,7 @@ fn no_uplink() -> CnciError {
 pub(crate) async fn apply(
     inner: &Inner,
     subnets: &BTreeMap<Ipv4Network, SubnetState>,
-    edge: &EdgeState,
+    edge: &mut EdgeState,
 ) -> Result<Drift, CnciError> {
     let (Some(fw), Some(up)) = (&inner.firewall, &inner.uplink) else {
         return Ok(Drift::default());
@@ -73,6 +73,7 @@ pub(crate) async fn restore(
             }
         }
         *edge = state;
+        edge.forwards_changed();
     }
     if let Some(up) = &inner.uplink {
         for public in edge.floating.keys() {
@@ -99,7 +100,7 @@ pub(crate) async fn restore(
         ifname: up.link.clone(),
         addr: up.addr.ip(),
     };
-    Ok(fw.reconcile(&render(&uplink, &list, &edge)).await?)
+    Ok(fw.reconcile(&render(&uplink, &list, &mut edge)).await?)
 }
 
 fn host_addr(ip: Ipv4Addr) -> IpNetwork {
@@ -162,10 +163,12 @@ impl Concentrator {
                 .collect();
             self.persist_many(&entries).await?;
             edge.forwards.extend(new.clone());
-            if let Err(e) = apply(inner, &subnets, &edge).await {
+            edge.forwards_changed();
+            if let Err(e) = apply(inner, &subnets, &mut edge).await {
                 for key in new.keys() {
                     edge.forwards.remove(key);
                 }
+                edge.forwards_changed();
                 for (key, _) in &entries {
                     self.unpersist(key).await;
                 }
@@ -190,8 +193,10 @@ impl Concentrator {
         let Some(old) = edge.forwards.remove(&(protocol, port)) else {
             return Ok(false);
         };
-        if let Err(e) = apply(inner, &subnets, &edge).await {
+        edge.forwards_changed();
+        if let Err(e) = apply(inner, &subnets, &mut edge).await {
             edge.forwards.insert((protocol, port), old);
+            edge.forwards_changed();
             return Err(e);
         }
         self.unpersist(&keys::forward_key(&inner.config.id, protocol, port))
@@ -283,7 +288,7 @@ impl Concentrator {
                     .netlink
                     .add_address(up.index, host_addr(public))
                     .await?;
-                apply(inner, &subnets, &edge).await?;
+                apply(inner, &subnets, &mut edge).await?;
                 let mac = inner
                     .netlink
                     .link_by_index(up.index)
@@ -304,7 +309,7 @@ impl Concentrator {
                 edge.floating.remove(&public);
                 let mut left = tenet::net::Leftovers::new();
                 left.note(inner.netlink.del_address(up.index, host_addr(public)).await);
-                if let Err(undo) = apply(inner, &subnets, &edge).await {
+                if let Err(undo) = apply(inner, &subnets, &mut edge).await {
                     warn!(error = %undo, "undoing a floating IP's rules");
                 }
                 self.unpersist(&store_key).await;
@@ -327,7 +332,7 @@ impl Concentrator {
         let Some(fip) = edge.floating.remove(&public) else {
             return Ok(false);
         };
-        if let Err(e) = apply(inner, &subnets, &edge).await {
+        if let Err(e) = apply(inner, &subnets, &mut edge).await {
             edge.floating.insert(public, fip);
             return Err(e);
         }

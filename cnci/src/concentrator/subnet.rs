@@ -234,8 +234,8 @@ pub(crate) async fn remove_idle(inner: &Inner, idle: Duration) -> Vec<Ipv4Networ
         }
     }
     if !removed.is_empty() {
-        let edge = inner.edge.lock().await;
-        if let Err(e) = super::edge::apply(inner, &subnets, &edge).await {
+        let mut edge = inner.edge.lock().await;
+        if let Err(e) = super::edge::apply(inner, &subnets, &mut edge).await {
             tracing::warn!(error = %e, "firewall after removing idle subnets");
         }
     }
@@ -251,8 +251,8 @@ impl super::Concentrator {
             return Ok(false);
         };
         let destroyed = destroy(&self.inner, subnet, state).await;
-        let edge = self.inner.edge.lock().await;
-        super::edge::apply(&self.inner, &subnets, &edge).await?;
+        let mut edge = self.inner.edge.lock().await;
+        super::edge::apply(&self.inner, &subnets, &mut edge).await?;
         destroyed?;
         Ok(true)
     }

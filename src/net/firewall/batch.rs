@@ -189,7 +189,7 @@ pub fn full(desired: &Ruleset, saved: &Saved) -> (Vec<(Table, String)>, Drift) {
         }
         for c in &wanted {
             let rules = &desired.chains[&(table, (*c).clone())];
-            for r in rules {
+            for r in rules.iter() {
                 text.push_str(&desired.rule_line(c, r));
                 text.push('\n');
             }
@@ -253,8 +253,8 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Vec<(Table, String)> {
         }
         for c in &after {
             let key = (table, c.clone());
-            if old.chains.get(&key) != new.chains.get(&key) {
-                for r in &new.chains[&key] {
+            if !same(old.chains.get(&key), new.chains.get(&key)) {
+                for r in new.chains[&key].iter() {
                     text.push_str(&new.rule_line(c, r));
                     text.push('\n');
                 }
@@ -313,6 +313,18 @@ pub fn rollback(before: &Saved, now: &Saved, owner: &str) -> String {
         out.push_str("COMMIT\n");
     }
     out
+}
+
+/// Whether two versions of a chain hold the same rules (the same shared list, cheaply).
+fn same(
+    a: Option<&std::sync::Arc<Vec<super::ruleset::Rule>>>,
+    b: Option<&std::sync::Arc<Vec<super::ruleset::Rule>>>,
+) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 /// Whether a rule line jumps (or goes) to one of the owner's chains.

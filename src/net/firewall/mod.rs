@@ -152,7 +152,7 @@ impl Firewall {
         for d in &drift.removed {
             warn!(owner = %desired.owner, what = %d, "firewall: removed");
         }
-        info!(owner = %desired.owner, rules = desired.chains.values().map(Vec::len).sum::<usize>(), "firewall reconciled");
+        info!(owner = %desired.owner, rules = desired.chains.values().map(|r| r.len()).sum::<usize>(), "firewall reconciled");
         *self.applied() = Some(desired.clone());
         Ok(drift)
     }

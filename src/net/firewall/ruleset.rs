@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// An iptables table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -94,7 +95,9 @@ pub struct IpSet {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub owner: String,
-    pub chains: BTreeMap<(Table, String), Vec<Rule>>,
+    /// Shared, so that a large chain rendered once (65,536 port forwards) costs nothing to
+    /// keep, clone and compare while other chains change.
+    pub chains: BTreeMap<(Table, String), Arc<Vec<Rule>>>,
     pub jumps: Vec<Jump>,
     pub sets: Vec<IpSet>,
 }
@@ -129,10 +132,17 @@ impl Ruleset {
     }
 
     pub fn push(&mut self, table: Table, chain: &str, rule: Rule) {
-        self.chains
-            .entry((table, chain.to_string()))
-            .or_default()
-            .push(rule);
+        Arc::make_mut(self.chains.entry((table, chain.to_string())).or_default()).push(rule);
+    }
+
+    /// Sets a chain's rules to a list rendered before (and shared).
+    pub fn set_rules(&mut self, table: Table, chain: &str, rules: Arc<Vec<Rule>>) {
+        self.chains.insert((table, chain.to_string()), rules);
+    }
+
+    /// The rules of a chain, shared.
+    pub fn rules(&self, table: Table, chain: &str) -> Option<&Arc<Vec<Rule>>> {
+        self.chains.get(&(table, chain.to_string()))
     }
 
     /// The comment a rule of this owner carries.
