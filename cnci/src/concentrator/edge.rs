@@ -281,9 +281,10 @@ impl Concentrator {
                 private_ip: private,
             };
             let store_key = keys::floating_key(&inner.config.id, public);
-            self.persist(&store_key, &fip).await?;
-            edge.floating.insert(public, fip);
-            let made = async {
+            edge.floating.insert(public, fip.clone());
+            // The etcd write and the kernel work go together; the call succeeds only if both
+            // do, and a failure undoes both.
+            let kernel = async {
                 inner
                     .netlink
                     .add_address(up.index, host_addr(public))
@@ -303,9 +304,9 @@ impl Concentrator {
                     GARP_COUNT,
                 )?;
                 Ok::<_, CnciError>(())
-            }
-            .await;
-            if let Err(e) = made {
+            };
+            let (persisted, made) = tokio::join!(self.persist(&store_key, &fip), kernel);
+            if let Err(e) = persisted.and(made) {
                 edge.floating.remove(&public);
                 let mut left = tenet::net::Leftovers::new();
                 left.note(inner.netlink.del_address(up.index, host_addr(public)).await);
@@ -340,9 +341,8 @@ impl Concentrator {
             .netlink
             .del_address(up.index, host_addr(public))
             .await?;
-        forget_connections(inner, &fip).await;
-        self.unpersist(&keys::floating_key(&inner.config.id, public))
-            .await;
+        let store_key = keys::floating_key(&inner.config.id, public);
+        tokio::join!(forget_connections(inner, &fip), self.unpersist(&store_key));
         info!(%public, private = %fip.private_ip, "floating IP released");
         Ok(true)
     }
@@ -415,16 +415,16 @@ fn check_private(
 /// Drops the conntrack entries of a released mapping, so no flow keeps using it.
 async fn forget_connections(inner: &Inner, fip: &FloatingIp) {
     let netns = inner.config.netns.as_deref();
-    for args in [
-        ["-D", "--orig-dst", &fip.public_ip.to_string()],
-        ["-D", "--reply-dst", &fip.public_ip.to_string()],
-    ] {
-        match Command::new("conntrack")
-            .args(args)
+    let public = fip.public_ip.to_string();
+    let flush = |direction: &'static str| {
+        Command::new("conntrack")
+            .args(["-D", direction, &public])
             .netns(netns)
-            .run()
-            .await
-        {
+    };
+    let (orig, reply) = (flush("--orig-dst"), flush("--reply-dst"));
+    let (a, b) = tokio::join!(orig.run(), reply.run());
+    for result in [a, b] {
+        match result {
             Ok(_) => {}
             // Exit status 1 with "0 flow entries": nothing to delete.
             Err(tenet::process::ProcessError::Failed { stderr, .. })
