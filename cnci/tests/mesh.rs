@@ -14,7 +14,6 @@ use tenet::keyspace::cnci::{Mesh, MeshPeer};
 use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
 use tenet::testbed::{EtcdServer, Fabric};
-use tenet_cn::VnicConfig;
 use tenet_cnci::{CnciError, Concentrator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,27 +48,16 @@ async fn a_tenants_concentrators_route_between_its_subnets_only() {
         "02:00:00:00:00:a1",
     )
     .await;
-    let a2 = {
-        let mac = "02:00:00:00:00:a2".parse().unwrap();
-        let config = VnicConfig::container("wa2", "A", net_a2, "a2", h2.ip(), mac);
-        let vnic = cn.create_vnic(&config, None).await.unwrap();
-        let ns = tenet::testbed::Netns::create("wl").unwrap();
-        let peer = vnic.vnic.peer.clone().unwrap();
-        cn_host
-            .run(&[
-                "ip",
-                "link",
-                "set",
-                &peer,
-                "netns",
-                ns.name(),
-                "name",
-                "eth0",
-            ])
-            .unwrap();
-        ns.run(&["ip", "link", "set", "eth0", "up"]).unwrap();
-        Workload { ns, vnic, mac }
-    };
+    let a2 = workload_in(
+        &cn,
+        &cn_host,
+        "wa2",
+        "A",
+        net_a2,
+        ("a2", h2.ip()),
+        "02:00:00:00:00:a2",
+    )
+    .await;
     let b = workload(
         &cn,
         &cn_host,

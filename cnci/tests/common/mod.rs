@@ -75,8 +75,21 @@ pub async fn workload(
     conc: (&str, Ipv4Addr),
     mac: &str,
 ) -> Workload {
+    workload_in(cn, cn_host, id, tenant, subnet(), conc, mac).await
+}
+
+/// A workload in `net` (see [`workload`]).
+pub async fn workload_in(
+    cn: &ComputeNode,
+    cn_host: &Host,
+    id: &str,
+    tenant: &str,
+    net: Ipv4Network,
+    conc: (&str, Ipv4Addr),
+    mac: &str,
+) -> Workload {
     let mac: MacAddr = mac.parse().unwrap();
-    let config = VnicConfig::container(id, tenant, subnet(), conc.0, conc.1, mac);
+    let config = VnicConfig::container(id, tenant, net, conc.0, conc.1, mac);
     let vnic = cn.create_vnic(&config, None).await.unwrap();
     let ns = Netns::create("wl").unwrap();
     let peer = vnic.vnic.peer.clone().unwrap();
