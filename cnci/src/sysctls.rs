@@ -28,6 +28,10 @@ fn memo_dir(inner: &Inner) -> PathBuf {
 /// Sets every setting the concentrator needs, remembering the old values. A setting the
 /// kernel does not have (no br_netfilter) is skipped.
 pub(crate) fn ensure(inner: &Inner) -> Result<(), CnciError> {
+    use std::sync::atomic::Ordering;
+    if inner.settings_ready.load(Ordering::Acquire) {
+        return Ok(());
+    }
     let netns = inner.config.netns.as_deref();
     for (key, value) in WANTED {
         let Ok(current) = sysctl::read(netns, key) else {
@@ -46,11 +50,15 @@ pub(crate) fn ensure(inner: &Inner) -> Result<(), CnciError> {
         sysctl::write(netns, key, value)?;
         info!(key, was = %current, now = value, "namespace setting changed");
     }
+    inner.settings_ready.store(true, Ordering::Release);
     Ok(())
 }
 
 /// Puts back every setting `ensure` changed.
 pub(crate) fn restore(inner: &Inner) -> Result<(), CnciError> {
+    inner
+        .settings_ready
+        .store(false, std::sync::atomic::Ordering::Release);
     let dir = memo_dir(inner);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(());

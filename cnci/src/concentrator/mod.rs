@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     pub edge: tokio::sync::Mutex<EdgeState>,
     /// The tenant mesh in place.
     pub mesh: tokio::sync::Mutex<mesh::MeshState>,
+    /// Whether the namespace settings (`crate::sysctls`) are in place; checked once, not on
+    /// every firewall change.
+    pub settings_ready: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -187,6 +190,7 @@ impl Concentrator {
             firewall,
             edge: tokio::sync::Mutex::new(EdgeState::default()),
             mesh: tokio::sync::Mutex::new(mesh::MeshState::default()),
+            settings_ready: std::sync::atomic::AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
