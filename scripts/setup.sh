@@ -12,7 +12,7 @@ packages=(
     protobuf-compiler libprotobuf-dev  # etcd-client's build script needs protoc + well-known protos
     etcd-server etcd-client            # the datastore (tests start their own etcd)
     iproute2                           # ip netns for the testbed
-    iptables ipset conntrack           # concentrator firewall (conntrack: floating-IP release)
+    iptables ipset conntrack nftables  # concentrator firewall (conntrack: floating-IP release; nft: floating-IP maps)
     dnsmasq-base                       # DHCP per tenant bridge
     udhcpc                             # DHCP client inside test workloads
     tcpdump strace iputils-ping iperf3 # traffic proofs and benchmarks

@@ -6,7 +6,8 @@
 //!    `iptables -C` and one `iptables -A` exec per rule, measured on a sample of 500 and
 //!    extrapolated linearly (which flatters ciao: its execs get slower as the chain grows).
 //! 2. One floating-IP assign and one release, p50/p99 over 200 each, with the 65,536
-//!    forwards installed.
+//!    forwards installed; as nftables map elements (the default with iptables-nft) and, as
+//!    the baseline, as iptables rules on a second concentrator.
 //! 3. TCP throughput from the external host to a workload through the concentrator (GRE +
 //!    bridge + DNAT to a floating IP), next to the same path without NAT (routed to the
 //!    private address).
@@ -135,6 +136,27 @@ async fn run() {
     DhcpClient::new().lease(&w.ns, 3).expect("a lease");
     let (assign0, release0) = floating_ips(&conc, floating).await;
 
+    // The baseline: floating IPs as iptables rules, on a concentrator of its own.
+    let rules_host = fabric.add_host("conc2").await.unwrap();
+    let _rules_inet = internet(&rules_host);
+    let rules_run = tempfile::tempdir().unwrap();
+    let mut config = cnci_config(&rules_host, "c2", "t1", rules_run.path());
+    config.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];
+    config.nft_floating = false;
+    let rules_conc = conc_on(config, &store).await;
+    rules_conc
+        .attach_remote_subnet(&RemoteSubnet {
+            tenant: "t1".into(),
+            subnet: subnet(),
+            subnet_key: TunnelKey::from_subnet(&subnet()).unwrap().get(),
+            cn_id: "cn-x".into(),
+            cn_ip: Ipv4Addr::new(10, 254, 0, 200),
+        })
+        .await
+        .unwrap();
+    let (assign_rules, release_rules) = floating_ips(&rules_conc, floating).await;
+    rules_conc.reset().await.unwrap();
+
     let list: Vec<PortForward> = (0..forwards)
         .map(|i| PortForward {
             protocol: if i % 2 == 0 {
@@ -255,10 +277,21 @@ async fn run() {
     println!("|---|---|---|---|---|");
     for (what, lat) in [
         (
-            "assign (address, DNAT+SNAT, gratuitous ARP, etcd)",
+            "baseline: assign as iptables rules (address, DNAT+SNAT rules, gratuitous ARP, etcd)",
+            &assign_rules,
+        ),
+        (
+            "baseline: release as iptables rules (rules, address, conntrack flush, etcd)",
+            &release_rules,
+        ),
+        (
+            "assign (address, nftables map elements, gratuitous ARP, etcd)",
             &assign0,
         ),
-        ("release (rules, address, conntrack flush, etcd)", &release0),
+        (
+            "release (map elements, address, conntrack flush, etcd)",
+            &release0,
+        ),
         ("assign, with the port forwards installed", &assign),
         ("release, with the port forwards installed", &release),
     ] {

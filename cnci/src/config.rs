@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
+use tenet::net::firewall::IptablesVariant;
 use tenet::net::tunnel::BackendChoice;
 use tenet::types::TunnelKey;
 
@@ -60,6 +61,12 @@ pub struct CnciConfig {
     /// The uplink address, chosen explicitly; wins over `uplink_nets`.
     pub uplink_addr: Option<Ipv4Addr>,
     pub tunnel: BackendChoice,
+    /// Which iptables the edge rules go to (`None`: the one the system's `iptables` is).
+    /// With iptables-nft, floating IPs are nftables map elements instead of rules.
+    pub iptables: Option<IptablesVariant>,
+    /// Floating IPs as elements of an nftables map (table `tenet-cnci`) when the iptables is
+    /// iptables-nft and `nft` is present (default); `false` keeps them as iptables rules.
+    pub nft_floating: bool,
     /// The namespace to work in (`None`: the caller's).
     pub netns: Option<PathBuf>,
     /// Per-subnet dnsmasq files go to `<run_dir>/<subnet>/`.
@@ -85,6 +92,8 @@ impl CnciConfig {
             uplink_nets: Vec::new(),
             uplink_addr: None,
             tunnel: BackendChoice::Auto,
+            iptables: None,
+            nft_floating: true,
             netns: None,
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             dhcp: DhcpOptions::default(),

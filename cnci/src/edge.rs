@@ -6,7 +6,8 @@
 //! `nat TENET-CNCI-PORTS` (from PREROUTING: floating-IP DNAT, port-forward DNAT; apart, so
 //! that a floating-IP change does not rewrite 65,536 forwards), `nat TENET-CNCI-SNAT` (from
 //! POSTROUTING: floating SNAT before hairpin and NAT out), `filter TENET-CNCI-FORWARD` (from
-//! FORWARD).
+//! FORWARD). With iptables-nft, floating IPs are nftables map elements instead
+//! ([`FloatingNat::NftMap`]): an assign is then a 2 ms map change, not a 15 ms rule commit.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -53,6 +54,14 @@ pub struct EdgeState {
 }
 
 impl EdgeState {
+    /// The floating IPs as public → private.
+    pub fn floating_map(&self) -> tenet::net::firewall::natmap::Mappings {
+        self.floating
+            .values()
+            .map(|f| (f.public_ip, f.private_ip))
+            .collect()
+    }
+
     /// Call after changing `forwards`.
     pub fn forwards_changed(&mut self) {
         self.ports_rules = None;
@@ -108,9 +117,23 @@ pub fn render_ports(
         .collect()
 }
 
+/// Where floating IPs are translated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatingNat {
+    /// A DNAT and an SNAT rule each, in `TENET-CNCI-FLOATING` and `TENET-CNCI-SNAT`.
+    Rules,
+    /// Elements of nftables maps ([`tenet::net::firewall::NatMap`]); no rules here.
+    NftMap,
+}
+
 /// The edge's rules for `subnets` and `state` behind `uplink`. The port-forward rules are
 /// rendered once and kept in `state` until the forwards change.
-pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &mut EdgeState) -> Ruleset {
+pub fn render(
+    uplink: &Uplink,
+    subnets: &[EdgeSubnet],
+    state: &mut EdgeState,
+    floating_nat: FloatingNat,
+) -> Ruleset {
     let mut r = Ruleset::new(OWNER);
     let floating = r.chain(Table::Nat, "FLOATING", "PREROUTING");
     let ports = r.chain(Table::Nat, "PORTS", "PREROUTING");
@@ -118,7 +141,11 @@ pub fn render(uplink: &Uplink, subnets: &[EdgeSubnet], state: &mut EdgeState) ->
     let fwd = r.chain(Table::Filter, "FORWARD", "FORWARD");
     let up = uplink.ifname.as_str();
 
-    for f in state.floating.values() {
+    let floating_rules = match floating_nat {
+        FloatingNat::Rules => state.floating.values().collect(),
+        FloatingNat::NftMap => Vec::new(),
+    };
+    for f in floating_rules {
         let (public, private) = (f.public_ip, f.private_ip);
         r.push(
             Table::Nat,
@@ -293,7 +320,7 @@ mod tests {
             subnet: "172.16.0.0/24".parse().unwrap(),
             bridge: "tcb_00000001".into(),
         }];
-        let r = render(&uplink, &subnets, &mut state);
+        let r = render(&uplink, &subnets, &mut state, FloatingNat::Rules);
         let lines: Vec<String> = r
             .chains
             .iter()

@@ -46,6 +46,8 @@ pub struct ConcentratorView {
     pub mesh_tunnels: Vec<MeshTunnelView>,
     /// Rules in tenet's concentrator chains (`iptables-save`).
     pub firewall_rules: usize,
+    /// Floating IPs in tenet's nftables map, if it has one (iptables-nft).
+    pub nft_floating: Option<usize>,
     pub forwards: Vec<PortForward>,
     pub floating_ips: Vec<FloatingIp>,
     pub mesh: Option<Mesh>,
@@ -130,6 +132,8 @@ pub async fn inspect(
             .filter(|l| l.starts_with("-A TENET-CNCI-"))
             .count();
     }
+    let map = tenet::net::firewall::NatMap::new(crate::edge::OWNER, "", netns);
+    view.nft_floating = map.read().await.ok().flatten().map(|m| m.len());
     if let Some((store, id)) = store {
         for kv in store.list(&keys::prefix(id)).await?.kvs {
             match tenet::keyspace::decode(&kv.key, &kv.value) {
@@ -180,8 +184,11 @@ pub fn render_table(view: &ConcentratorView) -> String {
     }
     let _ = writeln!(
         out,
-        "\nfirewall: {} rules in TENET-CNCI chains; {} port forwards, {} floating IPs in etcd",
+        "\nfirewall: {} rules in TENET-CNCI chains{}; {} port forwards, {} floating IPs in etcd",
         view.firewall_rules,
+        view.nft_floating
+            .map(|n| format!(", {n} floating IPs in nftables table tenet-cnci"))
+            .unwrap_or_default(),
         view.forwards.len(),
         view.floating_ips.len()
     );

@@ -72,7 +72,11 @@ fn tcp_peer(listener: &TcpListener, from: &Netns, to: &str) -> Option<std::net::
 }
 
 fn saved(host: &Host) -> String {
-    host.run(&["iptables-save"])
+    saved_by(host, "iptables-save")
+}
+
+fn saved_by(host: &Host, program: &str) -> String {
+    host.run(&[program])
         .unwrap()
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -296,11 +300,22 @@ async fn nat_forwards_and_floating_ips_at_the_edge() {
     conc_host
         .run(&["iptables", "-A", "TENET-CNCI-FORWARD", "-j", "ACCEPT"])
         .unwrap();
+    // With iptables-nft, floating IPs are elements of tenet's nftables map.
+    conc_host
+        .run(&["nft", "delete element ip tenet-cnci dnat_in { 192.0.2.51 }"])
+        .unwrap();
     let conc = Concentrator::init(edge_config(&conc_host, run.path()), Some(store.clone()))
         .await
         .unwrap();
     let report = conc.rebuild().await.unwrap();
-    assert_eq!(report.firewall.restored.len(), 1, "{:?}", report.firewall);
+    assert_eq!(
+        report.firewall.restored,
+        [
+            report.firewall.restored[0].clone(),
+            "floating 192.0.2.51 -> 172.16.0.6".to_string()
+        ],
+        "the forward and the floating IP deleted by hand are back"
+    );
     assert_eq!(report.firewall.removed.len(), 1, "{:?}", report.firewall);
     assert_eq!(
         conc.edge().await.forwards.len(),
@@ -333,6 +348,7 @@ async fn nat_forwards_and_floating_ips_at_the_edge() {
         "{view:?}"
     );
     assert!(view.firewall_rules > 0);
+    assert_eq!(view.nft_floating, Some(1));
     assert_eq!((view.forwards.len(), view.floating_ips.len()), (2, 1));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenet-cnci"))
         .args(["show", "--id", "c1", "--netns"])
@@ -356,6 +372,13 @@ async fn nat_forwards_and_floating_ips_at_the_edge() {
     // Removal leaves the namespace's firewall as it was.
     conc.reset().await.unwrap();
     assert_eq!(saved(&conc_host), before);
+    assert!(
+        !conc_host
+            .run(&["nft", "list", "tables"])
+            .unwrap()
+            .contains("tenet"),
+        "no nftables table of tenet's is left"
+    );
     assert_eq!(
         tenet::net::sysctl::read(Some(&conc_host.path()), "net.ipv4.ip_forward").unwrap(),
         forwarding_before
@@ -366,4 +389,129 @@ async fn nat_forwards_and_floating_ips_at_the_edge() {
             .unwrap()
             .contains("192.0.2.51")
     );
+}
+
+/// The same edge with iptables-legacy: floating IPs are rules there (no nftables map), and
+/// removal leaves `iptables-legacy-save` as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_works_with_iptables_legacy() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
+    let fabric = Fabric::new().await.unwrap();
+    let cn_host = fabric.add_host("cn").await.unwrap();
+    let conc_host = fabric.add_host("conc").await.unwrap();
+    let inet = internet(&conc_host);
+    let run = tempfile::tempdir().unwrap();
+    // The operator's rules; they also make the tables exist before, as they stay after
+    // (a table, once used, stays until the namespace goes).
+    conc_host
+        .run(&[
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "eth9",
+            "-j",
+            "MASQUERADE",
+        ])
+        .unwrap();
+    conc_host
+        .run(&[
+            "iptables-legacy",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9",
+            "-j",
+            "DROP",
+        ])
+        .unwrap();
+    let before = saved_by(&conc_host, "iptables-legacy-save");
+
+    let mut config = edge_config(&conc_host, run.path());
+    config.iptables = Some(tenet::net::firewall::IptablesVariant::Legacy);
+    let conc = conc_on(config, &store).await;
+    let cn = cn_on(&cn_host, "cn-1", BackendChoice::Userspace).await;
+    let dhcp = DhcpClient::new();
+    let w = workload(
+        &cn,
+        &cn_host,
+        "v1",
+        "t1",
+        ("c1", conc_host.ip()),
+        "02:00:00:00:00:05",
+    )
+    .await;
+    let rev = put_endpoint(
+        &store,
+        "cn-1",
+        "v1",
+        "t1",
+        w.mac,
+        "172.16.0.5".parse().unwrap(),
+    )
+    .await;
+    conc.attach_remote_subnet(&remote(w.vnic.tunnel.as_ref().unwrap()))
+        .await
+        .unwrap();
+    synced(&conc, rev).await;
+    dhcp.lease(&w.ns, 3).expect("w leases");
+
+    let outside = tcp_listen(&inet, &format!("{EXTERNAL}:8080"));
+    assert_eq!(
+        tcp_peer(&outside, &w.ns, &format!("{EXTERNAL}:8080")).map(|p| p.to_string()),
+        Some(UPLINK.to_string()),
+        "NAT out"
+    );
+    let ssh = tcp_listen(&w.ns, "0.0.0.0:22");
+    conc.add_port_forward(&PortForward {
+        protocol: Protocol::Tcp,
+        external_port: 2222,
+        internal_ip: "172.16.0.5".parse().unwrap(),
+        internal_port: 22,
+    })
+    .await
+    .unwrap();
+    assert!(
+        tcp_peer(&ssh, &inet, &format!("{UPLINK}:2222")).is_some(),
+        "the port forward"
+    );
+    let public = "192.0.2.50";
+    conc.assign_floating_ip(public.parse().unwrap(), "172.16.0.5".parse().unwrap())
+        .await
+        .unwrap();
+    let rules = saved_by(&conc_host, "iptables-legacy-save");
+    assert!(
+        rules.contains(&format!("TENET-CNCI: floating {public} -> 172.16.0.5")),
+        "{rules}"
+    );
+    assert!(
+        !conc_host
+            .run(&["nft", "list", "tables"])
+            .unwrap()
+            .contains("tenet"),
+        "no nftables map with iptables-legacy"
+    );
+    assert_eq!(
+        tcp_peer(&ssh, &inet, &format!("{public}:22")).map(|p| p.to_string()),
+        Some(EXTERNAL.to_string()),
+        "the floating IP reaches w"
+    );
+    assert_eq!(
+        tcp_peer(&outside, &w.ns, &format!("{EXTERNAL}:8080")).map(|p| p.to_string()),
+        Some(public.to_string()),
+        "w leaves with its public address"
+    );
+    conc.release_floating_ip(public.parse().unwrap())
+        .await
+        .unwrap();
+    assert!(tcp_connect(&inet, &format!("{public}:22")).is_err());
+    assert!(!saved_by(&conc_host, "iptables-legacy-save").contains(public));
+
+    conc.reset().await.unwrap();
+    assert_eq!(saved_by(&conc_host, "iptables-legacy-save"), before);
 }

@@ -13,7 +13,7 @@ use tenet::process::Command;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{Concentrator, Inner, SubnetState};
-use crate::edge::{EdgeState, EdgeSubnet, Uplink, ciao_ssh_port, render};
+use crate::edge::{EdgeState, EdgeSubnet, FloatingNat, Uplink, ciao_ssh_port, render};
 use crate::error::CnciError;
 
 /// Gratuitous ARPs sent for a new floating IP.
@@ -47,7 +47,20 @@ pub(crate) async fn apply(
             bridge: s.bridge.clone(),
         })
         .collect();
-    Ok(fw.apply(&render(&uplink, &list, edge)).await?)
+    let drift = fw
+        .apply(&render(&uplink, &list, edge, floating_nat(inner)))
+        .await?;
+    if let Some(map) = &inner.natmap {
+        map.apply(&edge.floating_map()).await?;
+    }
+    Ok(drift)
+}
+
+fn floating_nat(inner: &Inner) -> FloatingNat {
+    match inner.natmap {
+        Some(_) => FloatingNat::NftMap,
+        None => FloatingNat::Rules,
+    }
 }
 
 /// After a restart: the edge's desired state from etcd, its floating addresses back on the
@@ -100,7 +113,15 @@ pub(crate) async fn restore(
         ifname: up.link.clone(),
         addr: up.addr.ip(),
     };
-    Ok(fw.reconcile(&render(&uplink, &list, &mut edge)).await?)
+    let mut drift = fw
+        .reconcile(&render(&uplink, &list, &mut edge, floating_nat(inner)))
+        .await?;
+    if let Some(map) = &inner.natmap {
+        let found = map.reconcile(&edge.floating_map()).await?;
+        drift.restored.extend(found.restored);
+        drift.removed.extend(found.removed);
+    }
+    Ok(drift)
 }
 
 fn host_addr(ip: Ipv4Addr) -> IpNetwork {

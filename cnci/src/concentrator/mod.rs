@@ -46,7 +46,7 @@ use crate::dnsmasq::DhcpServer;
 use crate::edge::EdgeState;
 use crate::endpoints::EndpointTable;
 use crate::error::CnciError;
-use tenet::net::firewall::Firewall;
+use tenet::net::firewall::{Firewall, NatMap};
 
 /// One tenant subnet as the concentrator holds it.
 pub(crate) struct SubnetState {
@@ -83,6 +83,9 @@ pub(crate) struct Inner {
     pub store: Option<Arc<dyn Datastore>>,
     /// The edge's rules; `None` without an uplink.
     pub firewall: Option<Firewall>,
+    /// Floating IPs as nftables map elements (with iptables-nft and `nft` present); `None`:
+    /// they are rules in `firewall`.
+    pub natmap: Option<NatMap>,
     /// Port forwards and floating IPs. Locked after `subnets` when both are held.
     pub edge: tokio::sync::Mutex<EdgeState>,
     /// The tenant mesh in place.
@@ -162,11 +165,25 @@ impl Concentrator {
         let tunnels = backend(config.tunnel, netlink.clone(), config.netns.clone()).await?;
         let firewall = match &uplink {
             Some(_) => Some(
-                Firewall::new(config.netns.as_deref(), None)
+                Firewall::new(config.netns.as_deref(), config.iptables)
                     .await
                     .map_err(CnciError::Firewall)?,
             ),
             None => None,
+        };
+        let natmap = match (&firewall, &uplink) {
+            (Some(fw), Some(up))
+                if config.nft_floating
+                    && fw.backend() == "iptables-nft"
+                    && NatMap::available(config.netns.as_deref()).await =>
+            {
+                Some(NatMap::new(
+                    crate::edge::OWNER,
+                    &up.link,
+                    config.netns.as_deref(),
+                ))
+            }
+            _ => None,
         };
         info!(
             cnci = %config.id,
@@ -188,6 +205,7 @@ impl Concentrator {
             synced,
             store: store.clone(),
             firewall,
+            natmap,
             edge: tokio::sync::Mutex::new(EdgeState::default()),
             mesh: tokio::sync::Mutex::new(mesh::MeshState::default()),
             settings_ready: std::sync::atomic::AtomicBool::new(false),

@@ -321,6 +321,9 @@ impl Concentrator {
             if let Some(fw) = &inner.firewall {
                 fw.remove(crate::edge::OWNER).await?;
             }
+            if let Some(map) = &inner.natmap {
+                map.delete().await?;
+            }
             if let Some(up) = &inner.uplink {
                 let mut edge = inner.edge.lock().await;
                 for public in std::mem::take(&mut edge.floating).into_keys() {

@@ -11,9 +11,11 @@
 //! * [`ruleset`]: the desired state (pure).
 //! * [`batch`]: desired state + what is there → the restore batch (pure).
 //! * [`iptables`]: the backends (iptables-nft, iptables-legacy) behind [`FirewallBackend`].
+//! * [`natmap`]: 1:1 NAT as nftables maps, where a mapping changes often (floating IPs).
 
 pub mod batch;
 pub mod iptables;
+pub mod natmap;
 pub mod ruleset;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use tracing::{debug, info, warn};
 
 pub use batch::Drift;
 pub use iptables::{Iptables, IptablesVariant};
+pub use natmap::NatMap;
 pub use ruleset::{IpSet, Jump, Rule, Ruleset, Table};
 
 use crate::process::{Command, ProcessError};
