@@ -222,3 +222,60 @@ async fn owned_chains_with_iptables_nft() {
 async fn owned_chains_with_iptables_legacy() {
     scenario(IptablesVariant::Legacy).await;
 }
+
+/// The 1:1 NAT map: whole table first, differences later, repair after a change made by
+/// hand, a clear error for a refused change, and nothing left after `delete`.
+#[tokio::test]
+async fn nat_map_in_nftables() {
+    use tenet::net::firewall::NatMap;
+    use tenet::net::firewall::natmap::Mappings;
+    let ns = Netns::create("natmap").unwrap();
+    let path = ns.path();
+    let tables_before = ns.run(&["nft", "list", "tables"]).unwrap();
+    let map = NatMap::new("TENET-T", "up0", Some(&path));
+    let pair = |a: &str, b: &str| (a.parse().unwrap(), b.parse().unwrap());
+    let mut want: Mappings = [pair("192.0.2.50", "172.16.0.5")].into();
+    assert_eq!(map.read().await.unwrap(), None, "no table yet");
+    map.apply(&want).await.unwrap();
+    want.insert("192.0.2.51".parse().unwrap(), "172.16.0.6".parse().unwrap());
+    map.apply(&want).await.unwrap();
+    assert_eq!(map.read().await.unwrap().as_ref(), Some(&want));
+    let listed = ns.run(&["nft", "list", "table", "ip", "tenet-t"]).unwrap();
+    assert!(listed.contains("172.16.0.6 : 192.0.2.51"), "{listed}");
+    assert!(listed.contains("oifname \"up0\" snat"), "{listed}");
+
+    // Behind its back: an element deleted, one added.
+    ns.run(&["nft", "delete element ip tenet-t dnat_in { 192.0.2.50 }"])
+        .unwrap();
+    ns.run(&[
+        "nft",
+        "add element ip tenet-t dnat_in { 192.0.2.99 : 172.16.0.9 }",
+    ])
+    .unwrap();
+    let drift = map.reconcile(&want).await.unwrap();
+    assert_eq!(drift.restored, ["floating 192.0.2.50 -> 172.16.0.5"]);
+    assert_eq!(drift.removed, ["floating 192.0.2.99 -> 172.16.0.9"]);
+    assert_eq!(map.read().await.unwrap().as_ref(), Some(&want));
+
+    // A change the kernel refuses (the table vanished under a diff) is repaired by
+    // replacing the table; an interface name nft cannot take is an error that says so.
+    ns.run(&["nft", "delete", "table", "ip", "tenet-t"])
+        .unwrap();
+    want.remove(&"192.0.2.51".parse().unwrap());
+    map.apply(&want).await.unwrap();
+    assert_eq!(map.read().await.unwrap().as_ref(), Some(&want));
+    let bad = NatMap::new("TENET-T", "up\"0", Some(&path));
+    match bad.replace(&want).await {
+        Err(FirewallError::Rejected { program, .. }) => assert_eq!(program, "nft"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        map.read().await.unwrap().as_ref(),
+        Some(&want),
+        "a refused replacement leaves the table as it was"
+    );
+
+    map.delete().await.unwrap();
+    map.delete().await.unwrap();
+    assert_eq!(ns.run(&["nft", "list", "tables"]).unwrap(), tables_before);
+}
