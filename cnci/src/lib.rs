@@ -3,6 +3,7 @@
 //! addresses of the tenant's workload endpoints, and crash-safe rebuild. Built on
 //! `tenet::net` (links, ownership, tunnels) and `tenet::process` (dnsmasq's supervision).
 
+pub mod agent;
 pub mod concentrator;
 pub mod config;
 pub mod dnsmasq;

@@ -2,9 +2,11 @@
 //!
 //! A tenant subnet lives at `/tenet/v1/tenant/<tenant>/subnet/<cidrkey>` and records which
 //! concentrator serves it, its tunnel key and the networking mode. A concentrator's edge state
-//! (port forwards, floating IPs) lives under `/tenet/v1/cnci/<id>/` ([`cnci`]).
+//! (port forwards, floating IPs) lives under `/tenet/v1/cnci/<id>/` ([`cnci`]); a running
+//! agent's status under `/tenet/v1/node/<uuid>`, on a lease ([`node`]).
 
 pub mod cnci;
+pub mod node;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -157,6 +159,7 @@ impl TenantSubnet {
 pub enum TenetValue {
     TenantSubnet(TenantSubnet),
     Cnci(cnci::CnciValue),
+    Node(node::NodeStatus),
 }
 
 impl TenetValue {
@@ -168,12 +171,16 @@ impl TenetValue {
             TenetValue::Cnci(cnci::CnciValue::Floating(_)) => "FloatingIp",
             TenetValue::Cnci(cnci::CnciValue::Mesh(_)) => "Mesh",
             TenetValue::Cnci(cnci::CnciValue::Attach(_)) => "Attachment",
+            TenetValue::Node(_) => "NodeStatus",
         }
     }
 }
 
 /// Decodes and validates a value stored under `/tenet/v1/`.
 pub fn decode(path: &str, raw: &[u8]) -> Result<TenetValue, String> {
+    if path.starts_with(&node::prefix()) {
+        return node::decode(path, raw).map(TenetValue::Node);
+    }
     if let Some(rest) = path.strip_prefix(&format!("{TENET_ROOT}cnci/")) {
         let key = cnci::CnciKey::parse(rest)?;
         return cnci::decode(&key, raw).map(TenetValue::Cnci);

@@ -14,6 +14,7 @@ pub mod config;
 mod error;
 mod etcd;
 mod memory;
+pub mod status;
 
 use std::fmt;
 use std::pin::Pin;
@@ -26,6 +27,7 @@ pub use config::{ConfigError, DatastoreConfig};
 pub use error::{StoreError, StoreResult};
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use memory::MemoryStore;
+pub use status::LeasedKey;
 
 /// A store revision (etcd `mod_revision`). Revisions are positive and grow with every write.
 pub type Revision = i64;

@@ -237,6 +237,18 @@ impl Concentrator {
     }
 
     /// The uplink (the external network), when there is one.
+    /// The MAC address of the compute link (ciao's `concentrator_mac`), as `aa:bb:…`.
+    pub async fn compute_mac(&self) -> Option<String> {
+        let link = self
+            .inner
+            .netlink
+            .link_by_index(self.inner.compute.index)
+            .await
+            .ok()??;
+        let mac = link.mac?;
+        Some(tenet::types::MacAddr::from(mac).to_string())
+    }
+
     pub fn uplink(&self) -> Option<&UnderlayAddr> {
         self.inner.uplink.as_ref()
     }

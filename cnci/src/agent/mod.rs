@@ -1,0 +1,371 @@
+//! The concentrator agent (`tenet-cnci run`): one [`Concentrator`] driven by SSNTP frames.
+//!
+//! On start it rebuilds from the kernel and etcd before it takes a frame, so a restarted or
+//! replaced concentrator serves what it served. On every (re)connect it announces itself
+//! (ConcentratorInstanceAdded). Frames are handled one at a time **in the order received**
+//! (ciao handled each on a goroutine of its own and could apply a TenantRemoved before the
+//! TenantAdded it followed):
+//!
+//! * TenantAdded / TenantRemoved → attach / detach the compute node's tunnel;
+//! * AssignPublicIP / ReleasePublicIP → floating IP, answered with PublicIPAssigned /
+//!   PublicIPUnassigned, or the ciao error payload with its reason;
+//! * RefreshCNCI → the tenant mesh.
+//!
+//! Its status lives under `/tenet/v1/node/<uuid>` on a lease, so a dead agent disappears.
+
+pub mod frames;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use ssntp::payload::{
+    CnciRefresh, ConcentratorInstance, ConcentratorInstanceAdded, Payload, PublicIpAssigned,
+    PublicIpCommand, PublicIpEvent, PublicIpFailure, PublicIpFailureReason, PublicIpUnassigned,
+    ReleasePublicIp, TenantAdded, TenantRemoved,
+};
+use ssntp::{
+    Client, ClientConfig, ClientError, ClientEvent, Command, ErrorCode, Event, Frame, Identity,
+    Operation, Role, Uuid,
+};
+use tenet::keyspace::node::{self, NodeRole, NodeStatus};
+use tenet::store::{Datastore, LeasedKey, StoreError};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::{CnciConfig, CnciError, Concentrator};
+
+/// What `tenet-cnci run` needs.
+pub struct AgentConfig {
+    /// The concentrator; its `id` is the SSNTP UUID's text.
+    pub concentrator: CnciConfig,
+    /// Scheduler addresses (`host:port`), tried in order.
+    pub servers: Vec<String>,
+    pub identity: Identity,
+    pub uuid: Uuid,
+    /// Where mesh addresses come from when RefreshCNCI does not give them.
+    pub mesh_cidr: Option<Ipv4Network>,
+    /// The status key's lease.
+    pub status_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "the certificate holds roles {held} but not cnciagent; issue one with `tenet cert issue --role cnciagent`"
+    )]
+    Role { held: Role },
+    #[error("concentrator: {0}")]
+    Cnci(#[from] CnciError),
+    #[error("SSNTP: {0}")]
+    Ssntp(#[from] ClientError),
+    #[error("status in etcd: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Runs the agent until `shutdown` completes or the scheduler refuses it for good. On
+/// shutdown the kernel state stays for the next agent to take over (`rebuild`).
+pub async fn run(
+    config: AgentConfig,
+    store: Arc<dyn Datastore>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let held = config.identity.roles();
+    if !held.contains(Role::CNCIAGENT) {
+        return Err(AgentError::Role { held });
+    }
+    let span = info_span!("cnci_agent", uuid = %config.uuid, tenant = %config.concentrator.tenant);
+    async move {
+        let conc = Concentrator::init(config.concentrator, Some(store.clone())).await?;
+        let report = conc.rebuild().await?;
+        info!(
+            repairs = report.repairs.len(),
+            "rebuilt from the kernel and etcd"
+        );
+        let started = node::now();
+        let agent = Agent {
+            uuid: config.uuid,
+            mesh_cidr: config.mesh_cidr,
+            started,
+            conc,
+        };
+        let status = LeasedKey::start(
+            store,
+            node::key(&config.uuid.to_string()),
+            agent.status().await,
+            config.status_ttl,
+        )
+        .await?;
+        let mut client_config = ClientConfig::new(config.servers, config.identity, config.uuid);
+        client_config.role = Some(Role::CNCIAGENT);
+        let (client, mut events) = Client::start(client_config)?;
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                event = events.recv() => match event {
+                    None => break Ok(()),
+                    Some(ClientEvent::Connected(server)) => {
+                        info!(scheduler = %server.address, "connected");
+                        agent.announce(&client).await;
+                    }
+                    Some(ClientEvent::Frame(frame)) => {
+                        agent.handle(&client, &frame).await;
+                        status.set(agent.status().await);
+                    }
+                    Some(ClientEvent::Disconnected { reason }) => {
+                        warn!(%reason, "disconnected from the scheduler; reconnecting");
+                    }
+                    Some(ClientEvent::Stopped(e)) => break e.map_or(Ok(()), |e| Err(e.into())),
+                },
+            }
+        };
+        client.close().await;
+        status.stop().await;
+        agent.conc.shutdown().await;
+        info!("stopped");
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+struct Agent {
+    uuid: Uuid,
+    mesh_cidr: Option<Ipv4Network>,
+    started: u64,
+    conc: Concentrator,
+}
+
+impl Agent {
+    async fn status(&self) -> Vec<u8> {
+        let subnets = self.conc.subnets().await;
+        let status = NodeStatus {
+            uuid: self.uuid.to_string(),
+            role: NodeRole::Concentrator,
+            name: self.conc.config().id.clone(),
+            tenant: Some(self.conc.config().tenant.clone()),
+            underlay_ip: self.conc.compute().addr.ip(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: self.started,
+            tunnels: subnets.iter().map(|s| s.tunnels.len()).sum(),
+            subnets: subnets.into_iter().map(|s| s.subnet).collect(),
+        };
+        serde_json::to_vec(&status).expect("a status serialises")
+    }
+
+    /// ConcentratorInstanceAdded: who this concentrator is and where its tunnels end.
+    async fn announce(&self, client: &Client) {
+        let payload = ConcentratorInstanceAdded::from(ConcentratorInstance {
+            instance_uuid: self.uuid.to_string(),
+            tenant_uuid: self.conc.config().tenant.clone(),
+            concentrator_ip: self.conc.compute().addr.ip().to_string(),
+            concentrator_mac: self.conc.compute_mac().await.unwrap_or_default(),
+        });
+        if let Err(e) = client
+            .send_event(Event::ConcentratorInstanceAdded, payload.to_yaml())
+            .await
+        {
+            warn!(error = %e, "could not announce the concentrator");
+        }
+    }
+
+    async fn handle(&self, client: &Client, frame: &Frame) {
+        let Some(op) = frame.operation() else {
+            debug!("frame without a known operation; ignored");
+            return;
+        };
+        match op {
+            Operation::Event(Event::TenantAdded) => self.tenant_added(frame).await,
+            Operation::Event(Event::TenantRemoved) => self.tenant_removed(frame).await,
+            Operation::Command(Command::AssignPublicIp) => self.assign(client, frame).await,
+            Operation::Command(Command::ReleasePublicIp) => self.release(client, frame).await,
+            Operation::Command(Command::RefreshCnci) => self.refresh(frame).await,
+            other => debug!(operation = ?other, "not a concentrator operation; ignored"),
+        }
+    }
+
+    async fn tenant_added(&self, frame: &Frame) {
+        let p = match TenantAdded::from_yaml(&frame.payload) {
+            Ok(p) => p.tenant_added,
+            Err(e) => return warn!(error = %e, "TenantAdded dropped"),
+        };
+        let remote = match frames::remote_subnet(&p) {
+            Ok(r) => r,
+            Err(e) => return warn!(error = %e, "TenantAdded dropped"),
+        };
+        match self.conc.attach_remote_subnet(&remote).await {
+            Ok(a) => {
+                info!(subnet = %remote.subnet, cn = %remote.cn_id, cn_ip = %remote.cn_ip, result = ?a, "TenantAdded")
+            }
+            Err(e) => {
+                error!(subnet = %remote.subnet, cn = %remote.cn_id, error = %e, "TenantAdded failed")
+            }
+        }
+    }
+
+    async fn tenant_removed(&self, frame: &Frame) {
+        let p = match TenantRemoved::from_yaml(&frame.payload) {
+            Ok(p) => p.tenant_removed,
+            Err(e) => return warn!(error = %e, "TenantRemoved dropped"),
+        };
+        let remote = match frames::remote_subnet(&p) {
+            Ok(r) => r,
+            Err(e) => return warn!(error = %e, "TenantRemoved dropped"),
+        };
+        match self.conc.detach_remote_subnet(&remote).await {
+            Ok(d) => {
+                info!(subnet = %remote.subnet, cn = %remote.cn_id, result = ?d, "TenantRemoved")
+            }
+            Err(e) => {
+                error!(subnet = %remote.subnet, cn = %remote.cn_id, error = %e, "TenantRemoved failed")
+            }
+        }
+    }
+
+    async fn assign(&self, client: &Client, frame: &Frame) {
+        let cmd = match ssntp::payload::AssignPublicIp::from_yaml(&frame.payload) {
+            Ok(p) => p.assign_public_ip,
+            Err(e) => {
+                warn!(error = %e, "AssignPublicIP refused");
+                let failure = PublicIpFailure {
+                    concentrator_uuid: self.uuid.to_string(),
+                    reason: PublicIpFailureReason::InvalidPayload,
+                    ..Default::default()
+                };
+                return self
+                    .fail(client, ErrorCode::AssignPublicIpFailure, failure)
+                    .await;
+            }
+        };
+        let outcome = match frames::public_ip(&cmd, true) {
+            Err(e) => Err((PublicIpFailureReason::InvalidData, e.to_string())),
+            Ok((public, private)) => self
+                .conc
+                .assign_floating_ip(public, private.expect("asked for"))
+                .await
+                .map_err(|e| {
+                    (
+                        failure_reason(&e, PublicIpFailureReason::AssignFailure),
+                        e.to_string(),
+                    )
+                }),
+        };
+        match outcome {
+            Ok(_) => {
+                info!(public = %cmd.public_ip, private = %cmd.private_ip, instance = %cmd.instance_uuid, "AssignPublicIP");
+                let event = PublicIpAssigned::from(self.event_of(&cmd));
+                self.send(client, Event::PublicIpAssigned, event.to_yaml())
+                    .await;
+            }
+            Err((reason, why)) => {
+                warn!(public = %cmd.public_ip, private = %cmd.private_ip, %why, ?reason, "AssignPublicIP failed");
+                let failure = failure_of(&cmd, &self.uuid, reason);
+                self.fail(client, ErrorCode::AssignPublicIpFailure, failure)
+                    .await;
+            }
+        }
+    }
+
+    async fn release(&self, client: &Client, frame: &Frame) {
+        let cmd = match ReleasePublicIp::from_yaml(&frame.payload) {
+            Ok(p) => p.release_public_ip,
+            Err(e) => {
+                warn!(error = %e, "ReleasePublicIP refused");
+                let failure = PublicIpFailure {
+                    concentrator_uuid: self.uuid.to_string(),
+                    reason: PublicIpFailureReason::InvalidPayload,
+                    ..Default::default()
+                };
+                return self
+                    .fail(client, ErrorCode::UnassignPublicIpFailure, failure)
+                    .await;
+            }
+        };
+        let outcome = match frames::public_ip(&cmd, false) {
+            Err(e) => Err((PublicIpFailureReason::InvalidData, e.to_string())),
+            Ok((public, _)) => self.conc.release_floating_ip(public).await.map_err(|e| {
+                (
+                    failure_reason(&e, PublicIpFailureReason::ReleaseFailure),
+                    e.to_string(),
+                )
+            }),
+        };
+        match outcome {
+            // Releasing what is not assigned is not an error (idempotent, as a retry needs).
+            Ok(_) => {
+                info!(public = %cmd.public_ip, instance = %cmd.instance_uuid, "ReleasePublicIP");
+                let event = PublicIpUnassigned::from(self.event_of(&cmd));
+                self.send(client, Event::PublicIpUnassigned, event.to_yaml())
+                    .await;
+            }
+            Err((reason, why)) => {
+                warn!(public = %cmd.public_ip, %why, ?reason, "ReleasePublicIP failed");
+                let failure = failure_of(&cmd, &self.uuid, reason);
+                self.fail(client, ErrorCode::UnassignPublicIpFailure, failure)
+                    .await;
+            }
+        }
+    }
+
+    async fn refresh(&self, frame: &Frame) {
+        let cmd = match CnciRefresh::from_yaml(&frame.payload) {
+            Ok(p) => p.cnci_refresh,
+            Err(e) => return warn!(error = %e, "RefreshCNCI dropped"),
+        };
+        let mesh = match frames::mesh(&cmd, self.mesh_cidr, self.conc.compute().addr.ip()) {
+            Ok(m) => m,
+            Err(e) => return error!(error = %e, "RefreshCNCI refused"),
+        };
+        match self.conc.update_mesh(&mesh).await {
+            Ok(change) => info!(peers = mesh.peers.len(), ?change, "RefreshCNCI"),
+            Err(e) => error!(error = %e, "RefreshCNCI failed"),
+        }
+    }
+
+    fn event_of(&self, cmd: &PublicIpCommand) -> PublicIpEvent {
+        PublicIpEvent {
+            concentrator_uuid: self.uuid.to_string(),
+            instance_uuid: cmd.instance_uuid.clone(),
+            public_ip: cmd.public_ip.clone(),
+            private_ip: cmd.private_ip.clone(),
+        }
+    }
+
+    async fn fail(&self, client: &Client, code: ErrorCode, failure: PublicIpFailure) {
+        if let Err(e) = client.send_error(code, failure.to_yaml()).await {
+            warn!(error = %e, "could not report the failure");
+        }
+    }
+
+    async fn send(&self, client: &Client, event: Event, payload: Vec<u8>) {
+        if let Err(e) = client.send_event(event, payload).await {
+            warn!(error = %e, ?event, "could not send the event");
+        }
+    }
+}
+
+fn failure_of(
+    cmd: &PublicIpCommand,
+    uuid: &Uuid,
+    reason: PublicIpFailureReason,
+) -> PublicIpFailure {
+    PublicIpFailure {
+        concentrator_uuid: uuid.to_string(),
+        tenant_uuid: cmd.tenant_uuid.clone(),
+        instance_uuid: cmd.instance_uuid.clone(),
+        public_ip: cmd.public_ip.clone(),
+        private_ip: cmd.private_ip.clone(),
+        vnic_mac: cmd.vnic_mac.clone(),
+        reason,
+    }
+}
+
+/// A request the concentrator refused as wrong is ciao's `invalid_data`; anything else
+/// failed while applying.
+fn failure_reason(e: &CnciError, otherwise: PublicIpFailureReason) -> PublicIpFailureReason {
+    match e {
+        CnciError::Invalid { .. } => PublicIpFailureReason::InvalidData,
+        _ => otherwise,
+    }
+}

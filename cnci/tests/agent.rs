@@ -1,0 +1,454 @@
+//! The real `tenet-cnci run` binary against a scheduler (the library the tenet-scheduler
+//! binary runs), real etcd and TLS on loopback, and namespaces: a compute node's TenantAdded
+//! makes the workload's lease come over the tunnel, a controller's AssignPublicIP is answered
+//! and the external host reaches the workload, bad requests get ciao's error payload with a
+//! reason, 201 interleaved TenantAdded/TenantRemoved end in the state of the last, the status
+//! key lives on a lease, and a restarted agent announces itself again and serves on.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ssntp::cert::{self, CertRequest};
+use ssntp::payload::{
+    AssignPublicIp, ConcentratorInstanceAdded, Payload, PublicIpAssigned, PublicIpCommand,
+    PublicIpFailure, PublicIpFailureReason, ReleasePublicIp, TenantAdded, TenantRemoved,
+    TenantSubnet,
+};
+use ssntp::{
+    Backoff, Client, ClientConfig, ClientEvent, Command, ErrorCode, Event, Frame, Identity,
+    Operation, Role, Server, ServerConfig, Uuid,
+};
+use tenet::net::tunnel::BackendChoice;
+use tenet::store::Datastore;
+use tenet::testbed::{EtcdServer, Fabric, Host};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A throw-away CA; certificates for 127.0.0.1 written as files for the binary.
+struct Pki {
+    ca: cert::GeneratedCert,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Pki {
+            ca: cert::generate_ca("tenet test CA", "tenet tests", 1).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn issue(&self, roles: Role) -> cert::GeneratedCert {
+        let req = CertRequest::new(
+            roles,
+            vec!["localhost".into()],
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        );
+        cert::issue(&self.ca.cert_pem, &self.ca.key_pem, &req).unwrap()
+    }
+
+    fn identity(&self, roles: Role) -> Identity {
+        let c = self.issue(roles);
+        Identity::from_pem(
+            c.bundle().as_bytes(),
+            self.ca.cert_pem.as_bytes(),
+            "node",
+            "ca",
+        )
+        .unwrap()
+    }
+
+    /// (certificate file, CA file).
+    fn files(&self, roles: Role, name: &str) -> (PathBuf, PathBuf) {
+        let cert = self.dir.path().join(format!("{name}.pem"));
+        std::fs::write(&cert, self.issue(roles).bundle()).unwrap();
+        let ca = self.dir.path().join("ca.pem");
+        std::fs::write(&ca, &self.ca.cert_pem).unwrap();
+        (cert, ca)
+    }
+}
+
+async fn scheduler(pki: &Pki) -> Server {
+    let mut config = ServerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        pki.identity(Role::SCHEDULER | Role::SERVER),
+        Uuid::new_v4(),
+    );
+    config.role = Some(Role::SCHEDULER);
+    Server::start(
+        config,
+        ssntp::scheduler::rules(),
+        Arc::new(ssntp::scheduler::NodeNotifier),
+    )
+    .await
+    .unwrap()
+}
+
+/// An SSNTP peer the test plays (a controller, a compute node's agent).
+struct Peer {
+    client: Client,
+    events: mpsc::Receiver<ClientEvent>,
+}
+
+impl Peer {
+    async fn start(pki: &Pki, roles: Role, server: SocketAddr) -> Peer {
+        let mut c = ClientConfig::new(
+            vec![server.to_string()],
+            pki.identity(roles),
+            Uuid::new_v4(),
+        );
+        c.backoff = Backoff::scaled(Duration::from_millis(50));
+        let (client, events) = Client::start(c).unwrap();
+        let mut p = Peer { client, events };
+        loop {
+            match tokio::time::timeout(WAIT, p.events.recv()).await {
+                Ok(Some(ClientEvent::Connected(_))) => return p,
+                Ok(Some(_)) => {}
+                other => panic!("no connection: {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame with operation `op`, skipping others (node notifications, …).
+    async fn expect(&mut self, op: Operation) -> Frame {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ClientEvent::Frame(f))) if f.operation() == Some(op) => return f,
+                Ok(Some(_)) => {}
+                other => panic!("waiting for {op:?}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// The agent process; killed (and waited for) if the test fails before stopping it.
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn spawn(args: &[String], etcd: &str, log: &Path) -> Agent {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenet-cnci"))
+            .arg("run")
+            .args(args)
+            .env("ETCD_ENDPOINTS", etcd)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Agent {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            eprintln!("--- tenet-cnci log ---\n{}", self.log());
+        }
+    }
+}
+
+fn tenant_subnet(cn: &str, cn_ip: Ipv4Addr, conc: &Uuid, conc_ip: Ipv4Addr) -> TenantSubnet {
+    let net = subnet();
+    TenantSubnet {
+        agent_uuid: cn.into(),
+        agent_ip: cn_ip.to_string(),
+        tenant_uuid: "t1".into(),
+        tenant_subnet: net.to_string(),
+        concentrator_uuid: conc.to_string(),
+        concentrator_ip: conc_ip.to_string(),
+        subnet_key: tenet::types::TunnelKey::from_subnet(&net).unwrap().get(),
+    }
+}
+
+/// The compute nodes the concentrator in `host` has tunnels to (from the kernel).
+async fn tunnels_to(host: &Host, run: &Path) -> Vec<Ipv4Addr> {
+    let view = tenet_cnci::show::inspect(Some(&host.path()), run, None)
+        .await
+        .unwrap();
+    view.subnets
+        .into_iter()
+        .flat_map(|s| s.compute_nodes)
+        .collect()
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concentrator_agent_over_ssntp() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
+    let pki = Pki::new();
+    let sched = scheduler(&pki).await;
+    let addr = sched.local_addr();
+    let fabric = Fabric::new().await.unwrap();
+    let cn_host = fabric.add_host("cn").await.unwrap();
+    let conc_host = fabric.add_host("conc").await.unwrap();
+    let inet = internet(&conc_host);
+    let run = tempfile::tempdir().unwrap();
+    let uuid = Uuid::new_v4();
+    let (cert, ca) = pki.files(Role::CNCIAGENT, "cnci");
+    let args: Vec<String> = [
+        "--server",
+        &addr.to_string(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--uuid",
+        &uuid.to_string(),
+        "--tenant",
+        "t1",
+        "--netns",
+        conc_host.path().to_str().unwrap(),
+        "--compute-net",
+        "10.254.0.0/16",
+        "--tunnel",
+        "userspace",
+        "--run-dir",
+        run.path().to_str().unwrap(),
+        "--status-ttl",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = run.path().join("agent.log");
+
+    // A certificate without the cnciagent role is refused with a reason, before anything.
+    let (wrong, _) = pki.files(Role::AGENT, "wrong");
+    let mut wrong_args = args.clone();
+    wrong_args[3] = wrong.to_str().unwrap().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenet-cnci"))
+        .arg("run")
+        .args(&wrong_args)
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not cnciagent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut controller = Peer::start(&pki, Role::CONTROLLER, addr).await;
+    let mut agent = Agent::spawn(&args, &etcd.endpoint(), &log);
+    let hello = controller
+        .expect(Operation::Event(Event::ConcentratorInstanceAdded))
+        .await;
+    let hello = ConcentratorInstanceAdded::from_yaml(&hello.payload)
+        .unwrap()
+        .concentrator_instance_added;
+    assert_eq!(hello.instance_uuid, uuid.to_string());
+    assert_eq!(hello.tenant_uuid, "t1");
+    assert_eq!(hello.concentrator_ip, conc_host.ip().to_string());
+    assert_eq!(hello.concentrator_mac.len(), 17, "{hello:?}");
+    let status_key = tenet::keyspace::node::key(&uuid.to_string());
+    let status = store.get(&status_key).await.unwrap().expect("status key");
+    let status = tenet::keyspace::node::decode(&status_key, &status.value).unwrap();
+    assert_eq!(status.underlay_ip, conc_host.ip());
+
+    // A compute node's TenantAdded: the workload leases its address over the tunnel.
+    let cn = cn_on(&cn_host, "cn-1", BackendChoice::Userspace).await;
+    let w = workload(
+        &cn,
+        &cn_host,
+        "v1",
+        "t1",
+        (&uuid.to_string(), conc_host.ip()),
+        "02:00:00:00:00:05",
+    )
+    .await;
+    put_endpoint(
+        &store,
+        "cn-1",
+        "v1",
+        "t1",
+        w.mac,
+        "172.16.0.5".parse().unwrap(),
+    )
+    .await;
+    let cn_agent = Peer::start(&pki, Role::AGENT, addr).await;
+    let added = TenantAdded::from(tenant_subnet("cn-1", cn_host.ip(), &uuid, conc_host.ip()));
+    cn_agent
+        .client
+        .send_event(Event::TenantAdded, added.to_yaml())
+        .await
+        .unwrap();
+    let dhcp = DhcpClient::new();
+    let lease = dhcp.lease(&w.ns, 15).expect("a lease over the tunnel");
+    assert_eq!(lease.ip, "172.16.0.5".parse::<Ipv4Addr>().unwrap());
+    assert!(ping(&w.ns, lease.router));
+
+    // AssignPublicIP from the controller: answered, and the external host reaches w.
+    let command = |public: &str, private: &str| PublicIpCommand {
+        concentrator_uuid: uuid.to_string(),
+        tenant_uuid: "t1".into(),
+        instance_uuid: "i-1".into(),
+        public_ip: public.into(),
+        private_ip: private.into(),
+        vnic_mac: w.mac.to_string(),
+    };
+    controller
+        .client
+        .send_command(
+            Command::AssignPublicIp,
+            AssignPublicIp::from(command("192.0.2.50", "172.16.0.5")).to_yaml(),
+        )
+        .await
+        .unwrap();
+    let assigned = controller
+        .expect(Operation::Event(Event::PublicIpAssigned))
+        .await;
+    let assigned = PublicIpAssigned::from_yaml(&assigned.payload)
+        .unwrap()
+        .public_ip_assigned;
+    assert_eq!(
+        (assigned.public_ip.as_str(), assigned.instance_uuid.as_str()),
+        ("192.0.2.50", "i-1")
+    );
+    assert!(
+        ping(&inet, "192.0.2.50".parse().unwrap()),
+        "the floating IP answers"
+    );
+
+    // Bad requests: ciao's error payload with its reason.
+    for (public, private) in [("192.0.2.51", "172.99.0.1"), ("not-an-ip", "172.16.0.5")] {
+        controller
+            .client
+            .send_command(
+                Command::AssignPublicIp,
+                AssignPublicIp::from(command(public, private)).to_yaml(),
+            )
+            .await
+            .unwrap();
+        let failed = controller
+            .expect(Operation::Error(ErrorCode::AssignPublicIpFailure))
+            .await;
+        let failed = PublicIpFailure::from_yaml(&failed.payload).unwrap();
+        assert_eq!(failed.reason, PublicIpFailureReason::InvalidData);
+        assert_eq!(failed.public_ip, public);
+    }
+    controller
+        .client
+        .send_command(
+            Command::ReleasePublicIp,
+            ReleasePublicIp::from(command("192.0.2.50", "172.16.0.5")).to_yaml(),
+        )
+        .await
+        .unwrap();
+    controller
+        .expect(Operation::Event(Event::PublicIpUnassigned))
+        .await;
+    assert!(!ping(&inet, "192.0.2.50".parse().unwrap()), "released");
+
+    // 201 interleaved TenantAdded/TenantRemoved for one compute node, then a marker from
+    // the same sender: when the marker's tunnel is there, all were applied, in order.
+    let flappy: Ipv4Addr = "10.254.0.77".parse().unwrap();
+    for i in 0..=200 {
+        let p = tenant_subnet("cn-x", flappy, &uuid, conc_host.ip());
+        let (event, payload) = if i % 2 == 0 {
+            (Event::TenantAdded, TenantAdded::from(p).to_yaml())
+        } else {
+            (Event::TenantRemoved, TenantRemoved::from(p).to_yaml())
+        };
+        cn_agent.client.send_event(event, payload).await.unwrap();
+    }
+    let marker: Ipv4Addr = "10.254.0.78".parse().unwrap();
+    cn_agent
+        .client
+        .send_event(
+            Event::TenantAdded,
+            TenantAdded::from(tenant_subnet("cn-y", marker, &uuid, conc_host.ip())).to_yaml(),
+        )
+        .await
+        .unwrap();
+    wait_until("the marker's tunnel", || async {
+        tunnels_to(&conc_host, run.path()).await.contains(&marker)
+    })
+    .await;
+    assert!(
+        tunnels_to(&conc_host, run.path()).await.contains(&flappy),
+        "the last of the interleaved frames was a TenantAdded"
+    );
+    wait_until("the status counts the tunnels", || async {
+        store
+            .get(&status_key)
+            .await
+            .unwrap()
+            .and_then(|kv| tenet::keyspace::node::decode(&status_key, &kv.value).ok())
+            .is_some_and(|s| s.tunnels == 3)
+    })
+    .await;
+
+    // SIGTERM: a clean exit, and the status key goes with its lease. (The bridges and
+    // dnsmasq stay for the next agent; the userspace GRE datapath lives in the process.)
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert!(store.get(&status_key).await.unwrap().is_none());
+
+    // A new agent takes over and announces itself again.
+    let mut agent = Agent::spawn(&args, &etcd.endpoint(), &log);
+    controller
+        .expect(Operation::Event(Event::ConcentratorInstanceAdded))
+        .await;
+    assert!(dhcp.lease(&w.ns, 10).is_some(), "leases after the restart");
+    assert!(ping(&w.ns, lease.router));
+    assert!(agent.stop().success(), "{}", agent.log());
+
+    // Leave nothing: the dataplane the agents left, removed through the library.
+    let mut config = cnci_config(&conc_host, &uuid.to_string(), "t1", run.path());
+    config.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];
+    let conc = tenet_cnci::Concentrator::init(config, Some(store.clone()))
+        .await
+        .unwrap();
+    conc.rebuild().await.unwrap();
+    conc.reset().await.unwrap();
+    cn.reset().await.unwrap();
+    sched.shutdown().await;
+}

@@ -1,0 +1,158 @@
+//! A key kept alive on a lease: an agent's status (`keyspace::node`). The key is written on a
+//! fresh lease, the lease is refreshed at a third of its time to live, the value is
+//! rewritten when the agent reports a change, and when etcd was unreachable long enough for
+//! the lease to expire, a new lease and the key are put back. Stopping revokes the lease, so
+//! the key goes at once; a crash lets it expire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{Datastore, LeaseId, StoreResult};
+
+/// A key held on a lease by a background task.
+pub struct LeasedKey {
+    value: watch::Sender<Vec<u8>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl LeasedKey {
+    /// Writes `key` = `value` on a lease of `ttl` and keeps it alive. Fails if the first
+    /// write does.
+    pub async fn start(
+        store: Arc<dyn Datastore>,
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreResult<LeasedKey> {
+        let lease = put_on_new_lease(&*store, &key, &value, ttl).await?;
+        let (value_tx, value_rx) = watch::channel(value);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(keep(store, key, ttl, Some(lease), value_rx, stop_rx));
+        Ok(LeasedKey {
+            value: value_tx,
+            stop,
+            task,
+        })
+    }
+
+    /// Rewrites the value (if it changed).
+    pub fn set(&self, value: Vec<u8>) {
+        self.value.send_if_modified(|v| {
+            let changed = *v != value;
+            *v = value;
+            changed
+        });
+    }
+
+    /// Revokes the lease: the key goes now.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn put_on_new_lease(
+    store: &dyn Datastore,
+    key: &str,
+    value: &[u8],
+    ttl: Duration,
+) -> StoreResult<LeaseId> {
+    let lease = store.grant_lease(ttl).await?;
+    store.put_with_lease(key, value, lease).await?;
+    Ok(lease)
+}
+
+async fn keep(
+    store: Arc<dyn Datastore>,
+    key: String,
+    ttl: Duration,
+    mut lease: Option<LeaseId>,
+    mut value: watch::Receiver<Vec<u8>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let period = (ttl / 3).max(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            changed = value.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let v = value.borrow_and_update().clone();
+                match lease {
+                    Some(l) => {
+                        if let Err(e) = store.put_with_lease(&key, &v, l).await {
+                            warn!(%key, error = %e, "could not update the status key");
+                            lease = None;
+                        }
+                    }
+                    None => lease = renew(&*store, &key, &v, ttl).await,
+                }
+            }
+            _ = tick.tick() => {
+                let alive = match lease {
+                    Some(l) => store.keep_alive(l).await.map(|left| !left.is_zero()).unwrap_or_else(|e| {
+                        debug!(%key, error = %e, "keeping the status lease alive");
+                        false
+                    }),
+                    None => false,
+                };
+                if !alive {
+                    let v = value.borrow().clone();
+                    lease = renew(&*store, &key, &v, ttl).await;
+                }
+            }
+        }
+    }
+    if let Some(l) = lease
+        && let Err(e) = store.revoke_lease(l).await
+    {
+        warn!(%key, error = %e, "could not revoke the status lease; the key expires with it");
+    }
+}
+
+async fn renew(store: &dyn Datastore, key: &str, value: &[u8], ttl: Duration) -> Option<LeaseId> {
+    match put_on_new_lease(store, key, value, ttl).await {
+        Ok(l) => {
+            info!(%key, "status key written on a new lease");
+            Some(l)
+        }
+        Err(e) => {
+            debug!(%key, error = %e, "status key not written yet");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn the_key_follows_the_value_and_goes_on_stop() {
+        let store: Arc<dyn Datastore> = Arc::new(MemoryStore::new());
+        let held = LeasedKey::start(
+            store.clone(),
+            "/k".into(),
+            b"one".to_vec(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"one");
+        let mut watch = store.watch("/k", 0).await.unwrap();
+        held.set(b"two".to_vec());
+        watch.next().await.unwrap().unwrap();
+        assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"two");
+        held.stop().await;
+        assert!(store.get("/k").await.unwrap().is_none());
+    }
+}
