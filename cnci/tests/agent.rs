@@ -192,7 +192,10 @@ fn tenant_subnet(cn: &str, cn_ip: Ipv4Addr, conc: &Uuid, conc_ip: Ipv4Addr) -> T
         tenant_subnet: net.to_string(),
         concentrator_uuid: conc.to_string(),
         concentrator_ip: conc_ip.to_string(),
-        subnet_key: tenet::types::TunnelKey::from_subnet(&net).unwrap().get(),
+        subnet_key: tenet::types::TunnelKey::from_subnet(&net)
+            .unwrap()
+            .get()
+            .into(),
     }
 }
 

@@ -4,7 +4,8 @@
 //!   `ConnectFrame`, `ConnectedFrame` and `Frame` — decoded from untrusted input and encoded to
 //!   the bytes Go writes;
 //! * [`types`]: frame types, operands and roles with Go's constant values;
-//! * [`payload`]: the YAML payloads of the networking messages;
+//! * [`payload`]: the YAML payloads of the networking messages; [`route`]: reading the one
+//!   field the scheduler routes by without parsing the whole payload;
 //! * [`tls`] and [`cert`]: mutual TLS (rustls, ring) with roles carried in certificates;
 //! * [`client`], [`server`]: sessions over TLS; [`scheduler`]: ciao's forwarding rules.
 
@@ -14,6 +15,7 @@ pub mod conn;
 pub mod frame;
 pub mod gob;
 pub mod payload;
+pub mod route;
 pub mod scheduler;
 pub mod server;
 pub mod tls;

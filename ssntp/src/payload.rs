@@ -80,8 +80,10 @@ pub struct TenantSubnet {
     pub tenant_subnet: String,
     pub concentrator_uuid: String,
     pub concentrator_ip: String,
-    /// The subnet's address as a little-endian u32 (ciao's tunnel key).
-    pub subnet_key: u32,
+    /// The subnet's address as a little-endian u32 (ciao's tunnel key). A Go `int` in ciao's
+    /// payload, so read as i64: the scheduler forwards any value as ciao does, and the
+    /// concentrator refuses one outside 0..=u32::MAX with an error naming it.
+    pub subnet_key: i64,
 }
 
 wrapped!(

@@ -9,9 +9,10 @@ use uuid::Uuid;
 
 use crate::frame::Frame;
 use crate::payload::{
-    AssignPublicIp, CnciRefresh, NodeConnected, NodeDisconnected, NodeEvent, NodeType, Payload,
-    ReleasePublicIp, Start, TenantAdded, TenantRemoved,
+    AssignPublicIp, CnciRefresh, MAX_PAYLOAD, NodeConnected, NodeDisconnected, NodeEvent, NodeType,
+    Payload, ReleasePublicIp, Start, TenantAdded, TenantRemoved,
 };
+use crate::route::{self, Scan};
 use crate::server::{Peer, Route, Rules, ServerHandle, ServerHandler};
 use crate::types::{Command, ErrorCode, Event, Operation, Role};
 
@@ -31,9 +32,17 @@ const TO_CONTROLLERS: &[Operation] = &[
     Operation::Error(ErrorCode::UnassignPublicIpFailure),
 ];
 
-/// Parses `payload` as `P` and forwards to the UUID `pick` finds in it; a payload that does
-/// not parse, or names no valid UUID, is logged and dropped.
-fn route_by<P: Payload>(frame: &Frame, pick: impl Fn(&P) -> &str) -> Route {
+/// Forwards to the UUID in `top.field` of the payload. The field is read by a scanner when
+/// the payload has ciao's plain shape (most of the scheduler's CPU went to parsing whole
+/// documents for it); otherwise the payload is parsed as `P`. A payload that does not parse,
+/// or names no valid UUID, is logged and dropped. The other fields are the receiver's to
+/// check (ciao's scheduler reads them no more than this).
+fn route_by<P: Payload>(frame: &Frame, top: &str, field: &str, pick: impl Fn(&P) -> &str) -> Route {
+    if frame.payload.len() <= MAX_PAYLOAD
+        && let Scan::Found(target) = route::scan(&frame.payload, top, field)
+    {
+        return forward_to(frame, target, P::WHAT);
+    }
     let parsed = match P::from_yaml(&frame.payload) {
         Ok(p) => p,
         Err(e) => {
@@ -41,11 +50,14 @@ fn route_by<P: Payload>(frame: &Frame, pick: impl Fn(&P) -> &str) -> Route {
             return Route::Discard;
         }
     };
-    let target = pick(&parsed);
+    forward_to(frame, pick(&parsed), P::WHAT)
+}
+
+fn forward_to(frame: &Frame, target: &str, what: &str) -> Route {
     match Uuid::parse_str(target) {
         Ok(uuid) => Route::Forward(vec![uuid]),
         Err(_) => {
-            warn!(origin = %frame.origin_uuid(), target, what = P::WHAT, "no valid destination UUID; frame dropped");
+            warn!(origin = %frame.origin_uuid(), target, what, "no valid destination UUID; frame dropped");
             Route::Discard
         }
     }
@@ -69,27 +81,37 @@ pub fn rules() -> Rules {
     }
     rules
         .callback(Operation::Event(Event::TenantAdded), |_, _, f| {
-            route_by::<TenantAdded>(f, |p| &p.tenant_added.concentrator_uuid)
+            route_by::<TenantAdded>(f, "tenant_added", "concentrator_uuid", |p| {
+                &p.tenant_added.concentrator_uuid
+            })
         })
         .callback(Operation::Event(Event::TenantRemoved), |_, _, f| {
-            route_by::<TenantRemoved>(f, |p| &p.tenant_removed.concentrator_uuid)
+            route_by::<TenantRemoved>(f, "tenant_removed", "concentrator_uuid", |p| {
+                &p.tenant_removed.concentrator_uuid
+            })
         })
         .callback(Operation::Command(Command::AssignPublicIp), |_, peer, f| {
             from_controller(peer, || {
-                route_by::<AssignPublicIp>(f, |p| &p.assign_public_ip.concentrator_uuid)
+                route_by::<AssignPublicIp>(f, "assign_public_ip", "concentrator_uuid", |p| {
+                    &p.assign_public_ip.concentrator_uuid
+                })
             })
         })
         .callback(
             Operation::Command(Command::ReleasePublicIp),
             |_, peer, f| {
                 from_controller(peer, || {
-                    route_by::<ReleasePublicIp>(f, |p| &p.release_public_ip.concentrator_uuid)
+                    route_by::<ReleasePublicIp>(f, "release_public_ip", "concentrator_uuid", |p| {
+                        &p.release_public_ip.concentrator_uuid
+                    })
                 })
             },
         )
         .callback(Operation::Command(Command::RefreshCnci), |_, peer, f| {
             from_controller(peer, || {
-                route_by::<CnciRefresh>(f, |p| &p.cnci_refresh.cnci_uuid)
+                route_by::<CnciRefresh>(f, "cnci_refresh", "cnci_uuid", |p| {
+                    &p.cnci_refresh.cnci_uuid
+                })
             })
         });
     let next = Arc::new(AtomicUsize::new(0));

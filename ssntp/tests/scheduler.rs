@@ -22,7 +22,7 @@ fn tenant(concentrator: &str, key: u32) -> TenantSubnet {
         tenant_subnet: "172.16.0.0/24".into(),
         concentrator_uuid: concentrator.into(),
         concentrator_ip: "192.168.0.110".into(),
-        subnet_key: key,
+        subnet_key: key.into(),
     }
 }
 
@@ -124,7 +124,7 @@ async fn ten_thousand_frames_arrive_in_order() {
                 .tenant_removed
                 .subnet_key
         };
-        assert_eq!(key, i, "frame {i} out of order");
+        assert_eq!(key, i64::from(i), "frame {i} out of order");
     }
     sender.await.unwrap();
     server.shutdown().await;
@@ -311,5 +311,38 @@ async fn payloads_it_cannot_parse_are_dropped_and_the_scheduler_goes_on() {
     );
     assert_eq!(server.handle().stats().discarded.load(Ordering::Relaxed), 6);
     assert!(agent.client.is_connected());
+    server.shutdown().await;
+}
+
+/// ciao's `subnet_key` is a Go int: the scheduler routes by `concentrator_uuid` alone and
+/// forwards a negative or oversized key as ciao does (the concentrator refuses it), whether
+/// the payload has ciao's plain shape (read by the scanner) or not (parsed in full).
+#[tokio::test]
+async fn any_go_int_subnet_key_is_forwarded_like_ciao() {
+    let pki = Pki::new();
+    let server = start_scheduler(&pki, loopback()).await;
+    let addr = server.local_addr();
+    let (mut cnci, _) = TestClient::start(client_config(&pki, Role::CNCIAGENT, addr)).await;
+    let (agent, _) = TestClient::start(client_config(&pki, Role::AGENT, addr)).await;
+    let target = cnci.client.uuid();
+    let plain = format!(
+        "tenant_added:\n  agent_uuid: a\n  concentrator_uuid: {target}\n  subnet_key: -5\n"
+    );
+    let flow =
+        format!("tenant_added: {{concentrator_uuid: \"{target}\", subnet_key: 8589934592}}\n");
+    for payload in [plain, flow] {
+        agent
+            .client
+            .send_event(Event::TenantAdded, payload.clone().into_bytes())
+            .await
+            .unwrap();
+        let f = cnci.frame().await;
+        assert_eq!(f.payload, payload.as_bytes(), "forwarded unchanged");
+        let key = TenantAdded::from_yaml(&f.payload)
+            .unwrap()
+            .tenant_added
+            .subnet_key;
+        assert!(key < 0 || key > i64::from(u32::MAX));
+    }
     server.shutdown().await;
 }

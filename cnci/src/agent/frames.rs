@@ -46,7 +46,12 @@ pub fn remote_subnet(p: &TenantSubnet) -> Result<RemoteSubnet, BadField> {
     Ok(RemoteSubnet {
         tenant: p.tenant_uuid.clone(),
         subnet: ipv4_net("tenant_subnet", &p.tenant_subnet)?,
-        subnet_key: p.subnet_key,
+        subnet_key: u32::try_from(p.subnet_key).map_err(|_| {
+            bad(
+                "subnet_key",
+                format!("{} is outside 0..=4294967295", p.subnet_key),
+            )
+        })?,
         cn_id: p.agent_uuid.clone(),
         cn_ip: ipv4("agent_ip", &p.agent_ip)?,
     })
@@ -189,6 +194,13 @@ mod tests {
         let mut p = subnet_payload();
         p.tenant_subnet = "172.16.0.0/33".into();
         assert_eq!(remote_subnet(&p).unwrap_err().field, "tenant_subnet");
+        for key in [-1, 1 << 32] {
+            let mut p = subnet_payload();
+            p.subnet_key = key;
+            let e = remote_subnet(&p).unwrap_err();
+            assert_eq!(e.field, "subnet_key");
+            assert!(e.reason.contains(&key.to_string()), "{e}");
+        }
         let mut p = subnet_payload();
         p.agent_uuid = String::new();
         assert_eq!(remote_subnet(&p).unwrap_err().field, "agent_uuid");
