@@ -82,13 +82,10 @@ async fn scheduler(pki: &Pki) -> Server {
         Uuid::new_v4(),
     );
     config.role = Some(Role::SCHEDULER);
-    Server::start(
-        config,
-        ssntp::scheduler::rules(),
-        Arc::new(ssntp::scheduler::NodeNotifier),
-    )
-    .await
-    .unwrap()
+    let scheduler = ssntp::scheduler::Scheduler::new();
+    Server::start(config, scheduler.rules(), scheduler)
+        .await
+        .unwrap()
 }
 
 /// An SSNTP peer the test plays (a controller, a compute node's agent).

@@ -179,13 +179,10 @@ async fn run_scheduler(pki: &Pki, seconds: f64, load: Load) -> Outcome {
         Uuid::new_v4(),
     );
     config.role = Some(Role::SCHEDULER);
-    let server = Server::start(
-        config,
-        ssntp::scheduler::rules(),
-        Arc::new(ssntp::scheduler::NodeNotifier),
-    )
-    .await
-    .unwrap();
+    let scheduler = ssntp::scheduler::Scheduler::new();
+    let server = Server::start(config, scheduler.rules(), scheduler)
+        .await
+        .unwrap();
     let addr = server.local_addr().to_string();
     let identity = pki.identity(Role::AGENT | Role::CNCIAGENT);
     let uuids: Vec<Uuid> = (0..CLIENTS).map(|_| Uuid::new_v4()).collect();

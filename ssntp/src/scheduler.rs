@@ -1,10 +1,10 @@
 //! ciao's scheduler as far as networking needs it: the forwarding rules and the node
 //! connect/disconnect notifications, on top of the generic server.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::frame::Frame;
@@ -63,63 +63,103 @@ fn forward_to(frame: &Frame, target: &str, what: &str) -> Route {
     }
 }
 
-/// Commands a concentrator acts on are taken from controllers only.
-fn from_controller(peer: &Peer, route: impl FnOnce() -> Route) -> Route {
-    if peer.role.contains(Role::CONTROLLER) {
-        route()
-    } else {
-        warn!(sender = %peer.uuid, role = %peer.role, "controller command from a non-controller; dropped");
-        Route::Discard
-    }
+/// ciao's scheduler: its forwarding rules and what they need to remember — the controllers
+/// in the order they connected. The first is the master: controller commands are forwarded
+/// from it alone, and when it leaves the next one takes over (ciao's behaviour; commands
+/// from the others are dropped with a log line).
+#[derive(Default)]
+pub struct Scheduler {
+    controllers: Mutex<Vec<Uuid>>,
 }
 
-/// The scheduler's forwarding rules.
-pub fn rules() -> Rules {
-    let mut rules = Rules::new();
-    for &op in TO_CONTROLLERS {
-        rules.to_role(op, Role::CONTROLLER);
+impl Scheduler {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Scheduler::default())
     }
-    rules
-        .callback(Operation::Event(Event::TenantAdded), |_, _, f| {
-            route_by::<TenantAdded>(f, "tenant_added", "concentrator_uuid", |p| {
-                &p.tenant_added.concentrator_uuid
-            })
-        })
-        .callback(Operation::Event(Event::TenantRemoved), |_, _, f| {
-            route_by::<TenantRemoved>(f, "tenant_removed", "concentrator_uuid", |p| {
-                &p.tenant_removed.concentrator_uuid
-            })
-        })
-        .callback(Operation::Command(Command::AssignPublicIp), |_, peer, f| {
-            from_controller(peer, || {
-                route_by::<AssignPublicIp>(f, "assign_public_ip", "concentrator_uuid", |p| {
-                    &p.assign_public_ip.concentrator_uuid
+
+    /// The master controller, if one is connected.
+    pub fn master(&self) -> Option<Uuid> {
+        self.controllers().first().copied()
+    }
+
+    fn controllers(&self) -> std::sync::MutexGuard<'_, Vec<Uuid>> {
+        self.controllers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commands a concentrator or compute node acts on are taken from the master controller
+    /// only.
+    fn obey_master(&self, peer: &Peer, route: impl FnOnce() -> Route) -> Route {
+        if !peer.role.contains(Role::CONTROLLER) {
+            warn!(sender = %peer.uuid, role = %peer.role, "controller command from a non-controller; dropped");
+            return Route::Discard;
+        }
+        match self.master() {
+            Some(m) if m == peer.uuid => route(),
+            master => {
+                warn!(sender = %peer.uuid, master = ?master, "command from a controller that is not the master; dropped");
+                Route::Discard
+            }
+        }
+    }
+
+    /// The scheduler's forwarding rules.
+    pub fn rules(self: &Arc<Self>) -> Rules {
+        let mut rules = Rules::new();
+        for &op in TO_CONTROLLERS {
+            rules.to_role(op, Role::CONTROLLER);
+        }
+        rules
+            .callback(Operation::Event(Event::TenantAdded), |_, _, f| {
+                route_by::<TenantAdded>(f, "tenant_added", "concentrator_uuid", |p| {
+                    &p.tenant_added.concentrator_uuid
                 })
             })
-        })
-        .callback(
+            .callback(Operation::Event(Event::TenantRemoved), |_, _, f| {
+                route_by::<TenantRemoved>(f, "tenant_removed", "concentrator_uuid", |p| {
+                    &p.tenant_removed.concentrator_uuid
+                })
+            });
+        let me = self.clone();
+        rules.callback(
+            Operation::Command(Command::AssignPublicIp),
+            move |_, peer, f| {
+                me.obey_master(peer, || {
+                    route_by::<AssignPublicIp>(f, "assign_public_ip", "concentrator_uuid", |p| {
+                        &p.assign_public_ip.concentrator_uuid
+                    })
+                })
+            },
+        );
+        let me = self.clone();
+        rules.callback(
             Operation::Command(Command::ReleasePublicIp),
-            |_, peer, f| {
-                from_controller(peer, || {
+            move |_, peer, f| {
+                me.obey_master(peer, || {
                     route_by::<ReleasePublicIp>(f, "release_public_ip", "concentrator_uuid", |p| {
                         &p.release_public_ip.concentrator_uuid
                     })
                 })
             },
-        )
-        .callback(Operation::Command(Command::RefreshCnci), |_, peer, f| {
-            from_controller(peer, || {
-                route_by::<CnciRefresh>(f, "cnci_refresh", "cnci_uuid", |p| {
-                    &p.cnci_refresh.cnci_uuid
+        );
+        let me = self.clone();
+        rules.callback(
+            Operation::Command(Command::RefreshCnci),
+            move |_, peer, f| {
+                me.obey_master(peer, || {
+                    route_by::<CnciRefresh>(f, "cnci_refresh", "cnci_uuid", |p| {
+                        &p.cnci_refresh.cnci_uuid
+                    })
                 })
-            })
-        });
-    let next = Arc::new(AtomicUsize::new(0));
-    rules.callback(
-        Operation::Command(Command::Start),
-        move |server, peer, f| from_controller(peer, || place_start(server, f, &next)),
-    );
-    rules
+            },
+        );
+        let next = Arc::new(AtomicUsize::new(0));
+        let me = self.clone();
+        rules.callback(
+            Operation::Command(Command::Start),
+            move |server, peer, f| me.obey_master(peer, || place_start(server, f, &next)),
+        );
+        rules
+    }
 }
 
 /// START goes to a network node when the workload asks for one, else to a compute node,
@@ -148,27 +188,45 @@ fn place_start(server: &ServerHandle, frame: &Frame, next: &AtomicUsize) -> Rout
     Route::Forward(vec![pick])
 }
 
-/// Tells controllers when compute and network nodes come and go (CNCI agents are not nodes).
-pub struct NodeNotifier;
-
-fn node_event(peer: &Peer) -> Option<NodeEvent> {
-    let node_type = if peer.role.contains(Role::NETAGENT) {
-        NodeType::NetworkNode
-    } else if peer.role.contains(Role::AGENT) {
-        NodeType::ComputeNode
-    } else {
-        return None;
-    };
-    Some(NodeEvent {
+/// A node's NodeConnected/NodeDisconnected events: one per node role it holds (a node with
+/// both AGENT and NETAGENT is a compute node and a network node, as in ciao). CNCI agents
+/// and controllers are not nodes.
+fn node_events(peer: &Peer) -> Vec<NodeEvent> {
+    [
+        (Role::AGENT, NodeType::ComputeNode),
+        (Role::NETAGENT, NodeType::NetworkNode),
+    ]
+    .into_iter()
+    .filter(|(role, _)| peer.role.contains(*role))
+    .map(|(_, node_type)| NodeEvent {
         node_uuid: peer.uuid.to_string(),
         node_type,
     })
+    .collect()
 }
 
 #[async_trait::async_trait]
-impl ServerHandler for NodeNotifier {
+impl ServerHandler for Scheduler {
     async fn connected(&self, server: &ServerHandle, peer: &Peer) {
-        if let Some(ev) = node_event(peer) {
+        if peer.role.contains(Role::CONTROLLER) {
+            let master = {
+                let mut c = self.controllers();
+                c.retain(|u| *u != peer.uuid);
+                c.push(peer.uuid);
+                c[0]
+            };
+            info!(controller = %peer.uuid, %master, "controller connected");
+            // A controller that comes after the nodes hears of each of them (ciao:
+            // sendDirectedNodeConnectionEvents).
+            let op = Operation::Event(Event::NodeConnected);
+            for node in server.sessions() {
+                for ev in node_events(&node) {
+                    let frame = Frame::new(op, server.uuid(), NodeConnected::from(ev).to_yaml());
+                    server.send_to(&peer.uuid, Arc::new(frame)).await;
+                }
+            }
+        }
+        for ev in node_events(peer) {
             let payload = NodeConnected::from(ev).to_yaml();
             let op = Operation::Event(Event::NodeConnected);
             server.send_to_role(Role::CONTROLLER, op, payload).await;
@@ -176,7 +234,13 @@ impl ServerHandler for NodeNotifier {
     }
 
     async fn disconnected(&self, server: &ServerHandle, peer: &Peer) {
-        if let Some(ev) = node_event(peer) {
+        // A session replaced by a reconnect of the same UUID is still a controller.
+        if peer.role.contains(Role::CONTROLLER) && server.session(&peer.uuid).is_none() {
+            let mut c = self.controllers();
+            c.retain(|u| *u != peer.uuid);
+            info!(controller = %peer.uuid, master = ?c.first(), "controller left");
+        }
+        for ev in node_events(peer) {
             let payload = NodeDisconnected::from(ev).to_yaml();
             let op = Operation::Event(Event::NodeDisconnected);
             server.send_to_role(Role::CONTROLLER, op, payload).await;

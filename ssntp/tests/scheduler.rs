@@ -346,3 +346,121 @@ async fn any_go_int_subnet_key_is_forwarded_like_ciao() {
     }
     server.shutdown().await;
 }
+
+/// NodeConnected events a controller receives within `quiet` of silence: (uuid, type).
+async fn node_events(c: &mut TestClient) -> Vec<(String, NodeType)> {
+    let mut seen = Vec::new();
+    while let Some(f) = c.maybe_frame(QUIET).await {
+        if f.operation() == Some(Operation::Event(Event::NodeConnected)) {
+            let ev = NodeConnected::from_yaml(&f.payload).unwrap().node_connected;
+            seen.push((ev.node_uuid, ev.node_type));
+        }
+    }
+    seen.sort_by_key(|(u, t)| (u.clone(), *t as u8));
+    seen
+}
+
+/// ciao: a controller that connects after the nodes hears NodeConnected for each of them
+/// (sendDirectedNodeConnectionEvents), and a node holding AGENT and NETAGENT is two nodes.
+#[tokio::test]
+async fn a_late_controller_hears_of_every_node_and_dual_role_nodes_count_twice() {
+    let pki = Pki::new();
+    let server = start_scheduler(&pki, loopback()).await;
+    let addr = server.local_addr();
+    let (compute, _) = TestClient::start(client_config(&pki, Role::AGENT, addr)).await;
+    let (network, _) = TestClient::start(client_config(&pki, Role::NETAGENT, addr)).await;
+    let (_cnci, _) = TestClient::start(client_config(&pki, Role::CNCIAGENT, addr)).await;
+    let (mut controller, _) = TestClient::start(client_config(&pki, Role::CONTROLLER, addr)).await;
+    let mut want = vec![
+        (compute.client.uuid().to_string(), NodeType::ComputeNode),
+        (network.client.uuid().to_string(), NodeType::NetworkNode),
+    ];
+    want.sort_by_key(|(u, t)| (u.clone(), *t as u8));
+    assert_eq!(
+        node_events(&mut controller).await,
+        want,
+        "no CNCI, one event per node"
+    );
+
+    let (dual, _) =
+        TestClient::start(client_config(&pki, Role::AGENT | Role::NETAGENT, addr)).await;
+    let dual_id = dual.client.uuid().to_string();
+    assert_eq!(
+        node_events(&mut controller).await,
+        [
+            (dual_id.clone(), NodeType::ComputeNode),
+            (dual_id.clone(), NodeType::NetworkNode)
+        ]
+    );
+    dual.client.close().await;
+    let mut gone = Vec::new();
+    while let Some(f) = controller.maybe_frame(QUIET).await {
+        if f.operation() == Some(Operation::Event(Event::NodeDisconnected)) {
+            gone.push(
+                NodeDisconnected::from_yaml(&f.payload)
+                    .unwrap()
+                    .node_disconnected
+                    .node_type,
+            );
+        }
+    }
+    gone.sort_by_key(|t| *t as u8);
+    assert_eq!(gone, [NodeType::ComputeNode, NodeType::NetworkNode]);
+    server.shutdown().await;
+}
+
+/// ciao: controller commands are forwarded from the master controller only — the first
+/// connected; when it leaves, the next one.
+#[tokio::test]
+async fn only_the_master_controller_is_obeyed() {
+    let pki = Pki::new();
+    let server = start_scheduler(&pki, loopback()).await;
+    let addr = server.local_addr();
+    let (mut cnci, _) = TestClient::start(client_config(&pki, Role::CNCIAGENT, addr)).await;
+    let (first, _) = TestClient::start(client_config(&pki, Role::CONTROLLER, addr)).await;
+    let (second, _) = TestClient::start(client_config(&pki, Role::CONTROLLER, addr)).await;
+    let target = cnci.client.uuid().to_string();
+    let assign = |ip: &str| {
+        AssignPublicIp::from(PublicIpCommand {
+            concentrator_uuid: target.clone(),
+            public_ip: ip.into(),
+            ..Default::default()
+        })
+        .to_yaml()
+    };
+    second
+        .client
+        .send_command(Command::AssignPublicIp, assign("192.0.2.2"))
+        .await
+        .unwrap();
+    first
+        .client
+        .send_command(Command::AssignPublicIp, assign("192.0.2.1"))
+        .await
+        .unwrap();
+    let f = cnci.frame().await;
+    assert_eq!(f.origin_uuid(), first.client.uuid(), "the master's command");
+    assert!(
+        cnci.maybe_frame(QUIET).await.is_none(),
+        "the other controller's command is dropped"
+    );
+    first.client.close().await;
+    // Once the master has gone, the next controller is obeyed.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        second
+            .client
+            .send_command(Command::AssignPublicIp, assign("192.0.2.3"))
+            .await
+            .unwrap();
+        if let Some(f) = cnci.maybe_frame(QUIET).await {
+            assert_eq!(f.origin_uuid(), second.client.uuid());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second controller never took over"
+        );
+    }
+    server.shutdown().await;
+}

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -15,12 +14,15 @@ use tracing::info;
 const AFTER_HELP: &str = "\
 Forwarding rules:
   TenantAdded, TenantRemoved           -> the CNCI whose UUID is `concentrator_uuid`
-  AssignPublicIP, ReleasePublicIP      -> `concentrator_uuid` (from controllers only)
-  RefreshCNCI                          -> `cnci_uuid` (from controllers only)
+  AssignPublicIP, ReleasePublicIP      -> `concentrator_uuid` (from the master controller)
+  RefreshCNCI                          -> `cnci_uuid` (from the master controller)
   START                                -> a compute node (a network node if asked), round robin
+                                          (from the master controller)
+  The master controller is the first connected; when it leaves, the next one.
   ConcentratorInstanceAdded, PublicIPAssigned/Unassigned, public-IP errors, STATS,
   InstanceDeleted/Stopped, TraceReport -> every controller
-  NodeConnected/NodeDisconnected       -> every controller, when agents come and go
+  NodeConnected/NodeDisconnected       -> every controller, when agents come and go (one per
+                                          node role); a late controller hears of every node
 
 Certificates come from `tenet cert`: the scheduler's file must carry the scheduler role.
 
@@ -103,12 +105,8 @@ async fn main() -> Result<()> {
         Configure::from_yaml(&bytes).with_context(|| format!("{}", path.display()))?;
         config.configuration = bytes;
     }
-    let server = Server::start(
-        config,
-        scheduler::rules(),
-        Arc::new(scheduler::NodeNotifier),
-    )
-    .await?;
+    let sched = scheduler::Scheduler::new();
+    let server = Server::start(config, sched.rules(), sched.clone()).await?;
     info!(addr = %server.local_addr(), %uuid, "tenet-scheduler ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ssntp::cert::{self, CertRequest};
@@ -64,13 +63,10 @@ pub async fn start_scheduler(pki: &Pki, listen: SocketAddr) -> Server {
     config.role = Some(Role::SCHEDULER);
     config.configuration =
         b"configure:\n  launcher:\n    compute_net:\n    - 10.254.0.0/24\n".to_vec();
-    Server::start(
-        config,
-        ssntp::scheduler::rules(),
-        Arc::new(ssntp::scheduler::NodeNotifier),
-    )
-    .await
-    .unwrap()
+    let scheduler = ssntp::scheduler::Scheduler::new();
+    Server::start(config, scheduler.rules(), scheduler)
+        .await
+        .unwrap()
 }
 
 pub fn client_config(pki: &Pki, roles: Role, server: SocketAddr) -> ClientConfig {
