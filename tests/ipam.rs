@@ -601,3 +601,98 @@ async fn check_finds_and_repairs_calico_era_inconsistencies() {
     );
     assert!(handle(&store, "leak").await.is_none());
 }
+
+/// Per-tenant IPAM: two tenants with the same subnet get the same addresses without
+/// colliding, under their own keys (none of Calico's); the subnet's network, gateway and
+/// broadcast addresses are never handed out nor freed by a workload's release.
+#[tokio::test]
+async fn tenants_with_overlapping_subnets_have_their_own_addresses() {
+    let (_server, store) = setup().await;
+    let ds: Arc<dyn Datastore> = store.clone();
+    let a = Ipam::for_tenant(ds.clone(), "acme");
+    let b = Ipam::for_tenant(ds.clone(), "beta/eu");
+    let subnet: ipnetwork::Ipv4Network = "172.16.0.0/24".parse().unwrap();
+    let none = Default::default;
+    let a1 = a
+        .assign_in_subnet(subnet, "cn-1", "vnic-a1", None, none())
+        .await
+        .unwrap();
+    let b1 = b
+        .assign_in_subnet(subnet, "cn-2", "vnic-b1", None, none())
+        .await
+        .unwrap();
+    assert_eq!(
+        a1, b1,
+        "overlapping subnets: the same first address for both"
+    );
+    assert_eq!(
+        a1.to_string(),
+        "172.16.0.2",
+        "network and gateway are reserved"
+    );
+    let a2 = a
+        .assign_in_subnet(
+            subnet,
+            "cn-1",
+            "vnic-a2",
+            Some("172.16.0.200".parse().unwrap()),
+            none(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a2.to_string(), "172.16.0.200");
+    for bad in ["172.16.0.1", "172.16.0.255", "172.16.0.0"] {
+        let e = a
+            .assign_in_subnet(subnet, "cn-1", "x", Some(bad.parse().unwrap()), none())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IpamError::Reserved(_)), "{bad}: {e}");
+    }
+    let e = a
+        .assign_in_subnet(
+            subnet,
+            "cn-1",
+            "x",
+            Some("10.0.0.5".parse().unwrap()),
+            none(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IpamError::NotInPool(_)), "{e}");
+    let e = a
+        .assign_in_subnet("10.9.0.0/28".parse().unwrap(), "cn-1", "x", None, none())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IpamError::CidrTooSmall(_)), "{e}");
+
+    let all = store.list("/").await.unwrap();
+    assert!(
+        all.kvs
+            .iter()
+            .all(|kv| !kv.key.starts_with("/calico/ipam/")),
+        "no Calico IPAM key is written"
+    );
+    assert!(all.kvs.iter().any(|kv| {
+        kv.key
+            .starts_with("/tenet/v1/tenant/acme/ipam/assignment/ipv4/block/")
+    }));
+    assert!(all.kvs.iter().any(|kv| {
+        kv.key
+            .starts_with("/tenet/v1/tenant/beta%2feu/ipam/handle/vnic-b1")
+    }));
+
+    assert_eq!(a.release_by_handle("vnic-a1").await.unwrap(), 1);
+    // Released, the address is free again (Calico hands it out last, not at once).
+    let again = a
+        .assign_in_subnet(subnet, "cn-1", "vnic-a3", Some(a1), none())
+        .await
+        .unwrap();
+    assert_eq!(again, a1);
+    // A fresh client (a restarted agent) knows the reserved addresses from etcd.
+    let fresh = Ipam::for_tenant(ds, "acme");
+    let next = fresh
+        .assign_in_subnet(subnet, "cn-1", "vnic-a4", None, none())
+        .await
+        .unwrap();
+    assert_eq!(next.to_string(), "172.16.0.3");
+}

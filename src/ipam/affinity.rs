@@ -5,8 +5,8 @@ use ipnetwork::IpNetwork;
 
 use super::cache::{Seen, parse_block};
 use super::{
-    Ipam, IpamError, IpamResult, MAX_RETRIES, affinity_key, backoff, block, block_key, blocks_in,
-    empty_block, json, nth_block,
+    Ipam, IpamError, IpamResult, MAX_RETRIES, backoff, block, blocks_in, empty_block, json,
+    nth_block,
 };
 use crate::calico::{CalicoKey, host_affinity_prefix, ipam_host_prefix};
 use crate::store::{Compare, Txn, TxnOp, TxnOutcome};
@@ -16,15 +16,21 @@ impl Ipam {
     pub async fn affine_blocks(&self, host: &str, v4: bool) -> IpamResult<Vec<IpNetwork>> {
         let listing = self
             .store
-            .list(&host_affinity_prefix(host, if v4 { 4 } else { 6 }))
+            .list(
+                &self
+                    .scope
+                    .scoped(host_affinity_prefix(host, if v4 { 4 } else { 6 })),
+            )
             .await?;
         Ok(listing
             .kvs
             .iter()
-            .filter_map(|kv| match CalicoKey::parse(&kv.key) {
-                Ok(CalicoKey::BlockAffinity { cidr, .. }) => Some(cidr),
-                _ => None,
-            })
+            .filter_map(
+                |kv| match CalicoKey::parse(&super::as_calico_path(&kv.key)) {
+                    Ok(CalicoKey::BlockAffinity { cidr, .. }) => Some(cidr),
+                    _ => None,
+                },
+            )
             .collect())
     }
 
@@ -50,8 +56,8 @@ impl Ipam {
         let (mut claimed, mut failed) = (Vec::new(), Vec::new());
         for i in 0..blocks_in(&cidr) {
             let b = nth_block(&cidr, i);
-            let bkey = block_key(&b);
-            let akey = affinity_key(host, &b);
+            let bkey = self.bkey(&b);
+            let akey = self.akey(host, &b);
             let block = empty_block(b, Some(host), config.strict_affinity);
             let txn = Txn::new()
                 .when(Compare::absent(bkey.clone()))
@@ -95,8 +101,8 @@ impl Ipam {
         host: &str,
         cidr: IpNetwork,
     ) -> IpamResult<()> {
-        let akey = affinity_key(host, &cidr);
-        let bkey = block_key(&cidr);
+        let akey = self.akey(host, &cidr);
+        let bkey = self.bkey(&cidr);
         for attempt in 0..MAX_RETRIES {
             let got = self.store.get_many(&[bkey.clone(), akey.clone()]).await?;
             let seen = got[0].as_ref().map(parse_block).transpose()?;
@@ -154,7 +160,9 @@ impl Ipam {
             return Err(IpamError::NoHost);
         }
         self.release_host_affinities(host).await?;
-        self.store.delete_prefix(&ipam_host_prefix(host)).await?;
+        self.store
+            .delete_prefix(&self.scope.scoped(ipam_host_prefix(host)))
+            .await?;
         Ok(())
     }
 }

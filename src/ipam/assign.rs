@@ -10,8 +10,8 @@ use tracing::debug;
 
 use super::cache::{Seen, SeenHandle, parse_block, parse_handle_opt};
 use super::{
-    Ipam, IpamError, IpamResult, MAX_RETRIES, Owner, address, affinity_key, backoff, block_key,
-    block_of, blocks_in, blocks_prefix, empty_block, handle_ops, json, nth_block, ordinal,
+    Ipam, IpamError, IpamResult, MAX_RETRIES, Owner, address, backoff, block_of, blocks_in,
+    empty_block, handle_ops, json, nth_block, ordinal,
 };
 use crate::calico::IpamConfig;
 use crate::store::{Compare, Revision, Txn, TxnOp, TxnOutcome};
@@ -244,10 +244,11 @@ impl Ipam {
             if ordinals.is_empty() {
                 return Ok(Vec::new());
             }
-            let key = block_key(&cidr);
+            let key = self.bkey(&cidr);
             let mut txn = Txn::new().when(Compare::revision(key.clone(), current.revision));
             if let Some(h) = handle {
-                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, ordinals.len() as i64);
+                let (cmp, op) =
+                    handle_ops(self.hkey(h), h, &seen_handle, &cidr, ordinals.len() as i64);
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
             }
@@ -267,7 +268,7 @@ impl Ipam {
             }
         }
         Err(IpamError::MaxRetries {
-            key: block_key(&cidr),
+            key: self.bkey(&cidr),
         })
     }
 
@@ -295,13 +296,14 @@ impl Ipam {
             };
             let mut block = empty_block(cidr, Some(host), config.strict_affinity);
             let ordinals = block.assign(n, owner);
-            let bkey = block_key(&cidr);
-            let akey = affinity_key(host, &cidr);
+            let bkey = self.bkey(&cidr);
+            let akey = self.akey(host, &cidr);
             let mut txn = Txn::new()
                 .when(Compare::absent(bkey.clone()))
                 .when(Compare::revision(akey.clone(), affinity_rev));
             if let Some(h) = handle {
-                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, ordinals.len() as i64);
+                let (cmp, op) =
+                    handle_ops(self.hkey(h), h, &seen_handle, &cidr, ordinals.len() as i64);
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
             }
@@ -336,7 +338,7 @@ impl Ipam {
             }
         }
         Err(IpamError::MaxRetries {
-            key: blocks_prefix(pools.first().is_none_or(|p| p.is_ipv4())).to_string(),
+            key: self.blocks_root(pools.first().is_none_or(|p| p.is_ipv4())),
         })
     }
 
@@ -351,9 +353,12 @@ impl Ipam {
         if host.is_empty() {
             return Err(IpamError::NoHost);
         }
-        let pools = self.enabled_pools(ip.is_ipv4()).await?;
-        if !pools.iter().any(|p| p.contains(ip)) {
-            return Err(IpamError::NotInPool(ip));
+        // A tenant's caller checks the address against its subnet (`assign_in_subnet`).
+        if self.scope == super::IpamScope::Calico {
+            let pools = self.enabled_pools(ip.is_ipv4()).await?;
+            if !pools.iter().any(|p| p.contains(ip)) {
+                return Err(IpamError::NotInPool(ip));
+            }
         }
         let config = self.config().await?;
         let owner = Owner {
@@ -365,7 +370,7 @@ impl Ipam {
         let (mut seen, mut seen_handle) = self.read(&cidr, handle).await?;
         let mut affinity_rev = 0;
         for attempt in 0..MAX_RETRIES {
-            let bkey = block_key(&cidr);
+            let bkey = self.bkey(&cidr);
             let (mut block, mut txn) = match &seen {
                 Some(s) => {
                     if s.block.strict_affinity && !s.block.allows(host, true) {
@@ -381,7 +386,7 @@ impl Ipam {
                     )
                 }
                 None => {
-                    let akey = affinity_key(host, &cidr);
+                    let akey = self.akey(host, &cidr);
                     let txn = Txn::new()
                         .when(Compare::absent(bkey.clone()))
                         .when(Compare::revision(akey.clone(), affinity_rev))
@@ -393,7 +398,7 @@ impl Ipam {
                 return Err(IpamError::AlreadyAssigned(ip));
             }
             if let Some(h) = handle {
-                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, 1);
+                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, 1);
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
             }
@@ -419,7 +424,7 @@ impl Ipam {
             }
         }
         Err(IpamError::MaxRetries {
-            key: block_key(&cidr),
+            key: self.bkey(&cidr),
         })
     }
 

@@ -4,7 +4,7 @@
 
 use ipnetwork::IpNetwork;
 
-use super::{Ipam, IpamError, IpamResult, block_key, handle_key};
+use super::{Ipam, IpamError, IpamResult};
 use crate::calico::{AllocationBlock, CalicoKey, CalicoValue, IpamHandle, decode};
 use crate::store::{KeyValue, Revision};
 
@@ -19,10 +19,11 @@ pub(super) struct Seen {
 pub(super) type SeenHandle = Option<(IpamHandle, Revision)>;
 
 pub(super) fn parse_block(kv: &KeyValue) -> IpamResult<Seen> {
-    let key = CalicoKey::parse(&kv.key).map_err(|e| IpamError::Corrupt {
-        key: kv.key.clone(),
-        reason: e.reason,
-    })?;
+    let key =
+        CalicoKey::parse(&super::as_calico_path(&kv.key)).map_err(|e| IpamError::Corrupt {
+            key: kv.key.clone(),
+            reason: e.reason,
+        })?;
     match decode(&key, &kv.value) {
         Ok(CalicoValue::IpamBlock(block)) => Ok(Seen {
             block,
@@ -88,8 +89,8 @@ impl Ipam {
         cidr: &IpNetwork,
         handle: Option<&str>,
     ) -> IpamResult<(Option<Seen>, SeenHandle)> {
-        let mut keys = vec![block_key(cidr)];
-        keys.extend(handle.map(handle_key));
+        let mut keys = vec![self.bkey(cidr)];
+        keys.extend(handle.map(|h| self.hkey(h)));
         let got = self.store.get_many(&keys).await?;
         let seen = got[0].as_ref().map(parse_block).transpose()?;
         let handle = parse_handle_opt(got.get(1).and_then(Option::as_ref))?;

@@ -43,6 +43,10 @@ pub enum IpamError {
     ConfigInUse,
     #[error("Cannot disable 'StrictAffinity' and 'AutoAllocateBlocks' at the same time")]
     ConfigInvalid,
+    #[error("no free address left in {0}")]
+    NoFreeAddress(IpNetwork),
+    #[error("{0} is the subnet's network, gateway or broadcast address")]
+    Reserved(IpAddr),
     #[error("a hostname must be specified")]
     NoHost,
     #[error("invalid pool {cidr}: {reason}")]

@@ -19,6 +19,7 @@ mod check;
 mod error;
 mod pool;
 mod release;
+mod tenant;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,57 @@ pub fn handle_key(handle: &str) -> String {
     .path()
 }
 
+/// Where Calico keeps its IPAM keys; a tenant scope mirrors the layout under its own root.
+pub const CALICO_IPAM_ROOT: &str = "/calico/ipam/v2/";
+
+/// Whose addresses an [`Ipam`] hands out, and so where it keeps its blocks, affinities and
+/// handles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpamScope {
+    /// Calico's keys (`/calico/ipam/v2/…`) and Calico's pools: routed mode and the
+    /// container runtimes, as Calico does.
+    Calico,
+    /// One tenant's own keys (`/tenet/v1/tenant/<tenant>/ipam/…`, Calico's layout), for the
+    /// GRE/VXLAN overlays where tenants may use overlapping subnets. The pools are the
+    /// subnets asked for ([`Ipam::assign_in_subnet`]).
+    Tenant(String),
+}
+
+impl IpamScope {
+    /// The prefix every key of this scope starts with.
+    pub fn root(&self) -> String {
+        match self {
+            IpamScope::Calico => CALICO_IPAM_ROOT.to_string(),
+            IpamScope::Tenant(t) => format!(
+                "{}tenant/{}/ipam/",
+                crate::keyspace::TENET_ROOT,
+                crate::calico::escape_name(t)
+            ),
+        }
+    }
+
+    /// `calico_path` (a key under Calico's root) moved into this scope.
+    pub(super) fn scoped(&self, calico_path: String) -> String {
+        match self {
+            IpamScope::Calico => calico_path,
+            IpamScope::Tenant(_) => {
+                format!("{}{}", self.root(), &calico_path[CALICO_IPAM_ROOT.len()..])
+            }
+        }
+    }
+}
+
+/// A key of any scope written as Calico's, so that Calico's key parser reads it.
+pub(super) fn as_calico_path(key: &str) -> std::borrow::Cow<'_, str> {
+    let tenants = format!("{}tenant/", crate::keyspace::TENET_ROOT);
+    if let Some(rest) = key.strip_prefix(&tenants)
+        && let Some((_, tail)) = rest.split_once("/ipam/")
+    {
+        return format!("{CALICO_IPAM_ROOT}{tail}").into();
+    }
+    key.into()
+}
+
 pub(super) fn blocks_prefix(v4: bool) -> &'static str {
     if v4 {
         crate::calico::IPAM_BLOCKS_V4
@@ -77,12 +129,12 @@ pub(super) fn json(value: &impl serde::Serialize) -> Vec<u8> {
 /// The ops that bring a handle from `seen` to `seen + delta` addresses in `block`
 /// (negative deltas clamp at zero: Calico-era handles may be under-counted).
 pub(super) fn handle_ops(
+    key: String,
     handle: &str,
     seen: &SeenHandle,
     block: &IpNetwork,
     delta: i64,
 ) -> (Compare, Option<TxnOp>) {
-    let key = handle_key(handle);
     let (mut value, revision) = seen.clone().unwrap_or_default();
     let cidr = block.to_string();
     let count = value.block.get(&cidr).copied().unwrap_or(0) as i64 + delta;
@@ -113,15 +165,30 @@ pub(super) async fn backoff(attempt: usize) {
 #[derive(Debug)]
 pub struct Ipam {
     store: Arc<dyn Datastore>,
+    scope: IpamScope,
+    /// Tenant subnets whose network, gateway and broadcast addresses are known reserved.
+    reserved: Mutex<std::collections::HashSet<IpNetwork>>,
     blocks: Mutex<HashMap<IpNetwork, Seen>>,
     /// (host, is IPv4) → the blocks the host was last seen to hold affinity keys for.
     affine: Mutex<HashMap<(String, bool), Vec<IpNetwork>>>,
 }
 
 impl Ipam {
+    /// An IPAM on Calico's keys and pools.
     pub fn new(store: Arc<dyn Datastore>) -> Self {
+        Self::with_scope(store, IpamScope::Calico)
+    }
+
+    /// An IPAM on `tenant`'s own keys (see [`IpamScope::Tenant`]).
+    pub fn for_tenant(store: Arc<dyn Datastore>, tenant: &str) -> Self {
+        Self::with_scope(store, IpamScope::Tenant(tenant.to_string()))
+    }
+
+    pub fn with_scope(store: Arc<dyn Datastore>, scope: IpamScope) -> Self {
         Self {
             store,
+            scope,
+            reserved: Mutex::new(Default::default()),
             blocks: Mutex::new(HashMap::new()),
             affine: Mutex::new(HashMap::new()),
         }
@@ -129,5 +196,25 @@ impl Ipam {
 
     pub fn store(&self) -> &Arc<dyn Datastore> {
         &self.store
+    }
+
+    pub fn scope(&self) -> &IpamScope {
+        &self.scope
+    }
+
+    pub(super) fn bkey(&self, cidr: &IpNetwork) -> String {
+        self.scope.scoped(block_key(cidr))
+    }
+
+    pub(super) fn akey(&self, host: &str, cidr: &IpNetwork) -> String {
+        self.scope.scoped(affinity_key(host, cidr))
+    }
+
+    pub(super) fn hkey(&self, handle: &str) -> String {
+        self.scope.scoped(handle_key(handle))
+    }
+
+    pub(super) fn blocks_root(&self, v4: bool) -> String {
+        self.scope.scoped(blocks_prefix(v4).to_string())
     }
 }

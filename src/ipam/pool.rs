@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use ipnetwork::IpNetwork;
 
-use super::{Ipam, IpamError, IpamResult, block, blocks_in, blocks_prefix, json};
+use super::{Ipam, IpamError, IpamResult, block, blocks_in, json};
 use crate::calico::{CalicoKey, CalicoValue, IpPool, IpamConfig, decode};
 
 impl Ipam {
@@ -118,7 +118,7 @@ impl Ipam {
             return Err(IpamError::ConfigInvalid);
         }
         for v4 in [true, false] {
-            if !self.store.list(blocks_prefix(v4)).await?.kvs.is_empty() {
+            if !self.store.list(&self.blocks_root(v4)).await?.kvs.is_empty() {
                 return Err(IpamError::ConfigInUse);
             }
         }
@@ -133,6 +133,10 @@ impl Ipam {
         v4: bool,
         requested: Option<&[IpNetwork]>,
     ) -> IpamResult<Vec<IpNetwork>> {
+        if let super::IpamScope::Tenant(_) = self.scope {
+            // A tenant's pools are the subnets asked for; Calico's pools do not apply.
+            return requested.map(<[_]>::to_vec).ok_or(IpamError::NoPools);
+        }
         let enabled = self.enabled_pools(v4).await?;
         match requested {
             Some(req) => {
@@ -149,14 +153,16 @@ impl Ipam {
     }
 
     pub(super) async fn existing_blocks(&self, v4: bool) -> IpamResult<BTreeSet<IpNetwork>> {
-        let listing = self.store.list(blocks_prefix(v4)).await?;
+        let listing = self.store.list(&self.blocks_root(v4)).await?;
         Ok(listing
             .kvs
             .iter()
-            .filter_map(|kv| match CalicoKey::parse(&kv.key) {
-                Ok(CalicoKey::IpamBlock { cidr }) => Some(cidr),
-                _ => None,
-            })
+            .filter_map(
+                |kv| match CalicoKey::parse(&super::as_calico_path(&kv.key)) {
+                    Ok(CalicoKey::IpamBlock { cidr }) => Some(cidr),
+                    _ => None,
+                },
+            )
             .collect())
     }
 }

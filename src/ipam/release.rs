@@ -9,8 +9,8 @@ use tracing::warn;
 
 use super::cache::{parse_block, parse_handle, parse_handle_opt};
 use super::{
-    Ipam, IpamError, IpamResult, MAX_RETRIES, Released, Seen, address, backoff, block_key,
-    block_of, handle_key, handle_ops, json, ordinal,
+    Ipam, IpamError, IpamResult, MAX_RETRIES, Released, Seen, address, backoff, block_of,
+    handle_ops, json, ordinal,
 };
 use crate::store::{Compare, StoreError, Txn, TxnOp, TxnOutcome};
 
@@ -41,7 +41,7 @@ impl Ipam {
     pub async fn release_by_handle(&self, handle: &str) -> IpamResult<usize> {
         let kv = self
             .store
-            .get(&handle_key(handle))
+            .get(&self.hkey(handle))
             .await?
             .ok_or_else(|| IpamError::HandleNotFound(handle.into()))?;
         let (value, _) = parse_handle(&kv)?;
@@ -60,7 +60,7 @@ impl Ipam {
         }
         // Blocks that no longer hold the handle's addresses (Calico over-counted) leave the
         // handle behind: remove what is left so the handle does not leak.
-        if let Some(kv) = self.store.get(&handle_key(handle)).await? {
+        if let Some(kv) = self.store.get(&self.hkey(handle)).await? {
             match self.store.delete(&kv.key, Some(kv.mod_revision)).await {
                 Ok(_) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -101,9 +101,9 @@ impl Ipam {
                 return Ok(released);
             }
             let handles: Vec<String> = released.per_handle.keys().cloned().collect();
-            let keys: Vec<String> = handles.iter().map(|h| handle_key(h)).collect();
+            let keys: Vec<String> = handles.iter().map(|h| self.hkey(h)).collect();
             let handle_values = self.store.get_many(&keys).await?;
-            let key = block_key(&cidr);
+            let key = self.bkey(&cidr);
             let mut txn = Txn::new().when(Compare::revision(key.clone(), current.revision));
             for (h, kv) in handles.iter().zip(&handle_values) {
                 let seen_handle = match parse_handle_opt(kv.as_ref()) {
@@ -118,7 +118,7 @@ impl Ipam {
                     warn!(handle = %h, %cidr, "releasing addresses of a handle that does not exist");
                 }
                 let count = released.per_handle[h] as i64;
-                let (cmp, op) = handle_ops(h, &seen_handle, &cidr, -count);
+                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, -count);
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
             }
@@ -142,7 +142,7 @@ impl Ipam {
             }
         }
         Err(IpamError::MaxRetries {
-            key: block_key(&cidr),
+            key: self.bkey(&cidr),
         })
     }
 }

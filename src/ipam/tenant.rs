@@ -1,0 +1,99 @@
+//! A tenant subnet's addresses (GRE/VXLAN overlays): Calico's block IPAM under the tenant's
+//! own keys ([`super::IpamScope::Tenant`]), with the subnet as the pool. The subnet's
+//! network, gateway (its first host address, which the concentrator holds) and broadcast
+//! addresses are allocated once to a reserved handle, so they are never handed out and no
+//! workload's release frees them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+
+use super::{AutoAssignArgs, Ipam, IpamError, IpamResult};
+use crate::types::gateway_of;
+
+/// The handle the subnet's own addresses are held by.
+pub fn reserved_handle(subnet: &Ipv4Network) -> String {
+    format!("tenet-reserved-{}-{}", subnet.network(), subnet.prefix())
+}
+
+/// The addresses of `subnet` no workload may have.
+pub fn reserved_addresses(subnet: &Ipv4Network) -> Vec<Ipv4Addr> {
+    if subnet.prefix() > 30 {
+        return Vec::new();
+    }
+    vec![subnet.network(), gateway_of(subnet), subnet.broadcast()]
+}
+
+impl Ipam {
+    /// One address of `subnet` for `handle` on `host`: `wanted` if given (it must be a
+    /// workload address of the subnet, and free), else the next free one.
+    pub async fn assign_in_subnet(
+        &self,
+        subnet: Ipv4Network,
+        host: &str,
+        handle: &str,
+        wanted: Option<Ipv4Addr>,
+        attributes: BTreeMap<String, String>,
+    ) -> IpamResult<Ipv4Addr> {
+        let subnet = Ipv4Network::new(subnet.network(), subnet.prefix())
+            .expect("the network of a valid subnet");
+        // Blocks are /26: a smaller subnet would share a block with addresses outside it.
+        let block = super::block::block_prefix(IpAddr::V4(subnet.ip()));
+        if subnet.prefix() > block {
+            return Err(IpamError::CidrTooSmall(IpNetwork::V4(subnet)));
+        }
+        self.reserve_edges(&subnet, host).await?;
+        if let Some(ip) = wanted {
+            if !subnet.contains(ip) {
+                return Err(IpamError::NotInPool(IpAddr::V4(ip)));
+            }
+            if reserved_addresses(&subnet).contains(&ip) {
+                return Err(IpamError::Reserved(IpAddr::V4(ip)));
+            }
+            self.assign_ip(IpAddr::V4(ip), Some(handle), attributes, host)
+                .await?;
+            return Ok(ip);
+        }
+        let args = AutoAssignArgs {
+            num_v4: 1,
+            handle: Some(handle.to_string()),
+            attributes,
+            host: host.to_string(),
+            pools_v4: Some(vec![IpNetwork::V4(subnet)]),
+            ..Default::default()
+        };
+        let (v4, _) = self.auto_assign(&args).await?;
+        match v4.first() {
+            Some(IpAddr::V4(ip)) => Ok(*ip),
+            _ => Err(IpamError::NoFreeAddress(IpNetwork::V4(subnet))),
+        }
+    }
+
+    async fn reserve_edges(&self, subnet: &Ipv4Network, host: &str) -> IpamResult<()> {
+        let known = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&IpNetwork::V4(*subnet));
+        if known {
+            return Ok(());
+        }
+        let handle = reserved_handle(subnet);
+        let attributes = BTreeMap::from([("tenet.reserved".to_string(), subnet.to_string())]);
+        for ip in reserved_addresses(subnet) {
+            match self
+                .assign_ip(IpAddr::V4(ip), Some(&handle), attributes.clone(), host)
+                .await
+            {
+                Ok(()) | Err(IpamError::AlreadyAssigned(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(IpNetwork::V4(*subnet));
+        Ok(())
+    }
+}
