@@ -2,6 +2,7 @@
 //! bridge and one tunnel per tenant subnet, and the tunnel and container-network events the
 //! agent turns into SSNTP messages and runtime calls. Built on `tenet::net`.
 
+pub mod agent;
 pub mod config;
 pub mod discovery;
 pub mod error;

@@ -18,7 +18,7 @@ pub const DEFAULT_RUN_DIR: &str = "/run/tenet/cnci";
 
 /// The workload endpoint label that names the tenant (tenants may overlap, so an address
 /// alone does not say whose a workload is).
-pub const TENANT_LABEL: &str = "tenet.tenant";
+pub const TENANT_LABEL: &str = tenet::calico::vnic::TENANT_LABEL;
 
 /// DHCP for the tenant's subnets.
 #[derive(Debug, Clone)]

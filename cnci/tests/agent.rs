@@ -132,14 +132,30 @@ struct Agent {
     log: PathBuf,
 }
 
+/// Another workspace binary, next to this test's (`cargo test --workspace` builds them all).
+fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first (`cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
 impl Agent {
     fn spawn(args: &[String], etcd: &str, log: &Path) -> Agent {
+        Self::spawn_program(Path::new(env!("CARGO_BIN_EXE_tenet-cnci")), args, etcd, log)
+    }
+
+    fn spawn_program(program: &Path, args: &[String], etcd: &str, log: &Path) -> Agent {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenet-cnci"))
+        let child = std::process::Command::new(program)
             .arg("run")
             .args(args)
             .env("ETCD_ENDPOINTS", etcd)
@@ -175,7 +191,7 @@ impl Drop for Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-            eprintln!("--- tenet-cnci log ---\n{}", self.log());
+            eprintln!("--- agent log {} ---\n{}", self.log.display(), self.log());
         }
     }
 }
@@ -450,5 +466,245 @@ async fn the_concentrator_agent_over_ssntp() {
     conc.rebuild().await.unwrap();
     conc.reset().await.unwrap();
     cn.reset().await.unwrap();
+    sched.shutdown().await;
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Both agents as real binaries: a controller starts a container workload through the
+/// scheduler → tenet-cn makes its address (per-tenant IPAM), its VNIC in the workload's
+/// namespace and its endpoint, and tells tenet-cnci (TenantAdded) → the workload reaches its
+/// gateway over the tunnel and leases its address by DHCP. DELETE undoes all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_starts_and_deletes_a_container_workload() {
+    use ssntp::payload::{
+        Delete, DeleteFailure, DeleteFailureReason, NodeConnected, Start, StartCommand,
+        StartFailure, StartFailureReason, StopCommand, VnicNetworking,
+    };
+    let etcd = EtcdServer::start().await.unwrap();
+    let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
+    let pki = Pki::new();
+    let sched = scheduler(&pki).await;
+    let addr = sched.local_addr().to_string();
+    let fabric = Fabric::new().await.unwrap();
+    let cn_host = fabric.add_host("cn").await.unwrap();
+    let conc_host = fabric.add_host("conc").await.unwrap();
+    let _inet = internet(&conc_host);
+    let run = tempfile::tempdir().unwrap();
+    let (conc_uuid, cn_uuid) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut controller = Peer::start(&pki, Role::CONTROLLER, sched.local_addr()).await;
+
+    let (cert, ca) = pki.files(Role::CNCIAGENT, "cnci");
+    let conc_path = conc_host.path();
+    let run_dir = run.path().join("cnci");
+    let mut conc_agent = Agent::spawn(
+        &strings(&[
+            "--server",
+            &addr,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--uuid",
+            &conc_uuid.to_string(),
+            "--tenant",
+            "t1",
+            "--netns",
+            conc_path.to_str().unwrap(),
+            "--compute-net",
+            "10.254.0.0/16",
+            "--tunnel",
+            "userspace",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ]),
+        &etcd.endpoint(),
+        &run.path().join("cnci.log"),
+    );
+    controller
+        .expect(Operation::Event(Event::ConcentratorInstanceAdded))
+        .await;
+
+    let (cert, ca) = pki.files(Role::AGENT, "cn");
+    let cn_path = cn_host.path();
+    let mut cn_agent = Agent::spawn_program(
+        &workspace_binary("tenet-cn"),
+        &strings(&[
+            "--server",
+            &addr,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--uuid",
+            &cn_uuid.to_string(),
+            "--host",
+            "cn-1",
+            "--netns",
+            cn_path.to_str().unwrap(),
+            "--compute-net",
+            "10.254.0.0/16",
+            "--tunnel",
+            "userspace",
+            "--status-ttl",
+            "3",
+        ]),
+        &etcd.endpoint(),
+        &run.path().join("cn.log"),
+    );
+    let node = controller
+        .expect(Operation::Event(Event::NodeConnected))
+        .await;
+    assert_eq!(
+        NodeConnected::from_yaml(&node.payload)
+            .unwrap()
+            .node_connected
+            .node_uuid,
+        cn_uuid.to_string()
+    );
+
+    // START a container workload in its own namespace.
+    let wl = tenet::testbed::Netns::create("wl").unwrap();
+    let start = |instance: &str, concentrator: &str| {
+        Start::from(StartCommand {
+            instance_uuid: instance.into(),
+            tenant_uuid: "t1".into(),
+            vm_type: "docker".into(),
+            networking: VnicNetworking {
+                vnic_mac: "02:00:00:00:01:02".into(),
+                vnic_uuid: format!("vnic-{instance}"),
+                concentrator_uuid: concentrator.into(),
+                concentrator_ip: conc_host.ip().to_string(),
+                subnet: "172.16.0.0/24".into(),
+                netns: wl.path().to_string_lossy().into_owned(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .to_yaml()
+    };
+    controller
+        .client
+        .send_command(Command::Start, start("i-1", &conc_uuid.to_string()))
+        .await
+        .unwrap();
+    let endpoint = tenet::calico::CalicoKey::WorkloadEndpoint(tenet::calico::WorkloadEndpointId {
+        host: "cn-1".into(),
+        orchestrator: "ciao".into(),
+        workload: "i-1".into(),
+        endpoint: "vnic-i-1".into(),
+    })
+    .path();
+    wait_until("the endpoint", || async {
+        store.get(&endpoint).await.unwrap().is_some()
+    })
+    .await;
+    let ep: tenet::calico::WorkloadEndpoint =
+        serde_json::from_slice(&store.get(&endpoint).await.unwrap().unwrap().value).unwrap();
+    assert_eq!(ep.labels["tenet.tenant"], "t1");
+    assert_eq!(
+        ep.ipv4_nets[0].to_string(),
+        "172.16.0.2/32",
+        "the first workload address"
+    );
+    let shown = wl.run(&["ip", "-4", "addr", "show", "eth0"]).unwrap();
+    assert!(shown.contains("172.16.0.2/24"), "{shown}");
+    wait_until(
+        "the workload reaches its gateway over the tunnel",
+        || async { ping(&wl, "172.16.0.1".parse().unwrap()) },
+    )
+    .await;
+    let lease = DhcpClient::new().lease(&wl, 10).expect("a DHCP lease");
+    assert_eq!(lease.ip.to_string(), "172.16.0.2");
+
+    // A START whose subnet has no concentrator: StartFailure, nothing made.
+    controller
+        .client
+        .send_command(Command::Start, start("i-2", ""))
+        .await
+        .unwrap();
+    let failed = controller
+        .expect(Operation::Error(ErrorCode::StartFailure))
+        .await;
+    let failed = StartFailure::from_yaml(&failed.payload).unwrap();
+    assert_eq!(failed.reason, StartFailureReason::InvalidData);
+    assert_eq!(failed.instance_uuid, "i-2");
+    assert!(failed.detail.contains("concentrator"), "{failed:?}");
+
+    // DELETE: VNIC, endpoint, address and tunnel go, at both ends.
+    let delete = |instance: &str| {
+        Delete::from(StopCommand {
+            instance_uuid: instance.into(),
+            workload_agent_uuid: cn_uuid.to_string(),
+            migration: false,
+        })
+        .to_yaml()
+    };
+    controller
+        .client
+        .send_command(Command::Delete, delete("i-1"))
+        .await
+        .unwrap();
+    controller
+        .expect(Operation::Event(Event::InstanceDeleted))
+        .await;
+    assert!(store.get(&endpoint).await.unwrap().is_none());
+    let ipam_left = store
+        .list("/tenet/v1/tenant/t1/ipam/handle/")
+        .await
+        .unwrap();
+    assert!(
+        ipam_left
+            .kvs
+            .iter()
+            .all(|kv| kv.key.contains("tenet-reserved")),
+        "only the subnet's reserved addresses stay held: {:?}",
+        ipam_left.kvs.iter().map(|kv| &kv.key).collect::<Vec<_>>()
+    );
+    assert!(
+        store.list("/calico/ipam/").await.unwrap().kvs.is_empty(),
+        "Calico's global IPAM is untouched"
+    );
+    let links = cn_host.run(&["ip", "-o", "link"]).unwrap();
+    assert!(
+        ["tvn", "tbr", "tgt"].iter().all(|p| !links.contains(p)),
+        "{links}"
+    );
+    wait_until("the concentrator drops the tunnel", || async {
+        tunnels_to(&conc_host, &run_dir).await.is_empty()
+    })
+    .await;
+    controller
+        .client
+        .send_command(Command::Delete, delete("i-1"))
+        .await
+        .unwrap();
+    let failed = controller
+        .expect(Operation::Error(ErrorCode::DeleteFailure))
+        .await;
+    assert_eq!(
+        DeleteFailure::from_yaml(&failed.payload).unwrap().reason,
+        DeleteFailureReason::NoInstance
+    );
+    let cn_status = tenet::keyspace::node::key(&cn_uuid.to_string());
+    assert!(store.get(&cn_status).await.unwrap().is_some());
+
+    assert!(cn_agent.stop().success(), "{}", cn_agent.log());
+    assert!(conc_agent.stop().success(), "{}", conc_agent.log());
+    assert!(store.get(&cn_status).await.unwrap().is_none());
+    let mut config = cnci_config(&conc_host, &conc_uuid.to_string(), "t1", &run_dir);
+    config.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];
+    let conc = tenet_cnci::Concentrator::init(config, Some(store.clone()))
+        .await
+        .unwrap();
+    conc.rebuild().await.unwrap();
+    conc.reset().await.unwrap();
+    cn_on(&cn_host, "cn-x", BackendChoice::Userspace)
+        .await
+        .reset()
+        .await
+        .unwrap();
     sched.shutdown().await;
 }

@@ -10,6 +10,7 @@ mod ipam;
 mod keys;
 mod policy;
 mod scalar;
+pub mod vnic;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

@@ -281,6 +281,10 @@ impl Runner {
                     info!(server = %info.address, server_uuid = %info.uuid, role = %info.role, "SSNTP connected");
                     *self.shared.configuration.lock().expect("config lock") =
                         info.configuration.clone();
+                    // The sender is in place before the application hears of the
+                    // connection, so a send right after Connected is not NotConnected.
+                    let (tx, outbound) = mpsc::channel::<Frame>(OUTBOUND_DEPTH);
+                    *self.shared.session.lock().expect("session lock") = Some(tx);
                     if self
                         .events
                         .send(ClientEvent::Connected(info))
@@ -289,7 +293,7 @@ impl Runner {
                     {
                         break None;
                     }
-                    match self.session(stream).await {
+                    match self.session(stream, outbound).await {
                         Ending::Retry(reason) => {
                             info!(%reason, "SSNTP disconnected; reconnecting");
                             let event = ClientEvent::Disconnected { reason };
@@ -405,9 +409,11 @@ impl Runner {
         Ok(((reader, writer), info))
     }
 
-    async fn session(&mut self, (reader, mut writer): Connection) -> Ending {
-        let (tx, mut outbound) = mpsc::channel::<Frame>(OUTBOUND_DEPTH);
-        *self.shared.session.lock().expect("session lock") = Some(tx);
+    async fn session(
+        &mut self,
+        (reader, mut writer): Connection,
+        mut outbound: mpsc::Receiver<Frame>,
+    ) -> Ending {
         let mut reader = tokio::spawn(read_frames(
             reader,
             self.events.clone(),

@@ -213,6 +213,10 @@ pub struct VnicNetworking {
     pub subnet_uuid: String,
     pub private_ip: String,
     pub public_ip: bool,
+    /// tenet extension: a container workload's network namespace (a path such as
+    /// `/run/netns/<name>`); the VNIC's workload end is moved there and configured.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub netns: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -239,6 +243,98 @@ pub struct StartCommand {
 wrapped!(
     /// COMMAND START, controller → scheduler → a compute node.
     Start, start, StartCommand
+);
+
+/// Which instance to delete, and (for the scheduler's routing) on which node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct StopCommand {
+    pub instance_uuid: String,
+    pub workload_agent_uuid: String,
+    /// Go's field has no yaml tag, so yaml.v2 spells it in lower case.
+    pub migration: bool,
+}
+
+wrapped!(
+    /// COMMAND DELETE, controller → scheduler → the node named by `workload_agent_uuid`.
+    Delete, delete, StopCommand
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum StartFailureReason {
+    #[serde(rename = "full_cloud")]
+    FullCloud,
+    #[serde(rename = "full_cn")]
+    FullComputeNode,
+    #[serde(rename = "no_cn")]
+    NoComputeNodes,
+    #[serde(rename = "no_net_cn")]
+    NoNetworkNodes,
+    #[serde(rename = "invalid_payload")]
+    InvalidPayload,
+    #[default]
+    #[serde(rename = "invalid_data")]
+    InvalidData,
+    #[serde(rename = "already_running")]
+    AlreadyRunning,
+    #[serde(rename = "instance_exists")]
+    InstanceExists,
+    #[serde(rename = "launch_failure")]
+    LaunchFailure,
+    #[serde(rename = "network_failure")]
+    NetworkFailure,
+}
+
+/// ERROR StartFailure, node → every controller (no top-level key, as in ciao). tenet adds
+/// `detail`, the reason in words, which ciao's controllers ignore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct StartFailure {
+    pub node_uuid: String,
+    pub instance_uuid: String,
+    pub reason: StartFailureReason,
+    pub restart: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl Payload for StartFailure {
+    const WHAT: &'static str = "start failure";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteFailureReason {
+    NoInstance,
+    #[default]
+    InvalidPayload,
+    InvalidData,
+}
+
+/// ERROR DeleteFailure, node → every controller (no top-level key); `detail` as above.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct DeleteFailure {
+    pub node_uuid: String,
+    pub instance_uuid: String,
+    pub reason: DeleteFailureReason,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl Payload for DeleteFailure {
+    const WHAT: &'static str = "delete failure";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct InstanceDeletedEvent {
+    pub instance_uuid: String,
+}
+
+wrapped!(
+    /// EVENT InstanceDeleted, node → every controller.
+    InstanceDeleted, instance_deleted, InstanceDeletedEvent
 );
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

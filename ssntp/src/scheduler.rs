@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use crate::frame::Frame;
 use crate::payload::{
-    AssignPublicIp, CnciRefresh, MAX_PAYLOAD, NodeConnected, NodeDisconnected, NodeEvent, NodeType,
-    Payload, ReleasePublicIp, Start, TenantAdded, TenantRemoved,
+    AssignPublicIp, CnciRefresh, Delete, MAX_PAYLOAD, NodeConnected, NodeDisconnected, NodeEvent,
+    NodeType, Payload, ReleasePublicIp, Start, TenantAdded, TenantRemoved,
 };
 use crate::route::{self, Scan};
 use crate::server::{Peer, Route, Rules, ServerHandle, ServerHandler};
@@ -152,6 +152,14 @@ impl Scheduler {
                 })
             },
         );
+        let me = self.clone();
+        rules.callback(Operation::Command(Command::Delete), move |_, peer, f| {
+            me.obey_master(peer, || {
+                route_by::<Delete>(f, "delete", "workload_agent_uuid", |p| {
+                    &p.delete.workload_agent_uuid
+                })
+            })
+        });
         let next = Arc::new(AtomicUsize::new(0));
         let me = self.clone();
         rules.callback(

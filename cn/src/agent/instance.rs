@@ -1,0 +1,386 @@
+//! START and DELETE: an instance's VNIC, its address, its endpoint and its tunnel, each step
+//! undone when a later one fails, so a failed START leaves nothing behind.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnetwork::Ipv4Network;
+use ssntp::payload::{DeleteFailureReason, StartCommand, StartFailureReason};
+use tenet::calico::vnic::VnicRecord;
+use tenet::calico::{CalicoKey, WorkloadEndpoint, WorkloadEndpointId};
+use tenet::ipam::IpamError;
+use tenet::store::StoreError;
+use tenet::types::{MacAddr, TunnelKey, gateway_of};
+use tracing::{info, warn};
+
+use super::Agent;
+use crate::config::{ContainerNetns, VnicConfig, VnicRole};
+use crate::node::{TunnelEvent, TunnelEventKind};
+
+/// Why an instance could not be started, in ciao's terms and in words.
+#[derive(Debug)]
+pub struct Refused<R> {
+    pub reason: R,
+    pub detail: String,
+}
+
+fn refuse<R>(reason: R, detail: impl Into<String>) -> Refused<R> {
+    Refused {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// What a START asks for, checked.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub instance: String,
+    pub vnic: String,
+    pub tenant: String,
+    pub subnet: Ipv4Network,
+    pub concentrator: String,
+    pub concentrator_ip: Ipv4Addr,
+    pub mac: Option<MacAddr>,
+    pub ip: Option<Ipv4Addr>,
+    pub container: bool,
+    pub netns: Option<PathBuf>,
+}
+
+/// START → the request (pure): every field tenet uses is checked and named when wrong.
+pub fn start_request(s: &StartCommand) -> Result<StartRequest, Refused<StartFailureReason>> {
+    let bad = |what: String| refuse(StartFailureReason::InvalidData, what);
+    let n = &s.networking;
+    if s.instance_uuid.trim().is_empty() {
+        return Err(bad("instance_uuid is empty".into()));
+    }
+    if s.tenant_uuid.trim().is_empty() {
+        return Err(bad("tenant_uuid is empty".into()));
+    }
+    let subnet: Ipv4Network = n.subnet.trim().parse().map_err(|_| {
+        bad(format!(
+            "networking.subnet {:?} is not an IPv4 CIDR",
+            n.subnet
+        ))
+    })?;
+    if subnet.ip() != subnet.network() || TunnelKey::from_subnet(&subnet).is_err() {
+        return Err(bad(format!(
+            "networking.subnet {subnet} is not a network address with a tunnel key"
+        )));
+    }
+    if n.concentrator_uuid.trim().is_empty() {
+        return Err(bad(
+            "networking.concentrator_uuid is empty: the subnet has no concentrator".into(),
+        ));
+    }
+    let concentrator_ip = n.concentrator_ip.trim().parse().map_err(|_| {
+        bad(format!(
+            "networking.concentrator_ip {:?} is not an IPv4 address",
+            n.concentrator_ip
+        ))
+    })?;
+    let mac = match n.vnic_mac.trim() {
+        "" => None,
+        m => Some(
+            m.parse::<MacAddr>()
+                .map_err(|_| bad(format!("networking.vnic_mac {m:?} is not a MAC address")))?,
+        ),
+    };
+    let ip = match n.private_ip.trim() {
+        "" => None,
+        a => Some(a.parse::<Ipv4Addr>().map_err(|_| {
+            bad(format!(
+                "networking.private_ip {a:?} is not an IPv4 address"
+            ))
+        })?),
+    };
+    if let Some(ip) = ip
+        && !subnet.contains(ip)
+    {
+        return Err(bad(format!(
+            "networking.private_ip {ip} is not in {subnet}"
+        )));
+    }
+    let vnic = match n.vnic_uuid.trim() {
+        "" => s.instance_uuid.trim().to_string(),
+        v => v.to_string(),
+    };
+    let netns = match n.netns.trim() {
+        "" => None,
+        p => Some(PathBuf::from(p)),
+    };
+    Ok(StartRequest {
+        instance: s.instance_uuid.trim().to_string(),
+        vnic,
+        tenant: s.tenant_uuid.trim().to_string(),
+        subnet,
+        concentrator: n.concentrator_uuid.trim().to_string(),
+        concentrator_ip,
+        mac,
+        ip,
+        container: netns.is_some() || s.vm_type == "docker",
+        netns,
+    })
+}
+
+/// A locally administered unicast MAC derived from the VNIC id (stable across retries).
+fn mac_for(vnic: &str) -> MacAddr {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vnic.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    MacAddr([0x02, b[1], b[2], b[3], b[4], b[5]])
+}
+
+fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Ipv4Addr) -> VnicConfig {
+    let mut c = VnicConfig::container(
+        &r.vnic,
+        &r.tenant,
+        r.subnet,
+        &r.concentrator,
+        r.concentrator_ip,
+        mac,
+    );
+    c.instance_id = r.instance.clone();
+    if !r.container {
+        c.role = VnicRole::Vm;
+    }
+    c.netns = r.netns.as_ref().map(|path| ContainerNetns {
+        path: path.clone(),
+        ifname: "eth0".into(),
+        address: Ipv4Network::new(ip, r.subnet.prefix()).expect("the subnet's prefix"),
+        gateway: Some(gateway_of(&r.subnet)),
+    });
+    c
+}
+
+/// A VNIC's config from its endpoint record (DELETE, and recreating after a restart).
+pub(super) fn config_of(instance: &str, vnic: &str, r: &VnicRecord) -> VnicConfig {
+    let mut c = VnicConfig::container(
+        vnic,
+        &r.tenant,
+        r.subnet,
+        &r.concentrator,
+        r.concentrator_ip,
+        r.mac,
+    );
+    c.instance_id = instance.to_string();
+    if r.kind == "vm" {
+        c.role = VnicRole::Vm;
+    }
+    c
+}
+
+impl Agent {
+    pub(super) fn endpoint_id(&self, instance: &str, vnic: &str) -> WorkloadEndpointId {
+        WorkloadEndpointId {
+            host: self.host.clone(),
+            orchestrator: self.orchestrator.clone(),
+            workload: instance.to_string(),
+            endpoint: vnic.to_string(),
+        }
+    }
+
+    /// START: address, VNIC, endpoint, and TenantAdded when the subnet's tunnel is new.
+    pub(super) async fn start(
+        &self,
+        r: &StartRequest,
+    ) -> Result<Option<TunnelEvent>, Refused<StartFailureReason>> {
+        let key = CalicoKey::WorkloadEndpoint(self.endpoint_id(&r.instance, &r.vnic)).path();
+        let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
+        if self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| network(e.to_string()))?
+            .is_some()
+        {
+            return Err(refuse(
+                StartFailureReason::InstanceExists,
+                format!("instance {} already has VNIC {}", r.instance, r.vnic),
+            ));
+        }
+        let ipam = self.ipam(&r.tenant);
+        let attributes = [
+            ("instance".to_string(), r.instance.clone()),
+            ("host".to_string(), self.host.clone()),
+        ]
+        .into();
+        let ip = ipam
+            .assign_in_subnet(r.subnet, &self.host, &r.vnic, r.ip, attributes)
+            .await
+            .map_err(|e| match e {
+                IpamError::AlreadyAssigned(_)
+                | IpamError::Reserved(_)
+                | IpamError::CidrTooSmall(_)
+                | IpamError::NotInPool(_) => refuse(StartFailureReason::InvalidData, e.to_string()),
+                e => network(format!("allocating an address in {}: {e}", r.subnet)),
+            })?;
+        let mac = r.mac.unwrap_or_else(|| mac_for(&r.vnic));
+        let config = vnic_config(r, mac, ip);
+        let created = match self.node.create_vnic(&config, None).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.release(&r.tenant, &r.vnic).await;
+                return Err(network(format!("creating the VNIC: {e}")));
+            }
+        };
+        let record = VnicRecord {
+            tenant: r.tenant.clone(),
+            subnet: r.subnet,
+            concentrator: r.concentrator.clone(),
+            concentrator_ip: r.concentrator_ip,
+            kind: if r.container { "container" } else { "vm" }.into(),
+            ifname: created.vnic.ifname.clone(),
+            mac,
+            ip,
+        };
+        let value = serde_json::to_vec(&record.to_endpoint()).expect("endpoints serialise");
+        if let Err(e) = self.store.put(&key, &value).await {
+            if let Err(undo) = self.node.destroy_vnic(&config, None).await {
+                warn!(vnic = %r.vnic, error = %undo, "undoing a VNIC after its endpoint failed");
+            }
+            self.release(&r.tenant, &r.vnic).await;
+            return Err(network(format!("writing the endpoint: {e}")));
+        }
+        info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
+        Ok(created.tunnel.filter(|t| t.kind == TunnelEventKind::Add))
+    }
+
+    /// DELETE: every VNIC of the instance (from its endpoints), the endpoints, the addresses;
+    /// returns the TenantRemoved events for tunnels that went.
+    pub(super) async fn delete(
+        &self,
+        instance: &str,
+    ) -> Result<Vec<TunnelEvent>, Refused<DeleteFailureReason>> {
+        let prefix = format!(
+            "{}/",
+            CalicoKey::WorkloadEndpoint(self.endpoint_id(instance, "x"))
+                .path()
+                .rsplit_once('/')
+                .expect("an endpoint path")
+                .0
+        );
+        let listing = self.store.list(&prefix).await.map_err(|e| {
+            refuse(
+                DeleteFailureReason::InvalidData,
+                format!("reading endpoints: {e}"),
+            )
+        })?;
+        if listing.kvs.is_empty() {
+            return Err(refuse(
+                DeleteFailureReason::NoInstance,
+                format!("no VNIC of instance {instance} on {}", self.host),
+            ));
+        }
+        let mut events = Vec::new();
+        for kv in &listing.kvs {
+            let vnic = tenet::calico::unescape_name(&kv.key[prefix.len()..]);
+            let record = serde_json::from_slice::<WorkloadEndpoint>(&kv.value)
+                .map_err(|e| e.to_string())
+                .and_then(|e| VnicRecord::from_endpoint(&e));
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(key = %kv.key, error = %e, "an endpoint tenet did not write; left alone");
+                    continue;
+                }
+            };
+            let config = config_of(instance, &vnic, &record);
+            match self.node.destroy_vnic(&config, None).await {
+                Ok(d) => events.extend(d.tunnel.filter(|t| t.kind == TunnelEventKind::Del)),
+                Err(e) => {
+                    return Err(refuse(
+                        DeleteFailureReason::InvalidData,
+                        format!("destroying VNIC {vnic}: {e}"),
+                    ));
+                }
+            }
+            match self.store.delete(&kv.key, None).await {
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => warn!(key = %kv.key, error = %e, "could not delete the endpoint"),
+            }
+            self.release(&record.tenant, &vnic).await;
+            info!(%instance, %vnic, ip = %record.ip, "VNIC deleted");
+        }
+        Ok(events)
+    }
+
+    async fn release(&self, tenant: &str, vnic: &str) {
+        match self.ipam(tenant).release_by_handle(vnic).await {
+            Ok(_) | Err(IpamError::HandleNotFound(_)) => {}
+            Err(e) => {
+                warn!(%vnic, error = %e, "could not release the address (tenet ipam check finds it)")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ssntp::payload::VnicNetworking;
+
+    fn start() -> StartCommand {
+        StartCommand {
+            instance_uuid: "i-1".into(),
+            tenant_uuid: "t1".into(),
+            vm_type: "qemu".into(),
+            networking: VnicNetworking {
+                vnic_uuid: "v-1".into(),
+                concentrator_uuid: "c1".into(),
+                concentrator_ip: "10.254.0.2".into(),
+                subnet: "172.16.0.0/24".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_start_becomes_a_request_and_bad_fields_are_named() {
+        let r = start_request(&start()).unwrap();
+        assert!(!r.container && r.ip.is_none() && r.mac.is_none());
+        let mut s = start();
+        s.networking.netns = "/run/netns/w1".into();
+        assert!(start_request(&s).unwrap().container);
+        for (edit, words) in [
+            (
+                Box::new(|s: &mut StartCommand| s.networking.subnet = "172.16.0.1/24".into())
+                    as Box<dyn Fn(&mut StartCommand)>,
+                "network address",
+            ),
+            (
+                Box::new(|s: &mut StartCommand| s.networking.concentrator_uuid.clear()),
+                "no concentrator",
+            ),
+            (
+                Box::new(|s: &mut StartCommand| s.networking.private_ip = "10.0.0.1".into()),
+                "not in 172.16.0.0/24",
+            ),
+            (
+                Box::new(|s: &mut StartCommand| s.networking.vnic_mac = "zz".into()),
+                "vnic_mac",
+            ),
+            (
+                Box::new(|s: &mut StartCommand| s.tenant_uuid.clear()),
+                "tenant_uuid",
+            ),
+        ] {
+            let mut s = start();
+            edit(&mut s);
+            let e = start_request(&s).unwrap_err();
+            assert_eq!(e.reason, StartFailureReason::InvalidData);
+            assert!(e.detail.contains(words), "{}", e.detail);
+        }
+    }
+
+    #[test]
+    fn derived_macs_are_stable_local_unicast() {
+        let m = mac_for("v-1");
+        assert_eq!(m, mac_for("v-1"));
+        assert_ne!(m, mac_for("v-2"));
+        assert_eq!(m.0[0], 0x02);
+    }
+}

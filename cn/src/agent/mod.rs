@@ -1,0 +1,391 @@
+//! The compute-node agent (`tenet-cn run`): one [`ComputeNode`] driven by SSNTP frames.
+//!
+//! On start it rebuilds from the kernel, then reconciles with its endpoints in etcd (an
+//! endpoint whose VNIC is missing gets it back), then tells each concentrator again about
+//! every subnet it has a tunnel for (TenantAdded; a concentrator treats repeats as no-ops).
+//! Frames are handled one at a time, in the order received:
+//!
+//! * START → the instance's address (per-tenant IPAM; handle = the VNIC UUID), its VNIC
+//!   (in the named network namespace for a container), its Calico workload endpoint
+//!   (labelled with its tenant), and TenantAdded when its subnet's tunnel is new; a failure
+//!   undoes what was done and is reported as StartFailure with ciao's reason;
+//! * DELETE → every VNIC of the instance (found from its endpoints), the endpoints, the
+//!   addresses, TenantRemoved for tunnels that went, and InstanceDeleted; or DeleteFailure.
+//!
+//! Its status lives under `/tenet/v1/node/<uuid>` on a lease, as the concentrator's does.
+
+pub mod instance;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ssntp::payload::{
+    Delete, DeleteFailure, DeleteFailureReason, InstanceDeleted, InstanceDeletedEvent, Payload,
+    Start, StartFailure, StartFailureReason, TenantAdded, TenantRemoved, TenantSubnet,
+};
+use ssntp::{
+    Client, ClientConfig, ClientError, ClientEvent, Command, ErrorCode, Event, Frame, Identity,
+    Operation, Role, Uuid,
+};
+use tenet::calico::vnic::VnicRecord;
+use tenet::calico::{CalicoKey, WorkloadEndpoint};
+use tenet::ipam::Ipam;
+use tenet::keyspace::node::{self, NodeRole, NodeStatus};
+use tenet::store::{Datastore, LeasedKey, StoreError};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::node::{TunnelEvent, TunnelEventKind};
+use crate::{CnConfig, CnError, ComputeNode};
+
+/// What `tenet-cn run` needs.
+pub struct AgentConfig {
+    pub node: CnConfig,
+    /// Scheduler addresses (`host:port`), tried in order.
+    pub servers: Vec<String>,
+    pub identity: Identity,
+    pub uuid: Uuid,
+    /// The Calico host name its endpoints are written under.
+    pub host: String,
+    /// The orchestrator segment of endpoint keys (ciao's is `ciao`).
+    pub orchestrator: String,
+    pub status_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "the certificate holds roles {held} but neither agent nor netagent; issue one with `tenet cert issue --role agent`"
+    )]
+    Role { held: Role },
+    #[error("compute node: {0}")]
+    Cn(#[from] CnError),
+    #[error("SSNTP: {0}")]
+    Ssntp(#[from] ClientError),
+    #[error("datastore: {0}")]
+    Store(#[from] StoreError),
+}
+
+pub(crate) struct Agent {
+    uuid: Uuid,
+    host: String,
+    orchestrator: String,
+    started: u64,
+    node: ComputeNode,
+    store: Arc<dyn Datastore>,
+    ipams: Mutex<HashMap<String, Arc<Ipam>>>,
+    /// TenantRemoved for subnets the rebuild removed, sent once connected.
+    removed: Mutex<Vec<TunnelEvent>>,
+}
+
+/// Runs the agent until `shutdown` completes or the scheduler refuses it for good. The
+/// dataplane stays for the next agent (`rebuild`).
+pub async fn run(
+    config: AgentConfig,
+    store: Arc<dyn Datastore>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let held = config.identity.roles();
+    let role = Role(held.bits() & (Role::AGENT | Role::NETAGENT).bits());
+    if role.is_empty() {
+        return Err(AgentError::Role { held });
+    }
+    let span = info_span!("cn_agent", uuid = %config.uuid, host = %config.host);
+    async move {
+        let node = ComputeNode::init(config.node).await?;
+        let report = node.rebuild().await?;
+        info!(
+            subnets = report.subnets,
+            vnics = report.vnics,
+            "rebuilt from the kernel"
+        );
+        let agent = Agent {
+            uuid: config.uuid,
+            host: config.host,
+            orchestrator: config.orchestrator,
+            started: node::now(),
+            node,
+            store: store.clone(),
+            ipams: Mutex::new(HashMap::new()),
+            removed: Mutex::new(report.removed),
+        };
+        agent.reconcile().await?;
+        let status = LeasedKey::start(
+            store,
+            node::key(&config.uuid.to_string()),
+            agent.status(),
+            config.status_ttl,
+        )
+        .await?;
+        let mut client_config = ClientConfig::new(config.servers, config.identity, config.uuid);
+        client_config.role = Some(role);
+        let (client, mut events) = Client::start(client_config)?;
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                event = events.recv() => match event {
+                    None => break Ok(()),
+                    Some(ClientEvent::Connected(server)) => {
+                        info!(scheduler = %server.address, "connected");
+                        agent.announce_tunnels(&client).await;
+                    }
+                    Some(ClientEvent::Frame(frame)) => {
+                        agent.handle(&client, &frame).await;
+                        status.set(agent.status());
+                    }
+                    Some(ClientEvent::Disconnected { reason }) => {
+                        warn!(%reason, "disconnected from the scheduler; reconnecting");
+                    }
+                    Some(ClientEvent::Stopped(e)) => break e.map_or(Ok(()), |e| Err(e.into())),
+                },
+            }
+        };
+        client.close().await;
+        status.stop().await;
+        info!("stopped");
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+impl Agent {
+    fn ipam(&self, tenant: &str) -> Arc<Ipam> {
+        self.ipams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(Ipam::for_tenant(self.store.clone(), tenant)))
+            .clone()
+    }
+
+    fn status(&self) -> Vec<u8> {
+        let subnets = self.node.subnets();
+        let status = NodeStatus {
+            uuid: self.uuid.to_string(),
+            role: NodeRole::ComputeNode,
+            name: self.host.clone(),
+            tenant: None,
+            underlay_ip: self.node.underlay().compute.addr.ip(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: self.started,
+            tunnels: subnets.len(),
+            subnets: subnets.into_iter().map(|(b, _, _)| b.subnet).collect(),
+        };
+        serde_json::to_vec(&status).expect("a status serialises")
+    }
+
+    /// The endpoints this host holds in etcd: (instance, vnic, record).
+    async fn endpoints(&self) -> Result<Vec<(String, String, VnicRecord)>, StoreError> {
+        let prefix = format!(
+            "{}{}/workload/{}/",
+            tenet::calico::HOSTS,
+            tenet::calico::escape_name(&self.host),
+            tenet::calico::escape_name(&self.orchestrator)
+        );
+        let mut out = Vec::new();
+        for kv in self.store.list(&prefix).await?.kvs {
+            let Ok(CalicoKey::WorkloadEndpoint(id)) = CalicoKey::parse(&kv.key) else {
+                continue;
+            };
+            match serde_json::from_slice::<WorkloadEndpoint>(&kv.value)
+                .map_err(|e| e.to_string())
+                .and_then(|e| VnicRecord::from_endpoint(&e))
+            {
+                Ok(r) => out.push((id.workload, id.endpoint, r)),
+                Err(e) => debug!(key = %kv.key, error = %e, "not a tenet VNIC endpoint"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// After a restart: an endpoint whose VNIC is missing gets it back (same name-independent
+    /// identity, MAC and address). VNICs without an endpoint are reported.
+    async fn reconcile(&self) -> Result<(), AgentError> {
+        let endpoints = self.endpoints().await?;
+        let present: std::collections::HashSet<String> = self.node.vnic_ids().into_iter().collect();
+        let mut recreated = 0;
+        for (instance, vnic, record) in &endpoints {
+            if present.contains(vnic) {
+                continue;
+            }
+            let config = instance::config_of(instance, vnic, record);
+            match self.node.create_vnic(&config, None).await {
+                Ok(_) => recreated += 1,
+                Err(e) => error!(%instance, %vnic, error = %e, "could not recreate a VNIC"),
+            }
+        }
+        let known: std::collections::HashSet<&String> =
+            endpoints.iter().map(|(_, v, _)| v).collect();
+        for vnic in present.iter().filter(|v| !known.contains(v)) {
+            warn!(%vnic, "a VNIC without an endpoint in etcd (tenet-cn reset removes it)");
+        }
+        info!(
+            endpoints = endpoints.len(),
+            recreated, "reconciled with etcd"
+        );
+        Ok(())
+    }
+
+    /// TenantAdded for every subnet with a tunnel (after each connect).
+    async fn announce_tunnels(&self, client: &Client) {
+        let removed = std::mem::take(&mut *self.removed.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &removed {
+            self.tunnel_event(client, t).await;
+        }
+        let ip = self.node.underlay().compute.addr.ip();
+        for (binding, _, _) in self.node.subnets() {
+            let payload = TenantAdded::from(TenantSubnet {
+                agent_uuid: self.uuid.to_string(),
+                agent_ip: ip.to_string(),
+                tenant_uuid: binding.tenant.clone(),
+                tenant_subnet: binding.subnet.to_string(),
+                concentrator_uuid: binding.concentrator.clone(),
+                concentrator_ip: binding.concentrator_ip.to_string(),
+                subnet_key: tenet::types::TunnelKey::from_subnet(&binding.subnet)
+                    .map_or(0, |k| k.get().into()),
+            });
+            self.send(
+                client,
+                Operation::Event(Event::TenantAdded),
+                payload.to_yaml(),
+            )
+            .await;
+        }
+    }
+
+    fn tunnel_payload(&self, t: &TunnelEvent) -> TenantSubnet {
+        TenantSubnet {
+            agent_uuid: self.uuid.to_string(),
+            agent_ip: t.cn_ip.to_string(),
+            tenant_uuid: t.tenant_id.clone(),
+            tenant_subnet: t.subnet.to_string(),
+            concentrator_uuid: t.concentrator_id.clone(),
+            concentrator_ip: t.concentrator_ip.to_string(),
+            subnet_key: t.subnet_key.get().into(),
+        }
+    }
+
+    async fn tunnel_event(&self, client: &Client, t: &TunnelEvent) {
+        let payload = self.tunnel_payload(t);
+        let (op, bytes) = match t.kind {
+            TunnelEventKind::Add => (Event::TenantAdded, TenantAdded::from(payload).to_yaml()),
+            TunnelEventKind::Del => (Event::TenantRemoved, TenantRemoved::from(payload).to_yaml()),
+        };
+        self.send(client, Operation::Event(op), bytes).await;
+    }
+
+    async fn send(&self, client: &Client, op: Operation, payload: Vec<u8>) {
+        if let Err(e) = client.send(Frame::new(op, self.uuid, payload)).await {
+            warn!(error = %e, ?op, "could not send");
+        }
+    }
+
+    async fn handle(&self, client: &Client, frame: &Frame) {
+        match frame.operation() {
+            Some(Operation::Command(Command::Start)) => self.on_start(client, frame).await,
+            Some(Operation::Command(Command::Delete)) => self.on_delete(client, frame).await,
+            other => debug!(operation = ?other, "not a compute-node operation; ignored"),
+        }
+    }
+
+    async fn on_start(&self, client: &Client, frame: &Frame) {
+        let outcome = match Start::from_yaml(&frame.payload) {
+            Err(e) => Err((
+                String::new(),
+                instance::Refused {
+                    reason: StartFailureReason::InvalidPayload,
+                    detail: e.to_string(),
+                },
+            )),
+            Ok(s) => match instance::start_request(&s.start) {
+                Err(r) => Err((s.start.instance_uuid.clone(), r)),
+                Ok(req) => {
+                    let span = info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant);
+                    self.start(&req)
+                        .instrument(span)
+                        .await
+                        .map_err(|r| (req.instance.clone(), r))
+                }
+            },
+        };
+        match outcome {
+            Ok(Some(tunnel)) => self.tunnel_event(client, &tunnel).await,
+            Ok(None) => {}
+            Err((instance, refused)) => {
+                warn!(%instance, reason = ?refused.reason, detail = %refused.detail, "START failed");
+                let failure = StartFailure {
+                    node_uuid: self.uuid.to_string(),
+                    instance_uuid: instance,
+                    reason: refused.reason,
+                    restart: false,
+                    detail: refused.detail,
+                };
+                self.send(
+                    client,
+                    Operation::Error(ErrorCode::StartFailure),
+                    failure.to_yaml(),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn on_delete(&self, client: &Client, frame: &Frame) {
+        let (instance, outcome) = match Delete::from_yaml(&frame.payload) {
+            Err(e) => (
+                String::new(),
+                Err(instance::Refused {
+                    reason: DeleteFailureReason::InvalidPayload,
+                    detail: e.to_string(),
+                }),
+            ),
+            Ok(d) if d.delete.instance_uuid.trim().is_empty() => (
+                String::new(),
+                Err(instance::Refused {
+                    reason: DeleteFailureReason::InvalidData,
+                    detail: "instance_uuid is empty".into(),
+                }),
+            ),
+            Ok(d) => {
+                let instance = d.delete.instance_uuid.trim().to_string();
+                let span = info_span!("delete", %instance);
+                let r = self.delete(&instance).instrument(span).await;
+                (instance, r)
+            }
+        };
+        match outcome {
+            Ok(tunnels) => {
+                for t in &tunnels {
+                    self.tunnel_event(client, t).await;
+                }
+                let event = InstanceDeleted::from(InstanceDeletedEvent {
+                    instance_uuid: instance,
+                });
+                self.send(
+                    client,
+                    Operation::Event(Event::InstanceDeleted),
+                    event.to_yaml(),
+                )
+                .await;
+            }
+            Err(refused) => {
+                warn!(%instance, reason = ?refused.reason, detail = %refused.detail, "DELETE failed");
+                let failure = DeleteFailure {
+                    node_uuid: self.uuid.to_string(),
+                    instance_uuid: instance,
+                    reason: refused.reason,
+                    detail: refused.detail,
+                };
+                self.send(
+                    client,
+                    Operation::Error(ErrorCode::DeleteFailure),
+                    failure.to_yaml(),
+                )
+                .await;
+            }
+        }
+    }
+}

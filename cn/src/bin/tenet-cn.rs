@@ -1,0 +1,242 @@
+//! `tenet-cn`: the compute node's command. `run` is the agent (SSNTP + etcd).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+use ssntp::{Identity, TlsFiles, Uuid};
+use tenet::net::tunnel::BackendChoice;
+use tenet::store::Datastore;
+use tenet::store::config::DatastoreConfig;
+use tenet_cn::CnConfig;
+use tenet_cn::agent::AgentConfig;
+
+const RUN_HELP: &str = "\
+Configuration comes from a YAML file (--config), the environment (TENET_CN_*) and flags;
+flags win over the environment, which wins over the file. File keys are the flag names with
+underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
+management_nets, tunnel_local, tunnel, datastore_config, status_ttl.
+
+The certificate's role says what the node is: agent (compute node) or netagent (network
+node), or both. The datastore follows calicoctl: a calicoApiConfig file (--datastore-config)
+or ETCD_ENDPOINTS.
+
+Example:
+  tenet cert issue --ca /etc/tenet/pki/CAkey-tenet.pem --role agent --host cn-1 \\
+      --out /etc/tenet/pki
+  ETCD_ENDPOINTS=http://10.0.0.5:2379 tenet-cn run --server 10.0.0.5:8888 \\
+      --cert /etc/tenet/pki/cert-Agent-cn-1.pem --ca /etc/tenet/pki/CAcert-tenet.pem \\
+      --host cn-1 --compute-net 10.254.0.0/16";
+
+/// tenet-cn: the compute node of a tenet cloud (tenant VNICs, bridges, tunnels).
+#[derive(Debug, Parser)]
+#[command(name = "tenet-cn", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the compute-node agent: rebuild from the kernel, reconcile with the endpoints in
+    /// etcd, connect to the scheduler, and serve START and DELETE in the order they arrive.
+    /// Stops on SIGTERM or Ctrl-C, leaving the dataplane for the next start.
+    #[command(after_help = RUN_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// YAML file with any of the settings below.
+    #[arg(long, env = "TENET_CN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Scheduler address host:port (repeat, or comma-separate, for fallbacks).
+    #[arg(
+        long = "server",
+        env = "TENET_CN_SERVERS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    servers: Vec<String>,
+    /// PEM file with this agent's certificate (agent and/or netagent role) and key.
+    #[arg(long, env = "TENET_CN_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// PEM file with the CA certificate.
+    #[arg(long, env = "TENET_CN_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// This node's SSNTP UUID (default: a new one per start).
+    #[arg(long, env = "TENET_CN_UUID")]
+    uuid: Option<Uuid>,
+    /// The Calico host name the endpoints are written under (default: the hostname).
+    #[arg(long, env = "TENET_CN_HOST")]
+    host: Option<String>,
+    /// The orchestrator segment of endpoint keys.
+    #[arg(long, env = "TENET_CN_ORCHESTRATOR")]
+    orchestrator: Option<String>,
+    /// Work in this network namespace (default: the agent's own).
+    #[arg(long, env = "TENET_CN_NETNS", value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// CIDR the compute (tunnel) address is in (repeatable).
+    #[arg(
+        long = "compute-net",
+        env = "TENET_CN_COMPUTE_NETS",
+        value_delimiter = ','
+    )]
+    compute_nets: Vec<Ipv4Network>,
+    /// CIDR the management address is in (repeatable).
+    #[arg(
+        long = "management-net",
+        env = "TENET_CN_MANAGEMENT_NETS",
+        value_delimiter = ','
+    )]
+    management_nets: Vec<Ipv4Network>,
+    /// The tunnels' local address (wins over --compute-net).
+    #[arg(long, env = "TENET_CN_TUNNEL_LOCAL")]
+    tunnel_local: Option<Ipv4Addr>,
+    /// Tunnel backend: auto, kernel, userspace or vxlan.
+    #[arg(long, env = "TENET_CN_TUNNEL")]
+    tunnel: Option<BackendChoice>,
+    /// calicoctl-style datastore configuration (kind calicoApiConfig); default: ETCD_ENDPOINTS.
+    #[arg(long, env = "TENET_CN_DATASTORE_CONFIG", value_name = "FILE")]
+    datastore_config: Option<PathBuf>,
+    /// Seconds the status key outlives a dead agent.
+    #[arg(long, env = "TENET_CN_STATUS_TTL")]
+    status_ttl: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    servers: Vec<String>,
+    cert: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    uuid: Option<Uuid>,
+    host: Option<String>,
+    orchestrator: Option<String>,
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    compute_nets: Vec<Ipv4Network>,
+    #[serde(default)]
+    management_nets: Vec<Ipv4Network>,
+    tunnel_local: Option<Ipv4Addr>,
+    tunnel: Option<String>,
+    datastore_config: Option<PathBuf>,
+    status_ttl: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tenet-cn: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Command::Run(args) = cli.command;
+    match runtime.block_on(run_agent(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tenet-cn: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn either<T>(flag: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flag.is_empty() { file } else { flag }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// Flags (and the environment, which clap reads) win over the file.
+fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)> {
+    let file = match &args.config {
+        Some(path) => read_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    let servers = either(args.servers, file.servers);
+    if servers.is_empty() {
+        bail!(
+            "no scheduler: give --server HOST:PORT (or TENET_CN_SERVERS, or servers: in --config)"
+        );
+    }
+    let (Some(cert), Some(ca)) = (args.cert.or(file.cert), args.ca.or(file.ca)) else {
+        bail!("--cert and --ca are required (see --help for how to make them)");
+    };
+    let identity = Identity::load(&TlsFiles { cert, ca })?;
+    let uuid = args.uuid.or(file.uuid).unwrap_or_else(Uuid::new_v4);
+    let host = args
+        .host
+        .or(file.host)
+        .or_else(hostname)
+        .ok_or_else(|| anyhow!("--host is required: no hostname to default to"))?;
+    let mut node = CnConfig::new(&uuid.to_string());
+    node.netns = args.netns.or(file.netns);
+    node.underlay.compute_nets = either(args.compute_nets, file.compute_nets);
+    node.underlay.management_nets = either(args.management_nets, file.management_nets);
+    node.underlay.tunnel_local = args.tunnel_local.or(file.tunnel_local);
+    node.tunnel = match (args.tunnel, file.tunnel) {
+        (Some(t), _) => t,
+        (None, Some(t)) => t.parse().map_err(|e: String| anyhow!("tunnel: {e}"))?,
+        (None, None) => BackendChoice::Auto,
+    };
+    let config = AgentConfig {
+        node,
+        servers,
+        identity,
+        uuid,
+        host,
+        orchestrator: args
+            .orchestrator
+            .or(file.orchestrator)
+            .unwrap_or_else(|| "ciao".into()),
+        status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
+    };
+    Ok((config, args.datastore_config.or(file.datastore_config)))
+}
+
+async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (config, datastore) = agent_config(args)?;
+    let ds = DatastoreConfig::resolve(datastore.as_deref(), |k| std::env::var(k).ok())?;
+    let store: Arc<dyn Datastore> = Arc::new(ds.connect().await.with_context(|| {
+        format!(
+            "cannot reach etcd at {} ({})",
+            ds.endpoints.join(","),
+            ds.source
+        )
+    })?);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tenet_cn::agent::run(config, store, shutdown).await?;
+    Ok(())
+}
