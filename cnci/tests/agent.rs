@@ -619,6 +619,28 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
     let lease = DhcpClient::new().lease(&wl, 10).expect("a DHCP lease");
     assert_eq!(lease.ip.to_string(), "172.16.0.2");
 
+    // `tenet status`: both agents, the compute node with its tunnel's subnet.
+    let out = std::process::Command::new(workspace_binary("tenet"))
+        .args(["status", "-o", "json"])
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes: Vec<tenet::keyspace::node::NodeStatus> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let cn_node = nodes
+        .iter()
+        .find(|n| n.uuid == cn_uuid.to_string())
+        .unwrap();
+    assert_eq!(cn_node.name, "cn-1");
+    assert_eq!(cn_node.subnets, ["172.16.0.0/24".parse().unwrap()]);
+    assert!(nodes.iter().any(|n| n.uuid == conc_uuid.to_string()
+        && n.role == tenet::keyspace::node::NodeRole::Concentrator));
+
     // A START whose subnet has no concentrator: StartFailure, nothing made.
     controller
         .client

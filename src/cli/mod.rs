@@ -3,9 +3,11 @@
 //! (or the command line is wrong, as clap reports it).
 
 mod cert;
+mod control;
 mod dump;
 mod ipam;
 mod lab;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +53,16 @@ enum Command {
     Ipam(ipam::IpamArgs),
     /// Run a local lab: a real etcd with the Calico keyspace initialised, until Ctrl-C.
     Lab(lab::LabArgs),
+    /// Every running agent (compute nodes, concentrators) with its subnets and tunnels, from
+    /// the status keys they keep alive in etcd.
+    Status(status::StatusArgs),
+    /// Start or delete an instance's networking (controller; SSNTP START / DELETE).
+    Instance(control::InstanceArgs),
+    /// Assign or release a floating IP on a concentrator (controller; SSNTP).
+    #[command(name = "public-ip")]
+    PublicIp(control::PublicIpArgs),
+    /// Concentrator commands (controller; SSNTP RefreshCNCI).
+    Cnci(control::CnciArgs),
     /// Print the client version.
     Version,
 }
@@ -71,6 +83,10 @@ pub fn main() -> ExitCode {
             Command::Dump(args) => dump::run(&cli, args).await,
             Command::Ipam(args) => ipam::run(&cli, args).await,
             Command::Lab(args) => lab::run(args).await,
+            Command::Status(args) => status::run(&cli, args).await,
+            Command::Instance(args) => control::instance(args).await,
+            Command::PublicIp(args) => control::public_ip(args).await,
+            Command::Cnci(args) => control::cnci(args).await,
             Command::Version => {
                 println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

@@ -1,0 +1,93 @@
+//! `tenet status`: every running agent (compute nodes and concentrators) from the status
+//! keys they hold on leases under `/tenet/v1/node/` — a dead agent's key has expired.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use tenet::keyspace::node::{self, NodeStatus};
+
+use super::{Cli, CliError, connect, store_error};
+use tenet::store::Datastore;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn uptime(started: u64) -> String {
+    let s = node::now().saturating_sub(started);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
+    let (store, config) = connect(cli).await?;
+    let listing = store
+        .list(&node::prefix())
+        .await
+        .map_err(|e| store_error(&config, e))?;
+    let mut nodes: Vec<NodeStatus> = Vec::new();
+    let mut bad = 0;
+    for kv in &listing.kvs {
+        match node::decode(&kv.key, &kv.value) {
+            Ok(s) => nodes.push(s),
+            Err(e) => {
+                bad += 1;
+                eprintln!("tenet: {}: {e}", kv.key);
+            }
+        }
+    }
+    nodes.sort_by(|a, b| (a.role as u8, &a.name).cmp(&(b.role as u8, &b.name)));
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&nodes).context("cannot print JSON")?
+        ),
+        Output::Table => {
+            println!(
+                "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} SUBNETS",
+                "ROLE", "NAME", "TENANT", "UNDERLAY", "TUNNELS", "UP", "VERSION"
+            );
+            for n in &nodes {
+                let subnets: Vec<String> = n.subnets.iter().map(|s| s.to_string()).collect();
+                println!(
+                    "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {}",
+                    n.role.to_string(),
+                    n.name,
+                    n.tenant.as_deref().unwrap_or("-"),
+                    n.underlay_ip,
+                    n.tunnels,
+                    uptime(n.started),
+                    n.version,
+                    if subnets.is_empty() {
+                        "-".into()
+                    } else {
+                        subnets.join(",")
+                    }
+                );
+            }
+            if nodes.is_empty() {
+                eprintln!(
+                    "tenet: no agent is running (no status under {})",
+                    node::prefix()
+                );
+            }
+        }
+    }
+    Ok(if bad > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
