@@ -7,124 +7,22 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ssntp::cert::{self, CertRequest};
 use ssntp::payload::{
     AssignPublicIp, ConcentratorInstanceAdded, Payload, PublicIpAssigned, PublicIpCommand,
     PublicIpFailure, PublicIpFailureReason, ReleasePublicIp, TenantAdded, TenantRemoved,
     TenantSubnet,
 };
-use ssntp::{
-    Backoff, Client, ClientConfig, ClientEvent, Command, ErrorCode, Event, Frame, Identity,
-    Operation, Role, Server, ServerConfig, Uuid,
-};
+use ssntp::{Command, ErrorCode, Event, Operation, Role, Uuid};
 use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
 use tenet::testbed::{EtcdServer, Fabric, Host};
-use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A throw-away CA; certificates for 127.0.0.1 written as files for the binary.
-struct Pki {
-    ca: cert::GeneratedCert,
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        Pki {
-            ca: cert::generate_ca("tenet test CA", "tenet tests", 1).unwrap(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn issue(&self, roles: Role) -> cert::GeneratedCert {
-        let req = CertRequest::new(
-            roles,
-            vec!["localhost".into()],
-            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        );
-        cert::issue(&self.ca.cert_pem, &self.ca.key_pem, &req).unwrap()
-    }
-
-    fn identity(&self, roles: Role) -> Identity {
-        let c = self.issue(roles);
-        Identity::from_pem(
-            c.bundle().as_bytes(),
-            self.ca.cert_pem.as_bytes(),
-            "node",
-            "ca",
-        )
-        .unwrap()
-    }
-
-    /// (certificate file, CA file).
-    fn files(&self, roles: Role, name: &str) -> (PathBuf, PathBuf) {
-        let cert = self.dir.path().join(format!("{name}.pem"));
-        std::fs::write(&cert, self.issue(roles).bundle()).unwrap();
-        let ca = self.dir.path().join("ca.pem");
-        std::fs::write(&ca, &self.ca.cert_pem).unwrap();
-        (cert, ca)
-    }
-}
-
-async fn scheduler(pki: &Pki) -> Server {
-    let mut config = ServerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        pki.identity(Role::SCHEDULER | Role::SERVER),
-        Uuid::new_v4(),
-    );
-    config.role = Some(Role::SCHEDULER);
-    let scheduler = ssntp::scheduler::Scheduler::new();
-    Server::start(config, scheduler.rules(), scheduler)
-        .await
-        .unwrap()
-}
-
-/// An SSNTP peer the test plays (a controller, a compute node's agent).
-struct Peer {
-    client: Client,
-    events: mpsc::Receiver<ClientEvent>,
-}
-
-impl Peer {
-    async fn start(pki: &Pki, roles: Role, server: SocketAddr) -> Peer {
-        let mut c = ClientConfig::new(
-            vec![server.to_string()],
-            pki.identity(roles),
-            Uuid::new_v4(),
-        );
-        c.backoff = Backoff::scaled(Duration::from_millis(50));
-        let (client, events) = Client::start(c).unwrap();
-        let mut p = Peer { client, events };
-        loop {
-            match tokio::time::timeout(WAIT, p.events.recv()).await {
-                Ok(Some(ClientEvent::Connected(_))) => return p,
-                Ok(Some(_)) => {}
-                other => panic!("no connection: {other:?}"),
-            }
-        }
-    }
-
-    /// The next frame with operation `op`, skipping others (node notifications, …).
-    async fn expect(&mut self, op: Operation) -> Frame {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ClientEvent::Frame(f))) if f.operation() == Some(op) => return f,
-                Ok(Some(_)) => {}
-                other => panic!("waiting for {op:?}: {other:?}"),
-            }
-        }
-    }
-}
 
 /// The agent process; killed (and waited for) if the test fails before stopping it.
 struct Agent {

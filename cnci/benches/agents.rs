@@ -1,0 +1,304 @@
+//! Agent benchmark: `cargo bench -p tenet-cnci --bench agents` (root; real etcd, dnsmasq,
+//! TLS on loopback, namespaces).
+//!
+//! A controller sends START through the scheduler to the compute-node agent (`tenet-cn`'s
+//! `agent::run`, in this process); each start is a VM tap in a new tenant subnet, so each
+//! also creates a bridge and a tunnel and sends TenantAdded to the concentrator agent
+//! (`tenet-cnci`'s `agent::run`), which attaches the subnet (bridge, tunnel, dnsmasq). Timed
+//! per start: START sent → endpoint in etcd (the compute node's work) → attachment in etcd
+//! (TenantAdded applied at the concentrator), both seen by an etcd watch; p50/p99 at
+//! concurrency 1 and 10, without DHCP. The baseline, measured in the same run on a host of its
+//! own: the compute node's library alone (`ComputeNode::create_vnic` of the same taps).
+//!
+//! `TENET_BENCH_STARTS` sets the starts per run (default 200).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ipnetwork::Ipv4Network;
+use ssntp::payload::{Payload, Start, StartCommand, VnicNetworking};
+use ssntp::{Command, Role, Uuid};
+use tenet::net::tunnel::BackendChoice;
+use tenet::store::Datastore;
+use tenet::testbed::{EtcdServer, Fabric};
+use tenet_cn::{CnConfig, ComputeNode, VnicConfig, VnicRole};
+use tokio::sync::{Mutex, Semaphore, oneshot};
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+/// The i-th tenant subnet of a run.
+fn subnet(run: u8, i: usize) -> Ipv4Network {
+    Ipv4Network::new(Ipv4Addr::new(10, 100 + run, i as u8, 0), 24).unwrap()
+}
+
+#[derive(Default)]
+struct Seen {
+    endpoint: HashMap<String, Instant>,
+    attached: HashMap<Ipv4Network, Instant>,
+}
+
+struct Outcome {
+    to_endpoint: Vec<Duration>,
+    to_attached: Vec<Duration>,
+    elapsed: Duration,
+}
+
+/// Sends `n` STARTs with `concurrency` outstanding; waits for each to be attached.
+async fn starts(
+    controller: &Peer,
+    seen: &Arc<Mutex<Seen>>,
+    conc: &Uuid,
+    conc_ip: Ipv4Addr,
+    run: u8,
+    n: usize,
+    concurrency: usize,
+) -> Outcome {
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let net = subnet(run, i);
+        let vnic = format!("v-{run}-{i}");
+        let start = Start::from(StartCommand {
+            instance_uuid: format!("i-{run}-{i}"),
+            tenant_uuid: "t1".into(),
+            vm_type: "qemu".into(),
+            networking: VnicNetworking {
+                vnic_uuid: vnic.clone(),
+                concentrator_uuid: conc.to_string(),
+                concentrator_ip: conc_ip.to_string(),
+                subnet: net.to_string(),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let sent = Instant::now();
+        controller
+            .client
+            .send_command(Command::Start, start.to_yaml())
+            .await
+            .unwrap();
+        let seen = seen.clone();
+        tasks.push(tokio::spawn(async move {
+            let deadline = sent + Duration::from_secs(60);
+            loop {
+                {
+                    let s = seen.lock().await;
+                    if let (Some(e), Some(a)) = (s.endpoint.get(&vnic), s.attached.get(&net)) {
+                        drop(permit);
+                        return (*e - sent, *a - sent);
+                    }
+                }
+                assert!(Instant::now() < deadline, "start {vnic} not done in 60 s");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    let mut to_endpoint = Vec::new();
+    let mut to_attached = Vec::new();
+    for t in tasks {
+        let (e, a) = t.await.unwrap();
+        to_endpoint.push(e);
+        to_attached.push(a);
+    }
+    to_endpoint.sort();
+    to_attached.sort();
+    Outcome {
+        to_endpoint,
+        to_attached,
+        elapsed: began.elapsed(),
+    }
+}
+
+/// The library alone: the same taps, `concurrency` at a time; returns creates/s.
+async fn library(
+    node: &Arc<ComputeNode>,
+    conc_ip: Ipv4Addr,
+    run: u8,
+    n: usize,
+    concurrency: usize,
+) -> f64 {
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = VnicConfig::container(
+                &format!("v-{run}-{i}"),
+                "t1",
+                subnet(run, i),
+                "c1",
+                conc_ip,
+                "02:00:00:00:00:01".parse().unwrap(),
+            );
+            c.role = VnicRole::Vm;
+            c.mac = None;
+            node.create_vnic(&c, None).await.unwrap();
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / began.elapsed().as_secs_f64()
+}
+
+async fn run() {
+    let n = env_count("TENET_BENCH_STARTS", 200).min(250);
+    let etcd = EtcdServer::start().await.unwrap();
+    let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
+    let pki = Pki::new();
+    let sched = scheduler(&pki).await;
+    let fabric = Fabric::new().await.unwrap();
+    let cn_host = fabric.add_host("cn").await.unwrap();
+    let conc_host = fabric.add_host("conc").await.unwrap();
+    let lib_host = fabric.add_host("lib").await.unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let servers = vec![sched.local_addr().to_string()];
+    let (conc_uuid, cn_uuid) = (Uuid::new_v4(), Uuid::new_v4());
+
+    // Watch what the agents write: endpoints and the concentrator's attachments.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut watch = store.watch("/", 0).await.unwrap();
+    let attach_prefix = format!("/tenet/v1/cnci/{conc_uuid}/attach/");
+    {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(ev)) = watch.next().await {
+                let now = Instant::now();
+                let key = ev.key.clone();
+                let mut s = seen.lock().await;
+                if let Some(rest) = key.strip_prefix(&attach_prefix) {
+                    if let Some((net, _)) = rest.split_once('/')
+                        && let Some((a, p)) = net.rsplit_once('-')
+                        && let (Ok(a), Ok(p)) = (a.parse(), p.parse())
+                    {
+                        s.attached
+                            .entry(Ipv4Network::new(a, p).unwrap())
+                            .or_insert(now);
+                    }
+                } else if key.contains("/workload/ciao/") {
+                    let vnic = key.rsplit('/').next().unwrap().to_string();
+                    s.endpoint.entry(vnic).or_insert(now);
+                }
+            }
+        });
+    }
+
+    let (stop_conc, conc_stopped) = oneshot::channel::<()>();
+    let mut cc = cnci_config(&conc_host, &conc_uuid.to_string(), "t1", run_dir.path());
+    cc.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];
+    let conc_agent = tokio::spawn(tenet_cnci::agent::run(
+        tenet_cnci::agent::AgentConfig {
+            concentrator: cc.clone(),
+            servers: servers.clone(),
+            identity: pki.identity(Role::CNCIAGENT),
+            uuid: conc_uuid,
+            mesh_cidr: None,
+            status_ttl: Duration::from_secs(10),
+        },
+        store.clone(),
+        async {
+            let _ = conc_stopped.await;
+        },
+    ));
+    let (stop_cn, cn_stopped) = oneshot::channel::<()>();
+    let mut node = CnConfig::new(&cn_uuid.to_string());
+    node.netns = Some(cn_host.path());
+    node.tunnel = BackendChoice::Userspace;
+    node.max_parallel = 16;
+    let cn_agent = tokio::spawn(tenet_cn::agent::run(
+        tenet_cn::agent::AgentConfig {
+            node,
+            servers,
+            identity: pki.identity(Role::AGENT),
+            uuid: cn_uuid,
+            host: "cn-1".into(),
+            orchestrator: "ciao".into(),
+            status_ttl: Duration::from_secs(10),
+        },
+        store.clone(),
+        async {
+            let _ = cn_stopped.await;
+        },
+    ));
+    let controller = Peer::start(&pki, Role::CONTROLLER, sched.local_addr()).await;
+    // Both agents up: their status keys are there.
+    for uuid in [conc_uuid, cn_uuid] {
+        let key = tenet::keyspace::node::key(&uuid.to_string());
+        while store.get(&key).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // both SSNTP sessions up
+
+    let ip = conc_host.ip();
+    let one = starts(&controller, &seen, &conc_uuid, ip, 0, n, 1).await;
+    let ten = starts(&controller, &seen, &conc_uuid, ip, 1, n, 10).await;
+
+    let mut lib_config = CnConfig::new("lib");
+    lib_config.netns = Some(lib_host.path());
+    lib_config.tunnel = BackendChoice::Userspace;
+    lib_config.max_parallel = 16;
+    let lib = Arc::new(ComputeNode::init(lib_config).await.unwrap());
+    let lib_one = library(&lib, ip, 0, n, 1).await;
+    let lib_ten = library(&lib, ip, 1, n, 10).await;
+
+    println!();
+    println!("| run | starts | p50 ms | p99 ms | starts/s | vs library |");
+    println!("|---|---|---|---|---|---|");
+    for (label, o, lib_rate) in [
+        ("concurrency 1", &one, lib_one),
+        ("concurrency 10", &ten, lib_ten),
+    ] {
+        let rate_endpoint = n as f64 / o.elapsed.as_secs_f64();
+        println!(
+            "| {label}: START → endpoint in etcd (compute-node agent) | {n} | {} | {} | — | — |",
+            ms(percentile(&o.to_endpoint, 0.5)),
+            ms(percentile(&o.to_endpoint, 0.99)),
+        );
+        println!(
+            "| {label}: START → TenantAdded applied at the concentrator | {n} | {} | {} | {rate_endpoint:.1} | {:.2}× |",
+            ms(percentile(&o.to_attached, 0.5)),
+            ms(percentile(&o.to_attached, 0.99)),
+            rate_endpoint / lib_rate
+        );
+        println!(
+            "| {label}: library create_vnic alone (baseline) | {n} | — | — | {lib_rate:.1} | 1.00× |"
+        );
+    }
+    println!();
+
+    let _ = stop_cn.send(());
+    let _ = stop_conc.send(());
+    cn_agent.await.unwrap().unwrap();
+    conc_agent.await.unwrap().unwrap();
+    let conc = tenet_cnci::Concentrator::init(cc, Some(store.clone()))
+        .await
+        .unwrap();
+    conc.rebuild().await.unwrap();
+    conc.reset().await.unwrap();
+    cn_on(&cn_host, "cn-x", BackendChoice::Userspace)
+        .await
+        .reset()
+        .await
+        .unwrap();
+    lib.reset().await.unwrap();
+    sched.shutdown().await;
+}
