@@ -100,7 +100,7 @@ pub async fn run(
             vnics = report.vnics,
             "rebuilt from the kernel"
         );
-        let agent = Agent {
+        let agent = Arc::new(Agent {
             uuid: config.uuid,
             host: config.host,
             orchestrator: config.orchestrator,
@@ -109,15 +109,18 @@ pub async fn run(
             store: store.clone(),
             ipams: Mutex::new(HashMap::new()),
             removed: Mutex::new(report.removed),
-        };
+        });
         agent.reconcile().await?;
-        let status = LeasedKey::start(
-            store,
-            node::key(&config.uuid.to_string()),
-            agent.status(),
-            config.status_ttl,
-        )
-        .await?;
+        let status = Arc::new(
+            LeasedKey::start(
+                store,
+                node::key(&config.uuid.to_string()),
+                agent.status(),
+                config.status_ttl,
+            )
+            .await?,
+        );
+        let dispatch = Dispatcher::default();
         let mut client_config = ClientConfig::new(config.servers, config.identity, config.uuid);
         client_config.role = Some(role);
         let (client, mut events) = Client::start(client_config)?;
@@ -132,8 +135,7 @@ pub async fn run(
                         agent.announce_tunnels(&client).await;
                     }
                     Some(ClientEvent::Frame(frame)) => {
-                        agent.handle(&client, &frame).await;
-                        status.set(agent.status());
+                        dispatch.frame(&agent, &client, &status, frame).await;
                     }
                     Some(ClientEvent::Disconnected { reason }) => {
                         warn!(%reason, "disconnected from the scheduler; reconnecting");
@@ -142,13 +144,94 @@ pub async fn run(
                 },
             }
         };
+        // STARTs still running finish first (their reports need the connection).
+        drop(dispatch.gate.write().await);
         client.close().await;
-        status.stop().await;
+        if let Ok(status) = Arc::try_unwrap(status) {
+            status.stop().await;
+        }
         info!("stopped");
         result
     }
     .instrument(span)
     .await
+}
+
+/// Runs frames concurrently where that cannot change the outcome, in order where it could:
+/// STARTs of different subnets run at once (the compute node's library is concurrent), STARTs
+/// of one subnet one after the other (so its tunnel events go out in order), and a DELETE —
+/// whose subnets are known only from its endpoints — waits for every running START and holds
+/// the others back until it is done, so a START and a DELETE of one instance keep their order.
+#[derive(Default)]
+struct Dispatcher {
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// The last START queued per subnet: the next one for that subnet waits for it.
+    chains: Arc<Mutex<HashMap<ipnetwork::Ipv4Network, (u64, Chain)>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+type Chain = futures::future::Shared<tokio::sync::oneshot::Receiver<()>>;
+
+impl Dispatcher {
+    async fn frame(
+        &self,
+        agent: &Arc<Agent>,
+        client: &Client,
+        status: &Arc<LeasedKey>,
+        frame: Frame,
+    ) {
+        use futures::FutureExt;
+        match frame.operation() {
+            Some(Operation::Command(Command::Start)) => {
+                let req = match Agent::parse_start(&frame) {
+                    Ok(r) => r,
+                    Err((instance, refused)) => {
+                        return agent.start_failed(client, instance, refused).await;
+                    }
+                };
+                // Never waits: a DELETE holds the gate only while this loop is inside it.
+                let shared = self.gate.clone().read_owned().await;
+                let (done, chain) = tokio::sync::oneshot::channel();
+                let chain = chain.shared();
+                let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let before = self
+                    .chains
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(req.subnet, (id, chain))
+                    .map(|(_, c)| c);
+                let (agent, client, status, chains) = (
+                    agent.clone(),
+                    client.clone(),
+                    status.clone(),
+                    self.chains.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Some(before) = before {
+                        let _ = before.await;
+                    }
+                    agent.on_start(&client, &req).await;
+                    status.set(agent.status());
+                    let _ = done.send(());
+                    {
+                        let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
+                        if chains.get(&req.subnet).is_some_and(|(i, _)| *i == id) {
+                            chains.remove(&req.subnet);
+                        }
+                    }
+                    // Last: whoever waits on the gate finds no clone of these left.
+                    drop((agent, client, status));
+                    drop(shared);
+                });
+            }
+            Some(Operation::Command(Command::Delete)) => {
+                let _alone = self.gate.write().await;
+                agent.on_delete(client, &frame).await;
+                status.set(agent.status());
+            }
+            other => debug!(operation = ?other, "not a compute-node operation; ignored"),
+        }
+    }
 }
 
 impl Agent {
@@ -283,16 +366,11 @@ impl Agent {
         }
     }
 
-    async fn handle(&self, client: &Client, frame: &Frame) {
-        match frame.operation() {
-            Some(Operation::Command(Command::Start)) => self.on_start(client, frame).await,
-            Some(Operation::Command(Command::Delete)) => self.on_delete(client, frame).await,
-            other => debug!(operation = ?other, "not a compute-node operation; ignored"),
-        }
-    }
-
-    async fn on_start(&self, client: &Client, frame: &Frame) {
-        let outcome = match Start::from_yaml(&frame.payload) {
+    /// START's request, or the failure to report (instance, reason).
+    fn parse_start(
+        frame: &Frame,
+    ) -> Result<instance::StartRequest, (String, instance::Refused<StartFailureReason>)> {
+        match Start::from_yaml(&frame.payload) {
             Err(e) => Err((
                 String::new(),
                 instance::Refused {
@@ -300,37 +378,43 @@ impl Agent {
                     detail: e.to_string(),
                 },
             )),
-            Ok(s) => match instance::start_request(&s.start) {
-                Err(r) => Err((s.start.instance_uuid.clone(), r)),
-                Ok(req) => {
-                    let span = info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant);
-                    self.start(&req)
-                        .instrument(span)
-                        .await
-                        .map_err(|r| (req.instance.clone(), r))
-                }
-            },
-        };
-        match outcome {
+            Ok(s) => instance::start_request(&s.start).map_err(|r| (s.start.instance_uuid, r)),
+        }
+    }
+
+    async fn on_start(&self, client: &Client, req: &instance::StartRequest) {
+        let span =
+            info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant);
+        match self.start(req).instrument(span).await {
             Ok(Some(tunnel)) => self.tunnel_event(client, &tunnel).await,
             Ok(None) => {}
-            Err((instance, refused)) => {
-                warn!(%instance, reason = ?refused.reason, detail = %refused.detail, "START failed");
-                let failure = StartFailure {
-                    node_uuid: self.uuid.to_string(),
-                    instance_uuid: instance,
-                    reason: refused.reason,
-                    restart: false,
-                    detail: refused.detail,
-                };
-                self.send(
-                    client,
-                    Operation::Error(ErrorCode::StartFailure),
-                    failure.to_yaml(),
-                )
-                .await;
+            Err(refused) => {
+                self.start_failed(client, req.instance.clone(), refused)
+                    .await
             }
         }
+    }
+
+    async fn start_failed(
+        &self,
+        client: &Client,
+        instance: String,
+        refused: instance::Refused<StartFailureReason>,
+    ) {
+        warn!(%instance, reason = ?refused.reason, detail = %refused.detail, "START failed");
+        let failure = StartFailure {
+            node_uuid: self.uuid.to_string(),
+            instance_uuid: instance,
+            reason: refused.reason,
+            restart: false,
+            detail: refused.detail,
+        };
+        self.send(
+            client,
+            Operation::Error(ErrorCode::StartFailure),
+            failure.to_yaml(),
+        )
+        .await;
     }
 
     async fn on_delete(&self, client: &Client, frame: &Frame) {
