@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::conn::{ConnError, IO_TIMEOUT, MessageReader, MessageWriter};
@@ -264,6 +264,8 @@ type Connection = (
 enum Ending {
     /// Try again (after a backoff if nothing connected).
     Retry(String),
+    /// Try again, but a certificate is the reason, which retrying alone will not fix.
+    Certificate(String),
     /// Stop for good.
     Stop(Option<ClientError>),
 }
@@ -294,7 +296,7 @@ impl Runner {
                         break None;
                     }
                     match self.session(stream, outbound).await {
-                        Ending::Retry(reason) => {
+                        Ending::Retry(reason) | Ending::Certificate(reason) => {
                             info!(%reason, "SSNTP disconnected; reconnecting");
                             let event = ClientEvent::Disconnected { reason };
                             if self.events.send(event).await.is_err() {
@@ -305,10 +307,18 @@ impl Runner {
                     }
                 }
                 Err(Ending::Stop(e)) => break e,
-                Err(Ending::Retry(reason)) => {
+                Err(ending @ (Ending::Retry(_) | Ending::Certificate(_))) => {
                     let delay = self.config.backoff.delay(failures);
                     failures += 1;
-                    debug!(%reason, ?delay, "no SSNTP server reachable; backing off");
+                    match ending {
+                        Ending::Certificate(reason) => {
+                            warn!(%reason, ?delay, "retrying, but the certificate problem remains until the certificates change")
+                        }
+                        Ending::Retry(reason) => {
+                            debug!(%reason, ?delay, "no SSNTP server reachable; backing off")
+                        }
+                        Ending::Stop(_) => unreachable!("matched above"),
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.closed.changed() => {}
@@ -324,17 +334,27 @@ impl Runner {
 
     async fn connect_any(&mut self) -> Result<(Connection, ServerInfo), Ending> {
         let mut last = String::new();
+        let mut certificate = None;
         for server in self.config.servers.clone() {
             let attempt =
                 tokio::time::timeout(self.config.handshake_timeout, self.connect(&server));
             match attempt.await {
                 Ok(Ok(ok)) => return Ok(ok),
                 Ok(Err(Ending::Retry(why))) => last = format!("{server}: {why}"),
+                Ok(Err(Ending::Certificate(why))) => {
+                    // Said now, at error level: every later attempt fails the same way until
+                    // the certificates change.
+                    error!(reason = %why, "TLS certificate refused; retrying will not help until the certificates change");
+                    certificate = Some(why);
+                }
                 Ok(Err(stop)) => return Err(stop),
                 Err(_) => last = format!("{server}: handshake timed out"),
             }
         }
-        Err(Ending::Retry(last))
+        Err(match certificate {
+            Some(why) => Ending::Certificate(why),
+            None => Ending::Retry(last),
+        })
     }
 
     async fn connect(&self, server: &str) -> Result<(Connection, ServerInfo), Ending> {
@@ -342,7 +362,13 @@ impl Runner {
         let name = server_name(server).map_err(|e| Ending::Stop(Some(e.into())))?;
         let tcp = TcpStream::connect(server).await.map_err(|e| retry(&e))?;
         let _ = tcp.set_nodelay(true);
-        let stream = self.tls.connect(name, tcp).await.map_err(|e| retry(&e))?;
+        let stream =
+            self.tls.connect(name, tcp).await.map_err(
+                |e| match crate::tls::certificate_problem(&e) {
+                    Some(why) => Ending::Certificate(format!("{server}: {why}")),
+                    None => retry(&e),
+                },
+            )?;
         let held = peer_roles(stream.get_ref().1.peer_certificates());
         let (r, w) = tokio::io::split(stream);
         let mut reader = MessageReader::new(r);

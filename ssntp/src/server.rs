@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::conn::{ConnError, IO_TIMEOUT, MessageReader, MessageWriter};
@@ -377,7 +377,12 @@ async fn serve(
                 .stats
                 .refused_connections
                 .fetch_add(1, Ordering::Relaxed);
-            info!(error = %e, "TLS handshake refused");
+            match crate::tls::certificate_problem(&e) {
+                Some(why) => {
+                    error!(peer = %addr, reason = %why, "TLS handshake refused: certificate")
+                }
+                None => info!(peer = %addr, error = %e, "TLS handshake refused"),
+            }
             return;
         }
         Err(_) => {

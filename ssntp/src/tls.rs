@@ -205,3 +205,34 @@ pub fn peer_roles(certs: Option<&[CertificateDer<'static>]>) -> Role {
         .and_then(|c| roles_of(c).ok())
         .unwrap_or(Role::NONE)
 }
+
+/// Why a TLS handshake failed, when the reason is a certificate that retrying cannot fix
+/// (one side does not trust, or cannot use, the other's certificate): the text says which
+/// side and why. `None` for failures that may pass on a retry (network, timeouts).
+pub fn certificate_problem(e: &std::io::Error) -> Option<String> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match tls {
+        rustls::Error::InvalidCertificate(why) => {
+            Some(format!("the peer's certificate is not acceptable: {why:?}"))
+        }
+        rustls::Error::NoCertificatesPresented => Some("the peer presented no certificate".into()),
+        rustls::Error::AlertReceived(alert) => {
+            use rustls::AlertDescription as A;
+            matches!(
+                alert,
+                A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::CertificateRequired
+                    // A certificate signed by another CA of the same name fails its
+                    // signature check, which rustls reports as this alert.
+                    | A::DecryptError
+            )
+            .then(|| format!("the peer refused this node's certificate ({alert:?})"))
+        }
+        _ => None,
+    }
+}

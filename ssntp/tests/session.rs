@@ -260,6 +260,18 @@ async fn unauthenticated_clients_are_refused() {
     let other_ca = Pki::new();
     let foreign = raw_connect(addr, pki.ca_pem(), Some(other_ca.issue(Role::AGENT))).await;
     assert!(foreign.is_err(), "certificate from another CA: {foreign:?}");
+    // Both failures are certificate problems that retrying will not fix, and say which side.
+    let err = foreign.unwrap_err();
+    let why = ssntp::tls::certificate_problem(&err)
+        .unwrap_or_else(|| panic!("{err:?} / {:?}", err.get_ref()));
+    assert!(why.contains("refused this node's certificate"), "{why}");
+    let untrusted = raw_connect(addr, other_ca.ca_pem(), Some(pki.issue(Role::AGENT))).await;
+    let why =
+        ssntp::tls::certificate_problem(&untrusted.unwrap_err()).expect("a certificate problem");
+    assert!(
+        why.contains("peer's certificate is not acceptable"),
+        "{why}"
+    );
 
     // An ssntp client whose CA does not know the server refuses it during TLS, and retries.
     let mut config = client_config(&other_ca, Role::AGENT, addr);
