@@ -102,7 +102,7 @@ fn ca_and_role_certificates_load_as_identities() {
         "--out",
         d,
     ]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("no PRIVATE KEY block"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no PRIVATE KEY or RSA PRIVATE KEY block"));
     let bad = tenet(&[
         "cert",
         "issue",
@@ -116,4 +116,71 @@ fn ca_and_role_certificates_load_as_identities() {
         d,
     ]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown role \"wizard\""));
+}
+
+/// ciao-cert's CA key is PKCS#1 RSA (`RSA PRIVATE KEY`): `tenet cert issue --ca` signs with
+/// it, and the certificate verifies against that CA (checked by openssl) and carries its roles.
+#[test]
+fn a_ciao_style_pkcs1_rsa_ca_key_signs() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ca.key");
+    let crt = dir.path().join("ca.crt");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "genrsa",
+        "-traditional",
+        "-out",
+        key.to_str().unwrap(),
+        "2048",
+    ]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        "/CN=ciao CA",
+        "-days",
+        "2",
+        "-out",
+        crt.to_str().unwrap(),
+    ]);
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    assert!(key_pem.contains("BEGIN RSA PRIVATE KEY"), "{key_pem}");
+    let ca_file = dir.path().join("CAkey-ciao.pem");
+    std::fs::write(&ca_file, std::fs::read_to_string(&crt).unwrap() + &key_pem).unwrap();
+    let out_dir = dir.path().join("out");
+    let issued = ok(tenet(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca_file.to_str().unwrap(),
+        "--role",
+        "agent",
+        "--host",
+        "cn1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    let cert = std::path::PathBuf::from(issued.trim());
+    openssl(&[
+        "verify",
+        "-CAfile",
+        crt.to_str().unwrap(),
+        cert.to_str().unwrap(),
+    ]);
+    let id = Identity::load(&TlsFiles {
+        cert: cert.clone(),
+        ca: crt.clone(),
+    })
+    .unwrap();
+    assert!(id.roles().contains(Role::AGENT));
 }

@@ -133,12 +133,15 @@ pub fn run(args: &CertArgs) -> Result<ExitCode, CliError> {
                 std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
             let ca_cert = pem_block(&pem, "CERTIFICATE")
                 .with_context(|| format!("{}: no CERTIFICATE block", ca.display()))?;
-            let ca_key = pem_block(&pem, "PRIVATE KEY").with_context(|| {
-                format!(
-                    "{}: no PRIVATE KEY block (use the CAkey file)",
-                    ca.display()
-                )
-            })?;
+            // tenet writes PKCS#8; ciao-cert writes PKCS#1 RSA keys.
+            let ca_key = pem_block(&pem, "PRIVATE KEY")
+                .or_else(|| pem_block(&pem, "RSA PRIVATE KEY"))
+                .with_context(|| {
+                    format!(
+                        "{}: no PRIVATE KEY or RSA PRIVATE KEY block (use the CAkey file)",
+                        ca.display()
+                    )
+                })?;
             let mut req = CertRequest::new(*role, hosts.clone(), ips.clone());
             req.organization = organization.clone();
             req.email = email.clone();

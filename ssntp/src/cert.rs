@@ -29,6 +29,8 @@ pub enum CertError {
     NoSubject,
     #[error("invalid DNS name {0:?}")]
     BadDnsName(String),
+    #[error("the CA key: {0}")]
+    BadKey(String),
 }
 
 /// What a generated certificate is for.
@@ -97,6 +99,55 @@ fn base_params(
     params
 }
 
+/// The CA's key: PKCS#8 (`PRIVATE KEY`, as tenet writes it) or PKCS#1 RSA (`RSA PRIVATE
+/// KEY`, as ciao-cert writes it), the latter wrapped into PKCS#8 for ring.
+fn ca_key_pair(pem: &str) -> Result<KeyPair, CertError> {
+    use rustls::pki_types::PrivatePkcs1KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    if !pem.contains("-----BEGIN RSA PRIVATE KEY-----") {
+        return Ok(KeyPair::from_pem(pem)?);
+    }
+    let pkcs1 = PrivatePkcs1KeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| CertError::BadKey(format!("RSA PRIVATE KEY: {e}")))?;
+    let pkcs8 = pkcs1_to_pkcs8(pkcs1.secret_pkcs1_der());
+    Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+        &pkcs8.as_slice().into(),
+        &rcgen::PKCS_RSA_SHA256,
+    )?)
+}
+
+/// DER `tag length value`.
+fn der(tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = value.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(value);
+    out
+}
+
+/// PrivateKeyInfo { version 0, rsaEncryption with NULL parameters, the PKCS#1 key }.
+fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    const RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    let algorithm = der(
+        0x30,
+        &[der(0x06, RSA_ENCRYPTION), vec![0x05, 0x00]].concat(),
+    );
+    der(
+        0x30,
+        &[der(0x02, &[0]), algorithm, der(0x04, pkcs1)].concat(),
+    )
+}
+
 /// A new self-signed CA that signs role certificates.
 pub fn generate_ca(
     common_name: &str,
@@ -135,7 +186,7 @@ pub fn issue(
         (None, Some(ip)) => ip.to_string(),
         (None, None) => return Err(CertError::NoSubject),
     };
-    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let ca_key = ca_key_pair(ca_key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
 
     let key = KeyPair::generate()?;
