@@ -102,7 +102,9 @@ fn ca_and_role_certificates_load_as_identities() {
         "--out",
         d,
     ]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("no PRIVATE KEY or RSA PRIVATE KEY block"));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no PRIVATE KEY or RSA PRIVATE KEY block")
+    );
     let bad = tenet(&[
         "cert",
         "issue",

@@ -43,6 +43,9 @@ pub struct ControllerArgs {
     /// Seconds to wait for the answer.
     #[arg(long, global = true, default_value_t = 20)]
     wait: u64,
+    /// Accept a ciao-made scheduler certificate (see tenet-scheduler --help).
+    #[arg(long, global = true, env = "TENET_CIAO_COMPAT_CERTS")]
+    ciao_compat_certs: bool,
 }
 
 #[derive(Debug, Args)]
@@ -179,7 +182,8 @@ impl Session {
         let identity = Identity::load(&TlsFiles {
             cert: cert.clone(),
             ca: ca.clone(),
-        })?;
+        })?
+        .with_ciao_compat(args.ciao_compat_certs);
         if !identity.roles().contains(Role::CONTROLLER) {
             bail!(
                 "{} holds roles {} but not controller; issue one with --role controller",

@@ -11,6 +11,7 @@
 
 pub mod cert;
 pub mod client;
+pub mod compat;
 pub mod conn;
 pub mod frame;
 pub mod gob;

@@ -52,7 +52,10 @@ pub struct Identity {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
+    /// The CA certificates as read (for `--ciao-compat-certs`).
+    cas: Vec<CertificateDer<'static>>,
     roles: Role,
+    ciao_compat: bool,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -146,8 +149,9 @@ impl Identity {
             });
         }
         let mut roots = RootCertStore::empty();
-        for c in certificates(ca, ca_name)? {
-            roots.add(c).map_err(|source| TlsError::BadCa {
+        let cas = certificates(ca, ca_name)?;
+        for c in &cas {
+            roots.add(c.clone()).map_err(|source| TlsError::BadCa {
                 what: ca_name.to_string(),
                 source,
             })?;
@@ -157,6 +161,8 @@ impl Identity {
             key: Arc::new(key),
             roles,
             roots: Arc::new(roots),
+            cas,
+            ciao_compat: false,
         })
     }
 
@@ -165,12 +171,29 @@ impl Identity {
         self.roles
     }
 
+    /// Accept ciao-made peer certificates (see [`crate::compat`]); off by default.
+    pub fn with_ciao_compat(mut self, on: bool) -> Self {
+        self.ciao_compat = on;
+        self
+    }
+
+    fn compat_verifier(&self) -> Arc<crate::compat::CiaoCompatVerifier> {
+        Arc::new(crate::compat::CiaoCompatVerifier::new(
+            self.roots.clone(),
+            self.cas.clone(),
+            provider(),
+        ))
+    }
+
     /// A server that requires a client certificate from the same CA.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = provider();
-        let verifier =
+        let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = if self.ciao_compat {
+            self.compat_verifier()
+        } else {
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()?;
+                .build()?
+        };
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -180,10 +203,16 @@ impl Identity {
 
     /// A client that verifies the server against the CA and presents this certificate.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let builder = if self.ciao_compat {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(self.compat_verifier())
+        } else {
+            builder.with_root_certificates(self.roots.clone())
+        };
+        let config = builder.with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         Ok(Arc::new(config))
     }
 }

@@ -330,3 +330,115 @@ async fn unknown_frame_type_gets_invalid_frame_type() {
     assert!(c.client.is_connected());
     server.shutdown().await;
 }
+
+/// Certificates as ciao-cert makes them: the "any" extended key usage plus role OIDs (no
+/// serverAuth/clientAuth), and a CA certificate that the scheduler itself presents.
+struct CiaoPki {
+    ca_pem: String,
+    ca_bundle: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+fn ciao_params(roles: Role, ca: bool, days: (i64, i64)) -> rcgen::CertificateParams {
+    use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose as E, IsCa, KeyUsagePurpose as K};
+    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::IpAddress(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ));
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::days(days.0);
+    p.not_after = now + time::Duration::days(days.1);
+    p.key_usages = vec![K::DigitalSignature, K::KeyEncipherment];
+    if ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages.push(K::KeyCertSign);
+    }
+    p.extended_key_usages = vec![E::Any];
+    p.extended_key_usages
+        .extend(roles.oids().into_iter().map(E::Other));
+    p
+}
+
+impl CiaoPki {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = ciao_params(Role::SCHEDULER | Role::SERVER, true, (-1, 365));
+        let cert = params.self_signed(&key).unwrap();
+        let ca_pem = cert.pem();
+        let ca_bundle = format!("{}{}", ca_pem, key.serialize_pem());
+        CiaoPki {
+            ca_pem,
+            ca_bundle,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn node(&self, roles: Role, days: (i64, i64)) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = ciao_params(roles, false, days)
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        format!("{}{}", cert.pem(), key.serialize_pem())
+    }
+
+    fn identity(&self, bundle: &str, compat: bool) -> ssntp::Identity {
+        ssntp::Identity::from_pem(bundle.as_bytes(), self.ca_pem.as_bytes(), "node", "ca")
+            .unwrap()
+            .with_ciao_compat(compat)
+    }
+}
+
+/// `--ciao-compat-certs`: a mixed ciao/tenet cluster connects with ciao's certificates, while
+/// the chain, the signatures and the validity periods are still checked.
+#[tokio::test]
+async fn ciao_made_certificates_only_with_the_opt_in() {
+    let ciao = CiaoPki::new();
+    let start = |compat: bool| {
+        let mut config = ssntp::ServerConfig::new(
+            loopback(),
+            ciao.identity(&ciao.ca_bundle, compat),
+            Uuid::new_v4(),
+        );
+        config.role = Some(Role::SCHEDULER);
+        let scheduler = ssntp::scheduler::Scheduler::new();
+        ssntp::Server::start(config, scheduler.rules(), scheduler)
+    };
+    let connects = |server: std::net::SocketAddr, identity: ssntp::Identity| async move {
+        let mut c = ssntp::ClientConfig::new(vec![server.to_string()], identity, Uuid::new_v4());
+        c.handshake_timeout = Duration::from_secs(2);
+        c.backoff = ssntp::Backoff::scaled(Duration::from_millis(50));
+        let (client, mut events) = ssntp::Client::start(c).unwrap();
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(1), events.recv()).await,
+            Ok(Some(ssntp::ClientEvent::Connected(_)))
+        );
+        client.close().await;
+        ok
+    };
+    let agent = ciao.node(Role::AGENT, (-1, 365));
+
+    // Without the opt-in, webpki refuses ciao's certificates.
+    let strict = start(false).await.unwrap();
+    assert!(!connects(strict.local_addr(), ciao.identity(&agent, false)).await);
+    strict.shutdown().await;
+
+    let compat = start(true).await.unwrap();
+    let addr = compat.local_addr();
+    assert!(
+        connects(addr, ciao.identity(&agent, true)).await,
+        "ciao's certificates with --ciao-compat-certs"
+    );
+    // Still checked: an expired certificate, and one from another ciao CA.
+    let expired = ciao.node(Role::AGENT, (-10, -1));
+    assert!(
+        !connects(addr, ciao.identity(&expired, true)).await,
+        "expired"
+    );
+    let other = CiaoPki::new();
+    let foreign = other.node(Role::AGENT, (-1, 365));
+    let id = ssntp::Identity::from_pem(foreign.as_bytes(), ciao.ca_pem.as_bytes(), "node", "ca")
+        .unwrap()
+        .with_ciao_compat(true);
+    assert!(!connects(addr, id).await, "another CA");
+    compat.shutdown().await;
+}

@@ -21,7 +21,8 @@ const RUN_HELP: &str = "\
 Configuration comes from a YAML file (--config), the environment (TENET_CN_*) and flags;
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
-management_nets, tunnel_local, tunnel, datastore_config, status_ttl.
+management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
+ciao_compat_certs.
 
 The certificate's role says what the node is: agent (compute node) or netagent (network
 node), or both. The datastore follows calicoctl: a calicoApiConfig file (--datastore-config)
@@ -105,6 +106,10 @@ struct RunArgs {
     /// calicoctl-style datastore configuration (kind calicoApiConfig); default: ETCD_ENDPOINTS.
     #[arg(long, env = "TENET_CN_DATASTORE_CONFIG", value_name = "FILE")]
     datastore_config: Option<PathBuf>,
+    /// Accept ciao-made certificates (the "any" extended key usage; the CA certificate as the
+    /// scheduler's), still checking the chain, signatures and validity periods.
+    #[arg(long, env = "TENET_CN_CIAO_COMPAT_CERTS")]
+    ciao_compat_certs: bool,
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CN_STATUS_TTL")]
     status_ttl: Option<u64>,
@@ -129,6 +134,8 @@ struct FileConfig {
     tunnel: Option<String>,
     datastore_config: Option<PathBuf>,
     status_ttl: Option<u64>,
+    #[serde(default)]
+    ciao_compat_certs: bool,
 }
 
 fn main() -> ExitCode {
@@ -182,7 +189,8 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
     let (Some(cert), Some(ca)) = (args.cert.or(file.cert), args.ca.or(file.ca)) else {
         bail!("--cert and --ca are required (see --help for how to make them)");
     };
-    let identity = Identity::load(&TlsFiles { cert, ca })?;
+    let identity = Identity::load(&TlsFiles { cert, ca })?
+        .with_ciao_compat(args.ciao_compat_certs || file.ciao_compat_certs);
     let uuid = args.uuid.or(file.uuid).unwrap_or_else(Uuid::new_v4);
     let host = args
         .host

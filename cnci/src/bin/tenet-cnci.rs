@@ -22,7 +22,8 @@ const RUN_HELP: &str = "\
 Configuration comes from a YAML file (--config), the environment (TENET_CNCI_*) and flags;
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, tenant, netns, compute_nets, tunnel_local, uplink_nets,
-uplink_addr, tunnel, run_dir, mesh_cidr, datastore_config, status_ttl.
+uplink_addr, tunnel, run_dir, mesh_cidr, datastore_config, status_ttl,
+ciao_compat_certs.
 
 The certificate must hold the cnciagent role. The datastore follows calicoctl: a
 calicoApiConfig file (--datastore-config) or ETCD_ENDPOINTS.
@@ -139,6 +140,10 @@ struct RunArgs {
     /// calicoctl-style datastore configuration (kind calicoApiConfig); default: ETCD_ENDPOINTS.
     #[arg(long, env = "TENET_CNCI_DATASTORE_CONFIG", value_name = "FILE")]
     datastore_config: Option<PathBuf>,
+    /// Accept ciao-made certificates (the "any" extended key usage; the CA certificate as the
+    /// scheduler's), still checking the chain, signatures and validity periods.
+    #[arg(long, env = "TENET_CNCI_CIAO_COMPAT_CERTS")]
+    ciao_compat_certs: bool,
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CNCI_STATUS_TTL")]
     status_ttl: Option<u64>,
@@ -165,6 +170,8 @@ struct FileConfig {
     mesh_cidr: Option<Ipv4Network>,
     datastore_config: Option<PathBuf>,
     status_ttl: Option<u64>,
+    #[serde(default)]
+    ciao_compat_certs: bool,
 }
 
 fn main() -> ExitCode {
@@ -220,7 +227,8 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
     let (Some(cert), Some(ca)) = (args.cert.or(file.cert), args.ca.or(file.ca)) else {
         bail!("--cert and --ca are required (see --help for how to make them)");
     };
-    let identity = Identity::load(&TlsFiles { cert, ca })?;
+    let identity = Identity::load(&TlsFiles { cert, ca })?
+        .with_ciao_compat(args.ciao_compat_certs || file.ciao_compat_certs);
     let uuid = args.uuid.or(file.uuid).ok_or_else(|| {
         anyhow!("--uuid is required: the UUID the scheduler routes this concentrator's frames by")
     })?;

@@ -55,6 +55,10 @@ struct Args {
     /// Cluster configuration YAML (`configure:` document) sent to every node on connect.
     #[arg(long)]
     configuration: Option<PathBuf>,
+    /// Accept ciao-made certificates (the "any" extended key usage; the CA certificate as a
+    /// peer's), still checking the chain, signatures and validity periods.
+    #[arg(long, env = "TENET_CIAO_COMPAT_CERTS")]
+    ciao_compat_certs: bool,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -65,6 +69,8 @@ struct FileConfig {
     ca: Option<PathBuf>,
     uuid: Option<Uuid>,
     configuration: Option<PathBuf>,
+    #[serde(default)]
+    ciao_compat_certs: bool,
 }
 
 #[tokio::main]
@@ -91,7 +97,8 @@ async fn main() -> Result<()> {
     let (Some(cert), Some(ca)) = (args.cert.or(file.cert), args.ca.or(file.ca)) else {
         bail!("--cert and --ca are required (see --help for how to make them)");
     };
-    let identity = Identity::load(&TlsFiles { cert, ca })?;
+    let identity = Identity::load(&TlsFiles { cert, ca })?
+        .with_ciao_compat(args.ciao_compat_certs || file.ciao_compat_certs);
     if !identity.roles().contains(Role::SCHEDULER) {
         bail!(
             "the certificate holds roles {} but not scheduler; issue one with --role scheduler",
