@@ -255,6 +255,7 @@ async fn run() {
             host: "cn-1".into(),
             orchestrator: "ciao".into(),
             status_ttl: Duration::from_secs(10),
+            api_socket: None,
         },
         store.clone(),
         async {

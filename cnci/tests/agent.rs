@@ -367,6 +367,37 @@ async fn the_concentrator_agent_over_ssntp() {
     sched.shutdown().await;
 }
 
+/// One request on the local API: the response and the descriptors that came with it.
+fn api_call(
+    path: &Path,
+    request: &str,
+) -> (tenet_cn::agent::api::ApiResponse, Vec<std::os::fd::OwnedFd>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+    let mut fds = Vec::new();
+    let n = {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg =
+            recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        msg.bytes
+    };
+    let line = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    (serde_json::from_str(&line).unwrap(), fds)
+}
+
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -427,6 +458,7 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
 
     let (cert, ca) = pki.files(Role::AGENT, "cn");
     let cn_path = cn_host.path();
+    let api_socket = run.path().join("cn.sock");
     let mut cn_agent = Agent::spawn_program(
         &workspace_binary("tenet-cn"),
         &strings(&[
@@ -448,6 +480,8 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
             "userspace",
             "--status-ttl",
             "3",
+            "--api-socket",
+            api_socket.to_str().unwrap(),
         ]),
         &etcd.endpoint(),
         &run.path().join("cn.log"),
@@ -610,6 +644,47 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
     );
     let cn_status = tenet::keyspace::node::key(&cn_uuid.to_string());
     assert!(store.get(&cn_status).await.unwrap().is_some());
+
+    // The local API: a VM tap whose queue descriptors come back over the socket and work.
+    let mode = std::fs::metadata(&api_socket).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let create = format!(
+        r#"{{"op":"create","instance":"vm-1","vnic":"vnic-vm-1","tenant":"t1","subnet":"172.16.0.0/24","concentrator":"{conc_uuid}","concentrator_ip":"{}","kind":"vm","queues":2}}"#,
+        conc_host.ip()
+    );
+    let (created, queues) = api_call(&api_socket, &create);
+    assert!(created.ok, "{created:?}");
+    assert_eq!((created.queues, queues.len()), (2, 2));
+    let tap = created.ifname.clone().unwrap();
+    // A frame written to a queue is a frame the tap receives on the host (VM taps carry the
+    // virtio-net header, 10 bytes, in front).
+    let frame = [
+        [0u8; 10].as_slice(),
+        &[0xffu8; 6],
+        &[0x02, 0, 0, 0, 0, 0x09],
+        &[0x88, 0xb5],
+        &[0u8; 46],
+    ]
+    .concat();
+    assert_eq!(nix::unistd::write(&queues[0], &frame).unwrap(), frame.len());
+    let stats = cn_host
+        .run(&["ip", "-s", "-j", "link", "show", &tap])
+        .unwrap();
+    let rx: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        rx[0]["stats64"]["rx"]["packets"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    let (bad, none) = api_call(&api_socket, r#"{"op":"create","kind":"vm"}"#);
+    assert!(!bad.ok && none.is_empty());
+    assert_eq!(bad.reason.as_deref(), Some("invalid_payload"));
+    drop(queues);
+    let (destroyed, _) = api_call(&api_socket, r#"{"op":"destroy","instance":"vm-1"}"#);
+    assert!(destroyed.ok, "{destroyed:?}");
+    assert!(!cn_host.run(&["ip", "-o", "link"]).unwrap().contains(&tap));
 
     assert!(cn_agent.stop().success(), "{}", cn_agent.log());
     assert!(conc_agent.stop().success(), "{}", conc_agent.log());

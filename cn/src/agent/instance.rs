@@ -44,6 +44,18 @@ pub struct StartRequest {
     pub ip: Option<Ipv4Addr>,
     pub container: bool,
     pub netns: Option<PathBuf>,
+    /// VM taps: how many queue descriptors to open (the local API hands them out).
+    pub queues: usize,
+}
+
+/// What a START made.
+#[derive(Debug)]
+pub struct Started {
+    /// TenantAdded to send when the subnet's tunnel is new.
+    pub tunnel: Option<TunnelEvent>,
+    pub vnic: crate::node::Vnic,
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
 }
 
 /// START → the request (pure): every field tenet uses is checked and named when wrong.
@@ -119,7 +131,41 @@ pub fn start_request(s: &StartCommand) -> Result<StartRequest, Refused<StartFail
         ip,
         container: netns.is_some() || s.vm_type == "docker",
         netns,
+        queues: 1,
     })
+}
+
+/// The checks a request from the local API needs (START's parser makes the same ones).
+pub fn check_request(r: &StartRequest) -> Result<(), Refused<StartFailureReason>> {
+    let bad = |what: String| refuse(StartFailureReason::InvalidData, what);
+    for (field, value) in [
+        ("instance", &r.instance),
+        ("vnic", &r.vnic),
+        ("tenant", &r.tenant),
+        ("concentrator", &r.concentrator),
+    ] {
+        if value.trim().is_empty() {
+            return Err(bad(format!("{field} is empty")));
+        }
+    }
+    if r.subnet.ip() != r.subnet.network() || TunnelKey::from_subnet(&r.subnet).is_err() {
+        return Err(bad(format!(
+            "subnet {} is not a network address with a tunnel key",
+            r.subnet
+        )));
+    }
+    if let Some(ip) = r.ip
+        && !r.subnet.contains(ip)
+    {
+        return Err(bad(format!("ip {ip} is not in {}", r.subnet)));
+    }
+    if r.netns.is_some() && !r.container {
+        return Err(bad("netns is for a container, not a VM".into()));
+    }
+    if r.queues > 64 {
+        return Err(bad(format!("{} queues: at most 64", r.queues)));
+    }
+    Ok(())
 }
 
 /// A locally administered unicast MAC derived from the VNIC id (stable across retries).
@@ -145,6 +191,7 @@ fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Ipv4Addr) -> VnicConfig {
     c.instance_id = r.instance.clone();
     if !r.container {
         c.role = VnicRole::Vm;
+        c.queues = r.queues.max(1);
     }
     c.netns = r.netns.as_ref().map(|path| ContainerNetns {
         path: path.clone(),
@@ -186,7 +233,7 @@ impl Agent {
     pub(super) async fn start(
         &self,
         r: &StartRequest,
-    ) -> Result<Option<TunnelEvent>, Refused<StartFailureReason>> {
+    ) -> Result<Started, Refused<StartFailureReason>> {
         let key = CalicoKey::WorkloadEndpoint(self.endpoint_id(&r.instance, &r.vnic)).path();
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
         if self
@@ -245,7 +292,12 @@ impl Agent {
             return Err(network(format!("writing the endpoint: {e}")));
         }
         info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
-        Ok(created.tunnel.filter(|t| t.kind == TunnelEventKind::Add))
+        Ok(Started {
+            tunnel: created.tunnel.filter(|t| t.kind == TunnelEventKind::Add),
+            vnic: created.vnic,
+            ip,
+            mac,
+        })
     }
 
     /// DELETE: every VNIC of the instance (from its endpoints), the endpoints, the addresses;

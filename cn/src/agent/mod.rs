@@ -14,6 +14,7 @@
 //!
 //! Its status lives under `/tenet/v1/node/<uuid>` on a lease, as the concentrator's does.
 
+pub mod api;
 pub mod instance;
 
 use std::collections::HashMap;
@@ -51,6 +52,8 @@ pub struct AgentConfig {
     /// The orchestrator segment of endpoint keys (ciao's is `ciao`).
     pub orchestrator: String,
     pub status_ttl: Duration,
+    /// The local API's unix socket (root only), if any.
+    pub api_socket: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,11 @@ pub enum AgentError {
     Ssntp(#[from] ClientError),
     #[error("datastore: {0}")]
     Store(#[from] StoreError),
+    #[error("local API socket {path}: {source}")]
+    Api {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub(crate) struct Agent {
@@ -120,10 +128,25 @@ pub async fn run(
             )
             .await?,
         );
-        let dispatch = Dispatcher::default();
+        let dispatch = Arc::new(Dispatcher::default());
         let mut client_config = ClientConfig::new(config.servers, config.identity, config.uuid);
         client_config.role = Some(role);
         let (client, mut events) = Client::start(client_config)?;
+        let api = match &config.api_socket {
+            Some(path) => {
+                let listener = api::bind(path).map_err(|source| AgentError::Api {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Some(tokio::spawn(api::serve(
+                    listener,
+                    agent.clone(),
+                    client.clone(),
+                    dispatch.clone(),
+                )))
+            }
+            None => None,
+        };
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
@@ -144,6 +167,13 @@ pub async fn run(
                 },
             }
         };
+        if let Some(api) = api {
+            api.abort();
+            let _ = api.await;
+            if let Some(path) = &config.api_socket {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         // STARTs still running finish first (their reports need the connection).
         drop(dispatch.gate.write().await);
         client.close().await;
@@ -386,8 +416,12 @@ impl Agent {
         let span =
             info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant);
         match self.start(req).instrument(span).await {
-            Ok(Some(tunnel)) => self.tunnel_event(client, &tunnel).await,
-            Ok(None) => {}
+            Ok(started) => {
+                // A VM's queue descriptors close here: over SSNTP nobody takes them.
+                if let Some(tunnel) = &started.tunnel {
+                    self.tunnel_event(client, tunnel).await;
+                }
+            }
             Err(refused) => {
                 self.start_failed(client, req.instance.clone(), refused)
                     .await

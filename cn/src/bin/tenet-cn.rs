@@ -22,7 +22,7 @@ Configuration comes from a YAML file (--config), the environment (TENET_CN_*) an
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
 management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
-ciao_compat_certs.
+ciao_compat_certs, api_socket.
 
 The certificate's role says what the node is: agent (compute node) or netagent (network
 node), or both. The datastore follows calicoctl: a calicoApiConfig file (--datastore-config)
@@ -110,6 +110,10 @@ struct RunArgs {
     /// scheduler's), still checking the chain, signatures and validity periods.
     #[arg(long, env = "TENET_CN_CIAO_COMPAT_CERTS")]
     ciao_compat_certs: bool,
+    /// Serve the local API (create/destroy VNICs for a VM launcher, CNI or Docker plugin on
+    /// this host) on this unix socket, root only; e.g. /run/tenet/cn.sock.
+    #[arg(long, env = "TENET_CN_API_SOCKET", value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CN_STATUS_TTL")]
     status_ttl: Option<u64>,
@@ -136,6 +140,7 @@ struct FileConfig {
     status_ttl: Option<u64>,
     #[serde(default)]
     ciao_compat_certs: bool,
+    api_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -218,6 +223,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
             .or(file.orchestrator)
             .unwrap_or_else(|| "ciao".into()),
         status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
+        api_socket: args.api_socket.or(file.api_socket),
     };
     Ok((config, args.datastore_config.or(file.datastore_config)))
 }
