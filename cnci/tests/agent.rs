@@ -678,6 +678,48 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         rx[0]["stats64"]["rx"]["packets"].as_u64().unwrap() >= 1,
         "{stats}"
     );
+    // The same instance twice at once: one is made, the other refused (one address).
+    let twice = create.replace("vm-1", "vm-2");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| api_call(&api_socket, &twice).0);
+        let b = s.spawn(|| api_call(&api_socket, &twice).0);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(
+        [a.ok, b.ok].iter().filter(|ok| **ok).count(),
+        1,
+        "{a:?} {b:?}"
+    );
+    let loser = if a.ok { &b } else { &a };
+    assert_eq!(
+        loser.reason.as_deref(),
+        Some("instance_exists"),
+        "{loser:?}"
+    );
+    let handles = store
+        .list("/tenet/v1/tenant/t1/ipam/handle/")
+        .await
+        .unwrap();
+    assert_eq!(
+        handles
+            .kvs
+            .iter()
+            .filter(|kv| kv.key.ends_with("vnic-vm-2"))
+            .count(),
+        1
+    );
+    let held: tenet::calico::IpamHandle = serde_json::from_slice(
+        &store
+            .get("/tenet/v1/tenant/t1/ipam/handle/vnic-vm-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert_eq!(held.block.values().sum::<u64>(), 1, "one address: {held:?}");
+    let (gone, _) = api_call(&api_socket, r#"{"op":"destroy","instance":"vm-2"}"#);
+    assert!(gone.ok, "{gone:?}");
     let (bad, none) = api_call(&api_socket, r#"{"op":"create","kind":"vm"}"#);
     assert!(!bad.ok && none.is_empty());
     assert_eq!(bad.reason.as_deref(), Some("invalid_payload"));

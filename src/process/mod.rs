@@ -15,6 +15,18 @@ mod daemon;
 mod procfs;
 
 pub use command::{Command, Output};
+
+/// Completes when the process is asked to stop (SIGTERM or SIGINT): the shutdown future
+/// the agents run until.
+pub fn terminated() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
 pub use daemon::{Backoff, Daemon, DaemonSpec, DaemonStatus, Readiness};
 
 use std::path::PathBuf;

@@ -211,9 +211,12 @@ async fn handle(
             if let Err(r) = super::instance::check_request(&start) {
                 return (refused(r.reason, r.detail), Vec::new());
             }
-            // Creates run beside STARTs; a DELETE runs alone (see `Dispatcher`).
+            // The rules of STARTs (see `Dispatcher`).
             let _shared = dispatch.gate.read().await;
-            match agent.start(&start).await {
+            match dispatch
+                .one_per_instance(&start.instance, agent.start(&start))
+                .await
+            {
                 Err(r) => (refused(r.reason, r.detail), Vec::new()),
                 Ok(started) => {
                     if let Some(t) = &started.tunnel {

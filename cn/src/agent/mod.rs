@@ -187,30 +187,55 @@ pub async fn run(
     .await
 }
 
-/// Runs frames concurrently where that cannot change the outcome, in order where it could:
-/// STARTs of different subnets run at once (the compute node's library is concurrent), STARTs
-/// of one subnet one after the other (so its tunnel events go out in order), and a DELETE —
-/// whose subnets are known only from its endpoints — waits for every running START and holds
-/// the others back until it is done, so a START and a DELETE of one instance keep their order.
+/// Runs frames concurrently where that cannot change the outcome. STARTs run at once (the
+/// compute node's library is concurrent, and a START only ever announces a tunnel, so their
+/// events cannot contradict each other), except two for the same instance: a repeated START
+/// must find the first one's endpoint and be refused, not allocate a second address. A
+/// DELETE — whose subnets are known only from its endpoints — waits for every running START
+/// and holds the others back until it is done, so a START and a DELETE of one instance keep
+/// their order. The local API goes through the same rules.
 #[derive(Default)]
 struct Dispatcher {
     gate: Arc<tokio::sync::RwLock<()>>,
-    /// The last START queued per subnet: the next one for that subnet waits for it.
-    chains: Arc<Mutex<HashMap<ipnetwork::Ipv4Network, (u64, Chain)>>>,
-    next: std::sync::atomic::AtomicU64,
+    /// Instances with a START (or API create) running.
+    busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-type Chain = futures::future::Shared<tokio::sync::oneshot::Receiver<()>>;
-
 impl Dispatcher {
-    async fn frame(
+    /// Runs `work` for a START of `instance` after any other one for the same instance. The
+    /// caller holds the gate for reading (taking it again here could wait behind a queued
+    /// DELETE that waits for the caller's).
+    async fn one_per_instance<T>(
         &self,
+        instance: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let lock = self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(instance.to_string())
+            .or_default()
+            .clone();
+        let out = {
+            let _one = lock.lock().await;
+            work.await
+        };
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and ours: nobody else waits on it.
+        if Arc::strong_count(&lock) == 2 {
+            busy.remove(instance);
+        }
+        out
+    }
+
+    async fn frame(
+        self: &Arc<Self>,
         agent: &Arc<Agent>,
         client: &Client,
         status: &Arc<LeasedKey>,
         frame: Frame,
     ) {
-        use futures::FutureExt;
         match frame.operation() {
             Some(Operation::Command(Command::Start)) => {
                 let req = match Agent::parse_start(&frame) {
@@ -219,38 +244,18 @@ impl Dispatcher {
                         return agent.start_failed(client, instance, refused).await;
                     }
                 };
-                // Never waits: a DELETE holds the gate only while this loop is inside it.
+                // Taken here, in the order frames arrive, so a DELETE after this START waits
+                // for it. Never waits: a DELETE holds the gate only while this loop is in it.
                 let shared = self.gate.clone().read_owned().await;
-                let (done, chain) = tokio::sync::oneshot::channel();
-                let chain = chain.shared();
-                let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let before = self
-                    .chains
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(req.subnet, (id, chain))
-                    .map(|(_, c)| c);
-                let (agent, client, status, chains) = (
-                    agent.clone(),
-                    client.clone(),
-                    status.clone(),
-                    self.chains.clone(),
-                );
+                let (dispatch, agent, client, status) =
+                    (self.clone(), agent.clone(), client.clone(), status.clone());
                 tokio::spawn(async move {
-                    if let Some(before) = before {
-                        let _ = before.await;
-                    }
-                    agent.on_start(&client, &req).await;
+                    dispatch
+                        .one_per_instance(&req.instance, agent.on_start(&client, &req))
+                        .await;
                     status.set(agent.status());
-                    let _ = done.send(());
-                    {
-                        let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
-                        if chains.get(&req.subnet).is_some_and(|(i, _)| *i == id) {
-                            chains.remove(&req.subnet);
-                        }
-                    }
                     // Last: whoever waits on the gate finds no clone of these left.
-                    drop((agent, client, status));
+                    drop((agent, client, status, dispatch));
                     drop(shared);
                 });
             }

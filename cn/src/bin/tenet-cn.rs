@@ -244,13 +244,7 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             ds.source
         )
     })?);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
+    let shutdown = tenet::process::terminated()?;
     tenet_cn::agent::run(config, store, shutdown).await?;
     Ok(())
 }
