@@ -164,11 +164,11 @@ enum CnciAction {
     },
 }
 
-/// A controller session for one command.
-struct Session {
+/// A controller session: one command's, or the lab's.
+pub(crate) struct Session {
     client: Client,
     events: tokio::sync::mpsc::Receiver<ClientEvent>,
-    wait: Duration,
+    pub(crate) wait: Duration,
 }
 
 impl Session {
@@ -191,13 +191,23 @@ impl Session {
                 identity.roles()
             );
         }
-        let mut config = ClientConfig::new(vec![scheduler.clone()], identity, Uuid::new_v4());
+        Session::connect(scheduler, identity, Duration::from_secs(args.wait)).await
+    }
+
+    /// A controller session to `scheduler` with `identity` (which must hold the controller
+    /// role); each later wait for an answer gives up after `wait`.
+    pub(crate) async fn connect(
+        scheduler: &str,
+        identity: Identity,
+        wait: Duration,
+    ) -> anyhow::Result<Session> {
+        let mut config = ClientConfig::new(vec![scheduler.to_string()], identity, Uuid::new_v4());
         config.role = Some(Role::CONTROLLER);
         let (client, events) = Client::start(config)?;
         let mut s = Session {
             client,
             events,
-            wait: Duration::from_secs(args.wait),
+            wait,
         };
         s.until(|e| matches!(e, ClientEvent::Connected(_)).then_some(()))
             .await
@@ -206,7 +216,7 @@ impl Session {
     }
 
     /// Waits for the first event `pick` accepts.
-    async fn until<T>(
+    pub(crate) async fn until<T>(
         &mut self,
         mut pick: impl FnMut(&ClientEvent) -> Option<T>,
     ) -> anyhow::Result<T> {
@@ -229,7 +239,7 @@ impl Session {
     }
 
     /// The next frame with one of `ops` for which `mine` holds.
-    async fn answer(
+    pub(crate) async fn answer(
         &mut self,
         ops: &[Operation],
         mine: impl Fn(&Frame) -> bool,
@@ -243,12 +253,12 @@ impl Session {
         .await
     }
 
-    async fn send(&self, c: Command, payload: Vec<u8>) -> anyhow::Result<()> {
+    pub(crate) async fn send(&self, c: Command, payload: Vec<u8>) -> anyhow::Result<()> {
         self.client.send_command(c, payload).await?;
         Ok(())
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         self.client.close().await;
     }
 }

@@ -51,7 +51,9 @@ enum Command {
     Dump(dump::DumpArgs),
     /// Calico IP address management: assign, release, show, check, pools.
     Ipam(ipam::IpamArgs),
-    /// Run a local lab: a real etcd with the Calico keyspace initialised, until Ctrl-C.
+    /// Run the whole multi-tenant cloud on this machine, in network namespaces: etcd, the
+    /// scheduler, compute nodes, a concentrator per tenant and DHCP workloads of two
+    /// overlapping tenants, checked by traffic; until Ctrl-C.
     Lab(lab::LabArgs),
     /// Every running agent (compute nodes, concentrators) with its subnets and tunnels, from
     /// the status keys they keep alive in etcd.

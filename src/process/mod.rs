@@ -12,7 +12,7 @@
 
 mod command;
 mod daemon;
-mod procfs;
+pub mod procfs;
 
 pub use command::{Command, Output};
 

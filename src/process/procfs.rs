@@ -20,6 +20,15 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// When `pid` started, in clock ticks since boot (`/proc/<pid>/stat` field 22): with the pid
+/// it names one process for good, since a reused pid gets a later start time.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name start with the state (field 3); start time is field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// The argument vector `pid` was started with.
 pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;

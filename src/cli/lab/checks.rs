@@ -1,0 +1,242 @@
+//! The lab's checks, each proven by traffic and named after what it proves: a workload's
+//! gateway answers; it reaches every workload of its tenant (the answer names who answered);
+//! it reaches the external host through NAT (the external host sees the concentrator's
+//! uplink address); its floating IP reaches it from outside; and nothing of another tenant
+//! answers it — although both tenants use the same addresses.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::build::{Lab, TENANTS};
+use super::probe::{self, Answer, probe, responder};
+use super::report::{Check, Progress, WorkloadInfo};
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The responders the checks talk to; aborted when dropped.
+pub struct Responders(Vec<JoinHandle<()>>);
+
+impl Drop for Responders {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+fn banner(w: &WorkloadInfo) -> String {
+    format!("workload {}", w.name)
+}
+const EXTERNAL_BANNER: &str = "external-host";
+
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(name)
+}
+
+/// Each tenant's canary: an address only its first workload holds (as a /32), which no
+/// workload of another tenant may reach — the address the two tenants do not share.
+fn canaries(lab: &Lab) -> Vec<(String, Ipv4Addr, String)> {
+    TENANTS
+        .iter()
+        .filter_map(|t| {
+            let holder = lab.report.workloads.iter().find(|w| w.tenant == t.name)?;
+            Some((t.name.to_string(), t.canary, holder.name.clone()))
+        })
+        .collect()
+}
+
+/// Starts the responders and adds the canaries; then runs every check, printing each as it
+/// ends. Returns the responders (they keep serving while the lab runs).
+pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responders> {
+    let step = progress.step("responders");
+    let mut handles = Vec::new();
+    for w in &lab.report.workloads {
+        handles.push(responder(&netns_path(&w.netns), banner(w))?);
+    }
+    handles.push(responder(&lab.internet.path(), EXTERNAL_BANNER.into())?);
+    let canaries = canaries(lab);
+    for (_, ip, holder) in &canaries {
+        let w = lab
+            .report
+            .workloads
+            .iter()
+            .find(|w| &w.name == holder)
+            .expect("the holder is a workload");
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", &w.netns, "ip", "addr", "add"])
+            .arg(format!("{ip}/32"))
+            .args(["dev", "eth0"])
+            .output()
+            .await?;
+    }
+    step.done(&format!(
+        "TCP {} in every workload and the external host; canaries {}",
+        probe::PROBE_PORT,
+        canaries
+            .iter()
+            .map(|(t, ip, h)| format!("{ip} ({t}, on {h})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let step = progress.step("checks");
+    let report = &lab.report;
+    let internet = lab.internet.path();
+    let per_workload = report.workloads.iter().map(|x| {
+        let canaries = &canaries;
+        let internet = internet.clone();
+        async move {
+            let mut out = Vec::new();
+            let ns = netns_path(&x.netns);
+            let check = |kind: &str, ok: bool, detail: String| Check {
+                workload: x.name.clone(),
+                kind: kind.into(),
+                ok,
+                detail,
+            };
+
+            let mut ok = false;
+            for _ in 0..3 {
+                if probe::ping(&x.netns, x.gateway, 1).await {
+                    ok = true;
+                    break;
+                }
+            }
+            out.push(check("gateway", ok, format!("ping {}", x.gateway)));
+
+            let mut reached = Vec::new();
+            let mut missed = Vec::new();
+            for y in report
+                .workloads
+                .iter()
+                .filter(|y| y.tenant == x.tenant && y.name != x.name)
+            {
+                match probe(&ns, y.ip, PROBE_TIMEOUT).await {
+                    Some(a) if a.banner == banner(y) => {
+                        reached.push(format!("{} ({} on {})", y.name, y.ip, y.host))
+                    }
+                    other => missed.push(format!("{} ({}): {}", y.name, y.ip, said(&other))),
+                }
+            }
+            for (tenant, ip, holder) in canaries.iter().filter(|c| c.0 == x.tenant) {
+                match probe(&ns, *ip, PROBE_TIMEOUT).await {
+                    Some(a) if a.banner == format!("workload {holder}") => {
+                        reached.push(format!("canary {ip}"))
+                    }
+                    other => missed.push(format!("{tenant}'s canary {ip}: {}", said(&other))),
+                }
+            }
+            out.push(check(
+                "tenant",
+                missed.is_empty(),
+                if missed.is_empty() {
+                    format!("reached {}", reached.join(", "))
+                } else {
+                    format!("missed {}", missed.join("; "))
+                },
+            ));
+
+            let conc = report
+                .concentrators
+                .iter()
+                .find(|c| c.tenant == x.tenant)
+                .expect("every tenant has a concentrator");
+            let ext = report.internet.external_ip;
+            // Outbound NAT: a workload with a floating IP goes out as that address (1:1),
+            // the others as the concentrator's uplink address.
+            let expected = x.floating_ip.unwrap_or(conc.uplink_ip);
+            let answer = probe(&ns, ext, PROBE_TIMEOUT).await;
+            let ok = answer
+                .as_ref()
+                .is_some_and(|a| a.banner == EXTERNAL_BANNER && a.seen_from == expected);
+            out.push(check(
+                "internet",
+                ok,
+                match &answer {
+                    Some(a) if ok => format!("{ext} saw the connection come from {expected}"),
+                    Some(a) => format!(
+                        "{ext} saw the connection come from {}, not {expected}",
+                        a.seen_from
+                    ),
+                    None => format!("{ext}: no answer"),
+                },
+            ));
+
+            if let Some(public) = x.floating_ip {
+                let answer = probe(&internet, public, PROBE_TIMEOUT).await;
+                let ok = answer.as_ref().is_some_and(|a| a.banner == banner(x));
+                out.push(check(
+                    "floating_ip",
+                    ok,
+                    format!("from {ext} to {public}: {}", said(&answer)),
+                ));
+            }
+
+            let mut leaks = Vec::new();
+            let mut tried = 0;
+            for (tenant, ip, _) in canaries.iter().filter(|c| c.0 != x.tenant) {
+                tried += 1;
+                if probe::ping(&x.netns, *ip, 1).await {
+                    leaks.push(format!("ping reached {tenant}'s canary {ip}"));
+                }
+                if let Some(a) = probe(&ns, *ip, PROBE_TIMEOUT).await {
+                    leaks.push(format!("{tenant}'s canary {ip}: {}", a.banner));
+                }
+            }
+            for y in report.workloads.iter().filter(|y| y.tenant != x.tenant) {
+                tried += 1;
+                if let Some(a) = probe(&ns, y.ip, PROBE_TIMEOUT).await
+                    && a.banner == banner(y)
+                {
+                    leaks.push(format!("{} ({}) answered", y.name, y.ip));
+                }
+            }
+            out.push(check(
+                "isolation",
+                leaks.is_empty(),
+                if leaks.is_empty() {
+                    format!("no answer from the other tenant ({tried} probes)")
+                } else {
+                    leaks.join("; ")
+                },
+            ));
+            for c in &out {
+                println!(
+                    "          {} {:<10} {:<11} {}",
+                    if c.ok { "✓" } else { "✗" },
+                    c.workload,
+                    c.kind,
+                    c.detail
+                );
+            }
+            out
+        }
+    });
+    let results: Vec<Check> = futures::future::join_all(per_workload)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let failed = results.iter().filter(|c| !c.ok).count();
+    lab.report.checks.extend(results);
+    let total = lab.report.checks.len();
+    let failed = failed
+        + lab
+            .report
+            .checks
+            .iter()
+            .filter(|c| !c.ok && c.kind == "lease")
+            .count();
+    step.done(&format!("{} of {total} passed", total - failed));
+    Ok(Responders(handles))
+}
+
+fn said(a: &Option<Answer>) -> String {
+    match a {
+        Some(a) => format!("{} answered", a.banner),
+        None => "no answer".into(),
+    }
+}

@@ -1,0 +1,235 @@
+//! `tenet lab`: the whole multi-tenant cloud on one machine. etcd, tenet-scheduler, compute
+//! hosts running the real `tenet-cn`, one concentrator per tenant running the real
+//! `tenet-cnci`, and an internet with an external host, all network namespaces on a lab
+//! fabric; the lab is the controller that starts the workloads of two tenants whose subnets
+//! overlap, then proves with traffic that each workload leased its address over its tunnel,
+//! reaches its gateway, its tenant, the internet (through NAT) and is reached at its floating
+//! IP, and that the tenants cannot reach each other.
+
+mod build;
+mod checks;
+mod owner;
+mod probe;
+mod procs;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tenet::net::tunnel::BackendChoice;
+
+use super::CliError;
+use build::{Lab, Plan};
+use report::{LabReport, Progress};
+
+#[derive(Debug, Args)]
+#[command(after_long_help = AFTER_HELP)]
+pub struct LabArgs {
+    /// Compute hosts, each running tenet-cn.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    cns: u16,
+    /// Workloads per tenant (two tenants), spread over the compute hosts by the scheduler.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=50))]
+    workloads: u16,
+    /// Tunnel backend of every agent: auto (kernel gretap if this kernel has GRE, else the
+    /// user-space GRE datapath), kernel, userspace or vxlan.
+    #[arg(long, value_name = "BACKEND", default_value = "auto")]
+    tunnel: BackendChoice,
+    /// Seconds to stay up after the checks, then tear down (0: build, check, tear down; the
+    /// exit status is 1 if a check failed). Without it the lab runs until Ctrl-C or SIGTERM.
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
+    /// Write the lab's facts as JSON: namespaces, addresses, floating IPs, process ids,
+    /// the etcd endpoint, the scheduler's address and the certificate paths.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+const AFTER_HELP: &str = "\
+What it builds (all network namespaces; nothing routes to the machine's own network):
+  fabric      the underlay switch, 10.254.0.0/24
+  cnN         compute hosts, each running `tenet-cn run --netns …`
+  cnci-T      one concentrator host per tenant (acme, globex), running `tenet-cnci run`,
+              with an uplink to the internet (192.0.2.11, .12)
+  internet    the external network 192.0.2.0/24; the external host is 192.0.2.1
+  T-N         workloads: the lab, as the controller, STARTs them through tenet-scheduler;
+              both tenants use 172.16.0.0/24; each workload leases its address by DHCP
+              over its tunnel (busybox udhcpc with the lab's own script)
+
+Checks (each by real traffic; TCP probes on port 7777 are answered with the responder's
+name, so a check knows who answered): lease, gateway, tenant (every workload of its tenant,
+across hosts), internet (the external host sees the concentrator's uplink address: NAT),
+floating_ip (192.0.2.101/.102 from the external host), isolation (no workload of the other
+tenant answers, nor its canary address).
+
+Everything the lab makes is listed in /run/tenet/lab/<pid>/owner.json while it runs; a lab
+that was killed is cleaned up by the next `tenet lab`.
+
+Examples:
+  tenet lab                              # build, check, stay up until Ctrl-C
+  tenet lab --duration 0 --output lab.json
+  tenet lab --cns 4 --workloads 4 --tunnel userspace";
+
+pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
+    // Signals first: a Ctrl-C at any point must end in a clean teardown.
+    let stop = tenet::process::terminated().context("cannot watch for Ctrl-C and SIGTERM")?;
+    tokio::pin!(stop);
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(anyhow::anyhow!(
+            "tenet lab must run as root: it creates network namespaces and starts agents"
+        )
+        .into());
+    }
+    for line in owner::sweep() {
+        println!("lab: {line}");
+    }
+    let owner = owner::Ownership::claim()?;
+    let progress = Progress::new();
+    let plan = Plan {
+        compute_hosts: args.cns.into(),
+        workloads: args.workloads.into(),
+        tunnel: args.tunnel,
+    };
+    progress.say(&format!(
+        "lab: {} compute hosts, 2 tenants × {} workloads, {} tunnels; files in {}",
+        plan.compute_hosts,
+        plan.workloads,
+        plan.tunnel,
+        owner.dir().display()
+    ));
+
+    let mut lab = tokio::select! {
+        built = Lab::build(&plan, &owner, &progress) => built.context("the lab could not be built (everything it made is removed)")?,
+        () = &mut stop => {
+            println!("lab: interrupted while building; everything it made is removed");
+            return Ok(ExitCode::from(130));
+        }
+    };
+    let responders = tokio::select! {
+        r = checks::run(&mut lab, &progress) => r,
+        () = &mut stop => {
+            println!("lab: interrupted while checking; tearing down");
+            lab.teardown().await;
+            return Ok(ExitCode::from(130));
+        }
+    };
+    let responders = match responders {
+        Ok(r) => r,
+        Err(e) => {
+            lab.teardown().await;
+            return Err(e.context("the checks could not run").into());
+        }
+    };
+    lab.report.passed = lab.report.checks.iter().all(|c| c.ok);
+    lab.report.ready_seconds = progress.elapsed().as_secs_f64();
+    if let Some(c) = lab.controller.take() {
+        // Hand the controller role to whoever wants it (`tenet instance …`).
+        c.close().await;
+    }
+    println!();
+    print!("{}", lab.report.table());
+    println!();
+    let failed = lab.report.checks.iter().filter(|c| !c.ok).count();
+    if failed == 0 {
+        println!(
+            "lab: ready in {:.1} s; all {} checks passed",
+            lab.report.ready_seconds,
+            lab.report.checks.len()
+        );
+    } else {
+        println!(
+            "lab: {failed} of {} checks FAILED (the logs are in {})",
+            lab.report.checks.len(),
+            owner.dir().join("logs").display()
+        );
+    }
+    if let Some(path) = &args.output {
+        write_output(path, &lab.report)?;
+        println!("lab: facts written to {}", path.display());
+    }
+
+    let interrupted = match args.duration {
+        Some(0) => false,
+        Some(secs) => {
+            print_try(&lab.report);
+            println!("lab: up for {secs} s (Ctrl-C stops it sooner)");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(secs)) => false,
+                () = &mut stop => true,
+            }
+        }
+        None => {
+            print_try(&lab.report);
+            println!("lab: running; Ctrl-C stops it and removes everything");
+            (&mut stop).await;
+            true
+        }
+    };
+    if interrupted {
+        println!();
+    }
+    drop(responders);
+    let passed = lab.report.passed;
+    lab.teardown().await;
+    drop(owner);
+    println!("lab: stopped; processes, namespaces, etcd and the lab's files removed");
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn write_output(path: &std::path::Path, report: &LabReport) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn print_try(r: &LabReport) {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "tenet".into());
+    let Some(a) = r.workloads.first() else {
+        return;
+    };
+    println!("Try:");
+    if let Some(b) = r
+        .workloads
+        .iter()
+        .find(|b| b.tenant == a.tenant && b.name != a.name)
+    {
+        println!(
+            "  ip netns exec {} ping {}            # {} → {} ({}, same tenant)",
+            a.netns, b.ip, a.name, b.name, b.host
+        );
+    }
+    println!(
+        "  ip netns exec {} ping {}          # the external host, through NAT",
+        a.netns, r.internet.external_ip
+    );
+    if let Some(f) = a.floating_ip {
+        println!(
+            "  ip netns exec {} ping {}          # {}'s floating IP from outside",
+            r.internet.netns, f, a.name
+        );
+    }
+    println!("  export ETCD_ENDPOINTS={}", r.etcd.endpoint);
+    println!("  {exe} status");
+    println!("  {exe} dump /calico/v1/host");
+    println!("  {exe} dump /tenet/v1/tenant/{}/ipam", a.tenant);
+    println!(
+        "  export TENET_SCHEDULER={} TENET_CONTROLLER_CERT={} TENET_CA={}",
+        r.scheduler.address,
+        r.pki.controller_cert.display(),
+        r.pki.ca.display()
+    );
+    if let Some(c) = r.concentrators.first() {
+        println!(
+            "  {exe} instance start --tenant {} --subnet {} --concentrator {} --concentrator-ip {}",
+            c.tenant, a.subnet, c.uuid, c.underlay_ip
+        );
+    }
+}
