@@ -8,6 +8,7 @@ mod dump;
 mod ipam;
 mod lab;
 mod status;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

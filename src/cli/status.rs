@@ -20,6 +20,8 @@ pub struct StatusArgs {
 enum Output {
     Table,
     Json,
+    /// The live topology as Graphviz DOT (render with `dot -Tsvg`).
+    Dot,
 }
 
 fn uptime(started: u64) -> String {
@@ -33,6 +35,13 @@ fn uptime(started: u64) -> String {
 
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
     let (store, config) = connect(cli).await?;
+    if let Output::Dot = args.output {
+        let topology = super::topology::Topology::load(&store)
+            .await
+            .map_err(|e| store_error(&config, e))?;
+        print!("{}", topology.dot(&Default::default()));
+        return Ok(ExitCode::SUCCESS);
+    }
     let listing = store
         .list(&node::prefix())
         .await
@@ -50,6 +59,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
     }
     nodes.sort_by(|a, b| (a.role as u8, &a.name).cmp(&(b.role as u8, &b.name)));
     match args.output {
+        Output::Dot => unreachable!("handled above"),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&nodes).context("cannot print JSON")?

@@ -1,6 +1,8 @@
 //! Helpers shared by the traffic tests.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

@@ -84,7 +84,7 @@ pub struct Lab {
     _conc_hosts: Vec<Host>,
     _cn_hosts: Vec<Host>,
     _fabric: Fabric,
-    _store: Arc<dyn Datastore>,
+    pub store: Arc<dyn Datastore>,
     _etcd: EtcdServer,
     _dhcp: DhcpClient,
     pub report: LabReport,
@@ -495,11 +495,55 @@ impl Lab {
             _conc_hosts: conc_hosts,
             _cn_hosts: cn_hosts,
             _fabric: fabric,
-            _store: store,
+            store,
             _etcd: etcd,
             _dhcp: dhcp,
             report,
         })
+    }
+
+    /// Restarts a daemon that exited, as systemd would, so that a crash (`kill -9` of an
+    /// agent or the scheduler) shows the recovery it is meant to show. Returns a line per
+    /// restart; the report carries the new process ids.
+    pub fn supervise(&mut self, owner: &Ownership) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut restart = |d: &mut Daemon, pid: &mut Option<u32>| {
+            let Some(status) = d.exited() else {
+                return;
+            };
+            let line = match d.start() {
+                Ok(()) => {
+                    *pid = d.pid();
+                    owner.process(&d.name, pid.unwrap_or_default());
+                    format!(
+                        "{} exited ({status}); restarted as pid {}",
+                        d.name,
+                        pid.unwrap_or_default()
+                    )
+                }
+                Err(e) => format!(
+                    "{} exited ({status}) and cannot be restarted: {e:#}",
+                    d.name
+                ),
+            };
+            lines.push(line);
+        };
+        for (d, info) in self
+            .cn_agents
+            .iter_mut()
+            .zip(&mut self.report.compute_hosts)
+        {
+            restart(d, &mut info.pid);
+        }
+        for (d, info) in self
+            .cnci_agents
+            .iter_mut()
+            .zip(&mut self.report.concentrators)
+        {
+            restart(d, &mut info.pid);
+        }
+        restart(&mut self.scheduler, &mut self.report.scheduler.pid);
+        lines
     }
 
     /// Stops the agents and the scheduler with SIGTERM (as an operator would), then removes

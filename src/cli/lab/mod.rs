@@ -46,6 +46,10 @@ pub struct LabArgs {
     /// the etcd endpoint, the scheduler's address and the certificate paths.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Write the live topology as Graphviz DOT once the checks ran (`dot -Tsvg FILE`
+    /// renders it; `tenet status -o dot` gives the same from any running system).
+    #[arg(long, value_name = "FILE")]
+    graph: Option<PathBuf>,
 }
 
 const AFTER_HELP: &str = "\
@@ -70,7 +74,7 @@ that was killed is cleaned up by the next `tenet lab`.
 
 Examples:
   tenet lab                              # build, check, stay up until Ctrl-C
-  tenet lab --duration 0 --output lab.json
+  tenet lab --duration 0 --output lab.json --graph lab.dot
   tenet lab --cns 4 --workloads 4 --tunnel userspace";
 
 pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
@@ -150,22 +154,35 @@ pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
         write_output(path, &lab.report)?;
         println!("lab: facts written to {}", path.display());
     }
+    if let Some(path) = &args.graph {
+        write_graph(path, &lab).await?;
+        println!(
+            "lab: topology written to {} (render: dot -Tsvg)",
+            path.display()
+        );
+    }
 
     let interrupted = match args.duration {
         Some(0) => false,
         Some(secs) => {
             print_try(&lab.report);
             println!("lab: up for {secs} s (Ctrl-C stops it sooner)");
+            let until = tokio::time::sleep(Duration::from_secs(secs));
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(secs)) => false,
+                () = until => false,
                 () = &mut stop => true,
+                () = supervise(&mut lab, &owner, args.output.as_deref()) => false,
             }
         }
         None => {
             print_try(&lab.report);
-            println!("lab: running; Ctrl-C stops it and removes everything");
-            (&mut stop).await;
-            true
+            println!(
+                "lab: running; crashed agents are restarted; Ctrl-C stops it and removes everything"
+            );
+            tokio::select! {
+                () = &mut stop => true,
+                () = supervise(&mut lab, &owner, args.output.as_deref()) => false,
+            }
         }
     };
     if interrupted {
@@ -183,9 +200,45 @@ pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
     })
 }
 
+/// Restarts whatever exits while the lab runs (never returns); the facts file follows the
+/// new process ids.
+async fn supervise(lab: &mut Lab, owner: &owner::Ownership, output: Option<&std::path::Path>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let restarts = lab.supervise(owner);
+        for line in &restarts {
+            println!("lab: {line}");
+        }
+        if !restarts.is_empty()
+            && let Some(path) = output
+            && let Err(e) = write_output(path, &lab.report)
+        {
+            println!("lab: {e:#}");
+        }
+    }
+}
+
+async fn write_graph(path: &std::path::Path, lab: &Lab) -> anyhow::Result<()> {
+    let topology = super::topology::Topology::load(lab.store.as_ref())
+        .await
+        .context("cannot read the topology from etcd")?;
+    let names = lab
+        .report
+        .workloads
+        .iter()
+        .map(|w| (w.instance.clone(), w.name.clone()))
+        .collect();
+    std::fs::write(path, topology.dot(&names))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn write_output(path: &std::path::Path, report: &LabReport) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(report)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    // Write then rename: a script polling the file never reads half of it.
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn print_try(r: &LabReport) {

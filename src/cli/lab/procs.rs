@@ -96,6 +96,13 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The exit status, once, if the process has exited since it was started.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// Fails with the end of its log if the process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(child) = self.child.as_mut()
