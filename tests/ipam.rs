@@ -696,3 +696,74 @@ async fn tenants_with_overlapping_subnets_have_their_own_addresses() {
         .unwrap();
     assert_eq!(next.to_string(), "172.16.0.3");
 }
+
+/// `check` in a tenant's scope: an address no endpoint of that tenant uses is a leak, named
+/// with its block's host — even when another tenant's endpoint has the same address — and
+/// the subnet's reserved addresses are not; `repair` releases the leak.
+#[tokio::test]
+async fn a_tenant_scope_check_finds_its_own_leaks() {
+    use tenet::calico::vnic::VnicRecord;
+    use tenet::calico::{CalicoKey, WorkloadEndpointId};
+    let (_server, store) = setup().await;
+    let ds: Arc<dyn Datastore> = store.clone();
+    let acme = Ipam::for_tenant(ds.clone(), "acme");
+    let subnet: ipnetwork::Ipv4Network = "172.16.0.0/24".parse().unwrap();
+    let used = acme
+        .assign_in_subnet(subnet, "cn-1", "vnic-a1", None, Default::default())
+        .await
+        .unwrap();
+    let leaked = acme
+        .assign_in_subnet(subnet, "cn-1", "vnic-a2", None, Default::default())
+        .await
+        .unwrap();
+    let endpoint = |tenant: &str, vnic: &str, ip| {
+        let record = VnicRecord {
+            tenant: tenant.into(),
+            subnet,
+            concentrator: "c".into(),
+            concentrator_ip: "10.254.0.9".parse().unwrap(),
+            kind: "container".into(),
+            ifname: format!("tvn_{vnic}"),
+            mac: "02:00:00:00:00:01".parse().unwrap(),
+            ip,
+        };
+        let key = CalicoKey::WorkloadEndpoint(WorkloadEndpointId {
+            host: "cn-1".into(),
+            orchestrator: "ciao".into(),
+            workload: format!("i-{vnic}"),
+            endpoint: vnic.into(),
+        })
+        .path();
+        (key, serde_json::to_vec(&record.to_endpoint()).unwrap())
+    };
+    let (k, v) = endpoint("acme", "vnic-a1", used);
+    store.put(&k, &v).await.unwrap();
+    // Another tenant's endpoint at the leaked address proves nothing for acme.
+    let (k, v) = endpoint("globex", "vnic-g1", leaked);
+    store.put(&k, &v).await.unwrap();
+
+    assert_eq!(
+        tenet::ipam::tenants_with_ipam(store.as_ref())
+            .await
+            .unwrap(),
+        ["acme"]
+    );
+    let report = acme.check().await.unwrap();
+    assert_eq!(
+        report.findings,
+        [Finding::LeakedAddress {
+            ip: IpAddr::V4(leaked),
+            handle: "vnic-a2".into(),
+            host: Some("cn-1".into()),
+        }],
+        "only the leak; the reserved network, gateway and broadcast are held on purpose"
+    );
+    assert!(acme.repair().await.unwrap().is_clean());
+    assert!(matches!(
+        acme.release_by_handle("vnic-a2").await,
+        Err(IpamError::HandleNotFound(_))
+    ));
+    // Calico's own scope sees none of it.
+    let calico = Ipam::new(ds).check().await.unwrap();
+    assert_eq!(calico.blocks, 0);
+}

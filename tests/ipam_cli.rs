@@ -164,7 +164,7 @@ async fn a_burst_killed_part_way_leaves_a_consistent_state() {
     );
     for line in report.lines().skip(1) {
         assert!(
-            line.starts_with("leaked address"),
+            line.starts_with("calico: leaked address"),
             "inconsistency after a kill: {line}\n{report}"
         );
     }

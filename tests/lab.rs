@@ -455,3 +455,192 @@ fn the_lab_survives_crashes_and_an_etcd_outage() {
     let status = lab.terminate();
     assert!(status.success(), "{status}\n{}", lab.printed());
 }
+
+/// Every workload endpoint in etcd: instance → (host, address).
+async fn endpoints(store: &tenet::store::EtcdStore) -> Vec<(String, String, String)> {
+    use tenet::store::Datastore;
+    let mut out = Vec::new();
+    for kv in store.list(tenet::calico::HOSTS).await.unwrap().kvs {
+        if let Ok(tenet::calico::CalicoKey::WorkloadEndpoint(id)) =
+            tenet::calico::CalicoKey::parse(&kv.key)
+        {
+            let ep: tenet::calico::WorkloadEndpoint = serde_json::from_slice(&kv.value).unwrap();
+            out.push((id.workload, id.host, ep.ipv4_nets[0].ip().to_string()));
+        }
+    }
+    out
+}
+
+/// A compute node's agent killed with SIGKILL in the middle of a burst of 50 STARTs, then
+/// restarted by the lab: the controller re-sends what never completed, and every workload
+/// converges — one endpoint each, a VNIC and a DHCP lease for its address — with no leaked
+/// link, address or endpoint (`tenet ipam check` is clean).
+#[test]
+fn a_compute_node_killed_mid_burst_converges() {
+    use nix::sys::signal::Signal;
+    const BURST: usize = 50;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab.json");
+    let mut lab = RunningLab::start(
+        dir.path(),
+        &[
+            "--workloads",
+            "1",
+            "--duration",
+            "900",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+    );
+    let facts = lab.facts(&file);
+    assert_eq!(facts["passed"], true, "{}", lab.printed());
+    let etcd = str_of(&facts["etcd"], "endpoint").to_string();
+    let store = rt
+        .block_on(tenet::store::EtcdStore::connect(
+            std::slice::from_ref(&etcd),
+            tenet::store::EtcdOptions::default(),
+        ))
+        .unwrap();
+    let before = rt.block_on(endpoints(&store)).len();
+    let mut controller = rt.block_on(Controller::connect(&facts));
+    let victim = facts["compute_hosts"][0].clone();
+    let old_pid = victim["pid"].as_u64().unwrap();
+
+    let namespaces: Vec<tenet::testbed::Netns> = (0..BURST)
+        .map(|_| tenet::testbed::Netns::create("burst").unwrap())
+        .collect();
+    let instance = |i: usize| format!("burst-{i}");
+    for (i, ns) in namespaces.iter().enumerate() {
+        rt.block_on(controller.start(&facts, "acme", &instance(i), &ns.path()));
+    }
+    // Kill the first compute node's agent once a few of the burst have landed.
+    let started = std::time::Instant::now();
+    while rt.block_on(endpoints(&store)).len() < before + 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the burst does not land"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(old_pid, Signal::SIGKILL);
+    lab.facts_when(&file, "the compute node's agent restarted", |f| {
+        f["compute_hosts"][0]["pid"]
+            .as_u64()
+            .is_some_and(|p| p != old_pid)
+    });
+
+    // As a controller's START timeout would: wait until the burst settles (no new endpoint
+    // for 2 s), so that nothing is re-sent while the surviving node still works on it.
+    let mut last = (
+        rt.block_on(endpoints(&store)).len(),
+        std::time::Instant::now(),
+    );
+    while last.1.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(100));
+        let n = rt.block_on(endpoints(&store)).len();
+        if n != last.0 {
+            last = (n, std::time::Instant::now());
+        }
+    }
+    // The controller re-sends every START that has not shown its endpoint; a node that has
+    // the instance answers instance_exists, which is as good.
+    let mut rounds = 0;
+    loop {
+        let have: std::collections::HashSet<String> = rt
+            .block_on(endpoints(&store))
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        let missing: Vec<usize> = (0..BURST)
+            .filter(|i| !have.contains(&instance(*i)))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        rounds += 1;
+        eprintln!(
+            "round {rounds}: re-sending {} STARTs that never completed",
+            missing.len()
+        );
+        assert!(
+            rounds <= 10,
+            "still missing after 10 rounds: {missing:?}\n{}",
+            lab.printed()
+        );
+        for i in &missing {
+            rt.block_on(controller.start(&facts, "acme", &instance(*i), &namespaces[*i].path()));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            let have: std::collections::HashSet<String> = rt
+                .block_on(endpoints(&store))
+                .into_iter()
+                .map(|e| e.0)
+                .collect();
+            if missing.iter().all(|i| have.contains(&instance(*i))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Drain the failures of this round (instance_exists for STARTs that did land).
+        rt.block_on(async {
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(50), controller.events.recv()).await
+            {
+            }
+        });
+    }
+
+    // What the restarted agent found (orphan VNICs, leaked addresses), for the record.
+    let log = std::fs::read_to_string(str_of(&victim, "log")).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("reconciled with etcd")) {
+        eprintln!("{line}");
+    }
+    // One endpoint per instance, distinct addresses, each leased over the tunnel.
+    let all = rt.block_on(endpoints(&store));
+    let burst: Vec<&(String, String, String)> =
+        all.iter().filter(|e| e.0.starts_with("burst-")).collect();
+    assert_eq!(burst.len(), BURST, "one endpoint per instance: {burst:?}");
+    let mut ips: Vec<&String> = burst.iter().map(|e| &e.2).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), BURST, "no address given twice");
+    for (i, ns) in namespaces.iter().enumerate() {
+        let want = &burst.iter().find(|e| e.0 == instance(i)).unwrap().2;
+        let got = dhcp(dir.path(), ns.name(), 5);
+        assert_eq!(
+            got.as_ref(),
+            Some(want),
+            "{} leases its address",
+            instance(i)
+        );
+    }
+    // No leaked link: each compute host has exactly one tenant VNIC per endpoint it holds.
+    for host in facts["compute_hosts"].as_array().unwrap() {
+        let name = str_of(host, "name");
+        let links = in_netns(str_of(host, "netns"), &["ip", "-o", "link"]);
+        let vnics = String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter(|l| l.contains(": tvn"))
+            .count();
+        let held = all.iter().filter(|e| e.1 == name).count();
+        assert_eq!(vnics, held, "{name}: VNICs vs endpoints");
+    }
+    // No leaked address: IPAM agrees with the endpoints, every tenant's and Calico's.
+    let check = Command::new(env!("CARGO_BIN_EXE_tenet"))
+        .args(["ipam", "check"])
+        .env("ETCD_ENDPOINTS", &etcd)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    drop(controller);
+    let status = lab.terminate();
+    assert!(status.success(), "{status}\n{}", lab.printed());
+}

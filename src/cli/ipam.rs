@@ -6,13 +6,18 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use ipnetwork::IpNetwork;
-use tenet::ipam::{AutoAssignArgs, Ipam, IpamError};
+use tenet::ipam::{AutoAssignArgs, Ipam, IpamError, IpamScope};
 use tenet::store::config::DatastoreConfig;
 
 use super::{Cli, CliError, connect, store_error};
 
 #[derive(Debug, Args)]
 pub struct IpamArgs {
+    /// Work on this tenant's own IPAM (the overlays' per-tenant subnets, under
+    /// /tenet/v1/tenant/<tenant>/ipam/) instead of Calico's. `check` without it checks
+    /// Calico's and every tenant's.
+    #[arg(long, global = true, value_name = "TENANT")]
+    tenant: Option<String>,
     #[command(subcommand)]
     command: IpamCommand,
 }
@@ -125,7 +130,11 @@ pub async fn run(cli: &Cli, args: &IpamArgs) -> Result<ExitCode, CliError> {
         _ => {}
     }
     let (store, config) = connect(cli).await?;
-    let ipam = Ipam::new(Arc::new(store));
+    let store: Arc<dyn tenet::store::Datastore> = Arc::new(store);
+    let ipam = match &args.tenant {
+        Some(t) => Ipam::for_tenant(store.clone(), t),
+        None => Ipam::new(store.clone()),
+    };
     let err = |e| ipam_error(&config, e);
     match &args.command {
         IpamCommand::Assign {
@@ -208,26 +217,43 @@ pub async fn run(cli: &Cli, args: &IpamArgs) -> Result<ExitCode, CliError> {
             }
         }
         IpamCommand::Check { repair } => {
-            let report = if *repair {
-                ipam.repair().await
-            } else {
-                ipam.check().await
+            let mut scopes = vec![ipam];
+            if args.tenant.is_none() {
+                for t in tenet::ipam::tenants_with_ipam(store.as_ref())
+                    .await
+                    .map_err(|e| store_error(&config, e))?
+                {
+                    scopes.push(Ipam::for_tenant(store.clone(), &t));
+                }
             }
-            .map_err(err)?;
-            println!(
-                "{} blocks, {} handles, {} allocated addresses",
-                report.blocks, report.handles, report.allocated
-            );
-            for finding in &report.findings {
-                println!("{finding}");
+            let mut problems = 0;
+            for ipam in &scopes {
+                let report = if *repair {
+                    ipam.repair().await
+                } else {
+                    ipam.check().await
+                }
+                .map_err(err)?;
+                let whose = match ipam.scope() {
+                    IpamScope::Calico => "calico".to_string(),
+                    IpamScope::Tenant(t) => format!("tenant {t}"),
+                };
+                println!(
+                    "{whose}: {} blocks, {} handles, {} allocated addresses",
+                    report.blocks, report.handles, report.allocated
+                );
+                for finding in &report.findings {
+                    println!("{whose}: {finding}");
+                }
+                problems += report.findings.len();
             }
-            if !report.is_clean() {
+            if problems > 0 {
                 let what = if *repair {
                     "remain after repair"
                 } else {
                     "found (run with --repair to fix)"
                 };
-                eprintln!("tenet: {} problem(s) {what}", report.findings.len());
+                eprintln!("tenet: {problems} problem(s) {what}");
                 return Ok(ExitCode::from(1));
             }
             println!("IPAM is consistent");

@@ -19,8 +19,13 @@ use crate::store::{Compare, Revision, StoreError, StoreResult, Txn, TxnOp};
 /// One disagreement found by [`Ipam::check`].
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Finding {
-    /// Allocated with a handle, but no workload endpoint uses the address.
-    LeakedAddress { ip: IpAddr, handle: String },
+    /// Allocated with a handle, but no workload endpoint uses the address. `host` is the
+    /// host its block is affine to (the one whose agent allocated it, as a rule).
+    LeakedAddress {
+        ip: IpAddr,
+        handle: String,
+        host: Option<String>,
+    },
     /// A handle's count for a block differs from the addresses the block holds for it.
     HandleOutOfStep {
         handle: String,
@@ -39,7 +44,7 @@ pub enum Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Finding::LeakedAddress { ip, handle } => {
+            Finding::LeakedAddress { ip, handle, .. } => {
                 write!(
                     f,
                     "leaked address {ip} (handle {handle}, no workload endpoint uses it)"
@@ -98,6 +103,10 @@ struct Snapshot {
 
 impl Ipam {
     async fn snapshot(&self) -> IpamResult<Snapshot> {
+        let tenant = match &self.scope {
+            super::IpamScope::Calico => None,
+            super::IpamScope::Tenant(t) => Some(t),
+        };
         let mut snap = Snapshot {
             blocks: BTreeMap::new(),
             handles: BTreeMap::new(),
@@ -106,7 +115,12 @@ impl Ipam {
             unreadable: Vec::new(),
         };
         for prefix in [IPAM_BLOCKS_V4, IPAM_BLOCKS_V6] {
-            for kv in self.store.list(prefix).await?.kvs {
+            for kv in self
+                .store
+                .list(&self.scope.scoped(prefix.into()))
+                .await?
+                .kvs
+            {
                 match parse_block(&kv) {
                     Ok(seen) => {
                         snap.blocks
@@ -119,8 +133,9 @@ impl Ipam {
                 }
             }
         }
-        for kv in self.store.list(IPAM_HANDLES).await?.kvs {
-            let id = kv.key[IPAM_HANDLES.len()..].to_string();
+        let handles = self.scope.scoped(IPAM_HANDLES.into());
+        for kv in self.store.list(&handles).await?.kvs {
+            let id = kv.key[handles.len()..].to_string();
             match serde_json::from_slice::<IpamHandle>(&kv.value) {
                 Ok(h) => {
                     snap.handles.insert(id, (h, kv.mod_revision));
@@ -131,8 +146,15 @@ impl Ipam {
                 }),
             }
         }
-        for kv in self.store.list(IPAM_HOSTS).await?.kvs {
-            if let Ok(CalicoKey::BlockAffinity { host, cidr }) = CalicoKey::parse(&kv.key) {
+        for kv in self
+            .store
+            .list(&self.scope.scoped(IPAM_HOSTS.into()))
+            .await?
+            .kvs
+        {
+            if let Ok(CalicoKey::BlockAffinity { host, cidr }) =
+                CalicoKey::parse(&super::as_calico_path(&kv.key))
+            {
                 snap.affinities.insert((host, cidr), kv.mod_revision);
             }
         }
@@ -141,7 +163,13 @@ impl Ipam {
                 continue;
             };
             match decode(&key, &kv.value) {
-                Ok(CalicoValue::WorkloadEndpoint(wep)) => {
+                // A tenant's addresses are used by that tenant's endpoints only: tenants
+                // overlap, so another tenant's endpoint at the same address proves nothing.
+                Ok(CalicoValue::WorkloadEndpoint(wep))
+                    if tenant.is_none_or(|t| {
+                        wep.labels.get(crate::calico::vnic::TENANT_LABEL) == Some(t)
+                    }) =>
+                {
                     snap.in_use
                         .extend(wep.ipv4_nets.iter().chain(&wep.ipv6_nets).map(|n| n.ip()));
                 }
@@ -191,7 +219,7 @@ impl Ipam {
                 continue;
             }
             // Rewrite the handle from the blocks, provided none of them changed meanwhile.
-            let key = handle_key(id);
+            let key = self.scope.scoped(handle_key(id));
             let blocks: BTreeSet<IpNetwork> = want
                 .keys()
                 .chain(have.map(|(h, _)| h.block.keys()).into_iter().flatten())
@@ -201,7 +229,7 @@ impl Ipam {
                 Txn::new().when(Compare::revision(key.clone(), have.map_or(0, |(_, r)| *r)));
             for cidr in &blocks {
                 if let Some((_, rev)) = snap.blocks.get(cidr) {
-                    txn = txn.when(Compare::revision(block_key(cidr), *rev));
+                    txn = txn.when(Compare::revision(self.scope.scoped(block_key(cidr)), *rev));
                 }
             }
             txn = txn.then(if want.is_empty() {
@@ -219,7 +247,7 @@ impl Ipam {
             if !ours {
                 lost_race_is_fine(
                     self.store
-                        .delete(&affinity_key(host, cidr), Some(*rev))
+                        .delete(&self.scope.scoped(affinity_key(host, cidr)), Some(*rev))
                         .await,
                 )?;
             }
@@ -228,10 +256,11 @@ impl Ipam {
             if let Some(host) = block.affine_host()
                 && !snap.affinities.contains_key(&(host.to_string(), *cidr))
             {
+                let affinity = self.scope.scoped(affinity_key(host, cidr));
                 let txn = Txn::new()
-                    .when(Compare::revision(block_key(cidr), *rev))
-                    .when(Compare::absent(affinity_key(host, cidr)))
-                    .then(TxnOp::put(affinity_key(host, cidr), "{}"));
+                    .when(Compare::revision(self.scope.scoped(block_key(cidr)), *rev))
+                    .when(Compare::absent(affinity.clone()))
+                    .then(TxnOp::put(affinity, "{}"));
                 lost_race_is_fine(self.store.txn(txn).await)?;
             }
         }
@@ -283,8 +312,15 @@ fn findings(snap: &Snapshot) -> CheckReport {
                 .get(*index)
                 .and_then(|a| a.handle_id.clone())
                 && !snap.in_use.contains(&ip)
+                // A tenant subnet's network, gateway and broadcast addresses are held on
+                // purpose.
+                && !handle.starts_with(super::tenant::RESERVED_HANDLE_PREFIX)
             {
-                report.findings.push(Finding::LeakedAddress { ip, handle });
+                report.findings.push(Finding::LeakedAddress {
+                    ip,
+                    handle,
+                    host: block.affine_host().map(str::to_string),
+                });
             }
         }
         if let Some(host) = block.affine_host()

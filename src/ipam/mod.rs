@@ -36,6 +36,7 @@ pub use block::{
 };
 pub use check::{CheckReport, Finding};
 pub use error::{IpamError, IpamResult};
+pub use tenant::{RESERVED_HANDLE_PREFIX, reserved_handle, tenants_with_ipam};
 
 use crate::calico::CalicoKey;
 use crate::store::{Compare, Datastore, TxnOp};

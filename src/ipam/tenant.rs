@@ -12,9 +12,16 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use super::{AutoAssignArgs, Ipam, IpamError, IpamResult};
 use crate::types::gateway_of;
 
+/// How every reserved handle's name begins.
+pub const RESERVED_HANDLE_PREFIX: &str = "tenet-reserved-";
+
 /// The handle the subnet's own addresses are held by.
 pub fn reserved_handle(subnet: &Ipv4Network) -> String {
-    format!("tenet-reserved-{}-{}", subnet.network(), subnet.prefix())
+    format!(
+        "{RESERVED_HANDLE_PREFIX}{}-{}",
+        subnet.network(),
+        subnet.prefix()
+    )
 }
 
 /// The addresses of `subnet` no workload may have.
@@ -23,6 +30,22 @@ pub fn reserved_addresses(subnet: &Ipv4Network) -> Vec<Ipv4Addr> {
         return Vec::new();
     }
     vec![subnet.network(), gateway_of(subnet), subnet.broadcast()]
+}
+
+/// The tenants that have an IPAM of their own (keys under `/tenet/v1/tenant/<t>/ipam/`).
+pub async fn tenants_with_ipam(
+    store: &dyn crate::store::Datastore,
+) -> crate::store::StoreResult<Vec<String>> {
+    let root = format!("{}tenant/", crate::keyspace::TENET_ROOT);
+    let mut out = std::collections::BTreeSet::new();
+    for kv in store.list(&root).await?.kvs {
+        if let Some((tenant, rest)) = kv.key[root.len()..].split_once('/')
+            && rest.starts_with("ipam/")
+        {
+            out.insert(crate::calico::unescape_name(tenant));
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 impl Ipam {

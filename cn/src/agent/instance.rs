@@ -359,7 +359,7 @@ impl Agent {
         Ok(events)
     }
 
-    async fn release(&self, tenant: &str, vnic: &str) {
+    pub(super) async fn release(&self, tenant: &str, vnic: &str) {
         match self.ipam(tenant).release_by_handle(vnic).await {
             Ok(_) | Err(IpamError::HandleNotFound(_)) => {}
             Err(e) => {

@@ -335,16 +335,85 @@ impl Agent {
                 Err(e) => error!(%instance, %vnic, error = %e, "could not recreate a VNIC"),
             }
         }
+        // A VNIC without an endpoint is a START cut short (a crash between the VNIC and its
+        // endpoint): nobody was told it exists, so it goes, with its address.
         let known: std::collections::HashSet<&String> =
             endpoints.iter().map(|(_, v, _)| v).collect();
-        for vnic in present.iter().filter(|v| !known.contains(v)) {
-            warn!(%vnic, "a VNIC without an endpoint in etcd (tenet-cn reset removes it)");
+        let orphans: Vec<(String, String)> = self
+            .node
+            .vnic_bindings()
+            .into_iter()
+            .filter(|(v, _)| !known.contains(v))
+            .map(|(v, b)| (v, b.tenant))
+            .collect();
+        if !orphans.is_empty() {
+            let ids: Vec<&str> = orphans.iter().map(|(v, _)| v.as_str()).collect();
+            match self.node.destroy_vnics_by_id(&ids).await {
+                Ok(destroyed) => {
+                    let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+                    removed.extend(destroyed.into_iter().filter_map(|d| d.tunnel));
+                }
+                Err(e) => error!(error = %e, "could not remove VNICs without an endpoint"),
+            }
+            for (vnic, tenant) in &orphans {
+                warn!(%vnic, %tenant, "removed a VNIC without an endpoint (a START cut short)");
+                self.release(tenant, vnic).await;
+            }
         }
+        let leaked = self.release_leaks().await;
         info!(
             endpoints = endpoints.len(),
-            recreated, "reconciled with etcd"
+            recreated,
+            orphans = orphans.len(),
+            leaked,
+            "reconciled with etcd"
         );
         Ok(())
+    }
+
+    /// Releases the addresses this host's blocks hold for no endpoint of their tenant (a
+    /// START cut short before its VNIC existed). Runs before the agent serves anything, so
+    /// no START of this host is in flight.
+    async fn release_leaks(&self) -> usize {
+        let tenants = match tenet::ipam::tenants_with_ipam(self.store.as_ref()).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot list the tenants' IPAM to look for leaks");
+                return 0;
+            }
+        };
+        let mut released = 0;
+        for tenant in tenants {
+            let ipam = self.ipam(&tenant);
+            let report = match ipam.check().await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%tenant, error = %e, "cannot check the tenant's IPAM");
+                    continue;
+                }
+            };
+            let ours: Vec<std::net::IpAddr> = report
+                .findings
+                .iter()
+                .filter_map(|f| match f {
+                    tenet::ipam::Finding::LeakedAddress { ip, host, handle }
+                        if host.as_deref() == Some(self.host.as_str()) =>
+                    {
+                        warn!(%tenant, %ip, %handle, "releasing an address no endpoint uses");
+                        Some(*ip)
+                    }
+                    _ => None,
+                })
+                .collect();
+            if ours.is_empty() {
+                continue;
+            }
+            match ipam.release_ips(&ours).await {
+                Ok(not_assigned) => released += ours.len() - not_assigned.len(),
+                Err(e) => warn!(%tenant, error = %e, "could not release leaked addresses"),
+            }
+        }
+        released
     }
 
     /// TenantAdded for every subnet with a tunnel (after each connect).

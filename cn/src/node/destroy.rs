@@ -40,11 +40,22 @@ impl ComputeNode {
         let _permit = self.admit(cancel).await?;
         let _shared = self.rebuild_lock.read().await;
         let span = info_span!("destroy_vnics", count = configs.len());
-        self.destroy_checked(configs).instrument(span).await
+        let ids: Vec<&str> = configs.iter().map(|c| c.vnic_id.as_str()).collect();
+        self.destroy_ids(&ids).instrument(span).await
     }
 
-    async fn destroy_checked(&self, configs: &[VnicConfig]) -> Result<Vec<DestroyedVnic>, CnError> {
-        let ids = || configs.iter().map(|c| c.vnic_id.as_str());
+    /// Destroys VNICs known only by their ids, as [`ComputeNode::destroy_vnics`] does: for
+    /// VNICs found after a restart that no request describes any more (a START cut short
+    /// by a crash). Unknown ids are not an error.
+    pub async fn destroy_vnics_by_id(&self, ids: &[&str]) -> Result<Vec<DestroyedVnic>, CnError> {
+        let _permit = self.admit(None).await?;
+        let _shared = self.rebuild_lock.read().await;
+        let span = info_span!("destroy_vnics_by_id", count = ids.len());
+        self.destroy_ids(ids).instrument(span).await
+    }
+
+    async fn destroy_ids(&self, vnic_ids: &[&str]) -> Result<Vec<DestroyedVnic>, CnError> {
+        let ids = || vnic_ids.iter().copied();
         // Creates still in flight finish (or fail and clean up) first; one that fails is
         // simply not there to destroy.
         let in_flight = self.topology().in_flight(ids());

@@ -131,6 +131,11 @@ impl ComputeNode {
         self.topology().vnic_ids()
     }
 
+    /// Each VNIC this node knows with the subnet it is on (its tenant among it).
+    pub fn vnic_bindings(&self) -> Vec<(String, SubnetBinding)> {
+        self.topology().vnic_bindings()
+    }
+
     pub(crate) fn topology(&self) -> MutexGuard<'_, Topology> {
         self.topology.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -334,4 +334,11 @@ impl Topology {
     pub fn vnic_ids(&self) -> Vec<String> {
         self.vnics.keys().cloned().collect()
     }
+
+    pub fn vnic_bindings(&self) -> Vec<(String, SubnetBinding)> {
+        self.vnics
+            .iter()
+            .map(|(id, v)| (id.clone(), v.subnet.clone()))
+            .collect()
+    }
 }
