@@ -124,7 +124,8 @@ pub enum CliError {
         source_of_config: String,
         reason: String,
     },
-    #[error(transparent)]
+    /// Shown with its whole chain of causes ("what: why: deeper why").
+    #[error("{0:#}")]
     Other(#[from] anyhow::Error),
 }
 

@@ -35,7 +35,7 @@ fn uptime(started: u64) -> String {
 
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
     let (store, config) = connect(cli).await?;
-    if let Output::Dot = args.output {
+    if matches!(args.output, Output::Dot) {
         let topology = super::topology::Topology::load(&store)
             .await
             .map_err(|e| store_error(&config, e))?;
@@ -59,12 +59,11 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
     }
     nodes.sort_by(|a, b| (a.role as u8, &a.name).cmp(&(b.role as u8, &b.name)));
     match args.output {
-        Output::Dot => unreachable!("handled above"),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&nodes).context("cannot print JSON")?
         ),
-        Output::Table => {
+        Output::Table | Output::Dot => {
             println!(
                 "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} SUBNETS",
                 "ROLE", "NAME", "TENANT", "UNDERLAY", "TUNNELS", "UP", "VERSION"

@@ -23,6 +23,7 @@ use tenet::calico::{CalicoKey, HOSTS, WorkloadEndpoint, ensure_initialized};
 use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
 use tenet::testbed::{EtcdServer, Fabric, Host, Netns};
+use tenet::types::gateway_of;
 
 use super::owner::Ownership;
 use super::probe::{DhcpClient, Lease};
@@ -30,7 +31,8 @@ use super::procs::{Daemon, binary};
 use super::report::*;
 use crate::cli::control::Session;
 
-/// Every tenant's subnet: the same, on purpose — tenants overlap and must stay apart.
+/// Every tenant's subnet: the same, on purpose — tenants overlap and must stay apart (see
+/// [`Plan::subnet`] for the one exception).
 pub const TENANT_SUBNET: &str = "172.16.0.0/24";
 /// A tenant of the lab and the addresses the lab gives it.
 pub struct LabTenant {
@@ -39,8 +41,8 @@ pub struct LabTenant {
     pub uplink: Ipv4Addr,
     /// The floating IP of its first workload.
     pub floating: Ipv4Addr,
-    /// An address only its first workload holds (see the isolation check).
-    pub canary: Ipv4Addr,
+    /// The host part of an address only its first workload holds (see the isolation check).
+    pub canary: u32,
 }
 
 pub const TENANTS: [LabTenant; 2] = [
@@ -48,13 +50,13 @@ pub const TENANTS: [LabTenant; 2] = [
         name: "acme",
         uplink: Ipv4Addr::new(192, 0, 2, 11),
         floating: Ipv4Addr::new(192, 0, 2, 101),
-        canary: Ipv4Addr::new(172, 16, 0, 201),
+        canary: 201,
     },
     LabTenant {
         name: "globex",
         uplink: Ipv4Addr::new(192, 0, 2, 12),
         floating: Ipv4Addr::new(192, 0, 2, 102),
-        canary: Ipv4Addr::new(172, 16, 0, 202),
+        canary: 202,
     },
 ];
 const INTERNET: &str = "192.0.2.0/24";
@@ -70,6 +72,20 @@ pub struct Plan {
     /// Workloads per tenant.
     pub workloads: usize,
     pub tunnel: BackendChoice,
+}
+
+impl Plan {
+    /// Tenant `i`'s subnet: the same for all — except over VXLAN, whose VNI is the subnet's
+    /// key: two tenants with one subnet on one host would need one VNI twice, which the
+    /// kernel refuses (EEXIST), so there tenant `i` gets 172.16.`i`.0/24.
+    pub fn subnet(&self, i: usize) -> Ipv4Network {
+        let overlap: Ipv4Network = TENANT_SUBNET.parse().expect("a valid subnet");
+        if self.tunnel != BackendChoice::Vxlan {
+            return overlap;
+        }
+        let [a, b, _, d] = overlap.network().octets();
+        Ipv4Network::new(Ipv4Addr::new(a, b, i as u8, d), overlap.prefix()).expect("a /24")
+    }
 }
 
 /// A running lab. Fields drop in this order: the controller, the agents, the scheduler, the
@@ -230,6 +246,7 @@ impl Lab {
             cnci_agents.push(agent);
             concentrators.push(ConcentratorInfo {
                 tenant: s(tenant),
+                subnet: plan.subnet(concentrators.len()),
                 uuid,
                 netns: s(host.name()),
                 underlay_ip: host.ip(),
@@ -370,9 +387,9 @@ impl Lab {
                 vnic,
                 netns,
                 host: host.clone(),
-                subnet: s(TENANT_SUBNET),
+                subnet: s(concentrators[t].subnet),
                 ip,
-                gateway: gateway(),
+                gateway: gateway_of(&concentrators[t].subnet),
                 mac: ep.mac.map(s).unwrap_or_default(),
                 floating_ip: None,
             });
@@ -564,11 +581,6 @@ impl Lab {
     }
 }
 
-fn gateway() -> Ipv4Addr {
-    let net: Ipv4Network = TENANT_SUBNET.parse().expect("a valid subnet");
-    net.nth(1).expect("the subnet has a gateway")
-}
-
 fn start_payload(instance: &str, vnic: &str, conc: &ConcentratorInfo, netns: &Path) -> Vec<u8> {
     Start::from(StartCommand {
         instance_uuid: instance.into(),
@@ -578,7 +590,7 @@ fn start_payload(instance: &str, vnic: &str, conc: &ConcentratorInfo, netns: &Pa
             vnic_uuid: vnic.into(),
             concentrator_uuid: conc.uuid.clone(),
             concentrator_ip: conc.underlay_ip.to_string(),
-            subnet: TENANT_SUBNET.into(),
+            subnet: conc.subnet.to_string(),
             netns: netns.to_string_lossy().into_owned(),
             ..Default::default()
         },

@@ -43,7 +43,17 @@ fn canaries(lab: &Lab) -> Vec<(String, Ipv4Addr, String)> {
         .iter()
         .filter_map(|t| {
             let holder = lab.report.workloads.iter().find(|w| w.tenant == t.name)?;
-            Some((t.name.to_string(), t.canary, holder.name.clone()))
+            let subnet = lab
+                .report
+                .concentrators
+                .iter()
+                .find(|c| c.tenant == t.name)?
+                .subnet;
+            Some((
+                t.name.to_string(),
+                subnet.nth(t.canary)?,
+                holder.name.clone(),
+            ))
         })
         .collect()
 }

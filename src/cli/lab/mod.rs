@@ -105,6 +105,14 @@ pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
         owner.dir().display()
     ));
 
+    if plan.tunnel == BackendChoice::Vxlan {
+        progress.say(&format!(
+            "lab: VXLAN's VNI is the subnet's key, so overlapping tenants cannot share a host: \
+             the tenants get {} and {}",
+            plan.subnet(0),
+            plan.subnet(1)
+        ));
+    }
     let mut lab = tokio::select! {
         built = Lab::build(&plan, &owner, &progress) => built.context("the lab could not be built (everything it made is removed)")?,
         () = &mut stop => {

@@ -168,6 +168,8 @@ pub struct ComputeHostInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConcentratorInfo {
     pub tenant: String,
+    /// The tenant's subnet.
+    pub subnet: ipnetwork::Ipv4Network,
     pub uuid: String,
     pub netns: String,
     pub underlay_ip: Ipv4Addr,
