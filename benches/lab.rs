@@ -147,7 +147,11 @@ fn starts(
                         break;
                     }
                     let ns = &namespaces[i];
-                    let tenant = if i.is_multiple_of(2) { "acme" } else { "globex" };
+                    let tenant = if i.is_multiple_of(2) {
+                        "acme"
+                    } else {
+                        "globex"
+                    };
                     let instance = format!("bench-c{concurrency}-{i}");
                     let t0 = Instant::now();
                     rt.block_on(client.send_command(

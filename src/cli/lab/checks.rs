@@ -196,11 +196,18 @@ pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responder
                     leaks.push(format!("{tenant}'s canary {ip}: {}", a.banner));
                 }
             }
-            for y in report.workloads.iter().filter(|y| y.tenant != x.tenant) {
-                tried += 1;
-                if let Some(a) = probe(&ns, y.ip, PROBE_TIMEOUT).await
-                    && a.banner == banner(y)
-                {
+            // All at once: a probe that must fail waits out its whole timeout.
+            let others: Vec<&WorkloadInfo> = report
+                .workloads
+                .iter()
+                .filter(|y| y.tenant != x.tenant)
+                .collect();
+            tried += others.len();
+            let answers =
+                futures::future::join_all(others.iter().map(|y| probe(&ns, y.ip, PROBE_TIMEOUT)))
+                    .await;
+            for (y, answer) in others.iter().zip(answers) {
+                if answer.is_some_and(|a| a.banner == banner(y)) {
                     leaks.push(format!("{} ({}) answered", y.name, y.ip));
                 }
             }
