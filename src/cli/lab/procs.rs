@@ -76,6 +76,8 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // PDEATHSIG fires when the forking *thread* ends: the lab spawns from the thread
+        // that runs the CLI's block_on, which lives as long as the lab does.
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
