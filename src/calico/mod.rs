@@ -9,6 +9,7 @@ mod felix;
 mod ipam;
 mod keys;
 mod policy;
+pub mod resource;
 mod scalar;
 pub mod vnic;
 

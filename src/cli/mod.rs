@@ -7,6 +7,7 @@ mod control;
 mod dump;
 mod ipam;
 mod lab;
+mod resource;
 mod status;
 mod topology;
 
@@ -66,6 +67,16 @@ enum Command {
     PublicIp(control::PublicIpArgs),
     /// Concentrator commands (controller; SSNTP RefreshCNCI).
     Cnci(control::CnciArgs),
+    /// Create resources from a file (calicoctl create): ipPool so far.
+    Create(resource::WriteArgs),
+    /// Replace existing resources from a file (calicoctl replace).
+    Replace(resource::WriteArgs),
+    /// Create or overwrite resources from a file (calicoctl apply).
+    Apply(resource::WriteArgs),
+    /// Delete resources named in a file, or KIND NAME (calicoctl delete).
+    Delete(resource::DeleteArgs),
+    /// Show resources of a kind (calicoctl get): -o ps, wide, custom-columns=…, yaml, json.
+    Get(resource::GetArgs),
     /// Print the client version.
     Version,
 }
@@ -90,6 +101,11 @@ pub fn main() -> ExitCode {
             Command::Instance(args) => control::instance(args).await,
             Command::PublicIp(args) => control::public_ip(args).await,
             Command::Cnci(args) => control::cnci(args).await,
+            Command::Create(args) => resource::write(&cli, resource::Verb::Create, args).await,
+            Command::Replace(args) => resource::write(&cli, resource::Verb::Replace, args).await,
+            Command::Apply(args) => resource::write(&cli, resource::Verb::Apply, args).await,
+            Command::Delete(args) => resource::delete(&cli, args).await,
+            Command::Get(args) => resource::get(&cli, args).await,
             Command::Version => {
                 println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

@@ -1,0 +1,229 @@
+//! calicoctl's v1 API resources (reference: calico-data-model.md §4.3–4.5): the documents
+//! operators write (`apiVersion: v1`, `kind`, `metadata`, `spec`), validated as calicoctl
+//! validated them, mapped onto the same etcd keys and values libcalico-go v1 wrote, and the
+//! create / replace / apply / delete / list semantics with calicoctl's error texts.
+//!
+//! Kinds so far: ipPool. The others (node, bgpPeer, hostEndpoint, workloadEndpoint, policy,
+//! profile) plug in the same way: a module with the API type, `validate`, and the mapping.
+
+mod client;
+mod ippool;
+
+pub use client::{ResourceClient, parse_pool_name};
+pub use ippool::{IpPoolResource, IpPoolSpec, IpipSpec};
+
+use std::fmt;
+
+use serde_json::Value;
+
+/// The resource kinds, with calicoctl's names and CLI aliases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    IpPool,
+}
+
+impl ResourceKind {
+    /// The `kind` written in files (case-sensitive there).
+    pub fn name(self) -> &'static str {
+        match self {
+            ResourceKind::IpPool => "ipPool",
+        }
+    }
+
+    /// A CLI kind (`get`/`delete <KIND>`), case-insensitive, with calicoctl's aliases.
+    pub fn from_alias(alias: &str) -> Option<Self> {
+        match alias.to_ascii_lowercase().as_str() {
+            "ippool" | "ippools" | "ipp" | "ipps" | "pool" | "pools" => Some(ResourceKind::IpPool),
+            _ => None,
+        }
+    }
+
+    /// The kinds calicoctl has that tenet does not manage yet (to say so, rather than
+    /// "not supported").
+    pub fn planned(alias: &str) -> bool {
+        matches!(
+            alias.to_ascii_lowercase().as_str(),
+            "node"
+                | "nodes"
+                | "no"
+                | "nos"
+                | "bgppeer"
+                | "bgppeers"
+                | "bgpp"
+                | "bgpps"
+                | "bp"
+                | "bps"
+                | "hostendpoint"
+                | "hostendpoints"
+                | "hep"
+                | "heps"
+                | "workloadendpoint"
+                | "workloadendpoints"
+                | "wep"
+                | "weps"
+                | "policy"
+                | "policies"
+                | "pol"
+                | "pols"
+                | "profile"
+                | "profiles"
+                | "pro"
+                | "pros"
+        )
+    }
+}
+
+/// One resource of any kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resource {
+    IpPool(IpPoolResource),
+}
+
+/// What names a resource: calicoctl's display form, e.g. `IPPool(cidr=10.0.0.0/16)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ResourceId {
+    IpPool(ipnetwork::IpNetwork),
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResourceId::IpPool(cidr) => write!(f, "IPPool(cidr={cidr})"),
+        }
+    }
+}
+
+/// calicoctl's library errors, worded as it worded them.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error("resource already exists: {0}")]
+    AlreadyExists(ResourceId),
+    #[error("resource does not exist: {0}")]
+    DoesNotExist(ResourceId),
+    #[error("update conflict: '{0}'")]
+    UpdateConflict(String),
+    /// One field: `error with field CIDR = '…' (reason)`.
+    #[error("{}", validation_text(.0))]
+    Validation(Vec<FieldError>),
+    /// The document is not a resource this version reads.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("datastore: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A value in etcd that does not decode.
+    #[error("the value at {key} does not decode: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A field that failed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+fn validation_text(errors: &[FieldError]) -> String {
+    match errors {
+        [one] => format!(
+            "error with field {} = '{}' ({})",
+            one.field, one.value, one.reason
+        ),
+        many => {
+            let mut s = String::from("error with the following fields:");
+            for e in many {
+                s.push_str(&format!("\n-  {} = '{}' ({})", e.field, e.value, e.reason));
+            }
+            s
+        }
+    }
+}
+
+/// Serialises as the document itself (calicoctl's JSON field order).
+impl serde::Serialize for Resource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Resource::IpPool(p) => p.serialize(s),
+        }
+    }
+}
+
+impl Resource {
+    /// A document (already parsed from YAML or JSON) as a resource: `apiVersion: v1` and a
+    /// known `kind` (case-sensitive, as in calicoctl files); unknown fields are refused.
+    pub fn from_value(v: Value) -> Result<Resource, ResourceError> {
+        let version = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        if version != "v1" {
+            return Err(ResourceError::Invalid(format!(
+                "unknown APIVersion '{version}'"
+            )));
+        }
+        let kind = v
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        match kind.as_str() {
+            "ipPool" => Ok(Resource::IpPool(serde_json::from_value(v).map_err(
+                |e| ResourceError::Invalid(format!("error parsing ipPool: {e}")),
+            )?)),
+            other => Err(ResourceError::Invalid(format!(
+                "resource type '{other}' is not supported"
+            ))),
+        }
+    }
+
+    pub fn kind(&self) -> ResourceKind {
+        match self {
+            Resource::IpPool(_) => ResourceKind::IpPool,
+        }
+    }
+
+    pub fn id(&self) -> ResourceId {
+        match self {
+            Resource::IpPool(p) => ResourceId::IpPool(p.metadata.cidr),
+        }
+    }
+
+    /// calicoctl's validation (§4.10); every problem is named.
+    pub fn validate(&self) -> Result<(), ResourceError> {
+        let errors = match self {
+            Resource::IpPool(p) => p.problems(),
+        };
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ResourceError::Validation(errors))
+        }
+    }
+
+    /// The document as JSON, in calicoctl's field order (kind, apiVersion, metadata, spec).
+    pub fn to_json(&self) -> Value {
+        match self {
+            Resource::IpPool(p) => serde_json::to_value(p).expect("resources serialise"),
+        }
+    }
+
+    /// The cells of calicoctl's `ps`/`wide` table, by column heading.
+    pub fn cell(&self, heading: &str) -> Option<String> {
+        match self {
+            Resource::IpPool(p) => p.cell(heading),
+        }
+    }
+}
+
+impl ResourceKind {
+    /// calicoctl's `-o ps` columns.
+    pub fn ps_columns(self) -> &'static [&'static str] {
+        match self {
+            ResourceKind::IpPool => &["CIDR"],
+        }
+    }
+
+    /// calicoctl's `-o wide` columns (also every heading `custom-columns` accepts).
+    pub fn wide_columns(self) -> &'static [&'static str] {
+        match self {
+            ResourceKind::IpPool => &["CIDR", "NAT", "IPIP"],
+        }
+    }
+}

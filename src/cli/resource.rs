@@ -1,0 +1,451 @@
+//! calicoctl's resource commands: `create|replace|apply|delete -f FILE` and
+//! `get|delete KIND [NAME]`, with calicoctl's kind aliases, messages, exit statuses and output
+//! formats (reference: calico-data-model.md §4.4–4.6), so scripts written for calicoctl keep
+//! working. Every resource in a file is parsed and validated before anything is written;
+//! then they are processed in file order, stopping at the first error.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use serde_json::Value;
+use tenet::calico::resource::{Resource, ResourceClient, ResourceError, ResourceId, ResourceKind};
+use tenet::store::Datastore;
+
+use super::{Cli, CliError, connect};
+
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// A YAML or JSON file of resources (several documents, lists and `<kind>List`s
+    /// allowed); `-` reads standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    filename: PathBuf,
+    /// create only: a resource that already exists is not an error.
+    #[arg(long)]
+    skip_exists: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The kind (calicoctl's aliases: ippool, ipp, pool, …) when not deleting from a file.
+    #[arg(value_name = "KIND", required_unless_present = "filename")]
+    kind: Option<String>,
+    /// The resource's name (an ipPool's is its CIDR).
+    #[arg(value_name = "NAME", requires = "kind")]
+    name: Option<String>,
+    /// Delete the resources a file describes.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        conflicts_with = "kind"
+    )]
+    filename: Option<PathBuf>,
+    /// A resource that does not exist is not an error.
+    #[arg(short = 's', long)]
+    skip_not_exists: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The kind (calicoctl's aliases: ippool, ipp, pool, …).
+    #[arg(value_name = "KIND")]
+    kind: String,
+    /// Only this one (an ipPool's name is its CIDR); none printed if it does not exist.
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// ps (default), wide, custom-columns=COL1,COL2, yaml or json (go-template is not
+    /// supported yet).
+    #[arg(short, long, default_value = "ps")]
+    output: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Create,
+    Replace,
+    Apply,
+    Delete,
+}
+
+impl Verb {
+    fn word(self) -> &'static str {
+        match self {
+            Verb::Create => "create",
+            Verb::Replace => "replace",
+            Verb::Apply => "apply",
+            Verb::Delete => "delete",
+        }
+    }
+    fn past(self) -> &'static str {
+        match self {
+            Verb::Create => "created",
+            Verb::Replace => "replaced",
+            Verb::Apply => "applied",
+            Verb::Delete => "deleted",
+        }
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> Result<ExitCode, CliError> {
+    eprintln!("{message}");
+    Ok(ExitCode::from(1))
+}
+
+/// The resources in `text`: every YAML/JSON document, each a resource, a list of them or a
+/// `<kind>List` with `items`; every one parsed and validated.
+pub fn parse_resources(text: &str) -> Result<Vec<Resource>, String> {
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(text).map_err(|e| e.to_string())?;
+    let mut items = Vec::new();
+    for doc in docs {
+        match doc {
+            Value::Null => {}
+            Value::Array(list) => items.extend(list),
+            Value::Object(ref map)
+                if map
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| k.ends_with("List")) =>
+            {
+                match map.get("items") {
+                    Some(Value::Array(list)) => items.extend(list.iter().cloned()),
+                    Some(Value::Null) | None => {}
+                    Some(_) => return Err("'items' of a list must be a sequence".into()),
+                }
+            }
+            other => items.push(other),
+        }
+    }
+    items
+        .into_iter()
+        .map(|v| {
+            let r = Resource::from_value(v).map_err(|e| e.to_string())?;
+            r.validate().map_err(|e| e.to_string())?;
+            Ok(r)
+        })
+        .collect()
+}
+
+fn read_file(path: &PathBuf) -> Result<String, String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("reading standard input: {e}"))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+}
+
+/// The kind named in messages: the resources' kind if they all share it.
+fn common_kind(resources: &[Resource]) -> Option<&'static str> {
+    let first = resources.first()?.kind();
+    resources
+        .iter()
+        .all(|r| r.kind() == first)
+        .then(|| first.name())
+}
+
+/// Runs `verb` over the resources in order, stopping at the first error, and reports as
+/// calicoctl does.
+async fn process(
+    client: &ResourceClient,
+    verb: Verb,
+    resources: &[Resource],
+    skip: bool,
+) -> Result<ExitCode, CliError> {
+    if resources.is_empty() {
+        return fail("No resources specified in file");
+    }
+    let kind = common_kind(resources);
+    let mut done = 0;
+    for r in resources {
+        let result = match verb {
+            Verb::Create => client.create(r).await,
+            Verb::Replace => client.replace(r).await,
+            Verb::Apply => client.apply(r).await,
+            Verb::Delete => client.delete(&r.id()).await,
+        };
+        match result {
+            Ok(()) => done += 1,
+            Err(ResourceError::AlreadyExists(_)) if skip && verb == Verb::Create => done += 1,
+            Err(ResourceError::DoesNotExist(_)) if skip && verb == Verb::Delete => done += 1,
+            Err(e) => return report_error(verb, kind, done, resources.len(), &e),
+        }
+    }
+    match kind {
+        Some(k) => println!("Successfully {} {done} '{k}' resource(s)", verb.past()),
+        None => println!("Successfully {} {done} resource(s)", verb.past()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report_error(
+    verb: Verb,
+    kind: Option<&str>,
+    done: usize,
+    total: usize,
+    e: &ResourceError,
+) -> Result<ExitCode, CliError> {
+    let (word, past) = (verb.word(), verb.past());
+    let text = match (done, total, kind) {
+        (0, 1, Some(k)) => format!("Failed to {word} '{k}' resource: {e}"),
+        (0, _, Some(k)) => format!("Failed to {word} any '{k}' resources: {e}"),
+        (0, _, None) => format!("Failed to {word} any resources: {e}"),
+        (n, m, Some(k)) => {
+            format!(
+                "Partial success: {past} the first {n} out of {m} '{k}' resources:\nHit error: {e}"
+            )
+        }
+        (n, m, None) => {
+            format!("Partial success: {past} the first {n} out of {m} resources:\nHit error: {e}")
+        }
+    };
+    fail(text)
+}
+
+async fn client(cli: &Cli) -> Result<ResourceClient, CliError> {
+    let (store, _config) = connect(cli).await?;
+    let store: Arc<dyn Datastore> = Arc::new(store);
+    Ok(ResourceClient::new(store))
+}
+
+/// `create|replace|apply -f FILE`.
+pub async fn write(cli: &Cli, verb: Verb, args: &WriteArgs) -> Result<ExitCode, CliError> {
+    let resources = match read_file(&args.filename).and_then(|t| parse_resources(&t)) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("Failed to execute command: {e}")),
+    };
+    let client = client(cli).await?;
+    process(&client, verb, &resources, args.skip_exists).await
+}
+
+fn kind_of(alias: &str) -> Result<ResourceKind, String> {
+    ResourceKind::from_alias(alias).ok_or_else(|| {
+        if ResourceKind::planned(alias) {
+            format!("Resource type '{alias}' is not supported by tenet yet")
+        } else {
+            format!("Resource type '{alias}' is not supported")
+        }
+    })
+}
+
+/// `delete -f FILE` or `delete KIND NAME`.
+pub async fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode, CliError> {
+    let resources = if let Some(file) = &args.filename {
+        match read_file(file).and_then(|t| parse_resources(&t)) {
+            Ok(r) => r,
+            Err(e) => return fail(format!("Failed to execute command: {e}")),
+        }
+    } else {
+        let alias = args.kind.as_deref().unwrap_or_default();
+        let kind = match kind_of(alias) {
+            Ok(k) => k,
+            Err(e) => return fail(format!("Failed to execute command: {e}")),
+        };
+        let Some(name) = &args.name else {
+            return fail(format!(
+                "Failed to execute command: a {} needs a name to be deleted",
+                kind.name()
+            ));
+        };
+        let client = client(cli).await?;
+        let id = match kind {
+            ResourceKind::IpPool => match tenet::calico::resource::parse_pool_name(name) {
+                Ok(c) => ResourceId::IpPool(c),
+                Err(e) => return fail(format!("Failed to execute command: {e}")),
+            },
+        };
+        return match client.delete(&id).await {
+            Ok(()) => {
+                println!("Successfully deleted 1 '{}' resource(s)", kind.name());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(ResourceError::DoesNotExist(_)) if args.skip_not_exists => {
+                println!("Successfully deleted 1 '{}' resource(s)", kind.name());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => report_error(Verb::Delete, Some(kind.name()), 0, 1, &e),
+        };
+    };
+    let client = client(cli).await?;
+    process(&client, Verb::Delete, &resources, args.skip_not_exists).await
+}
+
+/// The output `-o` asks for.
+enum Output {
+    Table(Vec<String>),
+    Yaml,
+    Json,
+}
+
+fn output_of(kind: ResourceKind, spec: &str) -> Result<Output, String> {
+    let columns = |c: &[&str]| c.iter().map(|s| s.to_string()).collect();
+    match spec {
+        "ps" => Ok(Output::Table(columns(kind.ps_columns()))),
+        "wide" => Ok(Output::Table(columns(kind.wide_columns()))),
+        "yaml" => Ok(Output::Yaml),
+        "json" => Ok(Output::Json),
+        "custom-columns" | "custom-columns=" => Err("need to specify at least one column".into()),
+        s if s.starts_with("custom-columns=") => {
+            let valid = kind.wide_columns();
+            let mut out = Vec::new();
+            for h in s["custom-columns=".len()..].split(',') {
+                let h = h.trim().to_ascii_uppercase();
+                if !valid.contains(&h.as_str()) {
+                    return Err(format!(
+                        "Unknown heading {h}, valid values are: {}",
+                        valid.join(", ")
+                    ));
+                }
+                out.push(h);
+            }
+            Ok(Output::Table(out))
+        }
+        s if s.starts_with("go-template") => {
+            Err("go-template output is not supported by tenet yet (use yaml or json)".into())
+        }
+        other => Err(format!("unrecognized output format '{other}'")),
+    }
+}
+
+/// Go's tabwriter as calicoctl set it up (minwidth 5, padding 3, every cell
+/// tab-terminated): each column as wide as its longest cell plus 3, at least 5; a header
+/// line, a line per resource, then a blank line.
+pub fn render_table(headings: &[String], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..headings.len())
+        .map(|i| {
+            let longest = rows
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain(std::iter::once(headings[i].chars().count()))
+                .max()
+                .unwrap_or(0);
+            (longest + 3).max(5)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<String>()
+    };
+    let mut out = line(headings) + "\n";
+    for r in rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+/// `get KIND [NAME] [-o …]`.
+pub async fn get(cli: &Cli, args: &GetArgs) -> Result<ExitCode, CliError> {
+    let kind = match kind_of(&args.kind) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("Failed to execute command: {e}")),
+    };
+    let output = match output_of(kind, &args.output) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let client = client(cli).await?;
+    let resources = match client.list(kind, args.name.as_deref()).await {
+        Ok(r) => r,
+        Err(e @ ResourceError::Invalid(_)) => {
+            return fail(format!("Failed to execute command: {e}"));
+        }
+        Err(e) => return fail(format!("Failed to get resources: {e}")),
+    };
+    match output {
+        Output::Table(headings) => {
+            let rows: Vec<Vec<String>> = resources
+                .iter()
+                .map(|r| {
+                    headings
+                        .iter()
+                        .map(|h| r.cell(h).unwrap_or_default())
+                        .collect()
+                })
+                .collect();
+            print!("{}", render_table(&headings, &rows));
+        }
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&resources).expect("resources serialise")
+        ),
+        Output::Yaml => {
+            // calicoctl converted JSON to YAML: maps come out in alphabetical order.
+            let sorted = serde_json::to_value(&resources).expect("resources serialise");
+            match &sorted {
+                Value::Array(a) if a.is_empty() => println!("[]"),
+                _ => print!(
+                    "{}",
+                    serde_saphyr::to_string(&sorted).expect("YAML serialises")
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_pad_like_gos_tabwriter() {
+        // calico-data-model.md §7.6: `get ippool -o wide`, one pool, nat and ipip on.
+        let t = render_table(
+            &["CIDR".into(), "NAT".into(), "IPIP".into()],
+            &[vec!["192.168.0.0/16".into(), "true".into(), "true".into()]],
+        );
+        assert_eq!(
+            t,
+            "CIDR             NAT    IPIP   \n192.168.0.0/16   true   true   \n\n"
+        );
+    }
+
+    #[test]
+    fn files_hold_documents_lists_and_kind_lists() {
+        let text = "apiVersion: v1\nkind: ipPool\nmetadata: {cidr: 10.1.0.0/16}\n---\n- apiVersion: v1\n  kind: ipPool\n  metadata: {cidr: 10.2.0.0/16}\n---\nkind: ipPoolList\napiVersion: v1\nitems:\n- {apiVersion: v1, kind: ipPool, metadata: {cidr: 10.3.0.0/16}}\n";
+        let r = parse_resources(text).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[2].id().to_string(), "IPPool(cidr=10.3.0.0/16)");
+        // JSON is read too.
+        let json = r#"[{"apiVersion":"v1","kind":"ipPool","metadata":{"cidr":"10.4.0.0/16"},"spec":{"nat-outgoing":true}}]"#;
+        assert_eq!(parse_resources(json).unwrap().len(), 1);
+        // One bad resource fails the whole file.
+        let bad =
+            format!("{text}---\napiVersion: v1\nkind: ipPool\nmetadata: {{cidr: 10.5.0.1/16}}\n");
+        assert!(
+            parse_resources(&bad)
+                .unwrap_err()
+                .contains("not strictly masked")
+        );
+    }
+
+    #[test]
+    fn output_formats_and_their_errors() {
+        let k = ResourceKind::IpPool;
+        assert!(matches!(output_of(k, "wide"), Ok(Output::Table(c)) if c.len() == 3));
+        assert!(
+            matches!(output_of(k, "custom-columns=ipip,cidr"), Ok(Output::Table(c)) if c == ["IPIP", "CIDR"])
+        );
+        assert_eq!(
+            output_of(k, "custom-columns=FOO").err().unwrap(),
+            "Unknown heading FOO, valid values are: CIDR, NAT, IPIP"
+        );
+        assert_eq!(
+            output_of(k, "custom-columns").err().unwrap(),
+            "need to specify at least one column"
+        );
+        assert_eq!(
+            output_of(k, "xml").err().unwrap(),
+            "unrecognized output format 'xml'"
+        );
+    }
+}
