@@ -227,3 +227,212 @@ async fn ip_pools_the_calicoctl_way() {
     let o = tenet(&ep, &["dump", "/calico"], None);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+const POLICY_AND_PROFILE: &str = "\
+apiVersion: v1
+kind: policy
+metadata:
+  name: web
+spec:
+  order: 100
+  selector: app == 'web'
+  ingress:
+  - action: allow
+    protocol: tcp
+    source:
+      selector: role == 'frontend'
+    destination:
+      ports: [80, '8080:8090']
+  egress:
+  - action: allow
+---
+apiVersion: v1
+kind: profile
+metadata:
+  name: k8s_ns.default
+  tags: [default]
+  labels:
+    calico/k8s_ns: default
+spec:
+  ingress:
+  - action: allow
+  egress:
+  - action: allow
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_profiles_the_calicoctl_way() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let store = etcd.store().await.unwrap();
+
+    let o = tenet(&ep, &["create", "-f", "-"], Some(POLICY_AND_PROFILE));
+    assert_eq!(text(&o), "Successfully created 2 resource(s)\n");
+    // Calico's backend values (calico-data-model.md §7.2).
+    let get = |k: &'static str| {
+        let store = &store;
+        async move { String::from_utf8(store.get(k).await.unwrap().unwrap().value).unwrap() }
+    };
+    assert_eq!(
+        get("/calico/v1/policy/tier/default/policy/web").await,
+        r#"{"order":100,"inbound_rules":[{"action":"allow","protocol":"tcp","src_selector":"role == 'frontend'","dst_ports":[80,"8080:8090"]}],"outbound_rules":[{"action":"allow"}],"selector":"app == 'web'","types":["ingress","egress"]}"#
+    );
+    assert_eq!(
+        get("/calico/v1/policy/profile/k8s_ns.default/tags").await,
+        r#"["default"]"#
+    );
+    assert_eq!(
+        get("/calico/v1/policy/profile/k8s_ns.default/labels").await,
+        r#"{"calico/k8s_ns":"default"}"#
+    );
+    assert_eq!(
+        get("/calico/v1/policy/profile/k8s_ns.default/rules").await,
+        r#"{"inbound_rules":[{"action":"allow"}],"outbound_rules":[{"action":"allow"}]}"#
+    );
+
+    let o = tenet(&ep, &["get", "pol", "-o", "wide"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "NAME   ORDER   SELECTOR       \nweb    100     app == 'web'   \n\n"
+    );
+    let o = tenet(&ep, &["get", "profiles", "-o", "wide"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "NAME             TAGS      \nk8s_ns.default   default   \n\n"
+    );
+    // The yaml of both kinds applies back unchanged (the keyspace is the same after).
+    let before: Vec<_> = store
+        .list("/calico/v1/policy/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, kv.value))
+        .collect();
+    for kind in ["policy", "profile"] {
+        let yaml = tenet(&ep, &["get", kind, "-o", "yaml"], None);
+        let o = tenet(
+            &ep,
+            &["apply", "-f", "-"],
+            Some(&String::from_utf8_lossy(&yaml.stdout)),
+        );
+        assert!(o.status.success(), "{kind}: {}", text(&o));
+    }
+    let after: Vec<_> = store
+        .list("/calico/v1/policy/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, kv.value))
+        .collect();
+    assert_eq!(before, after, "get -o yaml | apply is a no-op");
+
+    // A bad rule writes nothing; the error names the field.
+    let o = tenet(
+        &ep,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: policy\nmetadata: {name: web}\nspec: {ingress: [{action: allow, destination: {ports: [22]}}]}\n",
+        ),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("Ingress[0].Rule"), "{}", text(&o));
+    assert!(
+        text(&o).contains("ports need protocol tcp or udp"),
+        "{}",
+        text(&o)
+    );
+    let unchanged: Vec<_> = store
+        .list("/calico/v1/policy/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, kv.value))
+        .collect();
+    assert_eq!(before, unchanged);
+
+    // §7.6: deleting a missing policy.
+    let o = tenet(&ep, &["delete", "policy", "foo"], None);
+    assert_eq!(
+        text(&o),
+        "Failed to delete 'policy' resource: resource does not exist: Policy(name=foo)\n"
+    );
+    let o = tenet(&ep, &["delete", "profile", "k8s_ns.default"], None);
+    assert_eq!(text(&o), "Successfully deleted 1 'profile' resource(s)\n");
+    assert!(
+        store
+            .list("/calico/v1/policy/profile/")
+            .await
+            .unwrap()
+            .kvs
+            .is_empty(),
+        "the profile's three keys are gone"
+    );
+    let o = tenet(&ep, &["delete", "-f", "-"], Some(POLICY_AND_PROFILE));
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o),
+        "Partial success: deleted the first 1 out of 2 resources:\nHit error: resource does not exist: Profile(name=k8s_ns.default)\n"
+    );
+    let o = tenet(&ep, &["get", "nodes"], None);
+    assert!(
+        text(&o).contains("not supported by tenet yet"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Two writers that read the same revision of a policy: one replace wins, the other gets
+/// calicoctl's update conflict and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_replaces_of_one_policy_conflict() {
+    use std::sync::Arc;
+    use tenet::calico::resource::{Resource, ResourceClient, ResourceError};
+    let etcd = EtcdServer::start().await.unwrap();
+    let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
+    let client = ResourceClient::new(store.clone());
+    let policy = |order: u32| {
+        Resource::from_value(
+            serde_saphyr::from_str(&format!(
+                "apiVersion: v1\nkind: policy\nmetadata: {{name: p1}}\nspec: {{order: {order}}}\n"
+            ))
+            .unwrap(),
+        )
+        .unwrap()
+    };
+    client.create(&policy(1)).await.unwrap();
+    let seen = client.revision(&policy(1)).await.unwrap().unwrap();
+    let (two, three) = (policy(2), policy(3));
+    let (a, b) = tokio::join!(
+        client.replace_at(&two, seen),
+        client.replace_at(&three, seen)
+    );
+    let conflicts: Vec<&ResourceError> = [&a, &b]
+        .into_iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    assert_eq!(conflicts.len(), 1, "{a:?} {b:?}");
+    assert!(
+        conflicts[0]
+            .to_string()
+            .starts_with("update conflict: '/calico/v1/policy/tier/default/policy/p1'"),
+        "{}",
+        conflicts[0]
+    );
+    let stored = client
+        .list(tenet::calico::resource::ResourceKind::Policy, Some("p1"))
+        .await
+        .unwrap();
+    let winner = if a.is_ok() { 2.0 } else { 3.0 };
+    let Resource::Policy(p) = &stored[0] else {
+        panic!()
+    };
+    assert_eq!(p.spec.order, Some(winner));
+    // create of an existing one: calicoctl's text.
+    assert_eq!(
+        client.create(&policy(9)).await.unwrap_err().to_string(),
+        "resource already exists: Policy(name=p1)"
+    );
+}

@@ -67,7 +67,7 @@ enum Command {
     PublicIp(control::PublicIpArgs),
     /// Concentrator commands (controller; SSNTP RefreshCNCI).
     Cnci(control::CnciArgs),
-    /// Create resources from a file (calicoctl create): ipPool so far.
+    /// Create resources from a file (calicoctl create): ipPool, policy, profile so far.
     Create(resource::WriteArgs),
     /// Replace existing resources from a file (calicoctl replace).
     Replace(resource::WriteArgs),

@@ -29,7 +29,8 @@ pub struct WriteArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// The kind (calicoctl's aliases: ippool, ipp, pool, …) when not deleting from a file.
+    /// The kind (calicoctl's aliases: ippool/ipp/pool, policy/pol, profile/pro, …) when not
+    /// deleting from a file.
     #[arg(value_name = "KIND", required_unless_present = "filename")]
     kind: Option<String>,
     /// The resource's name (an ipPool's is its CIDR).
@@ -50,7 +51,7 @@ pub struct DeleteArgs {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// The kind (calicoctl's aliases: ippool, ipp, pool, …).
+    /// The kind (calicoctl's aliases: ippool/ipp/pool, policy/pol, profile/pro, …).
     #[arg(value_name = "KIND")]
     kind: String,
     /// Only this one (an ipPool's name is its CIDR); none printed if it does not exist.
@@ -257,6 +258,8 @@ pub async fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode, CliError> 
                 Ok(c) => ResourceId::IpPool(c),
                 Err(e) => return fail(format!("Failed to execute command: {e}")),
             },
+            ResourceKind::Policy => ResourceId::Policy(name.clone()),
+            ResourceKind::Profile => ResourceId::Profile(name.clone()),
         };
         return match client.delete(&id).await {
             Ok(()) => {

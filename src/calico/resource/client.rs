@@ -6,8 +6,13 @@ use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 
-use super::{IpPoolResource, Resource, ResourceError, ResourceId, ResourceKind};
-use crate::calico::{CalicoKey, IP_POOLS_V4, IP_POOLS_V6, IpPool};
+use std::collections::BTreeMap;
+
+use super::{
+    IpPoolResource, PolicyResource, ProfileResource, Resource, ResourceError, ResourceId,
+    ResourceKind,
+};
+use crate::calico::{CalicoKey, IP_POOLS_V4, IP_POOLS_V6, IpPool, Policy, ProfileRules};
 use crate::ipam::{Ipam, IpamError};
 use crate::store::{Compare, Datastore, StoreError, Txn, TxnOp};
 
@@ -23,6 +28,8 @@ pub struct ResourceClient {
 enum Mode {
     Create,
     Replace,
+    /// Replace only if the resource is still at this revision.
+    ReplaceAt(crate::store::Revision),
     Apply,
 }
 
@@ -42,6 +49,36 @@ impl ResourceClient {
         self.write(r, Mode::Replace).await
     }
 
+    /// Replaces the resource only if it is still at `revision` (what a reader saw; see
+    /// [`ResourceClient::revision`]): two writers that read the same revision cannot both
+    /// win.
+    pub async fn replace_at(
+        &self,
+        r: &Resource,
+        revision: crate::store::Revision,
+    ) -> Result<(), ResourceError> {
+        self.write(r, Mode::ReplaceAt(revision)).await
+    }
+
+    /// The revision of the key that says `r` exists, if it does.
+    pub async fn revision(
+        &self,
+        r: &Resource,
+    ) -> Result<Option<crate::store::Revision>, ResourceError> {
+        let key = match r {
+            Resource::IpPool(p) => CalicoKey::IpPool {
+                cidr: p.metadata.cidr,
+            }
+            .path(),
+            Resource::Policy(p) => policy_key(&p.metadata.name),
+            Resource::Profile(p) => CalicoKey::ProfileTags {
+                profile: p.metadata.name.clone(),
+            }
+            .path(),
+        };
+        Ok(self.store.get(&key).await?.map(|kv| kv.mod_revision))
+    }
+
     /// Creates or overwrites.
     pub async fn apply(&self, r: &Resource) -> Result<(), ResourceError> {
         self.write(r, Mode::Apply).await
@@ -49,7 +86,8 @@ impl ResourceClient {
 
     async fn write(&self, r: &Resource, mode: Mode) -> Result<(), ResourceError> {
         r.validate()?;
-        let (key, value, extra) = match r {
+        // The key that says the resource exists, its value, and what else is written with it.
+        let (key, value, extra): (String, Vec<u8>, Vec<TxnOp>) = match r {
             Resource::IpPool(p) => {
                 let key = CalicoKey::IpPool {
                     cidr: p.metadata.cidr,
@@ -58,8 +96,38 @@ impl ResourceClient {
                 let value = serde_json::to_vec(&p.to_backend()).expect("pools serialise");
                 let extra = p
                     .ipip_enabled()
-                    .then(|| TxnOp::put(IPIP_ENABLED_KEY, "true"));
+                    .then(|| TxnOp::put(IPIP_ENABLED_KEY, "true"))
+                    .into_iter()
+                    .collect();
                 (key, value, extra)
+            }
+            Resource::Policy(p) => (
+                policy_key(&p.metadata.name),
+                serde_json::to_vec(&p.to_backend()).expect("policies serialise"),
+                Vec::new(),
+            ),
+            Resource::Profile(p) => {
+                let name = &p.metadata.name;
+                let values = p.to_backend();
+                let labels = CalicoKey::ProfileLabels {
+                    profile: name.clone(),
+                }
+                .path();
+                let rules = CalicoKey::ProfileRules {
+                    profile: name.clone(),
+                }
+                .path();
+                (
+                    CalicoKey::ProfileTags {
+                        profile: name.clone(),
+                    }
+                    .path(),
+                    values.tags,
+                    vec![
+                        TxnOp::put(labels, values.labels),
+                        TxnOp::put(rules, values.rules),
+                    ],
+                )
             }
         };
         let mut txn = Txn::new();
@@ -73,10 +141,13 @@ impl ResourceClient {
                     .ok_or_else(|| ResourceError::DoesNotExist(r.id()))?;
                 txn = txn.when(Compare::revision(key.clone(), current.mod_revision));
             }
+            Mode::ReplaceAt(revision) => {
+                txn = txn.when(Compare::revision(key.clone(), revision));
+            }
             Mode::Apply => {}
         }
         txn = txn.then(TxnOp::put(key.clone(), value));
-        if let Some(op) = extra {
+        for op in extra {
             txn = txn.then(op);
         }
         match self.store.txn(txn).await {
@@ -101,6 +172,24 @@ impl ResourceClient {
                     Err(IpamError::Store(e)) => Err(e.into()),
                     Err(e) => Err(ResourceError::Invalid(e.to_string())),
                 }
+            }
+            ResourceId::Policy(name) => match self.store.delete(&policy_key(name), None).await {
+                Ok(_) => Ok(()),
+                Err(StoreError::NotFound { .. }) => Err(ResourceError::DoesNotExist(id.clone())),
+                Err(e) => Err(e.into()),
+            },
+            ResourceId::Profile(name) => {
+                // The tags key is the profile's existence; the whole directory goes.
+                let tags = CalicoKey::ProfileTags {
+                    profile: name.clone(),
+                }
+                .path();
+                if self.store.get(&tags).await?.is_none() {
+                    return Err(ResourceError::DoesNotExist(id.clone()));
+                }
+                let dir = tags.strip_suffix("tags").expect("a tags key");
+                self.store.delete_prefix(dir).await?;
+                Ok(())
             }
         }
     }
@@ -137,8 +226,87 @@ impl ResourceClient {
                     })
                     .collect()
             }
+            ResourceKind::Policy => {
+                let kvs = match name {
+                    Some(n) => self.store.get(&policy_key(n)).await?.into_iter().collect(),
+                    None => self.store.list(&policy_prefix()).await?.kvs,
+                };
+                let mut out = Vec::new();
+                for kv in kvs {
+                    let Ok(CalicoKey::Policy { name, .. }) = CalicoKey::parse(&kv.key) else {
+                        continue;
+                    };
+                    let p: Policy = decode(&kv.key, &kv.value)?;
+                    out.push(Resource::Policy(PolicyResource::from_backend(&name, &p)));
+                }
+                Ok(out)
+            }
+            ResourceKind::Profile => {
+                let prefix = match name {
+                    Some(n) => {
+                        let tags = CalicoKey::ProfileTags { profile: n.into() }.path();
+                        tags.strip_suffix("tags").expect("a tags key").to_string()
+                    }
+                    None => PROFILES.to_string(),
+                };
+                let mut parts: BTreeMap<String, ProfileParts> = BTreeMap::new();
+                for kv in self.store.list(&prefix).await?.kvs {
+                    match CalicoKey::parse(&kv.key) {
+                        Ok(CalicoKey::ProfileTags { profile }) => {
+                            let tags: Option<Vec<String>> = decode(&kv.key, &kv.value)?;
+                            parts.entry(profile).or_default().tags = Some(tags.unwrap_or_default());
+                        }
+                        Ok(CalicoKey::ProfileLabels { profile }) => {
+                            parts.entry(profile).or_default().labels = decode(&kv.key, &kv.value)?;
+                        }
+                        Ok(CalicoKey::ProfileRules { profile }) => {
+                            parts.entry(profile).or_default().rules = decode(&kv.key, &kv.value)?;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(parts
+                    .into_iter()
+                    // Without tags there is no profile (libcalico-go read tags first).
+                    .filter(|(n, p)| p.tags.is_some() && name.is_none_or(|want| want == n))
+                    .map(|(n, p)| {
+                        Resource::Profile(ProfileResource::from_backend(
+                            &n, p.tags, p.labels, p.rules,
+                        ))
+                    })
+                    .collect())
+            }
         }
     }
+}
+
+#[derive(Default)]
+struct ProfileParts {
+    tags: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
+    rules: Option<ProfileRules>,
+}
+
+const PROFILES: &str = "/calico/v1/policy/profile/";
+
+fn policy_key(name: &str) -> String {
+    CalicoKey::Policy {
+        tier: "default".into(),
+        name: name.into(),
+    }
+    .path()
+}
+
+fn policy_prefix() -> String {
+    let key = policy_key("x");
+    key[..key.len() - 1].to_string()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, raw: &[u8]) -> Result<T, ResourceError> {
+    serde_json::from_slice(raw).map_err(|e| ResourceError::Corrupt {
+        key: key.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// An ipPool's CLI name is its CIDR.

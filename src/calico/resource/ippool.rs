@@ -177,7 +177,7 @@ mod tests {
         )
         .unwrap();
         r.validate().unwrap();
-        let Resource::IpPool(p) = &r;
+        let Resource::IpPool(p) = &r else { panic!() };
         let backend = serde_json::to_string(&p.to_backend()).unwrap();
         assert_eq!(
             backend,

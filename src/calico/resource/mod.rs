@@ -3,14 +3,21 @@
 //! validated them, mapped onto the same etcd keys and values libcalico-go v1 wrote, and the
 //! create / replace / apply / delete / list semantics with calicoctl's error texts.
 //!
-//! Kinds so far: ipPool. The others (node, bgpPeer, hostEndpoint, workloadEndpoint, policy,
-//! profile) plug in the same way: a module with the API type, `validate`, and the mapping.
+//! Kinds so far: ipPool, policy, profile. The others (node, bgpPeer, hostEndpoint,
+//! workloadEndpoint) plug in the same way: a module with the API type, its checks, and the
+//! mapping to and from the backend values.
 
 mod client;
 mod ippool;
+mod policy;
+mod profile;
+mod rule;
 
 pub use client::{ResourceClient, parse_pool_name};
 pub use ippool::{IpPoolResource, IpPoolSpec, IpipSpec};
+pub use policy::{PolicyResource, PolicySpec};
+pub use profile::{ProfileResource, ProfileSpec};
+pub use rule::{ApiRule, EntityRule, IcmpFields};
 
 use std::fmt;
 
@@ -20,6 +27,8 @@ use serde_json::Value;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResourceKind {
     IpPool,
+    Policy,
+    Profile,
 }
 
 impl ResourceKind {
@@ -27,6 +36,8 @@ impl ResourceKind {
     pub fn name(self) -> &'static str {
         match self {
             ResourceKind::IpPool => "ipPool",
+            ResourceKind::Policy => "policy",
+            ResourceKind::Profile => "profile",
         }
     }
 
@@ -34,6 +45,8 @@ impl ResourceKind {
     pub fn from_alias(alias: &str) -> Option<Self> {
         match alias.to_ascii_lowercase().as_str() {
             "ippool" | "ippools" | "ipp" | "ipps" | "pool" | "pools" => Some(ResourceKind::IpPool),
+            "policy" | "policies" | "pol" | "pols" => Some(ResourceKind::Policy),
+            "profile" | "profiles" | "pro" | "pros" => Some(ResourceKind::Profile),
             _ => None,
         }
     }
@@ -61,14 +74,6 @@ impl ResourceKind {
                 | "workloadendpoints"
                 | "wep"
                 | "weps"
-                | "policy"
-                | "policies"
-                | "pol"
-                | "pols"
-                | "profile"
-                | "profiles"
-                | "pro"
-                | "pros"
         )
     }
 }
@@ -77,18 +82,24 @@ impl ResourceKind {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
     IpPool(IpPoolResource),
+    Policy(PolicyResource),
+    Profile(ProfileResource),
 }
 
 /// What names a resource: calicoctl's display form, e.g. `IPPool(cidr=10.0.0.0/16)`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ResourceId {
     IpPool(ipnetwork::IpNetwork),
+    Policy(String),
+    Profile(String),
 }
 
 impl fmt::Display for ResourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ResourceId::IpPool(cidr) => write!(f, "IPPool(cidr={cidr})"),
+            ResourceId::Policy(name) => write!(f, "Policy(name={name})"),
+            ResourceId::Profile(name) => write!(f, "Profile(name={name})"),
         }
     }
 }
@@ -144,6 +155,8 @@ impl serde::Serialize for Resource {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             Resource::IpPool(p) => p.serialize(s),
+            Resource::Policy(p) => p.serialize(s),
+            Resource::Profile(p) => p.serialize(s),
         }
     }
 }
@@ -163,10 +176,18 @@ impl Resource {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
+        let parse_error =
+            |e: serde_json::Error| ResourceError::Invalid(format!("error parsing {kind}: {e}"));
         match kind.as_str() {
-            "ipPool" => Ok(Resource::IpPool(serde_json::from_value(v).map_err(
-                |e| ResourceError::Invalid(format!("error parsing ipPool: {e}")),
-            )?)),
+            "ipPool" => Ok(Resource::IpPool(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
+            "policy" => Ok(Resource::Policy(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
+            "profile" => Ok(Resource::Profile(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
             other => Err(ResourceError::Invalid(format!(
                 "resource type '{other}' is not supported"
             ))),
@@ -176,12 +197,16 @@ impl Resource {
     pub fn kind(&self) -> ResourceKind {
         match self {
             Resource::IpPool(_) => ResourceKind::IpPool,
+            Resource::Policy(_) => ResourceKind::Policy,
+            Resource::Profile(_) => ResourceKind::Profile,
         }
     }
 
     pub fn id(&self) -> ResourceId {
         match self {
             Resource::IpPool(p) => ResourceId::IpPool(p.metadata.cidr),
+            Resource::Policy(p) => ResourceId::Policy(p.metadata.name.clone()),
+            Resource::Profile(p) => ResourceId::Profile(p.metadata.name.clone()),
         }
     }
 
@@ -189,6 +214,8 @@ impl Resource {
     pub fn validate(&self) -> Result<(), ResourceError> {
         let errors = match self {
             Resource::IpPool(p) => p.problems(),
+            Resource::Policy(p) => p.problems(),
+            Resource::Profile(p) => p.problems(),
         };
         if errors.is_empty() {
             Ok(())
@@ -197,17 +224,12 @@ impl Resource {
         }
     }
 
-    /// The document as JSON, in calicoctl's field order (kind, apiVersion, metadata, spec).
-    pub fn to_json(&self) -> Value {
-        match self {
-            Resource::IpPool(p) => serde_json::to_value(p).expect("resources serialise"),
-        }
-    }
-
     /// The cells of calicoctl's `ps`/`wide` table, by column heading.
     pub fn cell(&self, heading: &str) -> Option<String> {
         match self {
             Resource::IpPool(p) => p.cell(heading),
+            Resource::Policy(p) => p.cell(heading),
+            Resource::Profile(p) => p.cell(heading),
         }
     }
 }
@@ -217,6 +239,7 @@ impl ResourceKind {
     pub fn ps_columns(self) -> &'static [&'static str] {
         match self {
             ResourceKind::IpPool => &["CIDR"],
+            ResourceKind::Policy | ResourceKind::Profile => &["NAME"],
         }
     }
 
@@ -224,6 +247,8 @@ impl ResourceKind {
     pub fn wide_columns(self) -> &'static [&'static str] {
         match self {
             ResourceKind::IpPool => &["CIDR", "NAT", "IPIP"],
+            ResourceKind::Policy => &["NAME", "ORDER", "SELECTOR"],
+            ResourceKind::Profile => &["NAME", "TAGS"],
         }
     }
 }
