@@ -436,3 +436,104 @@ async fn concurrent_replaces_of_one_policy_conflict() {
         "resource already exists: Policy(name=p1)"
     );
 }
+
+/// Workload endpoints with calicoctl's identifiers; and a file of 250 pools, created in
+/// batched transactions, that stops at the first existing one exactly as calicoctl would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_and_batched_files() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let store = etcd.store().await.unwrap();
+    let wep = "apiVersion: v1\nkind: workloadEndpoint\nmetadata:\n  name: eth0\n  workload: default.nginx-1\n  orchestrator: k8s\n  node: node1\n  labels: {app: nginx}\nspec:\n  ipNetworks: [192.168.12.1/32]\n  profiles: [k8s_ns.default]\n  interfaceName: cali7a8b9c0d1e2\n  mac: ee:ee:ee:ee:ee:ee\n";
+    let o = tenet(&ep, &["create", "-f", "-"], Some(wep));
+    assert_eq!(
+        text(&o),
+        "Successfully created 1 'workloadEndpoint' resource(s)\n"
+    );
+    assert!(
+        store
+            .get("/calico/v1/host/node1/workload/k8s/default.nginx-1/endpoint/eth0")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let o = tenet(&ep, &["get", "weps", "--node", "node1", "-o", "wide"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "NODE    ORCHESTRATOR   WORKLOAD          NAME   NETWORKS          NATS   INTERFACE         PROFILES         \nnode1   k8s            default.nginx-1   eth0   192.168.12.1/32          cali7a8b9c0d1e2   k8s_ns.default   \n\n"
+    );
+    let o = tenet(&ep, &["get", "wep", "--node", "other"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "NODE   ORCHESTRATOR   WORKLOAD   NAME   \n\n"
+    );
+    let o = tenet(&ep, &["get", "wep", "-o", "custom-columns=NAME,MAC"], None);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("eth0   ee:ee:ee:ee:ee:ee"),
+        "{}",
+        text(&o)
+    );
+    let o = tenet(&ep, &["delete", "wep", "eth0"], None);
+    assert_eq!(
+        text(&o),
+        "Failed to delete 'workloadEndpoint' resource: insufficient identifiers, missing 'node'\n"
+    );
+    let o = tenet(
+        &ep,
+        &[
+            "delete",
+            "wep",
+            "eth0",
+            "--node",
+            "node1",
+            "--orchestrator",
+            "k8s",
+            "--workload",
+            "default.nginx-1",
+        ],
+        None,
+    );
+    assert_eq!(
+        text(&o),
+        "Successfully deleted 1 'workloadEndpoint' resource(s)\n"
+    );
+
+    // 250 pools, the 180th already there: 179 created (in batches), then calicoctl's
+    // partial-success message; the rest not written.
+    let pool = |i: usize| {
+        format!(
+            "- apiVersion: v1\n  kind: ipPool\n  metadata: {{cidr: 10.{}.{}.0/24}}\n",
+            i / 256,
+            i % 256
+        )
+    };
+    let o = tenet(&ep, &["create", "-f", "-"], Some(&pool(179)));
+    assert!(o.status.success(), "{}", text(&o));
+    let file: String = (0..250).map(pool).collect();
+    let o = tenet(&ep, &["create", "-f", "-"], Some(&file));
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o),
+        "Partial success: created the first 179 out of 250 'ipPool' resources:\nHit error: resource already exists: IPPool(cidr=10.0.179.0/24)\n"
+    );
+    assert_eq!(
+        store
+            .list("/calico/v1/ipam/v4/pool/")
+            .await
+            .unwrap()
+            .kvs
+            .len(),
+        180
+    );
+    let o = tenet(&ep, &["apply", "-f", "-"], Some(&file));
+    assert_eq!(text(&o), "Successfully applied 250 'ipPool' resource(s)\n");
+    assert_eq!(
+        store
+            .list("/calico/v1/ipam/v4/pool/")
+            .await
+            .unwrap()
+            .kvs
+            .len(),
+        250
+    );
+}

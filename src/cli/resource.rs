@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use serde_json::Value;
-use tenet::calico::resource::{Resource, ResourceClient, ResourceError, ResourceId, ResourceKind};
+use tenet::calico::resource::{
+    Identifiers, Resource, ResourceClient, ResourceError, ResourceId, ResourceKind,
+};
 use tenet::store::Datastore;
 
 use super::{Cli, CliError, connect};
@@ -47,6 +49,32 @@ pub struct DeleteArgs {
     /// A resource that does not exist is not an error.
     #[arg(short = 's', long)]
     skip_not_exists: bool,
+    #[command(flatten)]
+    ids: IdentifierArgs,
+}
+
+/// calicoctl's identifier flags.
+#[derive(Debug, Args)]
+pub struct IdentifierArgs {
+    /// The node (workloadEndpoint).
+    #[arg(short = 'n', long)]
+    node: Option<String>,
+    /// The orchestrator (workloadEndpoint).
+    #[arg(long)]
+    orchestrator: Option<String>,
+    /// The workload (workloadEndpoint).
+    #[arg(long)]
+    workload: Option<String>,
+}
+
+impl IdentifierArgs {
+    fn to_identifiers(&self) -> Identifiers {
+        Identifiers {
+            node: self.node.clone(),
+            orchestrator: self.orchestrator.clone(),
+            workload: self.workload.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +89,8 @@ pub struct GetArgs {
     /// supported yet).
     #[arg(short, long, default_value = "ps")]
     output: String,
+    #[command(flatten)]
+    ids: IdentifierArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -97,8 +127,19 @@ fn fail(message: impl std::fmt::Display) -> Result<ExitCode, CliError> {
 
 /// The resources in `text`: every YAML/JSON document, each a resource, a list of them or a
 /// `<kind>List` with `items`; every one parsed and validated.
-pub fn parse_resources(text: &str) -> Result<Vec<Resource>, String> {
-    let docs: Vec<Value> = serde_saphyr::from_str_multiple(text).map_err(|e| e.to_string())?;
+pub fn parse_resources(text: &str, verb: Verb) -> Result<Vec<Resource>, String> {
+    // The parser's budget protects against hostile YAML; an operator's file of 20,000
+    // resources is not one, so the size limits grow with the input (alias and anchor
+    // limits stay as they are: expansion bombs are what they guard).
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_024 + text.len() / 16;
+    budget.max_nodes = 250_000 + text.len();
+    budget.max_events = 1_000_000 + 4 * text.len();
+    budget.max_total_scalar_bytes += text.len();
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let docs: Vec<Value> =
+        serde_saphyr::from_str_multiple_with_options(text, options).map_err(|e| e.to_string())?;
     let mut items = Vec::new();
     for doc in docs {
         match doc {
@@ -122,7 +163,10 @@ pub fn parse_resources(text: &str) -> Result<Vec<Resource>, String> {
     items
         .into_iter()
         .map(|v| {
-            let r = Resource::from_value(v).map_err(|e| e.to_string())?;
+            let mut r = Resource::from_value(v).map_err(|e| e.to_string())?;
+            if verb == Verb::Create {
+                r.fill_for_create();
+            }
             r.validate().map_err(|e| e.to_string())?;
             Ok(r)
         })
@@ -161,6 +205,19 @@ async fn process(
         return fail("No resources specified in file");
     }
     let kind = common_kind(resources);
+    // create and apply go in batches (one etcd transaction per batch); the others one by
+    // one, as they read before they write.
+    if matches!(verb, Verb::Create | Verb::Apply) {
+        let (done, error) = if verb == Verb::Create {
+            client.create_all(resources, skip).await
+        } else {
+            client.apply_all(resources).await
+        };
+        if let Some(e) = error {
+            return report_error(verb, kind, done, resources.len(), &e);
+        }
+        return succeeded(verb, kind, done);
+    }
     let mut done = 0;
     for r in resources {
         let result = match verb {
@@ -176,6 +233,10 @@ async fn process(
             Err(e) => return report_error(verb, kind, done, resources.len(), &e),
         }
     }
+    succeeded(verb, kind, done)
+}
+
+fn succeeded(verb: Verb, kind: Option<&str>, done: usize) -> Result<ExitCode, CliError> {
     match kind {
         Some(k) => println!("Successfully {} {done} '{k}' resource(s)", verb.past()),
         None => println!("Successfully {} {done} resource(s)", verb.past()),
@@ -215,10 +276,16 @@ async fn client(cli: &Cli) -> Result<ResourceClient, CliError> {
 
 /// `create|replace|apply -f FILE`.
 pub async fn write(cli: &Cli, verb: Verb, args: &WriteArgs) -> Result<ExitCode, CliError> {
-    let resources = match read_file(&args.filename).and_then(|t| parse_resources(&t)) {
+    let started = std::time::Instant::now();
+    let resources = match read_file(&args.filename).and_then(|t| parse_resources(&t, verb)) {
         Ok(r) => r,
         Err(e) => return fail(format!("Failed to execute command: {e}")),
     };
+    tracing::debug!(
+        resources = resources.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "read and validated"
+    );
     let client = client(cli).await?;
     process(&client, verb, &resources, args.skip_exists).await
 }
@@ -236,7 +303,7 @@ fn kind_of(alias: &str) -> Result<ResourceKind, String> {
 /// `delete -f FILE` or `delete KIND NAME`.
 pub async fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode, CliError> {
     let resources = if let Some(file) = &args.filename {
-        match read_file(file).and_then(|t| parse_resources(&t)) {
+        match read_file(file).and_then(|t| parse_resources(&t, Verb::Delete)) {
             Ok(r) => r,
             Err(e) => return fail(format!("Failed to execute command: {e}")),
         }
@@ -260,6 +327,26 @@ pub async fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode, CliError> 
             },
             ResourceKind::Policy => ResourceId::Policy(name.clone()),
             ResourceKind::Profile => ResourceId::Profile(name.clone()),
+            ResourceKind::WorkloadEndpoint => {
+                let ids = &args.ids;
+                let missing = [
+                    (&ids.node, "node"),
+                    (&ids.orchestrator, "orchestrator"),
+                    (&ids.workload, "workload"),
+                ]
+                .into_iter()
+                .find(|(v, _)| v.is_none());
+                if let Some((_, field)) = missing {
+                    let e = ResourceError::InsufficientIdentifiers(field);
+                    return report_error(Verb::Delete, Some(kind.name()), 0, 1, &e);
+                }
+                ResourceId::WorkloadEndpoint(tenet::calico::WorkloadEndpointId {
+                    host: ids.node.clone().unwrap_or_default(),
+                    orchestrator: ids.orchestrator.clone().unwrap_or_default(),
+                    workload: ids.workload.clone().unwrap_or_default(),
+                    endpoint: name.clone(),
+                })
+            }
         };
         return match client.delete(&id).await {
             Ok(()) => {
@@ -293,7 +380,7 @@ fn output_of(kind: ResourceKind, spec: &str) -> Result<Output, String> {
         "json" => Ok(Output::Json),
         "custom-columns" | "custom-columns=" => Err("need to specify at least one column".into()),
         s if s.starts_with("custom-columns=") => {
-            let valid = kind.wide_columns();
+            let valid = kind.custom_columns();
             let mut out = Vec::new();
             for h in s["custom-columns=".len()..].split(',') {
                 let h = h.trim().to_ascii_uppercase();
@@ -356,7 +443,10 @@ pub async fn get(cli: &Cli, args: &GetArgs) -> Result<ExitCode, CliError> {
         Err(e) => return fail(e),
     };
     let client = client(cli).await?;
-    let resources = match client.list(kind, args.name.as_deref()).await {
+    let resources = match client
+        .list_where(kind, args.name.as_deref(), &args.ids.to_identifiers())
+        .await
+    {
         Ok(r) => r,
         Err(e @ ResourceError::Invalid(_)) => {
             return fail(format!("Failed to execute command: {e}"));
@@ -415,17 +505,17 @@ mod tests {
     #[test]
     fn files_hold_documents_lists_and_kind_lists() {
         let text = "apiVersion: v1\nkind: ipPool\nmetadata: {cidr: 10.1.0.0/16}\n---\n- apiVersion: v1\n  kind: ipPool\n  metadata: {cidr: 10.2.0.0/16}\n---\nkind: ipPoolList\napiVersion: v1\nitems:\n- {apiVersion: v1, kind: ipPool, metadata: {cidr: 10.3.0.0/16}}\n";
-        let r = parse_resources(text).unwrap();
+        let r = parse_resources(text, Verb::Apply).unwrap();
         assert_eq!(r.len(), 3);
         assert_eq!(r[2].id().to_string(), "IPPool(cidr=10.3.0.0/16)");
         // JSON is read too.
         let json = r#"[{"apiVersion":"v1","kind":"ipPool","metadata":{"cidr":"10.4.0.0/16"},"spec":{"nat-outgoing":true}}]"#;
-        assert_eq!(parse_resources(json).unwrap().len(), 1);
+        assert_eq!(parse_resources(json, Verb::Apply).unwrap().len(), 1);
         // One bad resource fails the whole file.
         let bad =
             format!("{text}---\napiVersion: v1\nkind: ipPool\nmetadata: {{cidr: 10.5.0.1/16}}\n");
         assert!(
-            parse_resources(&bad)
+            parse_resources(&bad, Verb::Apply)
                 .unwrap_err()
                 .contains("not strictly masked")
         );

@@ -10,9 +10,11 @@ use std::collections::BTreeMap;
 
 use super::{
     IpPoolResource, PolicyResource, ProfileResource, Resource, ResourceError, ResourceId,
-    ResourceKind,
+    ResourceKind, WorkloadEndpointResource,
 };
-use crate::calico::{CalicoKey, IP_POOLS_V4, IP_POOLS_V6, IpPool, Policy, ProfileRules};
+use crate::calico::{
+    CalicoKey, HOSTS, IP_POOLS_V4, IP_POOLS_V6, IpPool, Policy, ProfileRules, WorkloadEndpoint,
+};
 use crate::ipam::{Ipam, IpamError};
 use crate::store::{Compare, Datastore, StoreError, Txn, TxnOp};
 
@@ -75,6 +77,10 @@ impl ResourceClient {
                 profile: p.metadata.name.clone(),
             }
             .path(),
+            Resource::WorkloadEndpoint(w) => {
+                CalicoKey::WorkloadEndpoint(w.id().map_err(ResourceError::InsufficientIdentifiers)?)
+                    .path()
+            }
         };
         Ok(self.store.get(&key).await?.map(|kv| kv.mod_revision))
     }
@@ -86,50 +92,7 @@ impl ResourceClient {
 
     async fn write(&self, r: &Resource, mode: Mode) -> Result<(), ResourceError> {
         r.validate()?;
-        // The key that says the resource exists, its value, and what else is written with it.
-        let (key, value, extra): (String, Vec<u8>, Vec<TxnOp>) = match r {
-            Resource::IpPool(p) => {
-                let key = CalicoKey::IpPool {
-                    cidr: p.metadata.cidr,
-                }
-                .path();
-                let value = serde_json::to_vec(&p.to_backend()).expect("pools serialise");
-                let extra = p
-                    .ipip_enabled()
-                    .then(|| TxnOp::put(IPIP_ENABLED_KEY, "true"))
-                    .into_iter()
-                    .collect();
-                (key, value, extra)
-            }
-            Resource::Policy(p) => (
-                policy_key(&p.metadata.name),
-                serde_json::to_vec(&p.to_backend()).expect("policies serialise"),
-                Vec::new(),
-            ),
-            Resource::Profile(p) => {
-                let name = &p.metadata.name;
-                let values = p.to_backend();
-                let labels = CalicoKey::ProfileLabels {
-                    profile: name.clone(),
-                }
-                .path();
-                let rules = CalicoKey::ProfileRules {
-                    profile: name.clone(),
-                }
-                .path();
-                (
-                    CalicoKey::ProfileTags {
-                        profile: name.clone(),
-                    }
-                    .path(),
-                    values.tags,
-                    vec![
-                        TxnOp::put(labels, values.labels),
-                        TxnOp::put(rules, values.rules),
-                    ],
-                )
-            }
-        };
+        let Writes { key, puts } = writes_of(r)?;
         let mut txn = Txn::new();
         match mode {
             Mode::Create => txn = txn.when(Compare::absent(key.clone())),
@@ -146,9 +109,8 @@ impl ResourceClient {
             }
             Mode::Apply => {}
         }
-        txn = txn.then(TxnOp::put(key.clone(), value));
-        for op in extra {
-            txn = txn.then(op);
+        for (k, v) in puts {
+            txn = txn.then(TxnOp::put(k, v));
         }
         match self.store.txn(txn).await {
             Ok(_) => Ok(()),
@@ -158,6 +120,122 @@ impl ResourceClient {
             Err(StoreError::Conflict { .. }) => Err(ResourceError::UpdateConflict(key)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Applies `resources` in order, batched into transactions (one round trip per batch
+    /// rather than per key); returns how many were applied, and the error that stopped it.
+    /// A batch is atomic, so on an error none of its resources was written.
+    pub async fn apply_all(&self, resources: &[Resource]) -> (usize, Option<ResourceError>) {
+        self.write_all(resources, false, false).await
+    }
+
+    /// Creates `resources` in order, batched as [`ResourceClient::apply_all`]; with
+    /// `skip_exists` one that exists counts as done. A batch whose create-if-absent fails
+    /// is done again one by one, so the count and the error are exactly calicoctl's.
+    pub async fn create_all(
+        &self,
+        resources: &[Resource],
+        skip_exists: bool,
+    ) -> (usize, Option<ResourceError>) {
+        self.write_all(resources, true, skip_exists).await
+    }
+
+    async fn write_all(
+        &self,
+        resources: &[Resource],
+        create: bool,
+        skip_exists: bool,
+    ) -> (usize, Option<ResourceError>) {
+        let mut prepared = Vec::new();
+        let mut invalid = None;
+        for batch in batches(resources) {
+            match batch {
+                Ok(b) => prepared.push(b),
+                Err(e) => {
+                    invalid = Some(e);
+                    break;
+                }
+            }
+        }
+        // An apply whose batches share no key may run several transactions at once: their
+        // order cannot change the result. A create stays in order, so that its count of
+        // "the first n" is exact.
+        let mut seen = std::collections::HashSet::new();
+        let independent = !create
+            && prepared
+                .iter()
+                .flatten()
+                .all(|(_, w)| seen.insert(w.key.as_str()));
+        let (done, error) = if independent {
+            self.apply_concurrently(&prepared).await
+        } else {
+            self.write_in_order(&prepared, create, skip_exists).await
+        };
+        (done, error.or(invalid))
+    }
+
+    async fn write_in_order(
+        &self,
+        prepared: &[Vec<(&Resource, Writes)>],
+        create: bool,
+        skip_exists: bool,
+    ) -> (usize, Option<ResourceError>) {
+        let mut done = 0;
+        for batch in prepared {
+            match self.store.txn(batch_txn(batch, create)).await {
+                Ok(_) => done += batch.len(),
+                Err(StoreError::Conflict { .. }) if create => {
+                    for (r, _) in batch {
+                        match self.create(r).await {
+                            Ok(()) => done += 1,
+                            Err(ResourceError::AlreadyExists(_)) if skip_exists => done += 1,
+                            Err(e) => return (done, Some(e)),
+                        }
+                    }
+                }
+                Err(e) => return (done, Some(e.into())),
+            }
+        }
+        (done, None)
+    }
+
+    async fn apply_concurrently(
+        &self,
+        prepared: &[Vec<(&Resource, Writes)>],
+    ) -> (usize, Option<ResourceError>) {
+        use futures::StreamExt;
+        let results: Vec<_> = futures::stream::iter(
+            prepared
+                .iter()
+                .map(|batch| self.store.txn(batch_txn(batch, false))),
+        )
+        .buffered(TXN_WINDOW)
+        .collect()
+        .await;
+        let mut done = 0;
+        for (i, (batch, result)) in prepared.iter().zip(&results).enumerate() {
+            match result {
+                Ok(_) => done += batch.len(),
+                Err(e) => {
+                    // Batches after the failed one ran at the same time; say what they did.
+                    let later: usize = prepared[i + 1..]
+                        .iter()
+                        .zip(&results[i + 1..])
+                        .filter(|(_, r)| r.is_ok())
+                        .map(|(b, _)| b.len())
+                        .sum();
+                    let error = if later == 0 {
+                        ResourceError::Store(e.clone())
+                    } else {
+                        ResourceError::Invalid(format!(
+                            "datastore: {e} ({later} resources after the failed batch were applied too)"
+                        ))
+                    };
+                    return (done, Some(error));
+                }
+            }
+        }
+        (done, None)
     }
 
     /// Fails with "resource does not exist" if it does not. A pool is disabled and its
@@ -178,6 +256,19 @@ impl ResourceClient {
                 Err(StoreError::NotFound { .. }) => Err(ResourceError::DoesNotExist(id.clone())),
                 Err(e) => Err(e.into()),
             },
+            ResourceId::WorkloadEndpoint(wep) => {
+                match self
+                    .store
+                    .delete(&CalicoKey::WorkloadEndpoint(wep.clone()).path(), None)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(StoreError::NotFound { .. }) => {
+                        Err(ResourceError::DoesNotExist(id.clone()))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
             ResourceId::Profile(name) => {
                 // The tags key is the profile's existence; the whole directory goes.
                 let tags = CalicoKey::ProfileTags {
@@ -200,7 +291,42 @@ impl ResourceClient {
         kind: ResourceKind,
         name: Option<&str>,
     ) -> Result<Vec<Resource>, ResourceError> {
+        self.list_where(kind, name, &Identifiers::default()).await
+    }
+
+    /// As [`ResourceClient::list`], narrowed by the identifier flags (`--node`, …).
+    pub async fn list_where(
+        &self,
+        kind: ResourceKind,
+        name: Option<&str>,
+        ids: &Identifiers,
+    ) -> Result<Vec<Resource>, ResourceError> {
         match kind {
+            ResourceKind::WorkloadEndpoint => {
+                let prefix = match &ids.node {
+                    Some(n) => format!("{HOSTS}{}/workload/", crate::calico::escape_name(n)),
+                    None => HOSTS.to_string(),
+                };
+                let mut out = Vec::new();
+                for kv in self.store.list(&prefix).await?.kvs {
+                    let Ok(CalicoKey::WorkloadEndpoint(id)) = CalicoKey::parse(&kv.key) else {
+                        continue;
+                    };
+                    let keep = ids
+                        .orchestrator
+                        .as_ref()
+                        .is_none_or(|o| *o == id.orchestrator)
+                        && ids.workload.as_ref().is_none_or(|w| *w == id.workload)
+                        && name.is_none_or(|n| n == id.endpoint);
+                    if keep {
+                        let e: WorkloadEndpoint = decode(&kv.key, &kv.value)?;
+                        out.push(Resource::WorkloadEndpoint(
+                            WorkloadEndpointResource::from_backend(&id, &e),
+                        ));
+                    }
+                }
+                Ok(out)
+            }
             ResourceKind::IpPool => {
                 let kvs = match name {
                     Some(n) => {
@@ -280,6 +406,15 @@ impl ResourceClient {
     }
 }
 
+/// calicoctl's identifier flags, which narrow a `get` and name what a `delete KIND NAME`
+/// means for kinds whose key holds more than a name.
+#[derive(Clone, Debug, Default)]
+pub struct Identifiers {
+    pub node: Option<String>,
+    pub orchestrator: Option<String>,
+    pub workload: Option<String>,
+}
+
 #[derive(Default)]
 struct ProfileParts {
     tags: Option<Vec<String>>,
@@ -313,4 +448,125 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, raw: &[u8]) -> Result<T, Re
 pub fn parse_pool_name(name: &str) -> Result<IpNetwork, ResourceError> {
     name.parse()
         .map_err(|_| ResourceError::Invalid(format!("invalid CIDR '{name}'")))
+}
+
+/// A key and the value to put there.
+type Put = (String, Vec<u8>);
+
+/// What writing a resource puts: the key that says it exists first, then the rest.
+struct Writes {
+    key: String,
+    puts: Vec<Put>,
+}
+
+fn writes_of(r: &Resource) -> Result<Writes, ResourceError> {
+    let (key, value, extra): (String, Vec<u8>, Vec<Put>) = match r {
+        Resource::IpPool(p) => {
+            let key = CalicoKey::IpPool {
+                cidr: p.metadata.cidr,
+            }
+            .path();
+            let value = serde_json::to_vec(&p.to_backend()).expect("pools serialise");
+            let extra = p
+                .ipip_enabled()
+                .then(|| (IPIP_ENABLED_KEY.to_string(), b"true".to_vec()))
+                .into_iter()
+                .collect();
+            (key, value, extra)
+        }
+        Resource::Policy(p) => (
+            policy_key(&p.metadata.name),
+            serde_json::to_vec(&p.to_backend()).expect("policies serialise"),
+            Vec::new(),
+        ),
+        Resource::WorkloadEndpoint(w) => {
+            let id = w.id().map_err(ResourceError::InsufficientIdentifiers)?;
+            (
+                CalicoKey::WorkloadEndpoint(id).path(),
+                serde_json::to_vec(&w.to_backend()).expect("endpoints serialise"),
+                Vec::new(),
+            )
+        }
+        Resource::Profile(p) => {
+            let name = &p.metadata.name;
+            let values = p.to_backend();
+            let labels = CalicoKey::ProfileLabels {
+                profile: name.clone(),
+            }
+            .path();
+            let rules = CalicoKey::ProfileRules {
+                profile: name.clone(),
+            }
+            .path();
+            (
+                CalicoKey::ProfileTags {
+                    profile: name.clone(),
+                }
+                .path(),
+                values.tags,
+                vec![(labels, values.labels), (rules, values.rules)],
+            )
+        }
+    };
+    let mut puts = vec![(key.clone(), value)];
+    puts.extend(extra);
+    Ok(Writes { key, puts })
+}
+
+/// Writes per transaction: etcd allows 128 operations in one by default.
+const MAX_TXN_OPS: usize = 100;
+
+/// Transactions of one apply in flight at once.
+const TXN_WINDOW: usize = 8;
+
+/// One batch as one transaction (create: each resource's key must be absent).
+fn batch_txn(batch: &[(&Resource, Writes)], create: bool) -> Txn {
+    let mut txn = Txn::new();
+    let mut written = std::collections::HashSet::new();
+    for (_, w) in batch {
+        if create {
+            txn = txn.when(Compare::absent(w.key.clone()));
+        }
+        for (k, v) in &w.puts {
+            // One put per key per transaction (etcd refuses duplicates); the shared
+            // IpInIpEnabled key is the only one that can repeat.
+            if written.insert(k.clone()) {
+                txn = txn.then(TxnOp::put(k.clone(), v.clone()));
+            }
+        }
+    }
+    txn
+}
+
+/// The resources with their writes, cut into batches that fit a transaction and hold each
+/// resource key once (a file naming one resource twice gets two batches, in order).
+fn batches(resources: &[Resource]) -> Vec<Result<Vec<(&Resource, Writes)>, ResourceError>> {
+    let mut out = Vec::new();
+    let mut batch: Vec<(&Resource, Writes)> = Vec::new();
+    let mut ops = 0;
+    let mut keys = std::collections::HashSet::new();
+    for r in resources {
+        let w = match r.validate().and_then(|()| writes_of(r)) {
+            Ok(w) => w,
+            Err(e) => {
+                if !batch.is_empty() {
+                    out.push(Ok(std::mem::take(&mut batch)));
+                }
+                out.push(Err(e));
+                return out;
+            }
+        };
+        if !batch.is_empty() && (ops + w.puts.len() > MAX_TXN_OPS || keys.contains(&w.key)) {
+            out.push(Ok(std::mem::take(&mut batch)));
+            ops = 0;
+            keys.clear();
+        }
+        ops += w.puts.len();
+        keys.insert(w.key.clone());
+        batch.push((r, w));
+    }
+    if !batch.is_empty() {
+        out.push(Ok(batch));
+    }
+    out
 }

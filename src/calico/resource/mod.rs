@@ -3,8 +3,8 @@
 //! validated them, mapped onto the same etcd keys and values libcalico-go v1 wrote, and the
 //! create / replace / apply / delete / list semantics with calicoctl's error texts.
 //!
-//! Kinds so far: ipPool, policy, profile. The others (node, bgpPeer, hostEndpoint,
-//! workloadEndpoint) plug in the same way: a module with the API type, its checks, and the
+//! Kinds so far: ipPool, policy, profile, workloadEndpoint. The others (node, bgpPeer,
+//! hostEndpoint) plug in the same way: a module with the API type, its checks, and the
 //! mapping to and from the backend values.
 
 mod client;
@@ -12,12 +12,14 @@ mod ippool;
 mod policy;
 mod profile;
 mod rule;
+mod wep;
 
-pub use client::{ResourceClient, parse_pool_name};
+pub use client::{Identifiers, ResourceClient, parse_pool_name};
 pub use ippool::{IpPoolResource, IpPoolSpec, IpipSpec};
 pub use policy::{PolicyResource, PolicySpec};
 pub use profile::{ProfileResource, ProfileSpec};
 pub use rule::{ApiRule, EntityRule, IcmpFields};
+pub use wep::{ApiNat, WepMetadata, WepSpec, WorkloadEndpointResource};
 
 use std::fmt;
 
@@ -29,6 +31,7 @@ pub enum ResourceKind {
     IpPool,
     Policy,
     Profile,
+    WorkloadEndpoint,
 }
 
 impl ResourceKind {
@@ -38,6 +41,7 @@ impl ResourceKind {
             ResourceKind::IpPool => "ipPool",
             ResourceKind::Policy => "policy",
             ResourceKind::Profile => "profile",
+            ResourceKind::WorkloadEndpoint => "workloadEndpoint",
         }
     }
 
@@ -47,6 +51,9 @@ impl ResourceKind {
             "ippool" | "ippools" | "ipp" | "ipps" | "pool" | "pools" => Some(ResourceKind::IpPool),
             "policy" | "policies" | "pol" | "pols" => Some(ResourceKind::Policy),
             "profile" | "profiles" | "pro" | "pros" => Some(ResourceKind::Profile),
+            "workloadendpoint" | "workloadendpoints" | "wep" | "weps" => {
+                Some(ResourceKind::WorkloadEndpoint)
+            }
             _ => None,
         }
     }
@@ -70,10 +77,6 @@ impl ResourceKind {
                 | "hostendpoints"
                 | "hep"
                 | "heps"
-                | "workloadendpoint"
-                | "workloadendpoints"
-                | "wep"
-                | "weps"
         )
     }
 }
@@ -84,6 +87,7 @@ pub enum Resource {
     IpPool(IpPoolResource),
     Policy(PolicyResource),
     Profile(ProfileResource),
+    WorkloadEndpoint(WorkloadEndpointResource),
 }
 
 /// What names a resource: calicoctl's display form, e.g. `IPPool(cidr=10.0.0.0/16)`.
@@ -92,6 +96,7 @@ pub enum ResourceId {
     IpPool(ipnetwork::IpNetwork),
     Policy(String),
     Profile(String),
+    WorkloadEndpoint(crate::calico::WorkloadEndpointId),
 }
 
 impl fmt::Display for ResourceId {
@@ -100,6 +105,11 @@ impl fmt::Display for ResourceId {
             ResourceId::IpPool(cidr) => write!(f, "IPPool(cidr={cidr})"),
             ResourceId::Policy(name) => write!(f, "Policy(name={name})"),
             ResourceId::Profile(name) => write!(f, "Profile(name={name})"),
+            ResourceId::WorkloadEndpoint(id) => write!(
+                f,
+                "WorkloadEndpoint(node={}, orchestrator={}, workload={}, name={})",
+                id.host, id.orchestrator, id.workload, id.endpoint
+            ),
         }
     }
 }
@@ -113,6 +123,8 @@ pub enum ResourceError {
     DoesNotExist(ResourceId),
     #[error("update conflict: '{0}'")]
     UpdateConflict(String),
+    #[error("insufficient identifiers, missing '{0}'")]
+    InsufficientIdentifiers(&'static str),
     /// One field: `error with field CIDR = '…' (reason)`.
     #[error("{}", validation_text(.0))]
     Validation(Vec<FieldError>),
@@ -157,11 +169,22 @@ impl serde::Serialize for Resource {
             Resource::IpPool(p) => p.serialize(s),
             Resource::Policy(p) => p.serialize(s),
             Resource::Profile(p) => p.serialize(s),
+            Resource::WorkloadEndpoint(p) => p.serialize(s),
         }
     }
 }
 
 impl Resource {
+    /// What calicoctl's create filled in: a workload endpoint without a name gets a random
+    /// UUID.
+    pub fn fill_for_create(&mut self) {
+        if let Resource::WorkloadEndpoint(w) = self
+            && w.metadata.name.is_empty()
+        {
+            w.metadata.name = uuid::Uuid::new_v4().to_string();
+        }
+    }
+
     /// A document (already parsed from YAML or JSON) as a resource: `apiVersion: v1` and a
     /// known `kind` (case-sensitive, as in calicoctl files); unknown fields are refused.
     pub fn from_value(v: Value) -> Result<Resource, ResourceError> {
@@ -188,6 +211,9 @@ impl Resource {
             "profile" => Ok(Resource::Profile(
                 serde_json::from_value(v).map_err(parse_error)?,
             )),
+            "workloadEndpoint" => Ok(Resource::WorkloadEndpoint(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
             other => Err(ResourceError::Invalid(format!(
                 "resource type '{other}' is not supported"
             ))),
@@ -199,6 +225,7 @@ impl Resource {
             Resource::IpPool(_) => ResourceKind::IpPool,
             Resource::Policy(_) => ResourceKind::Policy,
             Resource::Profile(_) => ResourceKind::Profile,
+            Resource::WorkloadEndpoint(_) => ResourceKind::WorkloadEndpoint,
         }
     }
 
@@ -207,6 +234,17 @@ impl Resource {
             Resource::IpPool(p) => ResourceId::IpPool(p.metadata.cidr),
             Resource::Policy(p) => ResourceId::Policy(p.metadata.name.clone()),
             Resource::Profile(p) => ResourceId::Profile(p.metadata.name.clone()),
+            // Missing identifiers are refused by `validate` before any use of the id.
+            Resource::WorkloadEndpoint(p) => {
+                ResourceId::WorkloadEndpoint(p.id().unwrap_or_else(|_| {
+                    crate::calico::WorkloadEndpointId {
+                        host: p.metadata.node.clone(),
+                        orchestrator: p.metadata.orchestrator.clone(),
+                        workload: p.metadata.workload.clone(),
+                        endpoint: p.metadata.name.clone(),
+                    }
+                }))
+            }
         }
     }
 
@@ -216,6 +254,12 @@ impl Resource {
             Resource::IpPool(p) => p.problems(),
             Resource::Policy(p) => p.problems(),
             Resource::Profile(p) => p.problems(),
+            Resource::WorkloadEndpoint(p) => {
+                if let Err(missing) = p.id() {
+                    return Err(ResourceError::InsufficientIdentifiers(missing));
+                }
+                p.problems()
+            }
         };
         if errors.is_empty() {
             Ok(())
@@ -230,6 +274,7 @@ impl Resource {
             Resource::IpPool(p) => p.cell(heading),
             Resource::Policy(p) => p.cell(heading),
             Resource::Profile(p) => p.cell(heading),
+            Resource::WorkloadEndpoint(p) => p.cell(heading),
         }
     }
 }
@@ -240,6 +285,7 @@ impl ResourceKind {
         match self {
             ResourceKind::IpPool => &["CIDR"],
             ResourceKind::Policy | ResourceKind::Profile => &["NAME"],
+            ResourceKind::WorkloadEndpoint => &["NODE", "ORCHESTRATOR", "WORKLOAD", "NAME"],
         }
     }
 
@@ -249,6 +295,25 @@ impl ResourceKind {
             ResourceKind::IpPool => &["CIDR", "NAT", "IPIP"],
             ResourceKind::Policy => &["NAME", "ORDER", "SELECTOR"],
             ResourceKind::Profile => &["NAME", "TAGS"],
+            ResourceKind::WorkloadEndpoint => &[
+                "NODE",
+                "ORCHESTRATOR",
+                "WORKLOAD",
+                "NAME",
+                "NETWORKS",
+                "NATS",
+                "INTERFACE",
+                "PROFILES",
+            ],
         }
+    }
+
+    /// Every heading `custom-columns` accepts: the wide ones and a few more.
+    pub fn custom_columns(self) -> Vec<&'static str> {
+        let mut all = self.wide_columns().to_vec();
+        if self == ResourceKind::WorkloadEndpoint {
+            all.extend(["IPV4GATEWAY", "IPV6GATEWAY", "MAC"]);
+        }
+        all
     }
 }
