@@ -537,3 +537,232 @@ async fn endpoints_and_batched_files() {
         250
     );
 }
+
+/// `tenet config`: calicoctl's settings, where Felix and confd read them (§4.7, §7.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_the_calicoctl_way() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let store = etcd.store().await.unwrap();
+    let out = |args: &[&str]| {
+        let o = tenet(&ep, args, None);
+        (o.status.code(), text(&o))
+    };
+    assert_eq!(
+        out(&["config", "get", "nodeToNodeMesh"]),
+        (Some(0), "on\n".into())
+    );
+    assert_eq!(
+        out(&["config", "get", "logLevel", "--node", "n1"]),
+        (Some(0), "info (inherited from global)\n".into())
+    );
+    assert_eq!(
+        out(&["config", "get", "asNumber"]),
+        (Some(0), "64512\n".into())
+    );
+    assert_eq!(out(&["config", "get", "ipip"]), (Some(0), "off\n".into()));
+
+    assert_eq!(out(&["config", "set", "asNumber", "1.10"]).0, Some(0));
+    let value = |k: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .get(k)
+                .await
+                .unwrap()
+                .map(|kv| String::from_utf8(kv.value).unwrap())
+        }
+    };
+    assert_eq!(
+        value("/calico/bgp/v1/global/as_num").await.as_deref(),
+        Some("65546")
+    );
+    assert_eq!(out(&["config", "set", "nodeToNodeMesh", "off"]).0, Some(0));
+    assert_eq!(
+        value("/calico/bgp/v1/global/node_mesh").await.as_deref(),
+        Some(r#"{"enabled":false}"#)
+    );
+    assert_eq!(
+        out(&["config", "get", "nodetonodemesh"]),
+        (Some(0), "off\n".into())
+    );
+    assert_eq!(out(&["config", "set", "ipip", "on"]).0, Some(0));
+    assert_eq!(
+        value("/calico/v1/config/IpInIpEnabled").await.as_deref(),
+        Some("true")
+    );
+    // logLevel: Felix gets the level, BIRD its mapping (warning → none).
+    assert_eq!(
+        out(&["config", "set", "logLevel", "warning", "--node", "n1"]).0,
+        Some(0)
+    );
+    assert_eq!(
+        value("/calico/v1/host/n1/config/LogSeverityScreen")
+            .await
+            .as_deref(),
+        Some("warning")
+    );
+    assert_eq!(
+        value("/calico/bgp/v1/host/n1/loglevel").await.as_deref(),
+        Some("none")
+    );
+    assert_eq!(
+        out(&["config", "get", "logLevel", "--node", "n1"]),
+        (Some(0), "warning\n".into())
+    );
+    assert_eq!(
+        out(&["config", "unset", "logLevel", "--node", "n1"]).0,
+        Some(0)
+    );
+    assert_eq!(value("/calico/bgp/v1/host/n1/loglevel").await, None);
+    assert_eq!(out(&["config", "unset", "asNumber"]).0, Some(0));
+    assert_eq!(
+        out(&["config", "get", "asNumber"]),
+        (Some(0), "64512\n".into())
+    );
+    // Raw keys.
+    assert_eq!(
+        out(&["config", "get", "Foo", "--raw", "felix"]),
+        (Some(0), "(unset)\n".into())
+    );
+    assert_eq!(
+        out(&["config", "set", "Foo", "bar", "--raw", "felix"]).0,
+        Some(0)
+    );
+    assert_eq!(value("/calico/v1/config/Foo").await.as_deref(), Some("bar"));
+    // Errors, with nothing written.
+    let before = keyspace(&store).await;
+    for (args, want) in [
+        (
+            vec!["config", "set", "colour", "blue"],
+            "Error executing command: unrecognised config name 'colour'\n",
+        ),
+        (
+            vec!["config", "set", "ipip", "maybe"],
+            "Error executing command: invalid value 'maybe'\n",
+        ),
+        (
+            vec!["config", "set", "logLevel", "loud"],
+            "Error executing command: invalid value 'loud'\n",
+        ),
+        (
+            vec!["config", "set", "asNumber", "1.99999"],
+            "Error executing command: the supplied AS number is not valid\n",
+        ),
+        (
+            vec!["config", "set", "asNumber", "1", "--node", "n1"],
+            "Error executing command: --node should not be specified\n",
+        ),
+        (
+            vec!["config", "get", "x", "--raw", "bird"],
+            "Error executing command: unrecognised component 'bird'\n",
+        ),
+    ] {
+        assert_eq!(out(&args), (Some(1), want.to_string()), "{args:?}");
+    }
+    assert_eq!(keyspace(&store).await, before);
+}
+
+/// hostEndpoint and bgpPeer: Calico's values (§7.2), identifiers and scopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_endpoints_and_bgp_peers() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let store = etcd.store().await.unwrap();
+    let file = "\
+apiVersion: v1
+kind: hostEndpoint
+metadata: {name: eth0-ep, node: node1, labels: {role: gw}}
+spec: {interfaceName: eth0, expectedIPs: [10.0.0.5]}
+---
+apiVersion: v1
+kind: bgpPeer
+metadata: {scope: global, peerIP: 10.0.0.254}
+spec: {asNumber: 64567}
+---
+apiVersion: v1
+kind: bgpPeer
+metadata: {scope: node, node: node1, peerIP: 10.0.0.9}
+spec: {asNumber: '1.10'}
+";
+    let o = tenet(&ep, &["apply", "-f", "-"], Some(file));
+    assert_eq!(text(&o), "Successfully applied 3 resource(s)\n");
+    let value = |k: &'static str| {
+        let store = &store;
+        async move { String::from_utf8(store.get(k).await.unwrap().unwrap().value).unwrap() }
+    };
+    assert_eq!(
+        value("/calico/v1/host/node1/endpoint/eth0-ep").await,
+        r#"{"name":"eth0","expected_ipv4_addrs":["10.0.0.5"],"labels":{"role":"gw"}}"#
+    );
+    assert_eq!(
+        value("/calico/bgp/v1/global/peer_v4/10.0.0.254").await,
+        r#"{"ip":"10.0.0.254","as_num":"64567"}"#
+    );
+    assert_eq!(
+        value("/calico/bgp/v1/host/node1/peer_v4/10.0.0.9").await,
+        r#"{"ip":"10.0.0.9","as_num":"65546"}"#
+    );
+    let o = tenet(&ep, &["get", "bgpPeers"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "SCOPE    PEERIP       NODE    ASN     \nglobal   10.0.0.254           64567   \nnode     10.0.0.9     node1   65546   \n\n"
+    );
+    let o = tenet(&ep, &["get", "bp", "--node", "node1"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "SCOPE   PEERIP     NODE    ASN     \nnode    10.0.0.9   node1   65546   \n\n"
+    );
+    let o = tenet(&ep, &["get", "heps", "-o", "wide"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "NODE    NAME      INTERFACE   IPS        PROFILES   \nnode1   eth0-ep   eth0        10.0.0.5              \n\n"
+    );
+    for (args, want) in [
+        (
+            vec!["get", "bp", "--scope", "planet"],
+            "Failed to execute command: Unrecognized scope 'planet', must be one of: global, node\n",
+        ),
+        (
+            vec!["delete", "hep", "eth0-ep"],
+            "Failed to delete 'hostEndpoint' resource: insufficient identifiers, missing 'node'\n",
+        ),
+        (
+            vec!["delete", "bp", "10.0.0.9", "--scope", "node"],
+            "Failed to delete 'bgpPeer' resource: insufficient identifiers, missing 'node'\n",
+        ),
+    ] {
+        let o = tenet(&ep, &args, None);
+        assert_eq!(
+            (o.status.code(), text(&o)),
+            (Some(1), want.to_string()),
+            "{args:?}"
+        );
+    }
+    let float = "apiVersion: v1\nkind: bgpPeer\nmetadata: {scope: global, peerIP: 10.0.0.7}\nspec: {asNumber: 1.10}\n";
+    let o = tenet(&ep, &["create", "-f", "-"], Some(float));
+    assert!(text(&o).contains("quoted string ('1.10')"), "{}", text(&o));
+    let bad = "apiVersion: v1\nkind: bgpPeer\nmetadata: {scope: global, node: node1, peerIP: 10.0.0.1}\nspec: {asNumber: 1}\n";
+    let o = tenet(&ep, &["create", "-f", "-"], Some(bad));
+    assert!(
+        text(&o).contains("node should not be specified for a global peer"),
+        "{}",
+        text(&o)
+    );
+    let hep_bad = "apiVersion: v1\nkind: hostEndpoint\nmetadata: {name: x, node: node1}\n";
+    let o = tenet(&ep, &["create", "-f", "-"], Some(hep_bad));
+    assert!(
+        text(&o).contains("needs an interfaceName or expectedIPs"),
+        "{}",
+        text(&o)
+    );
+    let o = tenet(&ep, &["delete", "bp", "10.0.0.9", "--node", "node1"], None);
+    assert_eq!(text(&o), "Successfully deleted 1 'bgpPeer' resource(s)\n");
+    let o = tenet(&ep, &["delete", "hep", "eth0-ep", "--node", "node1"], None);
+    assert_eq!(
+        text(&o),
+        "Successfully deleted 1 'hostEndpoint' resource(s)\n"
+    );
+    let o = tenet(&ep, &["delete", "bp", "10.0.0.254"], None);
+    assert_eq!(text(&o), "Successfully deleted 1 'bgpPeer' resource(s)\n");
+}

@@ -242,6 +242,13 @@ impl<'de> Deserialize<'de> for Asn {
                     .map_err(|_| E::custom(format!("AS number {v} is negative")))
                     .and_then(|v| self.visit_u64(v))
             }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Asn, E> {
+                // `asNumber: 1.10` in YAML is the float 1.1: the dotted form is lost.
+                Err(E::custom(format!(
+                    "{v} is a number with a fraction, not an AS number; write a dotted AS \
+                     number as a quoted string ('1.10')"
+                )))
+            }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Asn, E> {
                 v.parse().map_err(E::custom)
             }

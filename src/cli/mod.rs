@@ -3,6 +3,7 @@
 //! (or the command line is wrong, as clap reports it).
 
 mod cert;
+mod config;
 mod control;
 mod dump;
 mod ipam;
@@ -67,7 +68,7 @@ enum Command {
     PublicIp(control::PublicIpArgs),
     /// Concentrator commands (controller; SSNTP RefreshCNCI).
     Cnci(control::CnciArgs),
-    /// Create resources from a file (calicoctl create): ipPool, policy, profile so far.
+    /// Create resources from a file (calicoctl create): every v1 kind but node.
     Create(resource::WriteArgs),
     /// Replace existing resources from a file (calicoctl replace).
     Replace(resource::WriteArgs),
@@ -77,6 +78,8 @@ enum Command {
     Delete(resource::DeleteArgs),
     /// Show resources of a kind (calicoctl get): -o ps, wide, custom-columns=…, yaml, json.
     Get(resource::GetArgs),
+    /// Cluster settings as calicoctl set them: logLevel, nodeToNodeMesh, asNumber, ipip.
+    Config(config::ConfigArgs),
     /// Print the client version.
     Version,
 }
@@ -106,6 +109,7 @@ pub fn main() -> ExitCode {
             Command::Apply(args) => resource::write(&cli, resource::Verb::Apply, args).await,
             Command::Delete(args) => resource::delete(&cli, args).await,
             Command::Get(args) => resource::get(&cli, args).await,
+            Command::Config(args) => config::run(&cli, args).await,
             Command::Version => {
                 println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

@@ -56,7 +56,7 @@ pub struct DeleteArgs {
 /// calicoctl's identifier flags.
 #[derive(Debug, Args)]
 pub struct IdentifierArgs {
-    /// The node (workloadEndpoint).
+    /// The node (workloadEndpoint, hostEndpoint, bgpPeer).
     #[arg(short = 'n', long)]
     node: Option<String>,
     /// The orchestrator (workloadEndpoint).
@@ -65,6 +65,9 @@ pub struct IdentifierArgs {
     /// The workload (workloadEndpoint).
     #[arg(long)]
     workload: Option<String>,
+    /// bgpPeer: global or node.
+    #[arg(long)]
+    scope: Option<String>,
 }
 
 impl IdentifierArgs {
@@ -73,6 +76,7 @@ impl IdentifierArgs {
             node: self.node.clone(),
             orchestrator: self.orchestrator.clone(),
             workload: self.workload.clone(),
+            scope: self.scope.clone(),
         }
     }
 }
@@ -346,6 +350,42 @@ pub async fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode, CliError> 
                     workload: ids.workload.clone().unwrap_or_default(),
                     endpoint: name.clone(),
                 })
+            }
+            ResourceKind::HostEndpoint => match &args.ids.node {
+                Some(node) => ResourceId::HostEndpoint {
+                    node: node.clone(),
+                    name: name.clone(),
+                },
+                None => {
+                    let e = ResourceError::InsufficientIdentifiers("node");
+                    return report_error(Verb::Delete, Some(kind.name()), 0, 1, &e);
+                }
+            },
+            ResourceKind::BgpPeer => {
+                let Ok(ip) = name.parse() else {
+                    return fail(format!(
+                        "Failed to execute command: invalid peer IP address '{name}'"
+                    ));
+                };
+                let scope = match (args.ids.scope.as_deref(), &args.ids.node) {
+                    (Some("global") | None, None) => tenet::calico::BgpScope::Global,
+                    (Some("node") | None, Some(n)) => tenet::calico::BgpScope::Host(n.clone()),
+                    (Some("node"), None) => {
+                        let e = ResourceError::InsufficientIdentifiers("node");
+                        return report_error(Verb::Delete, Some(kind.name()), 0, 1, &e);
+                    }
+                    (Some("global"), Some(_)) => {
+                        return fail(
+                            "Failed to execute command: --node should not be given for a global peer",
+                        );
+                    }
+                    (Some(other), _) => {
+                        return fail(format!(
+                            "Failed to execute command: Unrecognized scope '{other}', must be one of: global, node"
+                        ));
+                    }
+                };
+                ResourceId::BgpPeer(scope, ip)
             }
         };
         return match client.delete(&id).await {

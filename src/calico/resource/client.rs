@@ -9,11 +9,12 @@ use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 
 use super::{
-    IpPoolResource, PolicyResource, ProfileResource, Resource, ResourceError, ResourceId,
-    ResourceKind, WorkloadEndpointResource,
+    BgpPeerResource, HostEndpointResource, IpPoolResource, PolicyResource, ProfileResource,
+    Resource, ResourceError, ResourceId, ResourceKind, WorkloadEndpointResource,
 };
 use crate::calico::{
-    CalicoKey, HOSTS, IP_POOLS_V4, IP_POOLS_V6, IpPool, Policy, ProfileRules, WorkloadEndpoint,
+    BgpScope, CalicoKey, HOSTS, IP_POOLS_V4, IP_POOLS_V6, IpPool, Policy, ProfileRules,
+    WorkloadEndpoint,
 };
 use crate::ipam::{Ipam, IpamError};
 use crate::store::{Compare, Datastore, StoreError, Txn, TxnOp};
@@ -67,21 +68,7 @@ impl ResourceClient {
         &self,
         r: &Resource,
     ) -> Result<Option<crate::store::Revision>, ResourceError> {
-        let key = match r {
-            Resource::IpPool(p) => CalicoKey::IpPool {
-                cidr: p.metadata.cidr,
-            }
-            .path(),
-            Resource::Policy(p) => policy_key(&p.metadata.name),
-            Resource::Profile(p) => CalicoKey::ProfileTags {
-                profile: p.metadata.name.clone(),
-            }
-            .path(),
-            Resource::WorkloadEndpoint(w) => {
-                CalicoKey::WorkloadEndpoint(w.id().map_err(ResourceError::InsufficientIdentifiers)?)
-                    .path()
-            }
-        };
+        let key = writes_of(r)?.key;
         Ok(self.store.get(&key).await?.map(|kv| kv.mod_revision))
     }
 
@@ -251,17 +238,28 @@ impl ResourceClient {
                     Err(e) => Err(ResourceError::Invalid(e.to_string())),
                 }
             }
-            ResourceId::Policy(name) => match self.store.delete(&policy_key(name), None).await {
-                Ok(_) => Ok(()),
-                Err(StoreError::NotFound { .. }) => Err(ResourceError::DoesNotExist(id.clone())),
-                Err(e) => Err(e.into()),
-            },
-            ResourceId::WorkloadEndpoint(wep) => {
-                match self
-                    .store
-                    .delete(&CalicoKey::WorkloadEndpoint(wep.clone()).path(), None)
-                    .await
-                {
+            ResourceId::Policy(_)
+            | ResourceId::WorkloadEndpoint(_)
+            | ResourceId::HostEndpoint { .. }
+            | ResourceId::BgpPeer(..) => {
+                let key = match id {
+                    ResourceId::Policy(name) => policy_key(name),
+                    ResourceId::WorkloadEndpoint(wep) => {
+                        CalicoKey::WorkloadEndpoint(wep.clone()).path()
+                    }
+                    ResourceId::HostEndpoint { node, name } => CalicoKey::HostEndpoint {
+                        host: node.clone(),
+                        endpoint: name.clone(),
+                    }
+                    .path(),
+                    ResourceId::BgpPeer(scope, ip) => CalicoKey::BgpPeer {
+                        scope: scope.clone(),
+                        ip: *ip,
+                    }
+                    .path(),
+                    _ => unreachable!("matched above"),
+                };
+                match self.store.delete(&key, None).await {
                     Ok(_) => Ok(()),
                     Err(StoreError::NotFound { .. }) => {
                         Err(ResourceError::DoesNotExist(id.clone()))
@@ -302,6 +300,66 @@ impl ResourceClient {
         ids: &Identifiers,
     ) -> Result<Vec<Resource>, ResourceError> {
         match kind {
+            ResourceKind::HostEndpoint => {
+                let prefix = match &ids.node {
+                    Some(n) => format!("{HOSTS}{}/endpoint/", crate::calico::escape_name(n)),
+                    None => HOSTS.to_string(),
+                };
+                let mut out = Vec::new();
+                for kv in self.store.list(&prefix).await?.kvs {
+                    let Ok(CalicoKey::HostEndpoint { host, endpoint }) = CalicoKey::parse(&kv.key)
+                    else {
+                        continue;
+                    };
+                    if name.is_none_or(|n| n == endpoint) {
+                        let h: crate::calico::HostEndpoint = decode(&kv.key, &kv.value)?;
+                        out.push(Resource::HostEndpoint(HostEndpointResource::from_backend(
+                            &host, &endpoint, &h,
+                        )));
+                    }
+                }
+                Ok(out)
+            }
+            ResourceKind::BgpPeer => {
+                let wanted_ip: Option<std::net::IpAddr> = match name {
+                    Some(n) => Some(n.parse().map_err(|_| {
+                        ResourceError::Invalid(format!("invalid peer IP address '{n}'"))
+                    })?),
+                    None => None,
+                };
+                let scope = match ids.scope.as_deref() {
+                    None => None,
+                    Some(s @ ("global" | "node")) => Some(s),
+                    Some(other) => {
+                        return Err(ResourceError::Invalid(format!(
+                            "Unrecognized scope '{other}', must be one of: global, node"
+                        )));
+                    }
+                };
+                let mut out = Vec::new();
+                for prefix in ["/calico/bgp/v1/global/", "/calico/bgp/v1/host/"] {
+                    for kv in self.store.list(prefix).await?.kvs {
+                        let Ok(CalicoKey::BgpPeer { scope: s, ip }) = CalicoKey::parse(&kv.key)
+                        else {
+                            continue;
+                        };
+                        let keep = match &s {
+                            BgpScope::Global => {
+                                ids.node.is_none() && scope.is_none_or(|sc| sc == "global")
+                            }
+                            BgpScope::Host(h) => {
+                                scope.is_none_or(|sc| sc == "node")
+                                    && ids.node.as_ref().is_none_or(|n| n == h)
+                            }
+                        };
+                        if keep && wanted_ip.is_none_or(|w| w == ip) {
+                            let p: crate::calico::BgpPeer = decode(&kv.key, &kv.value)?;
+                            out.push(Resource::BgpPeer(BgpPeerResource::from_backend(&s, &p)));
+                        }
+                    }
+                }
+                Ok(out)
+            }
             ResourceKind::WorkloadEndpoint => {
                 let prefix = match &ids.node {
                     Some(n) => format!("{HOSTS}{}/workload/", crate::calico::escape_name(n)),
@@ -411,6 +469,8 @@ impl ResourceClient {
 #[derive(Clone, Debug, Default)]
 pub struct Identifiers {
     pub node: Option<String>,
+    /// bgpPeer: `global` or `node`.
+    pub scope: Option<String>,
     pub orchestrator: Option<String>,
     pub workload: Option<String>,
 }
@@ -477,6 +537,24 @@ fn writes_of(r: &Resource) -> Result<Writes, ResourceError> {
         Resource::Policy(p) => (
             policy_key(&p.metadata.name),
             serde_json::to_vec(&p.to_backend()).expect("policies serialise"),
+            Vec::new(),
+        ),
+        Resource::HostEndpoint(h) => (
+            CalicoKey::HostEndpoint {
+                host: h.metadata.node.clone(),
+                endpoint: h.metadata.name.clone(),
+            }
+            .path(),
+            serde_json::to_vec(&h.to_backend()).expect("endpoints serialise"),
+            Vec::new(),
+        ),
+        Resource::BgpPeer(b) => (
+            CalicoKey::BgpPeer {
+                scope: b.scope().map_err(ResourceError::Invalid)?,
+                ip: b.metadata.peer_ip,
+            }
+            .path(),
+            serde_json::to_vec(&b.to_backend()).expect("peers serialise"),
             Vec::new(),
         ),
         Resource::WorkloadEndpoint(w) => {

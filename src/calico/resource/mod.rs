@@ -3,18 +3,22 @@
 //! validated them, mapped onto the same etcd keys and values libcalico-go v1 wrote, and the
 //! create / replace / apply / delete / list semantics with calicoctl's error texts.
 //!
-//! Kinds so far: ipPool, policy, profile, workloadEndpoint. The others (node, bgpPeer,
-//! hostEndpoint) plug in the same way: a module with the API type, its checks, and the
+//! Kinds so far: ipPool, policy, profile, workloadEndpoint, hostEndpoint, bgpPeer. The
+//! composite node resource plugs in the same way: a module with the API type, its checks, and the
 //! mapping to and from the backend values.
 
+mod bgppeer;
 mod client;
+mod hep;
 mod ippool;
 mod policy;
 mod profile;
 mod rule;
 mod wep;
 
+pub use bgppeer::{BgpPeerResource, BgpPeerSpec};
 pub use client::{Identifiers, ResourceClient, parse_pool_name};
+pub use hep::{HepSpec, HostEndpointResource};
 pub use ippool::{IpPoolResource, IpPoolSpec, IpipSpec};
 pub use policy::{PolicyResource, PolicySpec};
 pub use profile::{ProfileResource, ProfileSpec};
@@ -32,6 +36,8 @@ pub enum ResourceKind {
     Policy,
     Profile,
     WorkloadEndpoint,
+    HostEndpoint,
+    BgpPeer,
 }
 
 impl ResourceKind {
@@ -42,6 +48,8 @@ impl ResourceKind {
             ResourceKind::Policy => "policy",
             ResourceKind::Profile => "profile",
             ResourceKind::WorkloadEndpoint => "workloadEndpoint",
+            ResourceKind::HostEndpoint => "hostEndpoint",
+            ResourceKind::BgpPeer => "bgpPeer",
         }
     }
 
@@ -54,6 +62,8 @@ impl ResourceKind {
             "workloadendpoint" | "workloadendpoints" | "wep" | "weps" => {
                 Some(ResourceKind::WorkloadEndpoint)
             }
+            "hostendpoint" | "hostendpoints" | "hep" | "heps" => Some(ResourceKind::HostEndpoint),
+            "bgppeer" | "bgppeers" | "bgpp" | "bgpps" | "bp" | "bps" => Some(ResourceKind::BgpPeer),
             _ => None,
         }
     }
@@ -63,20 +73,7 @@ impl ResourceKind {
     pub fn planned(alias: &str) -> bool {
         matches!(
             alias.to_ascii_lowercase().as_str(),
-            "node"
-                | "nodes"
-                | "no"
-                | "nos"
-                | "bgppeer"
-                | "bgppeers"
-                | "bgpp"
-                | "bgpps"
-                | "bp"
-                | "bps"
-                | "hostendpoint"
-                | "hostendpoints"
-                | "hep"
-                | "heps"
+            "node" | "nodes" | "no" | "nos"
         )
     }
 }
@@ -88,6 +85,8 @@ pub enum Resource {
     Policy(PolicyResource),
     Profile(ProfileResource),
     WorkloadEndpoint(WorkloadEndpointResource),
+    HostEndpoint(HostEndpointResource),
+    BgpPeer(BgpPeerResource),
 }
 
 /// What names a resource: calicoctl's display form, e.g. `IPPool(cidr=10.0.0.0/16)`.
@@ -97,6 +96,8 @@ pub enum ResourceId {
     Policy(String),
     Profile(String),
     WorkloadEndpoint(crate::calico::WorkloadEndpointId),
+    HostEndpoint { node: String, name: String },
+    BgpPeer(crate::calico::BgpScope, std::net::IpAddr),
 }
 
 impl fmt::Display for ResourceId {
@@ -110,6 +111,15 @@ impl fmt::Display for ResourceId {
                 "WorkloadEndpoint(node={}, orchestrator={}, workload={}, name={})",
                 id.host, id.orchestrator, id.workload, id.endpoint
             ),
+            ResourceId::HostEndpoint { node, name } => {
+                write!(f, "HostEndpoint(node={node}, name={name})")
+            }
+            ResourceId::BgpPeer(crate::calico::BgpScope::Global, ip) => {
+                write!(f, "BGPPeer(global, ip={ip})")
+            }
+            ResourceId::BgpPeer(crate::calico::BgpScope::Host(node), ip) => {
+                write!(f, "BGPPeer(node={node}, ip={ip})")
+            }
         }
     }
 }
@@ -170,6 +180,8 @@ impl serde::Serialize for Resource {
             Resource::Policy(p) => p.serialize(s),
             Resource::Profile(p) => p.serialize(s),
             Resource::WorkloadEndpoint(p) => p.serialize(s),
+            Resource::HostEndpoint(p) => p.serialize(s),
+            Resource::BgpPeer(p) => p.serialize(s),
         }
     }
 }
@@ -214,6 +226,12 @@ impl Resource {
             "workloadEndpoint" => Ok(Resource::WorkloadEndpoint(
                 serde_json::from_value(v).map_err(parse_error)?,
             )),
+            "hostEndpoint" => Ok(Resource::HostEndpoint(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
+            "bgpPeer" => Ok(Resource::BgpPeer(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
             other => Err(ResourceError::Invalid(format!(
                 "resource type '{other}' is not supported"
             ))),
@@ -226,6 +244,8 @@ impl Resource {
             Resource::Policy(_) => ResourceKind::Policy,
             Resource::Profile(_) => ResourceKind::Profile,
             Resource::WorkloadEndpoint(_) => ResourceKind::WorkloadEndpoint,
+            Resource::HostEndpoint(_) => ResourceKind::HostEndpoint,
+            Resource::BgpPeer(_) => ResourceKind::BgpPeer,
         }
     }
 
@@ -245,6 +265,14 @@ impl Resource {
                     }
                 }))
             }
+            Resource::HostEndpoint(h) => ResourceId::HostEndpoint {
+                node: h.metadata.node.clone(),
+                name: h.metadata.name.clone(),
+            },
+            Resource::BgpPeer(b) => ResourceId::BgpPeer(
+                b.scope().unwrap_or(crate::calico::BgpScope::Global),
+                b.metadata.peer_ip,
+            ),
         }
     }
 
@@ -260,6 +288,13 @@ impl Resource {
                 }
                 p.problems()
             }
+            Resource::HostEndpoint(h) => {
+                if let Some(missing) = h.missing() {
+                    return Err(ResourceError::InsufficientIdentifiers(missing));
+                }
+                h.problems()
+            }
+            Resource::BgpPeer(b) => b.problems(),
         };
         if errors.is_empty() {
             Ok(())
@@ -275,6 +310,8 @@ impl Resource {
             Resource::Policy(p) => p.cell(heading),
             Resource::Profile(p) => p.cell(heading),
             Resource::WorkloadEndpoint(p) => p.cell(heading),
+            Resource::HostEndpoint(p) => p.cell(heading),
+            Resource::BgpPeer(p) => p.cell(heading),
         }
     }
 }
@@ -286,6 +323,8 @@ impl ResourceKind {
             ResourceKind::IpPool => &["CIDR"],
             ResourceKind::Policy | ResourceKind::Profile => &["NAME"],
             ResourceKind::WorkloadEndpoint => &["NODE", "ORCHESTRATOR", "WORKLOAD", "NAME"],
+            ResourceKind::HostEndpoint => &["NODE", "NAME"],
+            ResourceKind::BgpPeer => &["SCOPE", "PEERIP", "NODE", "ASN"],
         }
     }
 
@@ -305,6 +344,8 @@ impl ResourceKind {
                 "INTERFACE",
                 "PROFILES",
             ],
+            ResourceKind::HostEndpoint => &["NODE", "NAME", "INTERFACE", "IPS", "PROFILES"],
+            ResourceKind::BgpPeer => &["SCOPE", "PEERIP", "NODE", "ASN"],
         }
     }
 
