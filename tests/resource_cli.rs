@@ -377,11 +377,7 @@ async fn policies_and_profiles_the_calicoctl_way() {
         "Partial success: deleted the first 1 out of 2 resources:\nHit error: resource does not exist: Profile(name=k8s_ns.default)\n"
     );
     let o = tenet(&ep, &["get", "nodes"], None);
-    assert!(
-        text(&o).contains("not supported by tenet yet"),
-        "{}",
-        text(&o)
-    );
+    assert_eq!(text(&o), "NAME   \n\n", "no node in this keyspace");
 }
 
 /// Two writers that read the same revision of a policy: one replace wins, the other gets
@@ -765,4 +761,129 @@ spec: {asNumber: '1.10'}
     );
     let o = tenet(&ep, &["delete", "bp", "10.0.0.254"], None);
     assert_eq!(text(&o), "Successfully deleted 1 'bgpPeer' resource(s)\n");
+}
+
+/// The composite node: its keys (§1.10), `(64512)` for an inherited AS number (§7.6), and
+/// delete taking its endpoints' addresses back to IPAM and its whole host tree with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_the_calicoctl_way() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let store = etcd.store().await.unwrap();
+    let file = "\
+apiVersion: v1
+kind: node
+metadata: {name: node1}
+spec:
+  bgp: {ipv4Address: 10.0.0.5/24}
+  orchRefs: [{nodeName: n1, orchestrator: k8s}]
+---
+apiVersion: v1
+kind: node
+metadata: {name: node2}
+spec:
+  bgp: {asNumber: 64600, ipv4Address: 10.0.0.6/24, ipv6Address: 'fd00::6/64'}
+";
+    let o = tenet(&ep, &["create", "-f", "-"], Some(file));
+    assert_eq!(text(&o), "Successfully created 2 'node' resource(s)\n");
+    let value = |k: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .get(k)
+                .await
+                .unwrap()
+                .map(|kv| String::from_utf8(kv.value).unwrap())
+        }
+    };
+    assert_eq!(
+        value("/calico/v1/host/node1/metadata").await.as_deref(),
+        Some("{}")
+    );
+    assert_eq!(
+        value("/calico/bgp/v1/host/node1/ip_addr_v4")
+            .await
+            .as_deref(),
+        Some("10.0.0.5")
+    );
+    assert_eq!(
+        value("/calico/bgp/v1/host/node1/ip_addr_v6")
+            .await
+            .as_deref(),
+        Some("")
+    );
+    assert_eq!(
+        value("/calico/bgp/v1/host/node1/network_v4")
+            .await
+            .as_deref(),
+        Some("10.0.0.0/24")
+    );
+    assert_eq!(
+        value("/calico/v1/host/node1/bird_ip").await.as_deref(),
+        Some("10.0.0.5")
+    );
+    assert_eq!(value("/calico/bgp/v1/host/node1/as_num").await, None);
+    assert_eq!(
+        value("/calico/v1/host/node1/orchestrator_refs")
+            .await
+            .as_deref(),
+        Some(r#"[{"orchestrator":"k8s","nodeName":"n1"}]"#)
+    );
+    let o = tenet(&ep, &["get", "nodes", "-o", "wide"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "NAME    ASN       IPV4          IPV6         \nnode1   (64512)   10.0.0.5/24                \nnode2   64600     10.0.0.6/24   fd00::6/64   \n\n"
+    );
+    // Replacing node2 without IPv6 removes its IPv6 keys' values.
+    let o = tenet(
+        &ep,
+        &["replace", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: node\nmetadata: {name: node2}\nspec: {bgp: {ipv4Address: 10.0.0.6/24}}\n",
+        ),
+    );
+    assert_eq!(text(&o), "Successfully replaced 1 'node' resource(s)\n");
+    assert_eq!(value("/calico/bgp/v1/host/node2/network_v6").await, None);
+    assert_eq!(value("/calico/bgp/v1/host/node2/as_num").await, None);
+
+    // A workload endpoint on node1 with an address from Calico IPAM: deleting the node
+    // releases the address and removes the host tree.
+    let o = tenet(&ep, &["ipam", "pool", "add", "10.60.0.0/24"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = tenet(
+        &ep,
+        &["ipam", "assign", "--host", "node1", "--handle", "w1"],
+        None,
+    );
+    let ip = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let wep = format!(
+        "apiVersion: v1\nkind: workloadEndpoint\nmetadata: {{name: eth0, workload: w1, orchestrator: k8s, node: node1}}\nspec: {{ipNetworks: ['{ip}/32'], interfaceName: cali1}}\n"
+    );
+    let o = tenet(&ep, &["create", "-f", "-"], Some(&wep));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = tenet(&ep, &["delete", "node", "node1"], None);
+    assert_eq!(text(&o), "Successfully deleted 1 'node' resource(s)\n");
+    assert!(
+        store
+            .list("/calico/v1/host/node1/")
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    assert!(
+        store
+            .list("/calico/bgp/v1/host/node1/")
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    let o = tenet(&ep, &["ipam", "show", "--ip", &ip], None);
+    assert!(!text(&o).contains("map["), "{ip} released: {}", text(&o));
+    let o = tenet(&ep, &["delete", "node", "node1"], None);
+    assert_eq!(
+        text(&o),
+        "Failed to delete 'node' resource: resource does not exist: Node(name=node1)\n"
+    );
 }

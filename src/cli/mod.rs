@@ -68,7 +68,7 @@ enum Command {
     PublicIp(control::PublicIpArgs),
     /// Concentrator commands (controller; SSNTP RefreshCNCI).
     Cnci(control::CnciArgs),
-    /// Create resources from a file (calicoctl create): every v1 kind but node.
+    /// Create resources from a file (calicoctl create): every calicoctl v1 kind.
     Create(resource::WriteArgs),
     /// Replace existing resources from a file (calicoctl replace).
     Replace(resource::WriteArgs),

@@ -295,13 +295,8 @@ pub async fn write(cli: &Cli, verb: Verb, args: &WriteArgs) -> Result<ExitCode, 
 }
 
 fn kind_of(alias: &str) -> Result<ResourceKind, String> {
-    ResourceKind::from_alias(alias).ok_or_else(|| {
-        if ResourceKind::planned(alias) {
-            format!("Resource type '{alias}' is not supported by tenet yet")
-        } else {
-            format!("Resource type '{alias}' is not supported")
-        }
-    })
+    ResourceKind::from_alias(alias)
+        .ok_or_else(|| format!("Resource type '{alias}' is not supported"))
 }
 
 /// `delete -f FILE` or `delete KIND NAME`.
@@ -330,6 +325,7 @@ pub async fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode, CliError> 
                 Err(e) => return fail(format!("Failed to execute command: {e}")),
             },
             ResourceKind::Policy => ResourceId::Policy(name.clone()),
+            ResourceKind::Node => ResourceId::Node(name.clone()),
             ResourceKind::Profile => ResourceId::Profile(name.clone()),
             ResourceKind::WorkloadEndpoint => {
                 let ids = &args.ids;
@@ -495,12 +491,21 @@ pub async fn get(cli: &Cli, args: &GetArgs) -> Result<ExitCode, CliError> {
     };
     match output {
         Output::Table(headings) => {
+            // A node without an AS number of its own shows the global one in parentheses.
+            let global_asn = if kind == ResourceKind::Node && headings.iter().any(|h| h == "ASN") {
+                match client.global_asn().await {
+                    Ok(a) => Some(a),
+                    Err(e) => return fail(format!("Failed to get resources: {e}")),
+                }
+            } else {
+                None
+            };
             let rows: Vec<Vec<String>> = resources
                 .iter()
                 .map(|r| {
                     headings
                         .iter()
-                        .map(|h| r.cell(h).unwrap_or_default())
+                        .map(|h| r.table_cell(h, global_asn).unwrap_or_default())
                         .collect()
                 })
                 .collect();

@@ -72,6 +72,16 @@ impl ResourceClient {
         Ok(self.store.get(&key).await?.map(|kv| kv.mod_revision))
     }
 
+    /// The global AS number (`/calico/bgp/v1/global/as_num`; 64512 when unset).
+    pub async fn global_asn(&self) -> Result<crate::calico::Asn, ResourceError> {
+        Ok(self
+            .store
+            .get(&CalicoKey::BgpGlobalAsNum.path())
+            .await?
+            .and_then(|kv| String::from_utf8_lossy(&kv.value).trim().parse().ok())
+            .unwrap_or(crate::calico::DEFAULT_AS_NUMBER))
+    }
+
     /// Creates or overwrites.
     pub async fn apply(&self, r: &Resource) -> Result<(), ResourceError> {
         self.write(r, Mode::Apply).await
@@ -79,7 +89,7 @@ impl ResourceClient {
 
     async fn write(&self, r: &Resource, mode: Mode) -> Result<(), ResourceError> {
         r.validate()?;
-        let Writes { key, puts } = writes_of(r)?;
+        let Writes { key, puts, deletes } = writes_of(r)?;
         let mut txn = Txn::new();
         match mode {
             Mode::Create => txn = txn.when(Compare::absent(key.clone())),
@@ -98,6 +108,9 @@ impl ResourceClient {
         }
         for (k, v) in puts {
             txn = txn.then(TxnOp::put(k, v));
+        }
+        for k in deletes {
+            txn = txn.then(TxnOp::delete(k));
         }
         match self.store.txn(txn).await {
             Ok(_) => Ok(()),
@@ -267,6 +280,40 @@ impl ResourceClient {
                     Err(e) => Err(e.into()),
                 }
             }
+            ResourceId::Node(name) => {
+                // libcalico-go's order: the node's endpoint addresses go back to IPAM, then
+                // its IPAM host, its BGP keys, and its whole host tree.
+                let host_dir = format!("{HOSTS}{}/", crate::calico::escape_name(name));
+                let under = self.store.list(&host_dir).await?.kvs;
+                if under.is_empty() {
+                    return Err(ResourceError::DoesNotExist(id.clone()));
+                }
+                let mut ips = Vec::new();
+                for kv in &under {
+                    if let Ok(CalicoKey::WorkloadEndpoint(_)) = CalicoKey::parse(&kv.key)
+                        && let Ok(e) = serde_json::from_slice::<WorkloadEndpoint>(&kv.value)
+                    {
+                        ips.extend(e.ipv4_nets.iter().chain(&e.ipv6_nets).map(|n| n.ip()));
+                    }
+                }
+                let ipam = Ipam::new(self.store.clone());
+                let to_err = |e: IpamError| match e {
+                    IpamError::Store(e) => ResourceError::Store(e),
+                    e => ResourceError::Invalid(e.to_string()),
+                };
+                if !ips.is_empty() {
+                    ipam.release_ips(&ips).await.map_err(to_err)?;
+                }
+                ipam.remove_host(name).await.map_err(to_err)?;
+                self.store
+                    .delete_prefix(&format!(
+                        "/calico/bgp/v1/host/{}/",
+                        crate::calico::escape_name(name)
+                    ))
+                    .await?;
+                self.store.delete_prefix(&host_dir).await?;
+                Ok(())
+            }
             ResourceId::Profile(name) => {
                 // The tags key is the profile's existence; the whole directory goes.
                 let tags = CalicoKey::ProfileTags {
@@ -300,6 +347,47 @@ impl ResourceClient {
         ids: &Identifiers,
     ) -> Result<Vec<Resource>, ResourceError> {
         match kind {
+            ResourceKind::Node => {
+                let mut names = std::collections::BTreeSet::new();
+                let mut refs: BTreeMap<String, Vec<crate::calico::OrchestratorRef>> =
+                    BTreeMap::new();
+                for kv in self.store.list(HOSTS).await?.kvs {
+                    if let Some(h) = kv.key[HOSTS.len()..].split('/').next() {
+                        names.insert(crate::calico::unescape_name(h));
+                    }
+                    if let Ok(CalicoKey::HostOrchestratorRefs { host }) = CalicoKey::parse(&kv.key)
+                    {
+                        refs.insert(host, decode(&kv.key, &kv.value)?);
+                    }
+                }
+                let mut bgp: BTreeMap<(String, crate::calico::BgpHostField), String> =
+                    BTreeMap::new();
+                for kv in self.store.list("/calico/bgp/v1/host/").await?.kvs {
+                    if let Ok(CalicoKey::BgpHost { host, field }) = CalicoKey::parse(&kv.key) {
+                        let v = String::from_utf8_lossy(&kv.value).trim().to_string();
+                        if !v.is_empty() {
+                            bgp.insert((host, field), v);
+                        }
+                    }
+                }
+                use crate::calico::BgpHostField as F;
+                Ok(names
+                    .into_iter()
+                    .filter(|n| name.is_none_or(|want| want == n))
+                    .map(|n| {
+                        let get = |f| bgp.get(&(n.clone(), f));
+                        Resource::Node(super::NodeResource::from_parts(
+                            &n,
+                            get(F::IpAddrV4).and_then(|v| v.parse().ok()),
+                            get(F::NetworkV4).and_then(|v| v.parse().ok()),
+                            get(F::IpAddrV6).and_then(|v| v.parse().ok()),
+                            get(F::NetworkV6).and_then(|v| v.parse().ok()),
+                            get(F::AsNum).and_then(|v| v.parse().ok()),
+                            refs.remove(&n).unwrap_or_default(),
+                        ))
+                    })
+                    .collect())
+            }
             ResourceKind::HostEndpoint => {
                 let prefix = match &ids.node {
                     Some(n) => format!("{HOSTS}{}/endpoint/", crate::calico::escape_name(n)),
@@ -517,9 +605,19 @@ type Put = (String, Vec<u8>);
 struct Writes {
     key: String,
     puts: Vec<Put>,
+    /// Keys the resource must not leave behind (a node's unset BGP fields).
+    deletes: Vec<String>,
 }
 
 fn writes_of(r: &Resource) -> Result<Writes, ResourceError> {
+    if let Resource::Node(n) = r {
+        let (puts, deletes) = n.writes();
+        return Ok(Writes {
+            key: puts[0].0.clone(),
+            puts,
+            deletes,
+        });
+    }
     let (key, value, extra): (String, Vec<u8>, Vec<Put>) = match r {
         Resource::IpPool(p) => {
             let key = CalicoKey::IpPool {
@@ -557,6 +655,7 @@ fn writes_of(r: &Resource) -> Result<Writes, ResourceError> {
             serde_json::to_vec(&b.to_backend()).expect("peers serialise"),
             Vec::new(),
         ),
+        Resource::Node(_) => unreachable!("nodes are handled above"),
         Resource::WorkloadEndpoint(w) => {
             let id = w.id().map_err(ResourceError::InsufficientIdentifiers)?;
             (
@@ -588,7 +687,11 @@ fn writes_of(r: &Resource) -> Result<Writes, ResourceError> {
     };
     let mut puts = vec![(key.clone(), value)];
     puts.extend(extra);
-    Ok(Writes { key, puts })
+    Ok(Writes {
+        key,
+        puts,
+        deletes: Vec::new(),
+    })
 }
 
 /// Writes per transaction: etcd allows 128 operations in one by default.
@@ -610,6 +713,11 @@ fn batch_txn(batch: &[(&Resource, Writes)], create: bool) -> Txn {
             // IpInIpEnabled key is the only one that can repeat.
             if written.insert(k.clone()) {
                 txn = txn.then(TxnOp::put(k.clone(), v.clone()));
+            }
+        }
+        for k in &w.deletes {
+            if written.insert(k.clone()) {
+                txn = txn.then(TxnOp::delete(k.clone()));
             }
         }
     }
@@ -634,12 +742,13 @@ fn batches(resources: &[Resource]) -> Vec<Result<Vec<(&Resource, Writes)>, Resou
                 return out;
             }
         };
-        if !batch.is_empty() && (ops + w.puts.len() > MAX_TXN_OPS || keys.contains(&w.key)) {
+        let n = w.puts.len() + w.deletes.len();
+        if !batch.is_empty() && (ops + n > MAX_TXN_OPS || keys.contains(&w.key)) {
             out.push(Ok(std::mem::take(&mut batch)));
             ops = 0;
             keys.clear();
         }
-        ops += w.puts.len();
+        ops += n;
         keys.insert(w.key.clone());
         batch.push((r, w));
     }

@@ -3,14 +3,14 @@
 //! validated them, mapped onto the same etcd keys and values libcalico-go v1 wrote, and the
 //! create / replace / apply / delete / list semantics with calicoctl's error texts.
 //!
-//! Kinds so far: ipPool, policy, profile, workloadEndpoint, hostEndpoint, bgpPeer. The
-//! composite node resource plugs in the same way: a module with the API type, its checks, and the
-//! mapping to and from the backend values.
+//! Every v1 kind: ipPool, policy, profile, workloadEndpoint, hostEndpoint, bgpPeer and node,
+//! each a module with the API type, its checks, and the mapping to and from the backend values.
 
 mod bgppeer;
 mod client;
 mod hep;
 mod ippool;
+mod node;
 mod policy;
 mod profile;
 mod rule;
@@ -20,6 +20,7 @@ pub use bgppeer::{BgpPeerResource, BgpPeerSpec};
 pub use client::{Identifiers, ResourceClient, parse_pool_name};
 pub use hep::{HepSpec, HostEndpointResource};
 pub use ippool::{IpPoolResource, IpPoolSpec, IpipSpec};
+pub use node::{NodeBgp, NodeResource, NodeSpec};
 pub use policy::{PolicyResource, PolicySpec};
 pub use profile::{ProfileResource, ProfileSpec};
 pub use rule::{ApiRule, EntityRule, IcmpFields};
@@ -38,6 +39,7 @@ pub enum ResourceKind {
     WorkloadEndpoint,
     HostEndpoint,
     BgpPeer,
+    Node,
 }
 
 impl ResourceKind {
@@ -50,6 +52,7 @@ impl ResourceKind {
             ResourceKind::WorkloadEndpoint => "workloadEndpoint",
             ResourceKind::HostEndpoint => "hostEndpoint",
             ResourceKind::BgpPeer => "bgpPeer",
+            ResourceKind::Node => "node",
         }
     }
 
@@ -64,17 +67,9 @@ impl ResourceKind {
             }
             "hostendpoint" | "hostendpoints" | "hep" | "heps" => Some(ResourceKind::HostEndpoint),
             "bgppeer" | "bgppeers" | "bgpp" | "bgpps" | "bp" | "bps" => Some(ResourceKind::BgpPeer),
+            "node" | "nodes" | "no" | "nos" => Some(ResourceKind::Node),
             _ => None,
         }
-    }
-
-    /// The kinds calicoctl has that tenet does not manage yet (to say so, rather than
-    /// "not supported").
-    pub fn planned(alias: &str) -> bool {
-        matches!(
-            alias.to_ascii_lowercase().as_str(),
-            "node" | "nodes" | "no" | "nos"
-        )
     }
 }
 
@@ -87,6 +82,7 @@ pub enum Resource {
     WorkloadEndpoint(WorkloadEndpointResource),
     HostEndpoint(HostEndpointResource),
     BgpPeer(BgpPeerResource),
+    Node(NodeResource),
 }
 
 /// What names a resource: calicoctl's display form, e.g. `IPPool(cidr=10.0.0.0/16)`.
@@ -98,6 +94,7 @@ pub enum ResourceId {
     WorkloadEndpoint(crate::calico::WorkloadEndpointId),
     HostEndpoint { node: String, name: String },
     BgpPeer(crate::calico::BgpScope, std::net::IpAddr),
+    Node(String),
 }
 
 impl fmt::Display for ResourceId {
@@ -120,6 +117,7 @@ impl fmt::Display for ResourceId {
             ResourceId::BgpPeer(crate::calico::BgpScope::Host(node), ip) => {
                 write!(f, "BGPPeer(node={node}, ip={ip})")
             }
+            ResourceId::Node(name) => write!(f, "Node(name={name})"),
         }
     }
 }
@@ -182,6 +180,7 @@ impl serde::Serialize for Resource {
             Resource::WorkloadEndpoint(p) => p.serialize(s),
             Resource::HostEndpoint(p) => p.serialize(s),
             Resource::BgpPeer(p) => p.serialize(s),
+            Resource::Node(p) => p.serialize(s),
         }
     }
 }
@@ -232,6 +231,9 @@ impl Resource {
             "bgpPeer" => Ok(Resource::BgpPeer(
                 serde_json::from_value(v).map_err(parse_error)?,
             )),
+            "node" => Ok(Resource::Node(
+                serde_json::from_value(v).map_err(parse_error)?,
+            )),
             other => Err(ResourceError::Invalid(format!(
                 "resource type '{other}' is not supported"
             ))),
@@ -246,6 +248,7 @@ impl Resource {
             Resource::WorkloadEndpoint(_) => ResourceKind::WorkloadEndpoint,
             Resource::HostEndpoint(_) => ResourceKind::HostEndpoint,
             Resource::BgpPeer(_) => ResourceKind::BgpPeer,
+            Resource::Node(_) => ResourceKind::Node,
         }
     }
 
@@ -273,6 +276,7 @@ impl Resource {
                 b.scope().unwrap_or(crate::calico::BgpScope::Global),
                 b.metadata.peer_ip,
             ),
+            Resource::Node(n) => ResourceId::Node(n.metadata.name.clone()),
         }
     }
 
@@ -295,6 +299,7 @@ impl Resource {
                 h.problems()
             }
             Resource::BgpPeer(b) => b.problems(),
+            Resource::Node(n) => n.problems(),
         };
         if errors.is_empty() {
             Ok(())
@@ -312,6 +317,19 @@ impl Resource {
             Resource::WorkloadEndpoint(p) => p.cell(heading),
             Resource::HostEndpoint(p) => p.cell(heading),
             Resource::BgpPeer(p) => p.cell(heading),
+            Resource::Node(p) => p.cell(heading, None),
+        }
+    }
+
+    /// A table cell, given the global AS number a node without its own shows as `(64512)`.
+    pub fn table_cell(
+        &self,
+        heading: &str,
+        global_asn: Option<crate::calico::Asn>,
+    ) -> Option<String> {
+        match self {
+            Resource::Node(n) => n.cell(heading, global_asn),
+            other => other.cell(heading),
         }
     }
 }
@@ -325,6 +343,7 @@ impl ResourceKind {
             ResourceKind::WorkloadEndpoint => &["NODE", "ORCHESTRATOR", "WORKLOAD", "NAME"],
             ResourceKind::HostEndpoint => &["NODE", "NAME"],
             ResourceKind::BgpPeer => &["SCOPE", "PEERIP", "NODE", "ASN"],
+            ResourceKind::Node => &["NAME"],
         }
     }
 
@@ -346,6 +365,7 @@ impl ResourceKind {
             ],
             ResourceKind::HostEndpoint => &["NODE", "NAME", "INTERFACE", "IPS", "PROFILES"],
             ResourceKind::BgpPeer => &["SCOPE", "PEERIP", "NODE", "ASN"],
+            ResourceKind::Node => &["NAME", "ASN", "IPV4", "IPV6"],
         }
     }
 
