@@ -10,6 +10,7 @@ mod ipam;
 mod lab;
 mod resource;
 mod status;
+mod template;
 mod topology;
 
 use std::path::PathBuf;

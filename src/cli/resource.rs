@@ -89,8 +89,9 @@ pub struct GetArgs {
     /// Only this one (an ipPool's name is its CIDR); none printed if it does not exist.
     #[arg(value_name = "NAME")]
     name: Option<String>,
-    /// ps (default), wide, custom-columns=COL1,COL2, yaml or json (go-template is not
-    /// supported yet).
+    /// ps (default), wide, custom-columns=COL1,COL2, yaml, json, go-template=TEMPLATE or
+    /// go-template-file=PATH (a subset: field paths like .Metadata.Name, range, if/else and
+    /// string literals).
     #[arg(short, long, default_value = "ps")]
     output: String,
     #[command(flatten)]
@@ -405,6 +406,7 @@ enum Output {
     Table(Vec<String>),
     Yaml,
     Json,
+    Template(super::template::Template),
 }
 
 fn output_of(kind: ResourceKind, spec: &str) -> Result<Output, String> {
@@ -430,8 +432,16 @@ fn output_of(kind: ResourceKind, spec: &str) -> Result<Output, String> {
             }
             Ok(Output::Table(out))
         }
-        s if s.starts_with("go-template") => {
-            Err("go-template output is not supported by tenet yet (use yaml or json)".into())
+        "go-template" | "go-template=" => Err("need to specify a template".into()),
+        "go-template-file" | "go-template-file=" => Err("need to specify a template file".into()),
+        s if s.starts_with("go-template=") => {
+            super::template::Template::parse(&s["go-template=".len()..]).map(Output::Template)
+        }
+        s if s.starts_with("go-template-file=") => {
+            let path = &s["go-template-file=".len()..];
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read template file {path}: {e}"))?;
+            super::template::Template::parse(&text).map(Output::Template)
         }
         other => Err(format!("unrecognized output format '{other}'")),
     }
@@ -510,6 +520,13 @@ pub async fn get(cli: &Cli, args: &GetArgs) -> Result<ExitCode, CliError> {
                 })
                 .collect();
             print!("{}", render_table(&headings, &rows));
+        }
+        Output::Template(t) => {
+            let data = serde_json::to_value(&resources).expect("resources serialise");
+            match t.render(&data) {
+                Ok(text) => print!("{text}"),
+                Err(e) => return fail(format!("Failed to execute command: {e}")),
+            }
         }
         Output::Json => println!(
             "{}",
