@@ -11,6 +11,7 @@ mod keys;
 mod policy;
 pub mod resource;
 mod scalar;
+pub mod selector;
 pub mod vnic;
 
 use std::collections::BTreeMap;

@@ -106,3 +106,59 @@ impl BgpPeerResource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Resource;
+
+    #[test]
+    fn peers_check_scope_node_and_asn() {
+        let parse = |meta: &str, asn: &str| {
+            Resource::from_value(
+                serde_saphyr::from_str(&format!(
+                    "apiVersion: v1\nkind: bgpPeer\nmetadata: {meta}\nspec: {{asNumber: {asn}}}\n"
+                ))
+                .unwrap(),
+            )
+        };
+        let ok = parse(
+            "{scope: node, node: rack1-host1, peerIP: 192.168.1.1}",
+            "63400",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(
+            ok.id().to_string(),
+            "BGPPeer(node=rack1-host1, ip=192.168.1.1)"
+        );
+        for (meta, want) in [
+            (
+                "{scope: planet, peerIP: 10.0.0.1}",
+                "Unrecognized scope 'planet', must be one of: global, node",
+            ),
+            (
+                "{scope: global, node: n1, peerIP: 10.0.0.1}",
+                "node should not be specified",
+            ),
+            (
+                "{scope: node, peerIP: 10.0.0.1}",
+                "insufficient identifiers, missing 'node'",
+            ),
+        ] {
+            let e = parse(meta, "1")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{meta}: {e}");
+        }
+        let e = parse("{scope: global, peerIP: 10.0.0.1}", "4294967296")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AS number"), "{e}");
+        let e = parse("{scope: global, peerIP: 10.0.0.300}", "1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("error parsing bgpPeer"), "{e}");
+    }
+}

@@ -67,6 +67,13 @@ impl PolicyResource {
                     |e| e.reason.starts_with("label keys"),
                 ),
         );
+        if let Err(e) = crate::calico::selector::Selector::parse(&self.spec.selector) {
+            out.push(FieldError {
+                field: "Selector".into(),
+                value: self.spec.selector.clone(),
+                reason: format!("invalid selector: {} (at position {})", e.reason, e.at),
+            });
+        }
         for (i, r) in self.spec.ingress.iter().enumerate() {
             out.extend(r.problems(&format!("Ingress[{i}]")));
         }
@@ -253,6 +260,14 @@ mod tests {
                 "PreDNAT Policy cannot have any Egress rules",
             ),
             ("{types: [ingress, ingress]}", "only once"),
+            (
+                "{selector: \"role = 'db'\"}",
+                "Selector = 'role = 'db'' (invalid selector: expected ==, !=, in or not in",
+            ),
+            (
+                "{ingress: [{action: allow, source: {selector: \"has(x\"}}]}",
+                "Ingress[0].Source.Selector = 'has(x'",
+            ),
         ] {
             let e = parse(&format!(
                 "apiVersion: v1\nkind: policy\nmetadata: {{name: p}}\nspec: {spec}\n"
@@ -273,5 +288,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("'tcpp' is not a protocol"), "{e}");
+        // A port range upside down, or an AS-like number out of range, fails as it is read.
+        let e = parse("apiVersion: v1\nkind: policy\nmetadata: {name: p}\nspec: {ingress: [{action: allow, protocol: tcp, destination: {ports: ['90:80']}}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port range 90:80 has min > max"), "{e}");
     }
 }
