@@ -32,6 +32,22 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The value at `key`, as text, if there is one.
+async fn value_at(store: &tenet::store::EtcdStore, key: &str) -> Option<String> {
+    store
+        .get(key)
+        .await
+        .unwrap()
+        .map(|kv| String::from_utf8(kv.value).unwrap())
+}
+
+/// The value at `key`, which must exist.
+async fn value_of(store: &tenet::store::EtcdStore, key: &str) -> String {
+    value_at(store, key)
+        .await
+        .unwrap_or_else(|| panic!("{key} is missing"))
+}
+
 async fn keyspace(store: &tenet::store::EtcdStore) -> Vec<(String, Vec<u8>)> {
     store
         .list("/calico/")
@@ -288,10 +304,7 @@ async fn policies_and_profiles_the_calicoctl_way() {
     let o = tenet(&ep, &["create", "-f", "-"], Some(POLICY_AND_PROFILE));
     assert_eq!(text(&o), "Successfully created 2 resource(s)\n");
     // Calico's backend values (calico-data-model.md §7.2).
-    let get = |k: &'static str| {
-        let store = &store;
-        async move { String::from_utf8(store.get(k).await.unwrap().unwrap().value).unwrap() }
-    };
+    let get = |k: &'static str| value_of(&store, k);
     assert_eq!(
         get("/calico/v1/policy/tier/default/policy/web").await,
         r#"{"order":100,"inbound_rules":[{"action":"allow","protocol":"tcp","src_selector":"role == 'frontend'","dst_ports":[80,"8080:8090"]}],"outbound_rules":[{"action":"allow"}],"selector":"app == 'web'","types":["ingress","egress"]}"#
@@ -578,16 +591,7 @@ async fn config_the_calicoctl_way() {
     assert_eq!(out(&["config", "get", "ipip"]), (Some(0), "off\n".into()));
 
     assert_eq!(out(&["config", "set", "asNumber", "1.10"]).0, Some(0));
-    let value = |k: &'static str| {
-        let store = &store;
-        async move {
-            store
-                .get(k)
-                .await
-                .unwrap()
-                .map(|kv| String::from_utf8(kv.value).unwrap())
-        }
-    };
+    let value = |k: &'static str| value_at(&store, k);
     assert_eq!(
         value("/calico/bgp/v1/global/as_num").await.as_deref(),
         Some("65546")
@@ -702,10 +706,7 @@ spec: {asNumber: '1.10'}
 ";
     let o = tenet(&ep, &["apply", "-f", "-"], Some(file));
     assert_eq!(text(&o), "Successfully applied 3 resource(s)\n");
-    let value = |k: &'static str| {
-        let store = &store;
-        async move { String::from_utf8(store.get(k).await.unwrap().unwrap().value).unwrap() }
-    };
+    let value = |k: &'static str| value_of(&store, k);
     assert_eq!(
         value("/calico/v1/host/node1/endpoint/eth0-ep").await,
         r#"{"name":"eth0","expected_ipv4_addrs":["10.0.0.5"],"labels":{"role":"gw"}}"#
@@ -805,16 +806,7 @@ spec:
 ";
     let o = tenet(&ep, &["create", "-f", "-"], Some(file));
     assert_eq!(text(&o), "Successfully created 2 'node' resource(s)\n");
-    let value = |k: &'static str| {
-        let store = &store;
-        async move {
-            store
-                .get(k)
-                .await
-                .unwrap()
-                .map(|kv| String::from_utf8(kv.value).unwrap())
-        }
-    };
+    let value = |k: &'static str| value_at(&store, k);
     assert_eq!(
         value("/calico/v1/host/node1/metadata").await.as_deref(),
         Some("{}")

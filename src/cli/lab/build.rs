@@ -211,35 +211,19 @@ impl Lab {
             let agent = Daemon::spawn(
                 &format!("tenet-cnci {tenant}"),
                 &cnci_bin,
-                vec![
-                    s("run"),
-                    s("--server"),
-                    address.clone(),
-                    s("--cert"),
-                    s(cnci_cert.display()),
-                    s("--ca"),
-                    s(pki.ca.display()),
-                    s("--uuid"),
-                    uuid.clone(),
-                    s("--tenant"),
-                    s(tenant),
-                    s("--netns"),
-                    s(host.path().display()),
-                    s("--compute-net"),
-                    s(UNDERLAY),
-                    s("--uplink-net"),
-                    s(INTERNET),
-                    s("--tunnel"),
-                    s(plan.tunnel),
-                    s("--run-dir"),
-                    s(run_dir.display()),
-                    s("--status-ttl"),
-                    s(5),
-                ],
-                vec![
-                    (s("ETCD_ENDPOINTS"), etcd.endpoint()),
-                    (s("RUST_LOG"), s("info")),
-                ],
+                [
+                    agent_args(&address, &cnci_cert, &pki.ca, &uuid, host, plan.tunnel),
+                    vec![
+                        s("--tenant"),
+                        s(tenant),
+                        s("--uplink-net"),
+                        s(INTERNET),
+                        s("--run-dir"),
+                        s(run_dir.display()),
+                    ],
+                ]
+                .concat(),
+                agent_env(&etcd),
                 log.clone(),
             )?;
             owner.process(&agent.name, agent.pid().unwrap_or_default());
@@ -285,33 +269,17 @@ impl Lab {
             let agent = Daemon::spawn(
                 &format!("tenet-cn {name}"),
                 &cn_bin,
-                vec![
-                    s("run"),
-                    s("--server"),
-                    address.clone(),
-                    s("--cert"),
-                    s(cn_cert.display()),
-                    s("--ca"),
-                    s(pki.ca.display()),
-                    s("--uuid"),
-                    uuid.clone(),
-                    s("--host"),
-                    name.clone(),
-                    s("--netns"),
-                    s(host.path().display()),
-                    s("--compute-net"),
-                    s(UNDERLAY),
-                    s("--tunnel"),
-                    s(plan.tunnel),
-                    s("--status-ttl"),
-                    s(5),
-                    s("--api-socket"),
-                    s(owner.dir().join(format!("{name}.sock")).display()),
-                ],
-                vec![
-                    (s("ETCD_ENDPOINTS"), etcd.endpoint()),
-                    (s("RUST_LOG"), s("info")),
-                ],
+                [
+                    agent_args(&address, &cn_cert, &pki.ca, &uuid, host, plan.tunnel),
+                    vec![
+                        s("--host"),
+                        name.clone(),
+                        s("--api-socket"),
+                        s(owner.dir().join(format!("{name}.sock")).display()),
+                    ],
+                ]
+                .concat(),
+                agent_env(&etcd),
                 log.clone(),
             )?;
             owner.process(&agent.name, agent.pid().unwrap_or_default());
@@ -579,6 +547,44 @@ impl Lab {
         .await;
         self.scheduler.stop(grace).await;
     }
+}
+
+/// The flags both agents take: scheduler, certificate, identity, host namespace, underlay,
+/// tunnel backend, and a short status TTL (a crashed agent leaves `tenet status` soon).
+fn agent_args(
+    scheduler: &str,
+    cert: &Path,
+    ca: &Path,
+    uuid: &str,
+    host: &Host,
+    tunnel: BackendChoice,
+) -> Vec<String> {
+    vec![
+        s("run"),
+        s("--server"),
+        s(scheduler),
+        s("--cert"),
+        s(cert.display()),
+        s("--ca"),
+        s(ca.display()),
+        s("--uuid"),
+        s(uuid),
+        s("--netns"),
+        s(host.path().display()),
+        s("--compute-net"),
+        s(UNDERLAY),
+        s("--tunnel"),
+        s(tunnel),
+        s("--status-ttl"),
+        s(5),
+    ]
+}
+
+fn agent_env(etcd: &EtcdServer) -> Vec<(String, String)> {
+    vec![
+        (s("ETCD_ENDPOINTS"), etcd.endpoint()),
+        (s("RUST_LOG"), s("info")),
+    ]
 }
 
 fn start_payload(instance: &str, vnic: &str, conc: &ConcentratorInfo, netns: &Path) -> Vec<u8> {
