@@ -18,9 +18,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lab::{RunningLab, dhcp, in_netns, str_of};
+use lab::{RunningLab, dhcp, in_netns, start_payload, str_of};
 use serde_json::Value;
-use ssntp::payload::{Payload, Start, StartCommand, VnicNetworking};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -58,7 +57,7 @@ async fn controller(facts: &Value) -> ssntp::Client {
             if let ssntp::ClientEvent::Frame(f) = e
                 && f.operation() == Some(ssntp::Operation::Error(ssntp::ErrorCode::StartFailure))
             {
-                use ssntp::payload::StartFailure;
+                use ssntp::payload::{Payload, StartFailure};
                 if let Ok(p) = StartFailure::from_yaml(&f.payload) {
                     eprintln!(
                         "START of {} failed: {:?}: {}",
@@ -69,30 +68,6 @@ async fn controller(facts: &Value) -> ssntp::Client {
         }
     });
     client
-}
-
-fn start_payload(facts: &Value, tenant: &str, instance: &str, netns: &Path) -> Vec<u8> {
-    let conc = facts["concentrators"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["tenant"] == tenant)
-        .unwrap();
-    Start::from(StartCommand {
-        instance_uuid: instance.into(),
-        tenant_uuid: tenant.into(),
-        vm_type: "docker".into(),
-        networking: VnicNetworking {
-            vnic_uuid: format!("vnic-{instance}"),
-            concentrator_uuid: str_of(conc, "uuid").into(),
-            concentrator_ip: str_of(conc, "underlay_ip").into(),
-            subnet: "172.16.0.0/24".into(),
-            netns: netns.to_string_lossy().into_owned(),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .to_yaml()
 }
 
 /// Until the workload has a lease and its gateway answers. The DHCP client starts once the

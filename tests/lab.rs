@@ -201,36 +201,14 @@ impl Controller {
 
     /// START of a container workload in `netns` for `tenant` on its concentrator.
     async fn start(&self, facts: &Value, tenant: &str, instance: &str, netns: &Path) {
-        use ssntp::payload::{Payload, Start, StartCommand, VnicNetworking};
-        let conc = concentrator(facts, tenant);
-        let start = Start::from(StartCommand {
-            instance_uuid: instance.into(),
-            tenant_uuid: tenant.into(),
-            vm_type: "docker".into(),
-            networking: VnicNetworking {
-                vnic_uuid: format!("vnic-{instance}"),
-                concentrator_uuid: str_of(conc, "uuid").into(),
-                concentrator_ip: str_of(conc, "underlay_ip").into(),
-                subnet: "172.16.0.0/24".into(),
-                netns: netns.to_string_lossy().into_owned(),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
         self.client
-            .send_command(ssntp::Command::Start, start.to_yaml())
+            .send_command(
+                ssntp::Command::Start,
+                start_payload(facts, tenant, instance, netns),
+            )
             .await
             .unwrap();
     }
-}
-
-fn concentrator<'a>(facts: &'a Value, tenant: &str) -> &'a Value {
-    facts["concentrators"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["tenant"] == tenant)
-        .unwrap()
 }
 
 /// Retries `f` (each try is itself bounded) until it holds, for up to `secs`.

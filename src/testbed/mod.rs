@@ -10,7 +10,7 @@ mod netns;
 
 pub use etcd::EtcdServer;
 pub use fabric::{Fabric, Host, Workload};
-pub use netns::Netns;
+pub use netns::{Netns, delete_netns};
 
 use std::process::{Command, Output};
 

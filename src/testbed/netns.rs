@@ -102,7 +102,9 @@ impl Drop for Netns {
     }
 }
 
-fn delete_netns(name: &str) {
+/// Kills what runs inside the named namespace, then deletes it (also one this process did
+/// not create: a lab's leftovers).
+pub fn delete_netns(name: &str) {
     // Processes keep a namespace alive after `ip netns del`; end them first.
     if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {

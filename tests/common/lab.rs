@@ -183,3 +183,35 @@ pub fn runs_in(ns: &str, name: &str) -> bool {
 pub fn kill(pid: u64, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
 }
+
+/// The concentrator of `tenant` in the lab's facts.
+pub fn concentrator<'a>(facts: &'a Value, tenant: &str) -> &'a Value {
+    facts["concentrators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["tenant"] == tenant)
+        .unwrap_or_else(|| panic!("no concentrator for {tenant}"))
+}
+
+/// ciao's START of a container workload in `netns` for `tenant`, on its concentrator and in
+/// its subnet (from the lab's facts).
+pub fn start_payload(facts: &Value, tenant: &str, instance: &str, netns: &Path) -> Vec<u8> {
+    use ssntp::payload::{Payload, Start, StartCommand, VnicNetworking};
+    let conc = concentrator(facts, tenant);
+    Start::from(StartCommand {
+        instance_uuid: instance.into(),
+        tenant_uuid: tenant.into(),
+        vm_type: "docker".into(),
+        networking: VnicNetworking {
+            vnic_uuid: format!("vnic-{instance}"),
+            concentrator_uuid: str_of(conc, "uuid").into(),
+            concentrator_ip: str_of(conc, "underlay_ip").into(),
+            subnet: str_of(conc, "subnet").into(),
+            netns: netns.to_string_lossy().into_owned(),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .to_yaml()
+}

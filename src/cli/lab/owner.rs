@@ -142,7 +142,9 @@ pub fn sweep() -> Vec<String> {
             }
         }
         for ns in &record.namespaces {
-            delete_namespace(ns);
+            if Path::new("/var/run/netns").join(ns).exists() {
+                tenet::testbed::delete_netns(ns);
+            }
         }
         for d in &record.dirs {
             let _ = std::fs::remove_dir_all(d);
@@ -164,28 +166,4 @@ pub fn sweep() -> Vec<String> {
 /// Whether `pid` is the very process that started at `start_time`.
 fn owns(pid: u32, start_time: u64) -> bool {
     procfs::alive(pid) && procfs::start_time(pid) == Some(start_time)
-}
-
-/// Kills what runs inside the namespace (dnsmasq, workloads), then deletes it.
-fn delete_namespace(name: &str) {
-    let path = Path::new("/var/run/netns").join(name);
-    if !path.exists() {
-        return;
-    }
-    if let Ok(out) = std::process::Command::new("ip")
-        .args(["netns", "pids", name])
-        .output()
-    {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-    let _ = std::process::Command::new("ip")
-        .args(["netns", "del", name])
-        .output();
 }
