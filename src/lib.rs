@@ -11,6 +11,8 @@
 //! * [`calico`]: Calico 2.x's etcd keyspace: key builders/parsers and value types.
 //! * [`keyspace`]: tenet's own keys under `/tenet/v1/`.
 //! * [`ipam`]: Calico block IPAM made atomic with etcd transactions.
+//! * [`policy`]: Calico policy: selectors, the calculation engine, Felix's dataplane protocol,
+//!   rendering into iptables chains and IP sets.
 //! * [`dump`]: decoding any stored key for `tenet dump`.
 //! * [`testbed`] (feature `testbed`): real etcd and network namespaces for tests,
 //!   benchmarks and the lab.
@@ -20,6 +22,7 @@ pub mod dump;
 pub mod ipam;
 pub mod keyspace;
 pub mod net;
+pub mod policy;
 pub mod process;
 pub mod store;
 #[cfg(feature = "testbed")]

@@ -11,7 +11,6 @@ mod keys;
 mod policy;
 pub mod resource;
 mod scalar;
-pub mod selector;
 pub mod vnic;
 
 use std::collections::BTreeMap;

@@ -67,7 +67,7 @@ impl PolicyResource {
                     |e| e.reason.starts_with("label keys"),
                 ),
         );
-        if let Err(e) = crate::calico::selector::Selector::parse(&self.spec.selector) {
+        if let Err(e) = crate::policy::selector::Selector::parse(&self.spec.selector) {
             out.push(FieldError {
                 field: "Selector".into(),
                 value: self.spec.selector.clone(),

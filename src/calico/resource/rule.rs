@@ -97,7 +97,7 @@ impl ApiRule {
         }
         for (side, e) in [("Source", &self.source), ("Destination", &self.destination)] {
             for (name, sel) in [("Selector", &e.selector), ("NotSelector", &e.not_selector)] {
-                if let Err(err) = crate::calico::selector::Selector::parse(sel) {
+                if let Err(err) = crate::policy::selector::Selector::parse(sel) {
                     field(format!("{side}.{name}"), sel.clone(), err.reason);
                 }
             }

@@ -233,7 +233,7 @@ impl Firewall {
 /// Turns a failed restore into a `Rejected` naming the batch line it failed at. iptables says
 /// `Error occurred at line: N`; iptables-nft reports errors at the table's COMMIT, so a name
 /// the message quotes (`Chain 'X' does not exist`) finds the line better.
-pub(crate) fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallError {
+pub fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallError {
     match e {
         ProcessError::Failed { stderr, .. } => {
             let numbered = stderr

@@ -1,0 +1,16 @@
+//! Calico policy, computed as Felix does and rendered into tenet's firewall.
+//!
+//! * [`selector`]: the selector grammar, its canonical form and IP-set ids.
+//! * [`proto`]: Felix's dataplane-driver messages and their framing.
+//! * [`calc`]: the incremental calculation engine: endpoints, profiles and policies in,
+//!   Felix's dataplane messages out (pure).
+//! * [`render`]: dataplane state → Calico-named chains and IP sets (pure).
+//! * [`dataplane`]: the driver that keeps that state from the messages and applies it.
+//! * [`sync`]: etcd → engine → driver → kernel for one host (Felix, in-process).
+
+pub mod calc;
+pub mod dataplane;
+pub mod proto;
+pub mod render;
+pub mod selector;
+pub mod sync;

@@ -1,0 +1,807 @@
+//! Dataplane state → Calico's iptables chains and IP-set names (reference §3.4, §3.5).
+//! Pure: the result is a [`Ruleset`] of owner `cali` for `net::firewall` to apply.
+//!
+//! Chain names, mark bits, the endpoint chain layout, the dispatch tree and the rule
+//! fragments are Felix's. Two hooks for workloads:
+//! * [`WorkloadHook::Bridged`] (GRE/VXLAN mode): VNICs are ports of tenant bridges, so the
+//!   endpoint chains are entered from FORWARD by `physdev` matches on the port
+//!   (br_netfilter). Two workloads on one bridge are policed too. DHCP between a workload and
+//!   its concentrator is always let through (tenet's counterpart of Felix's OpenStack DHCP
+//!   allowance), or a workload with a strict policy could never get its address.
+//! * [`WorkloadHook::Routed`]: the workload interfaces, as Felix does (`-i`/`-o`), with
+//!   workload → host traffic through `cali-wl-to-host`.
+//!
+//! IPv4 only so far: rules for IPv6 alone are skipped, IPv6 CIDRs filtered out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+
+use crate::net::firewall::{Rule, Ruleset, Table};
+use crate::policy::proto;
+
+/// The owner of every chain rendered here (so chains are `cali-…`).
+pub const OWNER: &str = "cali";
+/// Longest chain name Felix makes.
+pub const MAX_CHAIN: usize = 28;
+/// Longest IP-set name the kernel takes.
+pub const MAX_IPSET: usize = 31;
+
+/// The mark bits, from the low end of `IptablesMarkMask`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Marks {
+    pub accept: u32,
+    pub pass: u32,
+    pub scratch0: u32,
+    pub scratch1: u32,
+}
+
+impl Marks {
+    /// Felix's allocation from a mask; `None` if it has fewer than four bits.
+    pub fn from_mask(mask: u32) -> Option<Marks> {
+        let bits: Vec<u32> = (0..32)
+            .map(|i| 1u32 << i)
+            .filter(|b| mask & b != 0)
+            .take(4)
+            .collect();
+        match bits[..] {
+            [accept, pass, scratch0, scratch1] => Some(Marks {
+                accept,
+                pass,
+                scratch0,
+                scratch1,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks::from_mask(0xff00_0000).expect("eight bits")
+    }
+}
+
+/// Go's `%#x`.
+fn hex(v: u32) -> String {
+    format!("{v:#x}")
+}
+
+/// How workload traffic reaches the endpoint chains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkloadHook {
+    /// Bridge ports whose names start with one of the prefixes (`tvn_`).
+    Bridged { prefixes: Vec<String> },
+    /// Routed interfaces whose names start with one of the prefixes (`cali`).
+    Routed { prefixes: Vec<String> },
+}
+
+/// What the rendering depends on besides the dataplane state (Felix config, §1.11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderConfig {
+    pub hook: WorkloadHook,
+    pub marks: Marks,
+    pub log_prefix: String,
+    /// `DROP`, `ACCEPT` or `RETURN`: workload → host traffic after egress policy.
+    pub default_endpoint_to_host: String,
+}
+
+impl RenderConfig {
+    /// From Felix's merged configuration; names are case-insensitive, bad values fall back
+    /// to Felix's defaults.
+    pub fn from_felix(hook: WorkloadHook, config: &BTreeMap<String, String>) -> RenderConfig {
+        let get = |name: &str| {
+            config
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let marks = get("IptablesMarkMask")
+            .and_then(|m| {
+                let m = m.trim_start_matches("0x");
+                u32::from_str_radix(m, 16).ok()
+            })
+            .and_then(Marks::from_mask)
+            .unwrap_or_default();
+        let action = get("DefaultEndpointToHostAction")
+            .map(|a| a.to_ascii_uppercase())
+            .filter(|a| matches!(a.as_str(), "DROP" | "ACCEPT" | "RETURN"))
+            .unwrap_or_else(|| "DROP".into());
+        RenderConfig {
+            hook,
+            marks,
+            log_prefix: get("LogPrefix").unwrap_or_else(|| "calico-packet".into()),
+            default_endpoint_to_host: action,
+        }
+    }
+}
+
+/// The state the dataplane driver keeps from the messages.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataplaneState {
+    pub ipsets: BTreeMap<String, BTreeSet<String>>,
+    pub policies: BTreeMap<String, proto::Policy>,
+    pub profiles: BTreeMap<String, proto::Profile>,
+    /// By (orchestrator, workload, endpoint).
+    pub workloads: BTreeMap<(String, String, String), proto::WorkloadEndpoint>,
+    pub config: BTreeMap<String, String>,
+}
+
+/// A chain name: `prefix + suffix`, or, when that is too long, `prefix + "_" +` as much of
+/// base64url(SHA-256(suffix)) as fits in 28 characters (Felix's rule).
+pub fn chain_name(prefix: &str, suffix: &str) -> String {
+    let len = prefix.len() + suffix.len();
+    if len < MAX_CHAIN || (len == MAX_CHAIN && !suffix.starts_with('_')) {
+        return format!("{prefix}{suffix}");
+    }
+    let hash = URL_SAFE_NO_PAD.encode(Sha256::digest(suffix.as_bytes()));
+    let room = MAX_CHAIN - 1 - prefix.len();
+    format!("{prefix}_{}", &hash[..room])
+}
+
+/// The kernel name of an IP set (IPv4 family).
+pub fn ipset_name(id: &str) -> String {
+    let name = format!("cali4-{id}");
+    name[..name.len().min(MAX_IPSET)].to_string()
+}
+
+/// The temporary name a set is built under before it is swapped in.
+pub fn ipset_temp_name(id: &str) -> String {
+    let name = format!("cali4t{id}");
+    name[..name.len().min(MAX_IPSET)].to_string()
+}
+
+pub fn policy_chain(name: &str, inbound: bool) -> String {
+    chain_name(if inbound { "cali-pi-" } else { "cali-po-" }, name)
+}
+
+pub fn profile_chain(name: &str, inbound: bool) -> String {
+    chain_name(if inbound { "cali-pri-" } else { "cali-pro-" }, name)
+}
+
+pub fn to_endpoint_chain(iface: &str) -> String {
+    chain_name("cali-tw-", iface)
+}
+
+pub fn from_endpoint_chain(iface: &str) -> String {
+    chain_name("cali-fw-", iface)
+}
+
+fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn protocol_text(p: &proto::Protocol) -> Option<String> {
+    match p.number_or_name.as_ref()? {
+        proto::protocol::NumberOrName::Name(n) => Some(n.clone()),
+        proto::protocol::NumberOrName::Number(n) => Some(n.to_string()),
+    }
+}
+
+fn port_list(ports: &[proto::PortRange]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            if p.first == p.last {
+                p.first.to_string()
+            } else {
+                format!("{}:{}", p.first, p.last)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Splits a port list into chunks of at most 15 multiport slots (a range takes two).
+fn port_chunks(ports: &[proto::PortRange]) -> Vec<Vec<proto::PortRange>> {
+    let mut out: Vec<Vec<proto::PortRange>> = Vec::new();
+    let mut slots = 0;
+    for p in ports {
+        let need = if p.first == p.last { 1 } else { 2 };
+        if out.is_empty() || slots + need > 15 {
+            out.push(Vec::new());
+            slots = 0;
+        }
+        out.last_mut().expect("pushed").push(*p);
+        slots += need;
+    }
+    out
+}
+
+fn is_v4(net: &str) -> bool {
+    !net.contains(':')
+}
+
+/// One rule's iptables lines (each a list of arguments), for the IPv4 table; empty if the
+/// rule does not apply to IPv4. `object` says what the lines are for (their comment).
+pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>> {
+    if rule.ip_version == proto::IpVersion::Ipv6 as i32 {
+        return Vec::new();
+    }
+    let v4 = |nets: &[String]| -> Option<Vec<String>> {
+        let kept: Vec<String> = nets.iter().filter(|n| is_v4(n)).cloned().collect();
+        // A list emptied by the filtering makes the rule impossible in this family.
+        (nets.is_empty() || !kept.is_empty()).then_some(kept)
+    };
+    let (Some(src), Some(dst), Some(not_src), Some(not_dst)) = (
+        v4(&rule.src_net),
+        v4(&rule.dst_net),
+        v4(&rule.not_src_net),
+        v4(&rule.not_dst_net),
+    ) else {
+        return Vec::new();
+    };
+    let m = config.marks;
+    let mut prefix_rules: Vec<Vec<String>> = Vec::new();
+    let mut match_src: Option<&String> = src.first();
+    let mut match_dst: Option<&String> = dst.first();
+    let mut negated_src = not_src.clone();
+    let mut negated_dst = not_dst.clone();
+    let mut scratch_test = false;
+    let src_over = src.len() + not_src.len() > 1;
+    let dst_over = dst.len() + not_dst.len() > 1;
+    if src_over || dst_over {
+        // Felix's scratch-mark block: ORs of positive CIDRs into scratch bits, negatives
+        // clearing them, then the rule itself tests the bit.
+        let positive_multi: Vec<(&str, &Vec<String>)> = [("-s", &src), ("-d", &dst)]
+            .into_iter()
+            .filter(|(_, l)| l.len() > 1)
+            .collect();
+        let start = if positive_multi.is_empty() {
+            m.scratch0
+        } else {
+            0
+        };
+        prefix_rules.push(args(&[
+            "-j",
+            "MARK",
+            "--set-mark",
+            &format!("{}/{}", hex(start), hex(m.scratch0 | m.scratch1)),
+        ]));
+        for (i, (flag, list)) in positive_multi.iter().enumerate() {
+            let bit = if i == 0 { m.scratch0 } else { m.scratch1 };
+            for net in list.iter() {
+                prefix_rules.push(args(&[
+                    flag,
+                    net,
+                    "-j",
+                    "MARK",
+                    "--set-mark",
+                    &format!("{}/{}", hex(bit), hex(bit)),
+                ]));
+            }
+            if i > 0 {
+                prefix_rules.push(args(&[
+                    "-m",
+                    "mark",
+                    "--mark",
+                    &format!("0x0/{}", hex(m.scratch1)),
+                    "-j",
+                    "MARK",
+                    "--set-mark",
+                    &format!("0x0/{}", hex(m.scratch0)),
+                ]));
+            }
+        }
+        for (flag, list, over) in [("-s", &not_src, src_over), ("-d", &not_dst, dst_over)] {
+            if over {
+                for net in list.iter() {
+                    prefix_rules.push(args(&[
+                        flag,
+                        net,
+                        "-j",
+                        "MARK",
+                        "--set-mark",
+                        &format!("0x0/{}", hex(m.scratch0)),
+                    ]));
+                }
+            }
+        }
+        if src_over {
+            match_src = None;
+            negated_src.clear();
+        }
+        if dst_over {
+            match_dst = None;
+            negated_dst.clear();
+        }
+        scratch_test = true;
+    }
+
+    let src_chunks = if rule.src_ports.is_empty() {
+        vec![Vec::new()]
+    } else {
+        port_chunks(&rule.src_ports)
+    };
+    let dst_chunks = if rule.dst_ports.is_empty() {
+        vec![Vec::new()]
+    } else {
+        port_chunks(&rule.dst_ports)
+    };
+    let mut out = prefix_rules;
+    for sp in &src_chunks {
+        for dp in &dst_chunks {
+            let mut a: Vec<String> = Vec::new();
+            if let Some(p) = rule.protocol.as_ref().and_then(protocol_text) {
+                a.extend(args(&["-p", &p]));
+            }
+            if let Some(s) = match_src {
+                a.extend(args(&["-s", s]));
+            }
+            for id in &rule.src_ip_set_ids {
+                a.extend(args(&["-m", "set", "--match-set", &ipset_name(id), "src"]));
+            }
+            if !sp.is_empty() {
+                a.extend(args(&["-m", "multiport", "--source-ports", &port_list(sp)]));
+            }
+            if let Some(d) = match_dst {
+                a.extend(args(&["-d", d]));
+            }
+            for id in &rule.dst_ip_set_ids {
+                a.extend(args(&["-m", "set", "--match-set", &ipset_name(id), "dst"]));
+            }
+            if !dp.is_empty() {
+                a.extend(args(&[
+                    "-m",
+                    "multiport",
+                    "--destination-ports",
+                    &port_list(dp),
+                ]));
+            }
+            match &rule.icmp {
+                Some(proto::rule::Icmp::IcmpType(t)) => {
+                    a.extend(args(&["-m", "icmp", "--icmp-type", &t.to_string()]))
+                }
+                Some(proto::rule::Icmp::IcmpTypeCode(tc)) => a.extend(args(&[
+                    "-m",
+                    "icmp",
+                    "--icmp-type",
+                    &format!("{}/{}", tc.r#type, tc.code),
+                ])),
+                None => {}
+            }
+            if let Some(p) = rule.not_protocol.as_ref().and_then(protocol_text) {
+                a.extend(args(&["!", "-p", &p]));
+            }
+            for s in &negated_src {
+                a.extend(args(&["!", "-s", s]));
+            }
+            for id in &rule.not_src_ip_set_ids {
+                a.extend(args(&[
+                    "-m",
+                    "set",
+                    "!",
+                    "--match-set",
+                    &ipset_name(id),
+                    "src",
+                ]));
+            }
+            for chunk in port_chunks(&rule.not_src_ports) {
+                a.extend(args(&[
+                    "-m",
+                    "multiport",
+                    "!",
+                    "--source-ports",
+                    &port_list(&chunk),
+                ]));
+            }
+            for d in &negated_dst {
+                a.extend(args(&["!", "-d", d]));
+            }
+            for id in &rule.not_dst_ip_set_ids {
+                a.extend(args(&[
+                    "-m",
+                    "set",
+                    "!",
+                    "--match-set",
+                    &ipset_name(id),
+                    "dst",
+                ]));
+            }
+            for chunk in port_chunks(&rule.not_dst_ports) {
+                a.extend(args(&[
+                    "-m",
+                    "multiport",
+                    "!",
+                    "--destination-ports",
+                    &port_list(&chunk),
+                ]));
+            }
+            match &rule.not_icmp {
+                Some(proto::rule::NotIcmp::NotIcmpType(t)) => {
+                    a.extend(args(&["-m", "icmp", "!", "--icmp-type", &t.to_string()]))
+                }
+                Some(proto::rule::NotIcmp::NotIcmpTypeCode(tc)) => a.extend(args(&[
+                    "-m",
+                    "icmp",
+                    "!",
+                    "--icmp-type",
+                    &format!("{}/{}", tc.r#type, tc.code),
+                ])),
+                None => {}
+            }
+            if scratch_test {
+                a.extend(args(&[
+                    "-m",
+                    "mark",
+                    "--mark",
+                    &format!("{}/{}", hex(m.scratch0), hex(m.scratch0)),
+                ]));
+            }
+            out.extend(action_lines(&rule.action, a, config));
+        }
+    }
+    out
+}
+
+/// The lines of an action after the match `a`.
+fn action_lines(action: &str, a: Vec<String>, config: &RenderConfig) -> Vec<Vec<String>> {
+    let m = config.marks;
+    let mark_and_return = |bit: u32| {
+        let mut set = a.clone();
+        set.extend(args(&[
+            "-j",
+            "MARK",
+            "--set-mark",
+            &format!("{}/{}", hex(bit), hex(bit)),
+        ]));
+        vec![
+            set,
+            args(&[
+                "-m",
+                "mark",
+                "--mark",
+                &format!("{}/{}", hex(bit), hex(bit)),
+                "-j",
+                "RETURN",
+            ]),
+        ]
+    };
+    match action {
+        "deny" => {
+            let mut d = a;
+            d.extend(args(&["-j", "DROP"]));
+            vec![d]
+        }
+        "log" => {
+            let mut l = a;
+            l.extend(args(&[
+                "-j",
+                "LOG",
+                "--log-prefix",
+                &format!("{}: ", config.log_prefix),
+                "--log-level",
+                "5",
+            ]));
+            vec![l]
+        }
+        "next-tier" | "pass" => mark_and_return(m.pass),
+        // "allow", "" — and anything unknown is refused earlier by validation.
+        _ => mark_and_return(m.accept),
+    }
+}
+
+fn rules_of(object: &str, lines: Vec<Vec<String>>) -> Vec<Rule> {
+    lines.into_iter().map(|a| Rule::new(object, a)).collect()
+}
+
+fn rendered_rules(rules: &[proto::Rule], object: &str, config: &RenderConfig) -> Vec<Rule> {
+    rules
+        .iter()
+        .flat_map(|r| {
+            let what = if r.rule_id.is_empty() {
+                object.to_string()
+            } else {
+                format!("{object} rule {}", r.rule_id)
+            };
+            rules_of(&what, render_rule(r, config))
+        })
+        .collect()
+}
+
+/// Which way an endpoint chain polices.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Traffic to the workload: ingress policies, inbound profile rules.
+    To,
+    From,
+}
+
+/// One workload endpoint's chain in one direction (Felix's layout, §3.4).
+fn endpoint_chain(
+    ep: &proto::WorkloadEndpoint,
+    dir: Direction,
+    state: &DataplaneState,
+    config: &RenderConfig,
+) -> Vec<Rule> {
+    let m = config.marks;
+    let mut r = Vec::new();
+    let rule = |obj: &str, a: &[&str]| Rule::new(obj, args(a));
+    if ep.state != "active" {
+        r.push(rule("Endpoint admin disabled", &["-j", "DROP"]));
+        return r;
+    }
+    r.push(rule(
+        "established",
+        &[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ],
+    ));
+    r.push(rule(
+        "invalid",
+        &["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+    ));
+    if matches!(config.hook, WorkloadHook::Bridged { .. }) {
+        let (sport, dport) = match dir {
+            Direction::From => ("68", "67"),
+            Direction::To => ("67", "68"),
+        };
+        r.push(rule(
+            "DHCP with the concentrator",
+            &[
+                "-p", "udp", "--sport", sport, "--dport", dport, "-j", "ACCEPT",
+            ],
+        ));
+    }
+    r.push(rule(
+        "clear accept",
+        &[
+            "-j",
+            "MARK",
+            "--set-mark",
+            &format!("0x0/{}", hex(m.accept)),
+        ],
+    ));
+    let accepted = format!("{}/{}", hex(m.accept), hex(m.accept));
+    let pass_clear = format!("0x0/{}", hex(m.pass));
+    let policies: Vec<&String> = ep
+        .tiers
+        .iter()
+        .flat_map(|t| match dir {
+            Direction::To => &t.ingress_policies,
+            Direction::From => &t.egress_policies,
+        })
+        .collect();
+    if !policies.is_empty() {
+        r.push(rule(
+            "Start of policies",
+            &["-j", "MARK", "--set-mark", &pass_clear],
+        ));
+        for p in policies {
+            if !state.policies.contains_key(p.as_str()) {
+                continue;
+            }
+            let chain = policy_chain(p, dir == Direction::To);
+            r.push(rule(
+                &format!("policy {p}"),
+                &["-m", "mark", "--mark", &pass_clear, "-j", &chain],
+            ));
+            r.push(rule(
+                "Return if policy accepted",
+                &["-m", "mark", "--mark", &accepted, "-j", "RETURN"],
+            ));
+        }
+        r.push(rule(
+            "Drop if no policies passed packet",
+            &["-m", "mark", "--mark", &pass_clear, "-j", "DROP"],
+        ));
+    }
+    for p in &ep.profile_ids {
+        if !state.profiles.contains_key(p.as_str()) {
+            continue;
+        }
+        let chain = profile_chain(p, dir == Direction::To);
+        r.push(rule(&format!("profile {p}"), &["-j", &chain]));
+        r.push(rule(
+            "Return if profile accepted",
+            &["-m", "mark", "--mark", &accepted, "-j", "RETURN"],
+        ));
+    }
+    r.push(rule("Drop if no profiles matched", &["-j", "DROP"]));
+    r
+}
+
+/// Matches a packet's workload interface (`name` ends in `+` for a prefix).
+fn iface_match(hook: &WorkloadHook, dir: Direction, name: &str) -> Vec<String> {
+    match (hook, dir) {
+        (WorkloadHook::Bridged { .. }, Direction::From) => args(&[
+            "-m",
+            "physdev",
+            "--physdev-in",
+            name,
+            "--physdev-is-bridged",
+        ]),
+        (WorkloadHook::Bridged { .. }, Direction::To) => args(&[
+            "-m",
+            "physdev",
+            "--physdev-out",
+            name,
+            "--physdev-is-bridged",
+        ]),
+        (WorkloadHook::Routed { .. }, Direction::From) => args(&["-i", name]),
+        (WorkloadHook::Routed { .. }, Direction::To) => args(&["-o", name]),
+    }
+}
+
+/// The dispatch tree for sorted, unique interface names: root chain `base`, a child chain
+/// per group of names sharing the common prefix plus one more character (§3.4).
+fn dispatch(
+    names: &[String],
+    dir: Direction,
+    base: &str,
+    config: &RenderConfig,
+    chains: &mut BTreeMap<String, Vec<Rule>>,
+) {
+    let target = |n: &str| match dir {
+        Direction::From => from_endpoint_chain(n),
+        Direction::To => to_endpoint_chain(n),
+    };
+    let common = names
+        .first()
+        .map(|first| {
+            let mut len = first.len();
+            for n in names {
+                len = len.min(
+                    first
+                        .bytes()
+                        .zip(n.bytes())
+                        .take_while(|(a, b)| a == b)
+                        .count(),
+                );
+            }
+            first[..len].to_string()
+        })
+        .unwrap_or_default();
+    let mut groups: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+    for n in names {
+        let key = n[..(common.len() + 1).min(n.len())].to_string();
+        groups.entry(key).or_default().push(n);
+    }
+    let unknown = Rule::new("Unknown interface", args(&["-j", "DROP"]));
+    let mut root = Vec::new();
+    for (key, members) in &groups {
+        if members.len() == 1 {
+            let mut a = iface_match(&config.hook, dir, members[0]);
+            a.extend(args(&["-g", &target(members[0])]));
+            root.push(Rule::new(format!("endpoint {}", members[0]), a));
+        } else {
+            let next = &key[common.len()..];
+            let child = format!("{base}-{next}");
+            let mut a = iface_match(&config.hook, dir, &format!("{key}+"));
+            a.extend(args(&["-g", &child]));
+            root.push(Rule::new(format!("endpoints {key}+"), a));
+            let mut rules: Vec<Rule> = members
+                .iter()
+                .map(|n| {
+                    let mut a = iface_match(&config.hook, dir, n);
+                    a.extend(args(&["-g", &target(n)]));
+                    Rule::new(format!("endpoint {n}"), a)
+                })
+                .collect();
+            rules.push(unknown.clone());
+            chains.insert(child, rules);
+        }
+    }
+    root.push(unknown);
+    chains.insert(base.to_string(), root);
+}
+
+/// Everything the dataplane state asks for, as one ruleset of owner [`OWNER`].
+pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
+    let mut filter: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
+    for (name, p) in &state.policies {
+        let obj = format!("policy {name}");
+        filter.insert(
+            policy_chain(name, true),
+            rendered_rules(&p.inbound_rules, &obj, config),
+        );
+        filter.insert(
+            policy_chain(name, false),
+            rendered_rules(&p.outbound_rules, &obj, config),
+        );
+    }
+    for (name, p) in &state.profiles {
+        let obj = format!("profile {name}");
+        filter.insert(
+            profile_chain(name, true),
+            rendered_rules(&p.inbound_rules, &obj, config),
+        );
+        filter.insert(
+            profile_chain(name, false),
+            rendered_rules(&p.outbound_rules, &obj, config),
+        );
+    }
+    // First endpoint of a name wins, as in Felix.
+    let mut ifaces: BTreeMap<&str, &proto::WorkloadEndpoint> = BTreeMap::new();
+    for ep in state.workloads.values() {
+        ifaces.entry(ep.name.as_str()).or_insert(ep);
+    }
+    for (name, ep) in &ifaces {
+        filter.insert(
+            to_endpoint_chain(name),
+            endpoint_chain(ep, Direction::To, state, config),
+        );
+        filter.insert(
+            from_endpoint_chain(name),
+            endpoint_chain(ep, Direction::From, state, config),
+        );
+    }
+    let names: Vec<String> = ifaces.keys().map(|n| n.to_string()).collect();
+    dispatch(
+        &names,
+        Direction::From,
+        "cali-from-wl-dispatch",
+        config,
+        &mut filter,
+    );
+    dispatch(
+        &names,
+        Direction::To,
+        "cali-to-wl-dispatch",
+        config,
+        &mut filter,
+    );
+
+    let mut rs = Ruleset::new(OWNER);
+    let forward = rs.chain(Table::Filter, "FORWARD", "FORWARD");
+    let prefixes = match &config.hook {
+        WorkloadHook::Bridged { prefixes } | WorkloadHook::Routed { prefixes } => prefixes,
+    };
+    let mut fwd = Vec::new();
+    for p in prefixes {
+        let any = format!("{p}+");
+        let mut a = iface_match(&config.hook, Direction::From, &any);
+        a.extend(args(&["-j", "cali-from-wl-dispatch"]));
+        fwd.push(Rule::new("from workloads", a));
+        let mut a = iface_match(&config.hook, Direction::To, &any);
+        a.extend(args(&["-j", "cali-to-wl-dispatch"]));
+        fwd.push(Rule::new("to workloads", a));
+    }
+    for p in prefixes {
+        let any = format!("{p}+");
+        for dir in [Direction::From, Direction::To] {
+            let mut a = iface_match(&config.hook, dir, &any);
+            a.extend(args(&["-j", "ACCEPT"]));
+            fwd.push(Rule::new("workload traffic allowed by policy", a));
+        }
+    }
+    rs.set_rules(Table::Filter, &forward, Arc::new(fwd));
+    if let WorkloadHook::Routed { prefixes } = &config.hook {
+        let input = rs.chain(Table::Filter, "INPUT", "INPUT");
+        let rules = prefixes
+            .iter()
+            .map(|p| {
+                Rule::new(
+                    "from workloads",
+                    args(&["-i", &format!("{p}+"), "-g", "cali-wl-to-host"]),
+                )
+            })
+            .collect();
+        rs.set_rules(Table::Filter, &input, Arc::new(rules));
+        filter.insert(
+            "cali-wl-to-host".into(),
+            vec![
+                Rule::new("egress policy", args(&["-j", "cali-from-wl-dispatch"])),
+                Rule::new(
+                    "DefaultEndpointToHostAction",
+                    args(&["-j", &config.default_endpoint_to_host]),
+                ),
+            ],
+        );
+    }
+    for (chain, rules) in filter {
+        rs.set_rules(Table::Filter, &chain, Arc::new(rules));
+    }
+    rs
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! Policy for one host, end to end: `/calico/v1` listed then watched → the calculation
+//! engine → the dataplane driver → the kernel. Felix's whole job, in-process.
+//!
+//! A burst of etcd changes is taken as one batch (one calculation flush, one kernel
+//! transaction). A lost watch (compaction, etcd restart) relists and starts a fresh engine;
+//! the dataplane's first apply after that reconciles with the kernel, so nothing is torn
+//! down in between. Every `resync` interval the kernel is checked and repaired (rules or sets
+//! changed by hand). On shutdown every `cali` chain and set is removed.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::net::firewall::{FirewallError, IptablesVariant};
+use crate::policy::calc::{CalcConfig, CalcGraph, Input};
+use crate::policy::dataplane::PolicyDataplane;
+use crate::policy::render::WorkloadHook;
+use crate::store::{Datastore, EventKind, Revision, StoreError};
+
+/// The subtree Felix watches.
+pub const FELIX_PREFIX: &str = "/calico/v1/";
+
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub calc: CalcConfig,
+    pub hook: WorkloadHook,
+    /// The namespace whose firewall is programmed (`None`: the caller's).
+    pub netns: Option<PathBuf>,
+    pub iptables: Option<IptablesVariant>,
+    /// How often the kernel is checked against the state.
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy firewall: {0}")]
+    Firewall(#[from] FirewallError),
+    #[error("policy datastore: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A running policy sync.
+pub struct PolicyHandle {
+    applied: watch::Receiver<Revision>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), PolicyError>>,
+}
+
+impl PolicyHandle {
+    /// Waits until every datastore change up to `revision` is in the kernel.
+    pub async fn wait_applied(&mut self, revision: Revision) {
+        let _ = self.applied.wait_for(|r| *r >= revision).await;
+    }
+
+    /// The revision whose state the kernel has.
+    pub fn applied(&self) -> Revision {
+        *self.applied.borrow()
+    }
+
+    /// Stops the sync and removes every chain and set it made.
+    pub async fn stop(mut self) -> Result<(), PolicyError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "policy sync task failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Starts the policy sync on its own task. Fails at once if the firewall cannot be set up.
+pub async fn spawn(
+    store: Arc<dyn Datastore>,
+    config: PolicyConfig,
+) -> Result<PolicyHandle, PolicyError> {
+    let dataplane = PolicyDataplane::new(
+        config.netns.as_deref(),
+        config.hook.clone(),
+        config.iptables,
+    )
+    .await?;
+    let (applied_tx, applied) = watch::channel(0);
+    let (stop, stopped) = oneshot::channel();
+    let span = info_span!("policy", host = %config.calc.hostname);
+    let task = tokio::spawn(
+        run(store, config, dataplane, applied_tx, stopped.map(|_| ())).instrument(span),
+    );
+    Ok(PolicyHandle {
+        applied,
+        stop: Some(stop),
+        task,
+    })
+}
+
+async fn run(
+    store: Arc<dyn Datastore>,
+    config: PolicyConfig,
+    mut dataplane: PolicyDataplane,
+    applied: watch::Sender<Revision>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), PolicyError> {
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let session = sync_once(&store, &config, &mut dataplane, &applied);
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            ended = session => {
+                match ended {
+                    Ok(()) => backoff = Duration::from_millis(200),
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "policy sync interrupted; listing again");
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    info!("policy sync stopping: removing its chains and sets");
+    dataplane.remove().await?;
+    Ok(())
+}
+
+/// One list + watch session; returns when the watch is lost.
+async fn sync_once(
+    store: &Arc<dyn Datastore>,
+    config: &PolicyConfig,
+    dataplane: &mut PolicyDataplane,
+    applied: &watch::Sender<Revision>,
+) -> Result<(), PolicyError> {
+    let listing = store.list(FELIX_PREFIX).await?;
+    let mut graph = CalcGraph::new(config.calc.clone());
+    for kv in &listing.kvs {
+        if let Some(input) = Input::from_kv(&kv.key, Some(&kv.value)) {
+            graph.apply(input);
+        }
+    }
+    graph.apply(Input::InSync);
+    dataplane.reset();
+    for msg in graph.flush() {
+        dataplane.handle(msg);
+    }
+    let report = dataplane.reconcile().await?;
+    let stats = graph.stats();
+    info!(
+        revision = listing.revision,
+        endpoints = stats.endpoints,
+        local = stats.local_endpoints,
+        policies = stats.active_policies,
+        profiles = stats.active_profiles,
+        ip_sets = stats.ip_sets,
+        took = ?report.took,
+        "policy in sync"
+    );
+    applied.send_replace(listing.revision);
+    let mut watch = store.watch(FELIX_PREFIX, listing.revision + 1).await?;
+    let mut resync = tokio::time::interval(config.resync);
+    resync.tick().await;
+    loop {
+        tokio::select! {
+            event = watch.next() => {
+                let Some(first) = event else {
+                    return Err(StoreError::Unavailable {
+                        key: FELIX_PREFIX.into(),
+                        reason: "the watch ended".into(),
+                    }.into());
+                };
+                let mut batch = vec![first?];
+                while let Some(Some(more)) = watch.next().now_or_never() {
+                    batch.push(more?);
+                }
+                let revision = batch.last().map_or(0, |e| e.revision);
+                for e in &batch {
+                    let value = match e.kind {
+                        EventKind::Put => Some(e.value.as_slice()),
+                        EventKind::Delete => None,
+                    };
+                    if let Some(input) = Input::from_kv(&e.key, value) {
+                        graph.apply(input);
+                    }
+                }
+                let msgs = graph.flush();
+                let count = msgs.len();
+                for msg in msgs {
+                    dataplane.handle(msg);
+                }
+                match dataplane.apply().await {
+                    Ok(report) => debug!(events = batch.len(), messages = count, took = ?report.took, "policy change applied"),
+                    // The dataplane reconciles at its next apply or resync.
+                    Err(e) => warn!(error = %e, "policy change not applied; retrying at the next resync"),
+                }
+                applied.send_replace(revision);
+            }
+            _ = resync.tick() => {
+                if let Err(e) = dataplane.reconcile().await {
+                    warn!(error = %e, "policy resync failed");
+                }
+            }
+        }
+    }
+}
