@@ -21,6 +21,39 @@ pub const CONCENTRATOR_IP_LABEL: &str = "tenet.concentrator-ip";
 /// `vm` or `container`.
 pub const KIND_LABEL: &str = "tenet.kind";
 
+/// The Calico profile every VNIC of a tenant carries: its default security group. The
+/// compute node creates it allowing everything (tenants are already isolated by their
+/// bridges and tunnels); operators tighten it (`tenet replace profile`) or add policies.
+pub fn tenant_profile(tenant: &str) -> String {
+    format!("tenant.{tenant}")
+}
+
+/// The transaction that creates a tenant's default profile unless it exists (its `tags` key
+/// defines existence, so it is the compare). Labels and rules go in the same transaction.
+pub fn tenant_profile_txn(tenant: &str) -> crate::store::Txn {
+    use super::CalicoKey;
+    use crate::store::{Compare, Txn, TxnOp};
+    let profile = tenant_profile(tenant);
+    let tags = CalicoKey::ProfileTags {
+        profile: profile.clone(),
+    }
+    .path();
+    Txn::new()
+        .when(Compare::absent(tags.clone()))
+        .then(TxnOp::put(
+            CalicoKey::ProfileLabels {
+                profile: profile.clone(),
+            }
+            .path(),
+            "{}",
+        ))
+        .then(TxnOp::put(
+            CalicoKey::ProfileRules { profile }.path(),
+            r#"{"inbound_rules":[{"action":"allow"}],"outbound_rules":[{"action":"allow"}]}"#,
+        ))
+        .then(TxnOp::put(tags, "[]"))
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VnicRecord {
     pub tenant: String,
@@ -54,7 +87,7 @@ impl VnicRecord {
             name: self.ifname.clone(),
             active_instance_id: String::new(),
             mac: Some(self.mac),
-            profile_ids: Vec::new(),
+            profile_ids: vec![tenant_profile(&self.tenant)],
             ipv4_nets: vec![IpNetwork::V4(Ipv4Network::new(self.ip, 32).expect("a /32"))],
             ipv6_nets: Vec::new(),
             ipv4_nat: Vec::new(),

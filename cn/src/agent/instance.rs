@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ipnetwork::Ipv4Network;
 use ssntp::payload::{DeleteFailureReason, StartCommand, StartFailureReason};
-use tenet::calico::vnic::VnicRecord;
+use tenet::calico::vnic::{self, VnicRecord};
 use tenet::calico::{CalicoKey, WorkloadEndpoint, WorkloadEndpointId};
 use tenet::ipam::IpamError;
 use tenet::store::StoreError;
@@ -284,7 +284,11 @@ impl Agent {
             ip,
         };
         let value = serde_json::to_vec(&record.to_endpoint()).expect("endpoints serialise");
-        if let Err(e) = self.store.put(&key, &value).await {
+        let written = match self.ensure_tenant_profile(&r.tenant).await {
+            Ok(()) => self.store.put(&key, &value).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             if let Err(undo) = self.node.destroy_vnic(&config, None).await {
                 warn!(vnic = %r.vnic, error = %undo, "undoing a VNIC after its endpoint failed");
             }
@@ -298,6 +302,32 @@ impl Agent {
             ip,
             mac,
         })
+    }
+
+    /// Creates the tenant's default profile (allow all) unless it exists; once per tenant
+    /// and process.
+    async fn ensure_tenant_profile(&self, tenant: &str) -> Result<(), StoreError> {
+        if self
+            .profiles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(tenant)
+        {
+            return Ok(());
+        }
+        match self.store.txn(vnic::tenant_profile_txn(tenant)).await {
+            Ok(_) => {
+                info!(%tenant, profile = %vnic::tenant_profile(tenant), "tenant profile created")
+            }
+            // It exists already (someone's tightened version, maybe): leave it.
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.profiles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string());
+        Ok(())
     }
 
     /// DELETE: every VNIC of the instance (from its endpoints), the endpoints, the addresses;

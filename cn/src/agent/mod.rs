@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub status_ttl: Duration,
     /// The local API's unix socket (root only), if any.
     pub api_socket: Option<std::path::PathBuf>,
+    /// Program Calico policy for this node's VNICs (bridged: br_netfilter and physdev).
+    pub policy: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,8 @@ pub enum AgentError {
     Ssntp(#[from] ClientError),
     #[error("datastore: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Policy(#[from] tenet::policy::sync::PolicyError),
     #[error("local API socket {path}: {source}")]
     Api {
         path: String,
@@ -85,6 +89,8 @@ pub(crate) struct Agent {
     ipams: Mutex<HashMap<String, Arc<Ipam>>>,
     /// TenantRemoved for subnets the rebuild removed, sent once connected.
     removed: Mutex<Vec<TunnelEvent>>,
+    /// Tenants whose default profile is known to exist.
+    profiles: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs the agent until `shutdown` completes or the scheduler refuses it for good. The
@@ -117,8 +123,13 @@ pub async fn run(
             store: store.clone(),
             ipams: Mutex::new(HashMap::new()),
             removed: Mutex::new(report.removed),
+            profiles: Mutex::new(Default::default()),
         });
         agent.reconcile().await?;
+        let policy = match config.policy {
+            true => Some(start_policy(&agent, store.clone()).await?),
+            false => None,
+        };
         let status = Arc::new(
             LeasedKey::start(
                 store,
@@ -180,11 +191,39 @@ pub async fn run(
         if let Ok(status) = Arc::try_unwrap(status) {
             status.stop().await;
         }
+        if let Some(policy) = policy
+            && let Err(e) = policy.stop().await
+        {
+            warn!(error = %e, "removing the policy rules");
+        }
         info!("stopped");
         result
     }
     .instrument(span)
     .await
+}
+
+/// Policy for this node's VNICs: bridged hook on the VNIC ports, scoped by tenant (tenants
+/// may reuse addresses).
+async fn start_policy(
+    agent: &Agent,
+    store: Arc<dyn Datastore>,
+) -> Result<tenet::policy::sync::PolicyHandle, AgentError> {
+    use tenet::policy::{calc::CalcConfig, render::WorkloadHook, sync};
+    let config = sync::PolicyConfig {
+        calc: CalcConfig {
+            hostname: agent.host.clone(),
+            scope_label: Some(tenet::calico::vnic::TENANT_LABEL.into()),
+        },
+        hook: WorkloadHook::Bridged {
+            prefixes: vec![format!("{}_", crate::names::VNIC)],
+        },
+        netns: agent.node.config.netns.clone(),
+        iptables: None,
+        resync: Duration::from_secs(30),
+    };
+    info!("programming Calico policy for this node's VNICs");
+    Ok(sync::spawn(store, config).await?)
 }
 
 /// Runs frames concurrently where that cannot change the outcome. STARTs run at once (the

@@ -22,7 +22,7 @@ Configuration comes from a YAML file (--config), the environment (TENET_CN_*) an
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
 management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
-ciao_compat_certs, api_socket.
+ciao_compat_certs, api_socket, policy.
 
 The certificate's role says what the node is: agent (compute node) or netagent (network
 node), or both. The datastore follows calicoctl: a calicoApiConfig file (--datastore-config)
@@ -117,6 +117,12 @@ struct RunArgs {
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CN_STATUS_TTL")]
     status_ttl: Option<u64>,
+    /// Enforce Calico policy (profiles, tags, selector policies in etcd) on this node's VNICs.
+    /// The rules police the tenant bridges' VNIC ports through br_netfilter; each VNIC gets
+    /// its tenant's profile `tenant.<tenant>` (created allowing everything). Stopping the
+    /// agent removes the rules.
+    #[arg(long, env = "TENET_CN_POLICY")]
+    policy: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +147,8 @@ struct FileConfig {
     #[serde(default)]
     ciao_compat_certs: bool,
     api_socket: Option<PathBuf>,
+    #[serde(default)]
+    policy: bool,
 }
 
 fn main() -> ExitCode {
@@ -224,6 +232,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
             .unwrap_or_else(|| "ciao".into()),
         status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
         api_socket: args.api_socket.or(file.api_socket),
+        policy: args.policy || file.policy,
     };
     Ok((config, args.datastore_config.or(file.datastore_config)))
 }

@@ -72,6 +72,8 @@ pub struct Plan {
     /// Workloads per tenant.
     pub workloads: usize,
     pub tunnel: BackendChoice,
+    /// Whether the compute nodes enforce Calico policy (`tenet-cn --policy`).
+    pub policy: bool,
 }
 
 impl Plan {
@@ -277,6 +279,11 @@ impl Lab {
                         s("--api-socket"),
                         s(owner.dir().join(format!("{name}.sock")).display()),
                     ],
+                    if plan.policy {
+                        vec![s("--policy")]
+                    } else {
+                        vec![]
+                    },
                 ]
                 .concat(),
                 agent_env(&etcd),

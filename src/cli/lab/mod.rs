@@ -38,6 +38,11 @@ pub struct LabArgs {
     /// user-space GRE datapath), kernel, userspace or vxlan.
     #[arg(long, value_name = "BACKEND", default_value = "auto")]
     tunnel: BackendChoice,
+    /// Enforce Calico policy on the compute nodes (`tenet-cn --policy`): every VNIC gets its
+    /// tenant's allow-all profile, so the checks still pass; add policies or tighten the
+    /// profiles with `tenet apply` against the lab's etcd to see them bite.
+    #[arg(long)]
+    policy: bool,
     /// Seconds to stay up after the checks, then tear down (0: build, check, tear down; the
     /// exit status is 1 if a check failed). Without it the lab runs until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "SECONDS")]
@@ -96,6 +101,7 @@ pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
         compute_hosts: args.cns.into(),
         workloads: args.workloads.into(),
         tunnel: args.tunnel,
+        policy: args.policy,
     };
     progress.say(&format!(
         "lab: {} compute hosts, 2 tenants × {} workloads, {} tunnels; files in {}",
