@@ -120,7 +120,7 @@ impl Wl {
     }
 }
 
-async fn bench() -> (Bench, Vec<Wl>, Wl) {
+async fn bench() -> (Bench, Vec<Wl>, Vec<Wl>) {
     let etcd = EtcdServer::start().await.unwrap();
     let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
     let fabric = Fabric::new().await.unwrap();
@@ -156,23 +156,28 @@ async fn bench() -> (Bench, Vec<Wl>, Wl) {
             tenant: "acme".into(),
         });
     }
-    // Another tenant reusing w2's address, on its own bridge.
-    let ip = Ipv4Addr::new(172, 16, 0, 12);
-    let twin = Wl {
-        ns: host
+    // Another tenant reusing w2's and w3's addresses, on its own bridge.
+    let mut twins = Vec::new();
+    for (i, last) in [(2u8, 12u8), (3, 13)] {
+        let port = format!("tvn_000000b{i}");
+        let ip = Ipv4Addr::new(172, 16, 0, last);
+        let ns = host
             .add_workload(
-                "g2",
-                "tvn_000000b2",
+                &format!("g{i}"),
+                &port,
                 globex,
                 format!("{ip}/24").parse().unwrap(),
                 1500,
             )
             .await
-            .unwrap(),
-        port: "tvn_000000b2".into(),
-        ip,
-        tenant: "globex".into(),
-    };
+            .unwrap();
+        twins.push(Wl {
+            ns,
+            port,
+            ip,
+            tenant: "globex".into(),
+        });
+    }
     let policy = sync::spawn(
         store.clone(),
         PolicyConfig {
@@ -199,7 +204,7 @@ async fn bench() -> (Bench, Vec<Wl>, Wl) {
             _fabric: fabric,
         },
         wls,
-        twin,
+        twins,
     )
 }
 
@@ -209,7 +214,8 @@ fn save(host: &Host) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profiles_policies_and_tiers_police_bridged_workloads() {
-    let (mut b, w, twin) = bench().await;
+    let (mut b, w, twins) = bench().await;
+    let (twin, g3) = (&twins[0], &twins[1]);
     let (w1, w2, w3) = (&w[0], &w[1], &w[2]);
     for port in [80, 8085, 8091] {
         w3.listen(port);
@@ -239,7 +245,9 @@ async fn profiles_policies_and_tiers_police_bridged_workloads() {
     b.endpoint(w3, &["base", "backend"]).await;
     // The other tenant's twin of w2's address carries the `web` tag: scoping keeps it out of
     // acme's set, or w2 would get in.
-    b.endpoint(&twin, &["base", "webtag"]).await;
+    b.endpoint(twin, &["base", "webtag"]).await;
+    b.endpoint(g3, &["base"]).await;
+    g3.listen(8085);
 
     assert!(w1.connects(w3.ip, 80), "web-tagged source allowed");
     assert!(
@@ -249,6 +257,17 @@ async fn profiles_policies_and_tiers_police_bridged_workloads() {
     assert!(w2.connects(w3.ip, 8085), "inside the port range");
     assert!(!w2.connects(w3.ip, 8091), "outside the port range");
     assert!(w1.pings(w3.ip), "ICMP echo allowed by type");
+
+    // The same addresses in both tenants: each bridge tracks its connections in its own
+    // conntrack zone, so one tenant's packet never matches the other's connection.
+    assert!(w2.connects(w3.ip, 8085) && twin.connects(g3.ip, 8085));
+    let table = b.host.run(&["cat", "/proc/net/nf_conntrack"]).unwrap();
+    let zones: std::collections::BTreeSet<&str> = table
+        .lines()
+        .filter(|l| l.contains("src=172.16.0.12 dst=172.16.0.13") && l.contains("dport=8085"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("zone=")))
+        .collect();
+    assert_eq!(zones.len(), 2, "one zone per tenant bridge:\n{table}");
 
     // Two policies on the backend (selected by a label inherited from a profile): deny TCP
     // from everyone but w2 at order 10, allow TCP at order 20.

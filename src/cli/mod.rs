@@ -6,6 +6,7 @@ mod cert;
 mod config;
 mod control;
 mod dump;
+mod felix_driver;
 mod ipam;
 mod lab;
 mod resource;
@@ -81,6 +82,10 @@ enum Command {
     Get(resource::GetArgs),
     /// Cluster settings as calicoctl set them: logLevel, nodeToNodeMesh, asNumber, ipip.
     Config(config::ConfigArgs),
+    /// Run as Felix's external dataplane driver: policy messages on fd 3, status on fd 4,
+    /// rendered into Calico's iptables chains and IP sets.
+    #[command(name = "felix-driver", after_help = felix_driver::AFTER_HELP)]
+    FelixDriver(felix_driver::FelixDriverArgs),
     /// Print the client version.
     Version,
 }
@@ -111,6 +116,7 @@ pub fn main() -> ExitCode {
             Command::Delete(args) => resource::delete(&cli, args).await,
             Command::Get(args) => resource::get(&cli, args).await,
             Command::Config(args) => config::run(&cli, args).await,
+            Command::FelixDriver(args) => felix_driver::run(args).await,
             Command::Version => {
                 println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::net::Netlink;
 use crate::net::firewall::{Drift, Firewall, FirewallError, IptablesVariant, rejected};
 use crate::policy::proto::to_dataplane::Payload;
 use crate::policy::render::{
@@ -43,6 +44,8 @@ pub struct PolicyDataplane {
     set_ops: Vec<String>,
     /// Sets to destroy once the rules no longer use them.
     doomed_sets: BTreeSet<String>,
+    /// Whether the workloads changed since the bridges' zones were looked up.
+    zones_stale: bool,
 }
 
 impl PolicyDataplane {
@@ -60,6 +63,7 @@ impl PolicyDataplane {
             resync: true,
             set_ops: Vec::new(),
             doomed_sets: BTreeSet::new(),
+            zones_stale: true,
         })
     }
 
@@ -70,6 +74,7 @@ impl PolicyDataplane {
         self.resync = true;
         self.set_ops.clear();
         self.doomed_sets.clear();
+        self.zones_stale = true;
     }
 
     pub fn state(&self) -> &DataplaneState {
@@ -138,6 +143,7 @@ impl PolicyDataplane {
                 }
             }
             Payload::WorkloadEndpointUpdate(u) => {
+                self.zones_stale = true;
                 if let (Some(id), Some(ep)) = (u.id, u.endpoint) {
                     self.state
                         .workloads
@@ -145,6 +151,7 @@ impl PolicyDataplane {
                 }
             }
             Payload::WorkloadEndpointRemove(r) => {
+                self.zones_stale = true;
                 if let Some(id) = r.id {
                     self.state.workloads.remove(&(
                         id.orchestrator_id,
@@ -195,6 +202,9 @@ impl PolicyDataplane {
             ..ApplyReport::default()
         };
         self.run_set_ops().await?;
+        if self.zones_stale {
+            self.discover_zones().await;
+        }
         let rules = render::render(&self.state, &self.render_config());
         report.drift = self.firewall.apply(&rules).await?;
         report.sets_destroyed = self.destroy_doomed().await?;
@@ -226,6 +236,7 @@ impl PolicyDataplane {
         let wanted: BTreeSet<String> = sets.iter().map(|(id, _)| ipset_name(id)).collect();
         let lines = self.set_ops.len();
         self.run_set_ops().await?;
+        self.discover_zones().await;
         let rules = render::render(&self.state, &self.render_config());
         let drift = self.firewall.reconcile(&rules).await?;
         self.doomed_sets = self
@@ -252,6 +263,53 @@ impl PolicyDataplane {
             drift,
             took: started.elapsed(),
         })
+    }
+
+    /// Bridged mode: the bridges the workloads' ports are on, each with its conntrack zone
+    /// (the bridge's interface index, unique in the namespace and stable while it lives).
+    async fn discover_zones(&mut self) {
+        self.zones_stale = false;
+        let WorkloadHook::Bridged { .. } = &self.hook else {
+            return;
+        };
+        let netlink = match &self.netns {
+            Some(p) => Netlink::connect_in(p),
+            None => Netlink::connect(),
+        };
+        let links = match netlink {
+            Ok(nl) => nl.links().await,
+            Err(e) => Err(e),
+        };
+        let links = match links {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "policy: listing links for conntrack zones");
+                self.zones_stale = true;
+                return;
+            }
+        };
+        let ports: BTreeSet<&str> = self
+            .state
+            .workloads
+            .values()
+            .map(|w| w.name.as_str())
+            .collect();
+        let bridges: BTreeSet<u32> = links
+            .iter()
+            .filter(|l| ports.contains(l.name.as_str()))
+            .filter_map(|l| l.controller)
+            .collect();
+        self.state.zones = links
+            .iter()
+            .filter(|l| bridges.contains(&l.index))
+            // Zone 0 is the default zone; indexes past 65535 fold into 1..=65535.
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    (l.index % 65_535) as u16 + u16::from(l.index % 65_535 == 0),
+                )
+            })
+            .collect();
     }
 
     /// Removes every `cali` chain, jump and set (shutdown).

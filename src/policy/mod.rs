@@ -6,10 +6,12 @@
 //!   Felix's dataplane messages out (pure).
 //! * [`render`]: dataplane state → Calico-named chains and IP sets (pure).
 //! * [`dataplane`]: the driver that keeps that state from the messages and applies it.
+//! * [`driver`]: the same driver behind Felix's external-driver pipes (fd 3 and 4).
 //! * [`sync`]: etcd → engine → driver → kernel for one host (Felix, in-process).
 
 pub mod calc;
 pub mod dataplane;
+pub mod driver;
 pub mod proto;
 pub mod render;
 pub mod selector;

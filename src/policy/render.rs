@@ -128,6 +128,10 @@ pub struct DataplaneState {
     /// By (orchestrator, workload, endpoint).
     pub workloads: BTreeMap<(String, String, String), proto::WorkloadEndpoint>,
     pub config: BTreeMap<String, String>,
+    /// Bridged mode: each tenant bridge holding a workload and its conntrack zone. Tenants
+    /// may reuse addresses, so each bridge's connections are tracked apart; otherwise one
+    /// tenant's packet could match another's connection and pass as established.
+    pub zones: BTreeMap<String, u16>,
 }
 
 /// A chain name: `prefix + suffix`, or, when that is too long, `prefix + "_" +` as much of
@@ -799,6 +803,20 @@ pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
     }
     for (chain, rules) in filter {
         rs.set_rules(Table::Filter, &chain, Arc::new(rules));
+    }
+    if matches!(config.hook, WorkloadHook::Bridged { .. }) && !state.zones.is_empty() {
+        let raw = rs.chain(Table::Raw, "PREROUTING", "PREROUTING");
+        let rules = state
+            .zones
+            .iter()
+            .map(|(bridge, zone)| {
+                Rule::new(
+                    format!("conntrack zone of bridge {bridge}"),
+                    args(&["-i", bridge, "-j", "CT", "--zone", &zone.to_string()]),
+                )
+            })
+            .collect();
+        rs.set_rules(Table::Raw, &raw, Arc::new(rules));
     }
     rs
 }
