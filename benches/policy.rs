@@ -23,16 +23,17 @@ const HOST: &str = "h0";
 struct Model {
     keys: BTreeMap<String, String>,
     endpoints: usize,
+    profiles: usize,
 }
 
 fn wep_key(host: usize, i: usize) -> String {
     format!("/calico/v1/host/h{host}/workload/ciao/w{i}/endpoint/e{i}")
 }
 
-fn wep_value(i: usize, role: usize) -> String {
+fn wep_value(i: usize, role: usize, profiles: usize) -> String {
     format!(
         r#"{{"state":"active","name":"tvn_{i:08x}","active_instance_id":"","mac":null,"profile_ids":["prof{}"],"ipv4_nets":["10.{}.{}.{}/32"],"ipv6_nets":[],"labels":{{"app":"a{}","role":"r{role}"}}}}"#,
-        i % 200,
+        i % profiles,
         (i >> 16) & 255,
         (i >> 8) & 255,
         i & 255,
@@ -78,9 +79,13 @@ fn model(scale: f64, local: usize) -> Model {
         } else {
             1 + i % (hosts - 1).max(1)
         };
-        keys.insert(wep_key(host, i), wep_value(i, i % 300));
+        keys.insert(wep_key(host, i), wep_value(i, i % 300, profiles));
     }
-    Model { keys, endpoints }
+    Model {
+        keys,
+        endpoints,
+        profiles,
+    }
 }
 
 fn calc_config() -> CalcConfig {
@@ -118,17 +123,23 @@ fn change(model: &Model, n: usize) -> (String, String) {
         0 => {
             let i = endpoints / 2 + n;
             let host = 1 + i % 99;
-            (wep_key(host, i), wep_value(i, (i + n + 1) % 300))
+            (
+                wep_key(host, i),
+                wep_value(i, (i + n + 1) % 300, model.profiles),
+            )
         }
         // A rule of an active policy changes.
         1 => (policy_key(n % 50), policy_value(n % 50, 9000 + n)),
         // An endpoint added on another host.
         2 => (
             wep_key(1 + n % 99, endpoints + n),
-            wep_value(endpoints + n, n % 300),
+            wep_value(endpoints + n, n % 300, model.profiles),
         ),
         // An endpoint added here.
-        _ => (wep_key(0, endpoints + n), wep_value(endpoints + n, n % 300)),
+        _ => (
+            wep_key(0, endpoints + n),
+            wep_value(endpoints + n, n % 300, model.profiles),
+        ),
     }
 }
 

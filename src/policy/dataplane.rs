@@ -8,12 +8,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::net::Netlink;
-use crate::net::firewall::{Drift, Firewall, FirewallError, IptablesVariant, rejected};
+use crate::net::firewall::{
+    Drift, Firewall, FirewallError, IptablesVariant, Ruleset, Table, rejected,
+};
 use crate::policy::proto::to_dataplane::Payload;
 use crate::policy::render::{
     self, DataplaneState, OWNER, RenderConfig, WorkloadHook, ipset_name, ipset_temp_name,
@@ -46,6 +49,27 @@ pub struct PolicyDataplane {
     doomed_sets: BTreeSet<String>,
     /// Whether the workloads changed since the bridges' zones were looked up.
     zones_stale: bool,
+    /// The ruleset last rendered, and what changed in the state since: a change re-renders
+    /// only the chains it touches (a 30,000-rule ruleset is not rebuilt for one rule).
+    rendered: Option<Ruleset>,
+    dirty: Dirty,
+    /// The endpoint each interface's chains were rendered for.
+    rendered_owner: BTreeMap<String, EndpointKey>,
+}
+
+type EndpointKey = (String, String, String);
+
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Render everything (first apply, configuration change).
+    all: bool,
+    /// The static chains (conntrack zones changed).
+    base: bool,
+    policies: BTreeSet<String>,
+    profiles: BTreeSet<String>,
+    /// A policy or profile appeared or went: endpoint chains jump only to existing ones.
+    endpoints_all: bool,
+    endpoints: BTreeSet<EndpointKey>,
 }
 
 impl PolicyDataplane {
@@ -64,6 +88,9 @@ impl PolicyDataplane {
             set_ops: Vec::new(),
             doomed_sets: BTreeSet::new(),
             zones_stale: true,
+            rendered: None,
+            dirty: Dirty::default(),
+            rendered_owner: BTreeMap::new(),
         })
     }
 
@@ -75,6 +102,7 @@ impl PolicyDataplane {
         self.set_ops.clear();
         self.doomed_sets.clear();
         self.zones_stale = true;
+        self.rendered = None;
     }
 
     pub fn state(&self) -> &DataplaneState {
@@ -98,7 +126,10 @@ impl PolicyDataplane {
     pub fn handle(&mut self, msg: Payload) {
         match msg {
             Payload::InSync(_) => self.in_sync = true,
-            Payload::ConfigUpdate(c) => self.state.config = c.config.into_iter().collect(),
+            Payload::ConfigUpdate(c) => {
+                self.state.config = c.config.into_iter().collect();
+                self.dirty.all = true;
+            }
             Payload::IpsetUpdate(u) => {
                 let members: BTreeSet<String> =
                     u.members.into_iter().filter(|m| !m.contains(':')).collect();
@@ -124,30 +155,40 @@ impl PolicyDataplane {
             }
             Payload::ActivePolicyUpdate(u) => {
                 if let (Some(id), Some(p)) = (u.id, u.policy) {
-                    self.state.policies.insert(id.name, p);
+                    self.dirty.policies.insert(id.name.clone());
+                    if self.state.policies.insert(id.name, p).is_none() {
+                        self.dirty.endpoints_all = true;
+                    }
                 }
             }
             Payload::ActivePolicyRemove(r) => {
                 if let Some(id) = r.id {
                     self.state.policies.remove(&id.name);
+                    self.dirty.policies.insert(id.name);
+                    self.dirty.endpoints_all = true;
                 }
             }
             Payload::ActiveProfileUpdate(u) => {
                 if let (Some(id), Some(p)) = (u.id, u.profile) {
-                    self.state.profiles.insert(id.name, p);
+                    self.dirty.profiles.insert(id.name.clone());
+                    if self.state.profiles.insert(id.name, p).is_none() {
+                        self.dirty.endpoints_all = true;
+                    }
                 }
             }
             Payload::ActiveProfileRemove(r) => {
                 if let Some(id) = r.id {
                     self.state.profiles.remove(&id.name);
+                    self.dirty.profiles.insert(id.name);
+                    self.dirty.endpoints_all = true;
                 }
             }
             Payload::WorkloadEndpointUpdate(u) => {
                 self.zones_stale = true;
                 if let (Some(id), Some(ep)) = (u.id, u.endpoint) {
-                    self.state
-                        .workloads
-                        .insert((id.orchestrator_id, id.workload_id, id.endpoint_id), ep);
+                    let key = (id.orchestrator_id, id.workload_id, id.endpoint_id);
+                    self.dirty.endpoints.insert(key.clone());
+                    self.state.workloads.insert(key, ep);
                 }
             }
             Payload::WorkloadEndpointRemove(r) => {
@@ -205,8 +246,10 @@ impl PolicyDataplane {
         if self.zones_stale {
             self.discover_zones().await;
         }
-        let rules = render::render(&self.state, &self.render_config());
-        report.drift = self.firewall.apply(&rules).await?;
+        let rules = self.render_changes();
+        let applied = self.firewall.apply(&rules).await;
+        self.rendered = Some(rules);
+        report.drift = applied?;
         report.sets_destroyed = self.destroy_doomed().await?;
         Ok(report)
     }
@@ -237,8 +280,11 @@ impl PolicyDataplane {
         let lines = self.set_ops.len();
         self.run_set_ops().await?;
         self.discover_zones().await;
-        let rules = render::render(&self.state, &self.render_config());
-        let drift = self.firewall.reconcile(&rules).await?;
+        self.rendered = None;
+        let rules = self.render_changes();
+        let drift = self.firewall.reconcile(&rules).await;
+        self.rendered = Some(rules);
+        let drift = drift?;
         self.doomed_sets = self
             .kernel_sets()
             .await?
@@ -299,7 +345,7 @@ impl PolicyDataplane {
             .filter(|l| ports.contains(l.name.as_str()))
             .filter_map(|l| l.controller)
             .collect();
-        self.state.zones = links
+        let zones: BTreeMap<String, u16> = links
             .iter()
             .filter(|l| bridges.contains(&l.index))
             // Zone 0 is the default zone; indexes past 65535 fold into 1..=65535.
@@ -310,6 +356,87 @@ impl PolicyDataplane {
                 )
             })
             .collect();
+        if zones != self.state.zones {
+            self.state.zones = zones;
+            self.dirty.base = true;
+        }
+    }
+
+    /// The ruleset for the state: the last one with only the chains the changes touch
+    /// rendered again, or everything when there is no last one.
+    fn render_changes(&mut self) -> Ruleset {
+        let config = self.render_config();
+        let dirty = std::mem::take(&mut self.dirty);
+        let Some(mut rs) = self.rendered.take().filter(|_| !dirty.all) else {
+            self.rendered_owner = owners(&self.state);
+            return render::render(&self.state, &config);
+        };
+        if dirty.base {
+            let mut fresh = render::base(&self.state, &config);
+            for (key, rules) in rs.chains {
+                let is_base = matches!(
+                    key.1.as_str(),
+                    "cali-FORWARD" | "cali-INPUT" | "cali-wl-to-host" | "cali-PREROUTING"
+                );
+                if !is_base {
+                    fresh.chains.insert(key, rules);
+                }
+            }
+            rs = fresh;
+        }
+        let put = |rs: &mut Ruleset, (name, rules): render::Chain| {
+            rs.set_rules(Table::Filter, &name, Arc::new(rules));
+        };
+        for name in &dirty.policies {
+            for inbound in [true, false] {
+                rs.chains
+                    .remove(&(Table::Filter, render::policy_chain(name, inbound)));
+            }
+            if let Some(p) = self.state.policies.get(name) {
+                for c in render::policy_chains(name, p, &config) {
+                    put(&mut rs, c);
+                }
+            }
+        }
+        for name in &dirty.profiles {
+            for inbound in [true, false] {
+                rs.chains
+                    .remove(&(Table::Filter, render::profile_chain(name, inbound)));
+            }
+            if let Some(p) = self.state.profiles.get(name) {
+                for c in render::profile_chains(name, p, &config) {
+                    put(&mut rs, c);
+                }
+            }
+        }
+        let now = owners(&self.state);
+        for (name, key) in &now {
+            let stale = dirty.endpoints_all
+                || dirty.endpoints.contains(key)
+                || self.rendered_owner.get(name) != Some(key);
+            if stale {
+                let ep = &self.state.workloads[key];
+                for c in render::endpoint_chains(ep, &self.state, &config) {
+                    put(&mut rs, c);
+                }
+            }
+        }
+        for name in self.rendered_owner.keys().filter(|n| !now.contains_key(*n)) {
+            rs.chains
+                .remove(&(Table::Filter, render::to_endpoint_chain(name)));
+            rs.chains
+                .remove(&(Table::Filter, render::from_endpoint_chain(name)));
+        }
+        if !now.keys().eq(self.rendered_owner.keys()) {
+            rs.chains
+                .retain(|(t, c), _| !(*t == Table::Filter && render::is_dispatch_chain(c)));
+            let names: Vec<String> = now.keys().cloned().collect();
+            for c in render::dispatch_chains(&names, &config) {
+                put(&mut rs, c);
+            }
+        }
+        self.rendered_owner = now;
+        rs
     }
 
     /// Removes every `cali` chain, jump and set (shutdown).
@@ -364,6 +491,15 @@ impl PolicyDataplane {
     }
 }
 
+/// Each interface with the endpoint its chains are for (the first of a name wins).
+fn owners(state: &DataplaneState) -> BTreeMap<String, EndpointKey> {
+    let mut out = BTreeMap::new();
+    for (key, ep) in &state.workloads {
+        out.entry(ep.name.clone()).or_insert_with(|| key.clone());
+    }
+    out
+}
+
 async fn ipset_restore(netns: Option<&Path>, text: &str) -> Result<(), FirewallError> {
     Command::new("ipset")
         .arg("restore")
@@ -396,4 +532,161 @@ pub async fn kernel_members(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::firewall::FirewallBackend;
+    use crate::policy::proto;
+
+    struct NoBackend;
+
+    #[async_trait::async_trait]
+    impl FirewallBackend for NoBackend {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+        async fn save(&self) -> Result<String, FirewallError> {
+            Ok(String::new())
+        }
+        async fn restore(&self, _: &str) -> Result<(), FirewallError> {
+            Ok(())
+        }
+    }
+
+    fn dataplane() -> PolicyDataplane {
+        PolicyDataplane {
+            firewall: Firewall::with_backend(Box::new(NoBackend), None),
+            netns: None,
+            hook: WorkloadHook::Bridged {
+                prefixes: vec!["tvn_".into()],
+            },
+            state: DataplaneState::default(),
+            in_sync: true,
+            resync: false,
+            set_ops: Vec::new(),
+            doomed_sets: BTreeSet::new(),
+            zones_stale: false,
+            rendered: None,
+            dirty: Dirty::default(),
+            rendered_owner: BTreeMap::new(),
+        }
+    }
+
+    fn policy(name: &str, port: i32) -> Payload {
+        Payload::ActivePolicyUpdate(proto::ActivePolicyUpdate {
+            id: Some(proto::PolicyId {
+                tier: "default".into(),
+                name: name.into(),
+            }),
+            policy: Some(proto::Policy {
+                inbound_rules: vec![proto::Rule {
+                    action: "allow".into(),
+                    protocol: Some(proto::Protocol {
+                        number_or_name: Some(proto::protocol::NumberOrName::Name("tcp".into())),
+                    }),
+                    dst_ports: vec![proto::PortRange {
+                        first: port,
+                        last: port,
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn endpoint(w: &str, iface: &str, policies: &[&str], profiles: &[&str]) -> Payload {
+        Payload::WorkloadEndpointUpdate(proto::WorkloadEndpointUpdate {
+            id: Some(proto::WorkloadEndpointId {
+                orchestrator_id: "o".into(),
+                workload_id: w.into(),
+                endpoint_id: "e".into(),
+            }),
+            endpoint: Some(proto::WorkloadEndpoint {
+                state: "active".into(),
+                name: iface.into(),
+                profile_ids: profiles.iter().map(|p| p.to_string()).collect(),
+                tiers: vec![proto::TierInfo {
+                    name: "default".into(),
+                    ingress_policies: policies.iter().map(|p| p.to_string()).collect(),
+                    egress_policies: vec![],
+                }],
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// After every change the incremental ruleset equals a full render of the state.
+    #[test]
+    fn incremental_rendering_matches_a_full_render() {
+        let mut dp = dataplane();
+        type Step = Box<dyn Fn(&mut PolicyDataplane)>;
+        let steps: Vec<Step> = vec![
+            Box::new(|dp| dp.handle(policy("a", 80))),
+            Box::new(|dp| dp.handle(endpoint("w1", "tvn_1", &["a", "b"], &["p"]))),
+            Box::new(|dp| dp.handle(endpoint("w2", "tvn_2", &["a"], &[]))),
+            // b appears later: w1's chain must now jump to it.
+            Box::new(|dp| dp.handle(policy("b", 81))),
+            Box::new(|dp| {
+                dp.handle(Payload::ActiveProfileUpdate(proto::ActiveProfileUpdate {
+                    id: Some(proto::ProfileId { name: "p".into() }),
+                    profile: Some(proto::Profile::default()),
+                }))
+            }),
+            Box::new(|dp| dp.handle(policy("a", 90))),
+            // Two endpoints on one interface: the first key wins, then the other takes over.
+            Box::new(|dp| dp.handle(endpoint("w0", "tvn_2", &[], &["p"]))),
+            Box::new(|dp| {
+                dp.handle(Payload::WorkloadEndpointRemove(
+                    proto::WorkloadEndpointRemove {
+                        id: Some(proto::WorkloadEndpointId {
+                            orchestrator_id: "o".into(),
+                            workload_id: "w0".into(),
+                            endpoint_id: "e".into(),
+                        }),
+                    },
+                ))
+            }),
+            // Renamed interface.
+            Box::new(|dp| dp.handle(endpoint("w1", "tvn_3", &["a"], &[]))),
+            Box::new(|dp| {
+                dp.handle(Payload::ActivePolicyRemove(proto::ActivePolicyRemove {
+                    id: Some(proto::PolicyId {
+                        tier: "default".into(),
+                        name: "b".into(),
+                    }),
+                }))
+            }),
+            Box::new(|dp| {
+                dp.state.zones.insert("tbr_1".into(), 5);
+                dp.dirty.base = true;
+            }),
+            Box::new(|dp| {
+                dp.handle(Payload::ConfigUpdate(proto::ConfigUpdate {
+                    config: [("LogPrefix".to_string(), "x".to_string())].into(),
+                }))
+            }),
+            Box::new(|dp| {
+                dp.handle(Payload::WorkloadEndpointRemove(
+                    proto::WorkloadEndpointRemove {
+                        id: Some(proto::WorkloadEndpointId {
+                            orchestrator_id: "o".into(),
+                            workload_id: "w2".into(),
+                            endpoint_id: "e".into(),
+                        }),
+                    },
+                ))
+            }),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            step(&mut dp);
+            let incremental = dp.render_changes();
+            let full = render::render(&dp.state, &dp.render_config());
+            assert_eq!(incremental.chains, full.chains, "after step {i}");
+            assert_eq!(incremental.jumps, full.jumps, "after step {i}");
+            dp.rendered = Some(incremental);
+        }
+    }
 }

@@ -698,62 +698,95 @@ fn dispatch(
     chains.insert(base.to_string(), root);
 }
 
-/// Everything the dataplane state asks for, as one ruleset of owner [`OWNER`].
-pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
-    let mut filter: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
-    for (name, p) in &state.policies {
-        let obj = format!("policy {name}");
-        filter.insert(
+/// A chain and its rules.
+pub type Chain = (String, Vec<Rule>);
+
+/// A policy's two chains (`cali-pi-`, `cali-po-`).
+pub fn policy_chains(name: &str, p: &proto::Policy, config: &RenderConfig) -> [Chain; 2] {
+    let obj = format!("policy {name}");
+    [
+        (
             policy_chain(name, true),
             rendered_rules(&p.inbound_rules, &obj, config),
-        );
-        filter.insert(
+        ),
+        (
             policy_chain(name, false),
             rendered_rules(&p.outbound_rules, &obj, config),
-        );
-    }
-    for (name, p) in &state.profiles {
-        let obj = format!("profile {name}");
-        filter.insert(
+        ),
+    ]
+}
+
+/// A profile's two chains (`cali-pri-`, `cali-pro-`).
+pub fn profile_chains(name: &str, p: &proto::Profile, config: &RenderConfig) -> [Chain; 2] {
+    let obj = format!("profile {name}");
+    [
+        (
             profile_chain(name, true),
             rendered_rules(&p.inbound_rules, &obj, config),
-        );
-        filter.insert(
+        ),
+        (
             profile_chain(name, false),
             rendered_rules(&p.outbound_rules, &obj, config),
-        );
-    }
-    // First endpoint of a name wins, as in Felix.
+        ),
+    ]
+}
+
+/// A workload endpoint's two chains (`cali-tw-`, `cali-fw-`). They jump only to policy and
+/// profile chains the state holds.
+pub fn endpoint_chains(
+    ep: &proto::WorkloadEndpoint,
+    state: &DataplaneState,
+    config: &RenderConfig,
+) -> [Chain; 2] {
+    [
+        (
+            to_endpoint_chain(&ep.name),
+            endpoint_chain(ep, Direction::To, state, config),
+        ),
+        (
+            from_endpoint_chain(&ep.name),
+            endpoint_chain(ep, Direction::From, state, config),
+        ),
+    ]
+}
+
+/// The interfaces with an endpoint chain: the first endpoint of a name wins, as in Felix.
+pub fn interfaces(state: &DataplaneState) -> BTreeMap<&str, &proto::WorkloadEndpoint> {
     let mut ifaces: BTreeMap<&str, &proto::WorkloadEndpoint> = BTreeMap::new();
     for ep in state.workloads.values() {
         ifaces.entry(ep.name.as_str()).or_insert(ep);
     }
-    for (name, ep) in &ifaces {
-        filter.insert(
-            to_endpoint_chain(name),
-            endpoint_chain(ep, Direction::To, state, config),
-        );
-        filter.insert(
-            from_endpoint_chain(name),
-            endpoint_chain(ep, Direction::From, state, config),
-        );
-    }
-    let names: Vec<String> = ifaces.keys().map(|n| n.to_string()).collect();
+    ifaces
+}
+
+/// Whether a chain is part of the dispatch trees.
+pub fn is_dispatch_chain(name: &str) -> bool {
+    name.starts_with("cali-from-wl-dispatch") || name.starts_with("cali-to-wl-dispatch")
+}
+
+/// Both dispatch trees for these (sorted, unique) interface names.
+pub fn dispatch_chains(names: &[String], config: &RenderConfig) -> BTreeMap<String, Vec<Rule>> {
+    let mut chains = BTreeMap::new();
     dispatch(
-        &names,
+        names,
         Direction::From,
         "cali-from-wl-dispatch",
         config,
-        &mut filter,
+        &mut chains,
     );
     dispatch(
-        &names,
+        names,
         Direction::To,
         "cali-to-wl-dispatch",
         config,
-        &mut filter,
+        &mut chains,
     );
+    chains
+}
 
+/// The static part: `cali-FORWARD` (and in routed mode `cali-INPUT`, `cali-wl-to-host`)
+/// with their jumps from the built-in chains, and the bridges' conntrack zones.
+pub fn base(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
     let mut rs = Ruleset::new(OWNER);
     let forward = rs.chain(Table::Filter, "FORWARD", "FORWARD");
     let prefixes = match &config.hook {
@@ -790,19 +823,17 @@ pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
             })
             .collect();
         rs.set_rules(Table::Filter, &input, Arc::new(rules));
-        filter.insert(
-            "cali-wl-to-host".into(),
-            vec![
+        rs.set_rules(
+            Table::Filter,
+            "cali-wl-to-host",
+            Arc::new(vec![
                 Rule::new("egress policy", args(&["-j", "cali-from-wl-dispatch"])),
                 Rule::new(
                     "DefaultEndpointToHostAction",
                     args(&["-j", &config.default_endpoint_to_host]),
                 ),
-            ],
+            ]),
         );
-    }
-    for (chain, rules) in filter {
-        rs.set_rules(Table::Filter, &chain, Arc::new(rules));
     }
     if matches!(config.hook, WorkloadHook::Bridged { .. }) && !state.zones.is_empty() {
         let raw = rs.chain(Table::Raw, "PREROUTING", "PREROUTING");
@@ -818,6 +849,33 @@ pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
             .collect();
         rs.set_rules(Table::Raw, &raw, Arc::new(rules));
     }
+    rs
+}
+
+/// Everything the dataplane state asks for, as one ruleset of owner [`OWNER`].
+pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
+    let mut rs = base(state, config);
+    let mut put = |(name, rules): Chain| rs.set_rules(Table::Filter, &name, Arc::new(rules));
+    for (name, p) in &state.policies {
+        policy_chains(name, p, config)
+            .into_iter()
+            .for_each(&mut put);
+    }
+    for (name, p) in &state.profiles {
+        profile_chains(name, p, config)
+            .into_iter()
+            .for_each(&mut put);
+    }
+    let ifaces = interfaces(state);
+    for ep in ifaces.values() {
+        endpoint_chains(ep, state, config)
+            .into_iter()
+            .for_each(&mut put);
+    }
+    let names: Vec<String> = ifaces.keys().map(|n| n.to_string()).collect();
+    dispatch_chains(&names, config)
+        .into_iter()
+        .for_each(&mut put);
     rs
 }
 
