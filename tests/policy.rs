@@ -191,6 +191,7 @@ async fn bench() -> (Bench, Vec<Wl>, Vec<Wl>) {
             netns: Some(host.path()),
             iptables: None,
             resync: Duration::from_millis(500),
+            report: Duration::from_secs(1),
         },
     )
     .await
@@ -350,9 +351,43 @@ async fn profiles_policies_and_tiers_police_bridged_workloads() {
     }
     assert!(w1.connects(w3.ip, 8085), "traffic back after the repair");
 
+    // Felix's status keys: `status` on a lease, `last_reported_status` kept.
+    let status = b
+        .store
+        .get(&format!("/calico/felix/v1/host/{HOST}/status"))
+        .await
+        .unwrap()
+        .expect("the status key is written once in sync");
+    assert!(status.lease.is_some(), "the status key lives on a lease");
+    let last: tenet::calico::FelixStatus = serde_json::from_slice(
+        &b.store
+            .get(&format!(
+                "/calico/felix/v1/host/{HOST}/last_reported_status"
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert!(!last.first_update && last.uptime > 0.0 && last.time.ends_with('Z'));
+
     // Shutdown leaves nothing of Calico's.
-    let Bench { policy, host, .. } = b;
+    let Bench {
+        policy,
+        host,
+        store,
+        ..
+    } = b;
     policy.stop().await.unwrap();
+    assert!(
+        store
+            .get(&format!("/calico/felix/v1/host/{HOST}/status"))
+            .await
+            .unwrap()
+            .is_none(),
+        "a stopped agent's status goes at once"
+    );
     let rules = save(&host);
     assert!(!rules.contains("cali"), "left behind:\n{rules}");
     let sets = host.run(&["ipset", "list", "-n"]).unwrap();

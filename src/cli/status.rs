@@ -33,6 +33,23 @@ fn uptime(started: u64) -> String {
     }
 }
 
+/// A compute node's policy, from the Felix status key its policy sync keeps alive: `in sync`
+/// while reported, `-` when it does not enforce policy (or its report expired).
+async fn policy_status(store: &impl Datastore, n: &NodeStatus) -> String {
+    if n.role != node::NodeRole::ComputeNode {
+        return "-".into();
+    }
+    let key = tenet::calico::CalicoKey::FelixStatus {
+        host: n.name.clone(),
+    }
+    .path();
+    match store.get(&key).await {
+        Ok(Some(_)) => "in sync".into(),
+        Ok(None) => "-".into(),
+        Err(_) => "?".into(),
+    }
+}
+
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
     let (store, config) = connect(cli).await?;
     if matches!(args.output, Output::Dot) {
@@ -65,13 +82,14 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
         ),
         Output::Table | Output::Dot => {
             println!(
-                "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} SUBNETS",
-                "ROLE", "NAME", "TENANT", "UNDERLAY", "TUNNELS", "UP", "VERSION"
+                "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {:<10} SUBNETS",
+                "ROLE", "NAME", "TENANT", "UNDERLAY", "TUNNELS", "UP", "VERSION", "POLICY"
             );
             for n in &nodes {
                 let subnets: Vec<String> = n.subnets.iter().map(|s| s.to_string()).collect();
+                let policy = policy_status(&store, n).await;
                 println!(
-                    "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {}",
+                    "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {:<10} {}",
                     n.role.to_string(),
                     n.name,
                     n.tenant.as_deref().unwrap_or("-"),
@@ -79,6 +97,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
                     n.tunnels,
                     uptime(n.started),
                     n.version,
+                    policy,
                     if subnets.is_empty() {
                         "-".into()
                     } else {

@@ -65,7 +65,7 @@ impl Status {
 }
 
 /// `2026-12-01T03:04:05Z` from seconds since the epoch (UTC, no leap seconds).
-fn iso8601(since_epoch: Duration) -> String {
+pub fn iso8601(since_epoch: Duration) -> String {
     let secs = since_epoch.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Howard Hinnant's days → civil date.

@@ -35,6 +35,9 @@ pub struct PolicyConfig {
     pub iptables: Option<IptablesVariant>,
     /// How often the kernel is checked against the state.
     pub resync: Duration,
+    /// How often Felix's status keys are written (Felix's ReportingIntervalSecs, 30 s); the
+    /// `status` key lives three intervals (ReportingTTLSecs, 90 s).
+    pub report: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,8 @@ pub struct PolicyHandle {
     applied: watch::Receiver<Revision>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), PolicyError>>,
+    reporter: JoinHandle<()>,
+    stop_reporting: watch::Sender<bool>,
 }
 
 impl PolicyHandle {
@@ -68,7 +73,9 @@ impl PolicyHandle {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        match self.task.await {
+        let _ = self.stop_reporting.send(true);
+        let _ = (&mut self.reporter).await;
+        match (&mut self.task).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "policy sync task failed");
@@ -91,7 +98,18 @@ pub async fn spawn(
     .await?;
     let (applied_tx, applied) = watch::channel(0);
     let (stop, stopped) = oneshot::channel();
+    let (stop_reporting, reporting_stopped) = watch::channel(false);
     let span = info_span!("policy", host = %config.calc.hostname);
+    let reporter = tokio::spawn(
+        report(
+            store.clone(),
+            config.calc.hostname.clone(),
+            config.report,
+            applied.clone(),
+            reporting_stopped,
+        )
+        .instrument(span.clone()),
+    );
     let task = tokio::spawn(
         run(store, config, dataplane, applied_tx, stopped.map(|_| ())).instrument(span),
     );
@@ -99,7 +117,74 @@ pub async fn spawn(
         applied,
         stop: Some(stop),
         task,
+        reporter,
+        stop_reporting,
     })
+}
+
+/// Felix's status report: once the policy is in sync, `status` (on a lease of three
+/// intervals, so a dead agent's expires) and `last_reported_status` (kept) every interval.
+async fn report(
+    store: Arc<dyn Datastore>,
+    host: String,
+    interval: Duration,
+    mut applied: watch::Receiver<Revision>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::calico::{CalicoKey, FelixStatus};
+    let started = std::time::Instant::now();
+    tokio::select! {
+        _ = applied.wait_for(|r| *r > 0) => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    let value = |first: bool| {
+        let status = FelixStatus {
+            time: crate::policy::driver::iso8601(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
+            uptime: started.elapsed().as_secs_f64(),
+            first_update: first,
+        };
+        serde_json::to_vec(&status).expect("status serialises")
+    };
+    let status_key = CalicoKey::FelixStatus { host: host.clone() }.path();
+    let last_key = CalicoKey::FelixLastReportedStatus { host }.path();
+    let mut leased = None;
+    let mut first = true;
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let v = value(first);
+        match &leased {
+            Some(k) => crate::store::LeasedKey::set(k, v.clone()),
+            None => match crate::store::LeasedKey::start(
+                store.clone(),
+                status_key.clone(),
+                v.clone(),
+                interval * 3,
+            )
+            .await
+            {
+                Ok(k) => leased = Some(k),
+                Err(e) => {
+                    warn!(error = %e, "writing Felix's status");
+                    continue;
+                }
+            },
+        }
+        match store.put(&last_key, &v).await {
+            Ok(_) => first = false,
+            Err(e) => warn!(error = %e, "writing Felix's last reported status"),
+        }
+    }
+    if let Some(k) = leased {
+        k.stop().await;
+    }
 }
 
 async fn run(

@@ -221,6 +221,7 @@ async fn start_policy(
         netns: agent.node.config.netns.clone(),
         iptables: None,
         resync: Duration::from_secs(30),
+        report: Duration::from_secs(30),
     };
     info!("programming Calico policy for this node's VNICs");
     Ok(sync::spawn(store, config).await?)
