@@ -15,12 +15,16 @@ use tracing::{debug, info, warn};
 
 use crate::net::Netlink;
 use crate::net::firewall::{
-    Drift, Firewall, FirewallError, IptablesVariant, Ruleset, Table, rejected,
+    Drift, Firewall, FirewallError, IpFamily, IptablesVariant, Ruleset, Table, rejected,
 };
 use crate::policy::proto::to_dataplane::Payload;
 use crate::policy::render::{
-    self, DataplaneState, OWNER, RenderConfig, WorkloadHook, ipset_name, ipset_temp_name,
+    self, DataplaneState, OWNER, RenderConfig, WorkloadHook, ipset_name_in, ipset_temp_name_in,
 };
+
+/// Both families, IPv4 first.
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+use crate::policy::validate;
 use crate::process::Command;
 
 /// Felix's default `MaxIpsetSize`.
@@ -36,7 +40,8 @@ pub struct ApplyReport {
 }
 
 pub struct PolicyDataplane {
-    firewall: Firewall,
+    /// The IPv4 and the IPv6 tables.
+    firewalls: [(IpFamily, Firewall); 2],
     netns: Option<PathBuf>,
     hook: WorkloadHook,
     state: DataplaneState,
@@ -49,9 +54,10 @@ pub struct PolicyDataplane {
     doomed_sets: BTreeSet<String>,
     /// Whether the workloads changed since the bridges' zones were looked up.
     zones_stale: bool,
-    /// The ruleset last rendered, and what changed in the state since: a change re-renders
-    /// only the chains it touches (a 30,000-rule ruleset is not rebuilt for one rule).
-    rendered: Option<Ruleset>,
+    /// The rulesets last rendered (per family), and what changed in the state since: a
+    /// change re-renders only the chains it touches (a 30,000-rule ruleset is not rebuilt
+    /// for one rule).
+    rendered: BTreeMap<IpFamily, Ruleset>,
     dirty: Dirty,
     /// The endpoint each interface's chains were rendered for.
     rendered_owner: BTreeMap<String, EndpointKey>,
@@ -78,8 +84,21 @@ impl PolicyDataplane {
         hook: WorkloadHook,
         variant: Option<IptablesVariant>,
     ) -> Result<Self, FirewallError> {
+        let variant = match variant {
+            Some(v) => v,
+            None => IptablesVariant::detect().await?,
+        };
         Ok(PolicyDataplane {
-            firewall: Firewall::new(netns, variant).await?,
+            firewalls: [
+                (
+                    IpFamily::V4,
+                    Firewall::for_family(netns, Some(variant), IpFamily::V4).await?,
+                ),
+                (
+                    IpFamily::V6,
+                    Firewall::for_family(netns, Some(variant), IpFamily::V6).await?,
+                ),
+            ],
             netns: netns.map(Path::to_path_buf),
             hook,
             state: DataplaneState::default(),
@@ -88,10 +107,48 @@ impl PolicyDataplane {
             set_ops: Vec::new(),
             doomed_sets: BTreeSet::new(),
             zones_stale: true,
-            rendered: None,
+            rendered: BTreeMap::new(),
             dirty: Dirty::default(),
             rendered_owner: BTreeMap::new(),
         })
+    }
+
+    /// A dataplane that keeps and renders the state but never touches a kernel: for tests
+    /// and fuzzing of everything between the messages and the restore text.
+    pub fn offline(hook: WorkloadHook) -> Self {
+        PolicyDataplane {
+            firewalls: [
+                (
+                    IpFamily::V4,
+                    Firewall::with_backend(Box::new(Offline), None),
+                ),
+                (
+                    IpFamily::V6,
+                    Firewall::with_backend(Box::new(Offline), None),
+                ),
+            ],
+            netns: None,
+            hook,
+            state: DataplaneState::default(),
+            in_sync: false,
+            resync: true,
+            set_ops: Vec::new(),
+            doomed_sets: BTreeSet::new(),
+            zones_stale: false,
+            rendered: BTreeMap::new(),
+            dirty: Dirty::default(),
+            rendered_owner: BTreeMap::new(),
+        }
+    }
+
+    /// The rulesets the state asks for now, per family (rendering only what changed since
+    /// the last call), and the `ipset restore` lines waiting to be run.
+    pub fn desired(&mut self) -> (Vec<(IpFamily, Ruleset)>, Vec<String>) {
+        let rulesets = self.render_changes();
+        for (family, rs) in &rulesets {
+            self.rendered.insert(*family, rs.clone());
+        }
+        (rulesets, self.set_ops.clone())
     }
 
     /// Forgets the state (before a fresh snapshot); the next apply reconciles the kernel.
@@ -102,7 +159,7 @@ impl PolicyDataplane {
         self.set_ops.clear();
         self.doomed_sets.clear();
         self.zones_stale = true;
-        self.rendered = None;
+        self.rendered.clear();
     }
 
     pub fn state(&self) -> &DataplaneState {
@@ -131,74 +188,117 @@ impl PolicyDataplane {
                 self.dirty.all = true;
             }
             Payload::IpsetUpdate(u) => {
-                let members: BTreeSet<String> =
-                    u.members.into_iter().filter(|m| !m.contains(':')).collect();
-                self.doomed_sets.remove(&ipset_name(&u.id));
+                if let Err(e) = validate::ip_set_id(&u.id) {
+                    warn!(error = %e, "policy dataplane: IP set refused");
+                    return;
+                }
+                let members: BTreeSet<String> = valid_members(u.members, &u.id);
+                for f in FAMILIES {
+                    self.doomed_sets.remove(&ipset_name_in(&u.id, f));
+                }
                 self.queue_whole_set(&u.id, &members);
                 self.state.ipsets.insert(u.id, members);
             }
             Payload::IpsetDeltaUpdate(d) => {
-                let name = ipset_name(&d.id);
-                let set = self.state.ipsets.entry(d.id).or_default();
-                for m in d.removed_members.into_iter().filter(|m| !m.contains(':')) {
+                if let Err(e) = validate::ip_set_id(&d.id) {
+                    warn!(error = %e, "policy dataplane: IP set delta refused");
+                    return;
+                }
+                let removed = valid_members(d.removed_members, &d.id);
+                let added = valid_members(d.added_members, &d.id);
+                let set = self.state.ipsets.entry(d.id.clone()).or_default();
+                for m in removed {
+                    let name = ipset_name_in(&d.id, family_of(&m));
                     self.set_ops.push(format!("del {name} {m} -exist"));
                     set.remove(&m);
                 }
-                for m in d.added_members.into_iter().filter(|m| !m.contains(':')) {
+                for m in added {
+                    let name = ipset_name_in(&d.id, family_of(&m));
                     self.set_ops.push(format!("add {name} {m} -exist"));
                     set.insert(m);
                 }
             }
             Payload::IpsetRemove(r) => {
-                self.state.ipsets.remove(&r.id);
-                self.doomed_sets.insert(ipset_name(&r.id));
+                if validate::ip_set_id(&r.id).is_ok() {
+                    self.state.ipsets.remove(&r.id);
+                    for f in FAMILIES {
+                        self.doomed_sets.insert(ipset_name_in(&r.id, f));
+                    }
+                }
             }
             Payload::ActivePolicyUpdate(u) => {
-                if let (Some(id), Some(p)) = (u.id, u.policy) {
-                    self.dirty.policies.insert(id.name.clone());
-                    if self.state.policies.insert(id.name, p).is_none() {
-                        self.dirty.endpoints_all = true;
+                let (Some(id), Some(p)) = (u.id, u.policy) else {
+                    return;
+                };
+                let checked = validate::object_name(&id.name)
+                    .and_then(|_| validate::rules(&p.inbound_rules))
+                    .and_then(|_| validate::rules(&p.outbound_rules));
+                match checked {
+                    Ok(()) => {
+                        self.dirty.policies.insert(id.name.clone());
+                        if self.state.policies.insert(id.name, p).is_none() {
+                            self.dirty.endpoints_all = true;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(policy = %id.name, error = %e, "policy dataplane: policy refused (treated as removed)");
+                        self.remove_policy(id.name);
                     }
                 }
             }
             Payload::ActivePolicyRemove(r) => {
                 if let Some(id) = r.id {
-                    self.state.policies.remove(&id.name);
-                    self.dirty.policies.insert(id.name);
-                    self.dirty.endpoints_all = true;
+                    self.remove_policy(id.name);
                 }
             }
             Payload::ActiveProfileUpdate(u) => {
-                if let (Some(id), Some(p)) = (u.id, u.profile) {
-                    self.dirty.profiles.insert(id.name.clone());
-                    if self.state.profiles.insert(id.name, p).is_none() {
-                        self.dirty.endpoints_all = true;
+                let (Some(id), Some(p)) = (u.id, u.profile) else {
+                    return;
+                };
+                let checked = validate::object_name(&id.name)
+                    .and_then(|_| validate::rules(&p.inbound_rules))
+                    .and_then(|_| validate::rules(&p.outbound_rules));
+                match checked {
+                    Ok(()) => {
+                        self.dirty.profiles.insert(id.name.clone());
+                        if self.state.profiles.insert(id.name, p).is_none() {
+                            self.dirty.endpoints_all = true;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(profile = %id.name, error = %e, "policy dataplane: profile refused (treated as removed)");
+                        self.remove_profile(id.name);
                     }
                 }
             }
             Payload::ActiveProfileRemove(r) => {
                 if let Some(id) = r.id {
-                    self.state.profiles.remove(&id.name);
-                    self.dirty.profiles.insert(id.name);
-                    self.dirty.endpoints_all = true;
+                    self.remove_profile(id.name);
                 }
             }
             Payload::WorkloadEndpointUpdate(u) => {
+                let (Some(id), Some(ep)) = (u.id, u.endpoint) else {
+                    return;
+                };
+                let key = (id.orchestrator_id, id.workload_id, id.endpoint_id);
                 self.zones_stale = true;
-                if let (Some(id), Some(ep)) = (u.id, u.endpoint) {
-                    let key = (id.orchestrator_id, id.workload_id, id.endpoint_id);
-                    self.dirty.endpoints.insert(key.clone());
-                    self.state.workloads.insert(key, ep);
+                self.dirty.endpoints.insert(key.clone());
+                match validate::workload(&ep) {
+                    Ok(()) => {
+                        self.state.workloads.insert(key, ep);
+                    }
+                    Err(e) => {
+                        warn!(endpoint = ?key, error = %e, "policy dataplane: endpoint refused (treated as removed)");
+                        self.state.workloads.remove(&key);
+                    }
                 }
             }
             Payload::WorkloadEndpointRemove(r) => {
-                self.zones_stale = true;
                 if let Some(id) = r.id {
-                    self.state.workloads.remove(&(
-                        id.orchestrator_id,
-                        id.workload_id,
-                        id.endpoint_id,
-                    ));
+                    let key = (id.orchestrator_id, id.workload_id, id.endpoint_id);
+                    self.zones_stale = true;
+                    self.state.workloads.remove(&key);
+                    self.dirty.endpoints.insert(key);
                 }
             }
             // Host endpoints, host metadata and pools are not rendered yet.
@@ -206,17 +306,39 @@ impl PolicyDataplane {
         }
     }
 
+    fn remove_policy(&mut self, name: String) {
+        if self.state.policies.remove(&name).is_some() {
+            self.dirty.endpoints_all = true;
+        }
+        self.dirty.policies.insert(name);
+    }
+
+    fn remove_profile(&mut self, name: String) {
+        if self.state.profiles.remove(&name).is_some() {
+            self.dirty.endpoints_all = true;
+        }
+        self.dirty.profiles.insert(name);
+    }
+
+    /// Builds both families' sets of `id` whole under temporary names and swaps them in.
     fn queue_whole_set(&mut self, id: &str, members: &BTreeSet<String>) {
-        let (name, temp) = (ipset_name(id), ipset_temp_name(id));
-        let max = self.max_size().max(members.len());
-        let create = |n: &str| format!("create {n} hash:ip family inet maxelem {max} -exist");
-        self.set_ops.push(create(&temp));
-        self.set_ops.push(format!("flush {temp}"));
-        self.set_ops
-            .extend(members.iter().map(|m| format!("add {temp} {m}")));
-        self.set_ops.push(create(&name));
-        self.set_ops.push(format!("swap {name} {temp}"));
-        self.set_ops.push(format!("destroy {temp}"));
+        for family in FAMILIES {
+            let (name, temp) = (ipset_name_in(id, family), ipset_temp_name_in(id, family));
+            let mine: Vec<&String> = members.iter().filter(|m| family_of(m) == family).collect();
+            let max = self.max_size().max(mine.len());
+            let kind = match family {
+                IpFamily::V4 => "inet",
+                IpFamily::V6 => "inet6",
+            };
+            let create = |n: &str| format!("create {n} hash:ip family {kind} maxelem {max} -exist");
+            self.set_ops.push(create(&temp));
+            self.set_ops.push(format!("flush {temp}"));
+            self.set_ops
+                .extend(mine.iter().map(|m| format!("add {temp} {m}")));
+            self.set_ops.push(create(&name));
+            self.set_ops.push(format!("swap {name} {temp}"));
+            self.set_ops.push(format!("destroy {temp}"));
+        }
     }
 
     /// Makes the kernel match the state: sets, then rules, then the sets no longer used.
@@ -246,10 +368,13 @@ impl PolicyDataplane {
         if self.zones_stale {
             self.discover_zones().await;
         }
-        let rules = self.render_changes();
-        let applied = self.firewall.apply(&rules).await;
-        self.rendered = Some(rules);
-        report.drift = applied?;
+        for (family, rules) in self.render_changes() {
+            let applied = self.firewall(family).apply(&rules).await;
+            self.rendered.insert(family, rules);
+            let drift = applied?;
+            report.drift.restored.extend(drift.restored);
+            report.drift.removed.extend(drift.removed);
+        }
         report.sets_destroyed = self.destroy_doomed().await?;
         Ok(report)
     }
@@ -276,15 +401,22 @@ impl PolicyDataplane {
         for (id, members) in &sets {
             self.queue_whole_set(id, members);
         }
-        let wanted: BTreeSet<String> = sets.iter().map(|(id, _)| ipset_name(id)).collect();
+        let wanted: BTreeSet<String> = sets
+            .iter()
+            .flat_map(|(id, _)| FAMILIES.map(|f| ipset_name_in(id, f)))
+            .collect();
         let lines = self.set_ops.len();
         self.run_set_ops().await?;
         self.discover_zones().await;
-        self.rendered = None;
-        let rules = self.render_changes();
-        let drift = self.firewall.reconcile(&rules).await;
-        self.rendered = Some(rules);
-        let drift = drift?;
+        self.rendered.clear();
+        let mut drift = Drift::default();
+        for (family, rules) in self.render_changes() {
+            let reconciled = self.firewall(family).reconcile(&rules).await;
+            self.rendered.insert(family, rules);
+            let d = reconciled?;
+            drift.restored.extend(d.restored);
+            drift.removed.extend(d.removed);
+        }
         self.doomed_sets = self
             .kernel_sets()
             .await?
@@ -362,86 +494,38 @@ impl PolicyDataplane {
         }
     }
 
-    /// The ruleset for the state: the last one with only the chains the changes touch
-    /// rendered again, or everything when there is no last one.
-    fn render_changes(&mut self) -> Ruleset {
-        let config = self.render_config();
+    fn firewall(&self, family: IpFamily) -> &Firewall {
+        &self
+            .firewalls
+            .iter()
+            .find(|(f, _)| *f == family)
+            .expect("both families")
+            .1
+    }
+
+    /// The rulesets for the state, per family: the last ones with only the chains the
+    /// changes touch rendered again, or everything when there is no last one.
+    fn render_changes(&mut self) -> Vec<(IpFamily, Ruleset)> {
         let dirty = std::mem::take(&mut self.dirty);
-        let Some(mut rs) = self.rendered.take().filter(|_| !dirty.all) else {
-            self.rendered_owner = owners(&self.state);
-            return render::render(&self.state, &config);
-        };
-        if dirty.base {
-            let mut fresh = render::base(&self.state, &config);
-            for (key, rules) in rs.chains {
-                let is_base = matches!(
-                    key.1.as_str(),
-                    "cali-FORWARD" | "cali-INPUT" | "cali-wl-to-host" | "cali-PREROUTING"
-                );
-                if !is_base {
-                    fresh.chains.insert(key, rules);
-                }
-            }
-            rs = fresh;
-        }
-        let put = |rs: &mut Ruleset, (name, rules): render::Chain| {
-            rs.set_rules(Table::Filter, &name, Arc::new(rules));
-        };
-        for name in &dirty.policies {
-            for inbound in [true, false] {
-                rs.chains
-                    .remove(&(Table::Filter, render::policy_chain(name, inbound)));
-            }
-            if let Some(p) = self.state.policies.get(name) {
-                for c in render::policy_chains(name, p, &config) {
-                    put(&mut rs, c);
-                }
-            }
-        }
-        for name in &dirty.profiles {
-            for inbound in [true, false] {
-                rs.chains
-                    .remove(&(Table::Filter, render::profile_chain(name, inbound)));
-            }
-            if let Some(p) = self.state.profiles.get(name) {
-                for c in render::profile_chains(name, p, &config) {
-                    put(&mut rs, c);
-                }
-            }
-        }
         let now = owners(&self.state);
-        for (name, key) in &now {
-            let stale = dirty.endpoints_all
-                || dirty.endpoints.contains(key)
-                || self.rendered_owner.get(name) != Some(key);
-            if stale {
-                let ep = &self.state.workloads[key];
-                for c in render::endpoint_chains(ep, &self.state, &config) {
-                    put(&mut rs, c);
-                }
-            }
-        }
-        for name in self.rendered_owner.keys().filter(|n| !now.contains_key(*n)) {
-            rs.chains
-                .remove(&(Table::Filter, render::to_endpoint_chain(name)));
-            rs.chains
-                .remove(&(Table::Filter, render::from_endpoint_chain(name)));
-        }
-        if !now.keys().eq(self.rendered_owner.keys()) {
-            rs.chains
-                .retain(|(t, c), _| !(*t == Table::Filter && render::is_dispatch_chain(c)));
-            let names: Vec<String> = now.keys().cloned().collect();
-            for c in render::dispatch_chains(&names, &config) {
-                put(&mut rs, c);
-            }
+        let mut out = Vec::new();
+        for family in FAMILIES {
+            let config = self.render_config().with_family(family);
+            let rs = match self.rendered.remove(&family).filter(|_| !dirty.all) {
+                Some(rs) => update(rs, &dirty, &now, &self.rendered_owner, &self.state, &config),
+                None => render::render(&self.state, &config),
+            };
+            out.push((family, rs));
         }
         self.rendered_owner = now;
-        rs
+        out
     }
 
     /// Removes every `cali` chain, jump and set (shutdown).
     pub async fn remove(&mut self) -> Result<(), FirewallError> {
-        self.firewall.remove(OWNER).await?;
+        for (_, firewall) in &self.firewalls {
+            firewall.remove(OWNER).await?;
+        }
         self.doomed_sets = self.kernel_sets().await?.into_iter().collect();
         self.destroy_doomed().await?;
         self.resync = true;
@@ -468,7 +552,11 @@ impl PolicyDataplane {
         Ok(listed
             .stdout
             .lines()
-            .filter(|s| s.starts_with("cali4-") || s.starts_with("cali4t"))
+            .filter(|s| {
+                ["cali4-", "cali4t", "cali6-", "cali6t"]
+                    .iter()
+                    .any(|p| s.starts_with(p))
+            })
             .map(str::to_string)
             .collect())
     }
@@ -489,6 +577,120 @@ impl PolicyDataplane {
         ipset_restore(self.netns.as_deref(), &text).await?;
         Ok(doomed.len())
     }
+}
+
+/// `rs` (rendered for the state before `dirty`) brought up to date: only the chains the
+/// changes touch are rendered again.
+fn update(
+    mut rs: Ruleset,
+    dirty: &Dirty,
+    now: &BTreeMap<String, EndpointKey>,
+    before: &BTreeMap<String, EndpointKey>,
+    state: &DataplaneState,
+    config: &RenderConfig,
+) -> Ruleset {
+    if dirty.base {
+        let mut fresh = render::base(state, config);
+        for (key, rules) in rs.chains {
+            let is_base = matches!(
+                key.1.as_str(),
+                "cali-FORWARD" | "cali-INPUT" | "cali-wl-to-host" | "cali-PREROUTING"
+            );
+            if !is_base {
+                fresh.chains.insert(key, rules);
+            }
+        }
+        rs = fresh;
+    }
+    let put = |rs: &mut Ruleset, (name, rules): render::Chain| {
+        rs.set_rules(Table::Filter, &name, Arc::new(rules));
+    };
+    for name in &dirty.policies {
+        for inbound in [true, false] {
+            rs.chains
+                .remove(&(Table::Filter, render::policy_chain(name, inbound)));
+        }
+        if let Some(p) = state.policies.get(name) {
+            for c in render::policy_chains(name, p, config) {
+                put(&mut rs, c);
+            }
+        }
+    }
+    for name in &dirty.profiles {
+        for inbound in [true, false] {
+            rs.chains
+                .remove(&(Table::Filter, render::profile_chain(name, inbound)));
+        }
+        if let Some(p) = state.profiles.get(name) {
+            for c in render::profile_chains(name, p, config) {
+                put(&mut rs, c);
+            }
+        }
+    }
+    for (name, key) in now {
+        let stale =
+            dirty.endpoints_all || dirty.endpoints.contains(key) || before.get(name) != Some(key);
+        if stale {
+            for c in render::endpoint_chains(&state.workloads[key], state, config) {
+                put(&mut rs, c);
+            }
+        }
+    }
+    for name in before.keys().filter(|n| !now.contains_key(*n)) {
+        rs.chains
+            .remove(&(Table::Filter, render::to_endpoint_chain(name)));
+        rs.chains
+            .remove(&(Table::Filter, render::from_endpoint_chain(name)));
+    }
+    if !now.keys().eq(before.keys()) {
+        rs.chains
+            .retain(|(t, c), _| !(*t == Table::Filter && render::is_dispatch_chain(c)));
+        let names: Vec<String> = now.keys().cloned().collect();
+        for c in render::dispatch_chains(&names, config) {
+            put(&mut rs, c);
+        }
+    }
+    rs
+}
+
+/// The family of an (already checked) member address.
+fn family_of(member: &str) -> IpFamily {
+    if member.contains(':') {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    }
+}
+
+/// The backend of an [`PolicyDataplane::offline`] dataplane: nothing to save or restore.
+struct Offline;
+
+#[async_trait::async_trait]
+impl crate::net::firewall::FirewallBackend for Offline {
+    fn name(&self) -> &'static str {
+        "offline"
+    }
+    async fn save(&self) -> Result<String, FirewallError> {
+        Ok(String::new())
+    }
+    async fn restore(&self, _: &str) -> Result<(), FirewallError> {
+        Ok(())
+    }
+}
+
+/// The members that go into the sets; anything that is not an address is dropped with a
+/// warning (one would make `ipset restore` refuse the whole batch).
+fn valid_members(members: Vec<String>, id: &str) -> BTreeSet<String> {
+    members
+        .into_iter()
+        .filter(|m| match validate::member(m) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(set = %id, error = %e, "policy dataplane: member dropped");
+                false
+            }
+        })
+        .collect()
 }
 
 /// Each interface with the endpoint its chains are for (the first of a name wins).
@@ -520,10 +722,14 @@ pub async fn kernel_members(
     for line in saved.stdout.lines() {
         let mut words = line.split_whitespace();
         match (words.next(), words.next(), words.next()) {
-            (Some("create"), Some(name), _) if name.starts_with("cali4") => {
+            (Some("create"), Some(name), _)
+                if name.starts_with("cali4") || name.starts_with("cali6") =>
+            {
                 out.entry(name.to_string()).or_default();
             }
-            (Some("add"), Some(name), Some(member)) if name.starts_with("cali4") => {
+            (Some("add"), Some(name), Some(member))
+                if name.starts_with("cali4") || name.starts_with("cali6") =>
+            {
                 out.entry(name.to_string())
                     .or_default()
                     .insert(member.to_string());
@@ -537,41 +743,14 @@ pub async fn kernel_members(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::firewall::FirewallBackend;
     use crate::policy::proto;
 
-    struct NoBackend;
-
-    #[async_trait::async_trait]
-    impl FirewallBackend for NoBackend {
-        fn name(&self) -> &'static str {
-            "none"
-        }
-        async fn save(&self) -> Result<String, FirewallError> {
-            Ok(String::new())
-        }
-        async fn restore(&self, _: &str) -> Result<(), FirewallError> {
-            Ok(())
-        }
-    }
-
     fn dataplane() -> PolicyDataplane {
-        PolicyDataplane {
-            firewall: Firewall::with_backend(Box::new(NoBackend), None),
-            netns: None,
-            hook: WorkloadHook::Bridged {
-                prefixes: vec!["tvn_".into()],
-            },
-            state: DataplaneState::default(),
-            in_sync: true,
-            resync: false,
-            set_ops: Vec::new(),
-            doomed_sets: BTreeSet::new(),
-            zones_stale: false,
-            rendered: None,
-            dirty: Dirty::default(),
-            rendered_owner: BTreeMap::new(),
-        }
+        let mut dp = PolicyDataplane::offline(WorkloadHook::Bridged {
+            prefixes: vec!["tvn_".into()],
+        });
+        dp.in_sync = true;
+        dp
     }
 
     fn policy(name: &str, port: i32) -> Payload {
@@ -682,11 +861,54 @@ mod tests {
         ];
         for (i, step) in steps.iter().enumerate() {
             step(&mut dp);
-            let incremental = dp.render_changes();
-            let full = render::render(&dp.state, &dp.render_config());
-            assert_eq!(incremental.chains, full.chains, "after step {i}");
-            assert_eq!(incremental.jumps, full.jumps, "after step {i}");
-            dp.rendered = Some(incremental);
+            for (family, incremental) in dp.render_changes() {
+                let full = render::render(&dp.state, &dp.render_config().with_family(family));
+                assert_eq!(incremental.chains, full.chains, "{family:?} after step {i}");
+                assert_eq!(incremental.jumps, full.jumps, "{family:?} after step {i}");
+                dp.rendered.insert(family, incremental);
+            }
+        }
+    }
+
+    #[test]
+    fn values_that_would_break_a_restore_are_refused_alone() {
+        let mut dp = dataplane();
+        dp.handle(policy("good", 80));
+        dp.handle(policy("bad name", 80));
+        dp.handle(policy("bad-port", 70000));
+        dp.handle(endpoint("w1", "tvn 1", &["good"], &[]));
+        dp.handle(endpoint("w2", "tvn_2", &["good"], &[]));
+        dp.handle(Payload::IpsetUpdate(proto::IpSetUpdate {
+            id: "s:x".into(),
+            members: vec![
+                "10.0.0.1".into(),
+                "10.0.0.2 -exist".into(),
+                "fd00::1".into(),
+            ],
+        }));
+        assert_eq!(dp.state.policies.keys().collect::<Vec<_>>(), ["good"]);
+        assert_eq!(dp.state.workloads.len(), 1);
+        assert_eq!(
+            dp.state.ipsets["s:x"].iter().collect::<Vec<_>>(),
+            ["10.0.0.1", "fd00::1"]
+        );
+        let (rulesets, ops) = dp.desired();
+        for (_, rs) in &rulesets {
+            assert!(rs.chains.keys().all(|(_, c)| !c.contains(' ')));
+        }
+        assert!(
+            ops.contains(&"add cali4ts:x 10.0.0.1".to_string()),
+            "{ops:?}"
+        );
+        assert!(
+            ops.contains(&"add cali6ts:x fd00::1".to_string()),
+            "{ops:?}"
+        );
+        // A policy that turns bad is removed, not kept stale.
+        dp.handle(policy("good", -1));
+        assert!(dp.state.policies.is_empty());
+        for (_, rs) in dp.desired().0 {
+            assert!(!rs.chains.keys().any(|(_, c)| c == "cali-pi-good"));
         }
     }
 }

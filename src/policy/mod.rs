@@ -7,6 +7,7 @@
 //! * [`render`]: dataplane state → Calico-named chains and IP sets (pure).
 //! * [`dataplane`]: the driver that keeps that state from the messages and applies it.
 //! * [`driver`]: the same driver behind Felix's external-driver pipes (fd 3 and 4).
+//! * [`validate`]: what the dataplane accepts from its messages.
 //! * [`sync`]: etcd → engine → driver → kernel for one host (Felix, in-process).
 
 pub mod calc;
@@ -16,3 +17,4 @@ pub mod proto;
 pub mod render;
 pub mod selector;
 pub mod sync;
+pub mod validate;

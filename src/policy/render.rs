@@ -11,7 +11,9 @@
 //! * [`WorkloadHook::Routed`]: the workload interfaces, as Felix does (`-i`/`-o`), with
 //!   workload → host traffic through `cali-wl-to-host`.
 //!
-//! IPv4 only so far: rules for IPv6 alone are skipped, IPv6 CIDRs filtered out.
+//! Each family is rendered on its own (`RenderConfig::family`): a rule for the other IP
+//! version is skipped, CIDRs of the other family filtered out (a rule whose list empties is
+//! skipped), sets are `cali4-`/`cali6-`, ICMP matches `icmp`/`icmp6`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,8 +22,12 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
-use crate::net::firewall::{Rule, Ruleset, Table};
+use crate::net::firewall::{IpFamily, Rule, Ruleset, Table};
 use crate::policy::proto;
+
+/// ICMPv6 types that must pass for IPv6 to work at all (MLD 130–132, router and neighbour
+/// discovery 133–136), as Felix lets them to the host.
+pub const ICMPV6_ND: [&str; 7] = ["130", "131", "132", "133", "134", "135", "136"];
 
 /// The owner of every chain rendered here (so chains are `cali-…`).
 pub const OWNER: &str = "cali";
@@ -87,6 +93,8 @@ pub struct RenderConfig {
     pub log_prefix: String,
     /// `DROP`, `ACCEPT` or `RETURN`: workload → host traffic after egress policy.
     pub default_endpoint_to_host: String,
+    /// The table family being rendered (Felix renders each ruleset once per family).
+    pub family: IpFamily,
 }
 
 impl RenderConfig {
@@ -115,7 +123,18 @@ impl RenderConfig {
             marks,
             log_prefix: get("LogPrefix").unwrap_or_else(|| "calico-packet".into()),
             default_endpoint_to_host: action,
+            family: IpFamily::V4,
         }
+    }
+
+    /// The same configuration for the other family's tables.
+    pub fn with_family(mut self, family: IpFamily) -> RenderConfig {
+        self.family = family;
+        self
+    }
+
+    fn set_name(&self, id: &str) -> String {
+        ipset_name_in(id, self.family)
     }
 }
 
@@ -148,13 +167,25 @@ pub fn chain_name(prefix: &str, suffix: &str) -> String {
 
 /// The kernel name of an IP set (IPv4 family).
 pub fn ipset_name(id: &str) -> String {
-    let name = format!("cali4-{id}");
+    ipset_name_in(id, IpFamily::V4)
+}
+
+fn family_digit(family: IpFamily) -> char {
+    match family {
+        IpFamily::V4 => '4',
+        IpFamily::V6 => '6',
+    }
+}
+
+/// The kernel name of an IP set of a family: `cali4-<id>` / `cali6-<id>`, cut to 31.
+pub fn ipset_name_in(id: &str, family: IpFamily) -> String {
+    let name = format!("cali{}-{id}", family_digit(family));
     name[..name.len().min(MAX_IPSET)].to_string()
 }
 
 /// The temporary name a set is built under before it is swapped in.
-pub fn ipset_temp_name(id: &str) -> String {
-    let name = format!("cali4t{id}");
+pub fn ipset_temp_name_in(id: &str, family: IpFamily) -> String {
+    let name = format!("cali{}t{id}", family_digit(family));
     name[..name.len().min(MAX_IPSET)].to_string()
 }
 
@@ -222,11 +253,20 @@ fn is_v4(net: &str) -> bool {
 /// One rule's iptables lines (each a list of arguments), for the IPv4 table; empty if the
 /// rule does not apply to IPv4. `object` says what the lines are for (their comment).
 pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>> {
-    if rule.ip_version == proto::IpVersion::Ipv6 as i32 {
+    let other = match config.family {
+        IpFamily::V4 => proto::IpVersion::Ipv6,
+        IpFamily::V6 => proto::IpVersion::Ipv4,
+    };
+    if rule.ip_version == other as i32 {
         return Vec::new();
     }
+    let want_v4 = config.family == IpFamily::V4;
     let v4 = |nets: &[String]| -> Option<Vec<String>> {
-        let kept: Vec<String> = nets.iter().filter(|n| is_v4(n)).cloned().collect();
+        let kept: Vec<String> = nets
+            .iter()
+            .filter(|n| is_v4(n) == want_v4)
+            .cloned()
+            .collect();
         // A list emptied by the filtering makes the rule impossible in this family.
         (nets.is_empty() || !kept.is_empty()).then_some(kept)
     };
@@ -336,7 +376,13 @@ pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>
                 a.extend(args(&["-s", s]));
             }
             for id in &rule.src_ip_set_ids {
-                a.extend(args(&["-m", "set", "--match-set", &ipset_name(id), "src"]));
+                a.extend(args(&[
+                    "-m",
+                    "set",
+                    "--match-set",
+                    &config.set_name(id),
+                    "src",
+                ]));
             }
             if !sp.is_empty() {
                 a.extend(args(&["-m", "multiport", "--source-ports", &port_list(sp)]));
@@ -345,7 +391,13 @@ pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>
                 a.extend(args(&["-d", d]));
             }
             for id in &rule.dst_ip_set_ids {
-                a.extend(args(&["-m", "set", "--match-set", &ipset_name(id), "dst"]));
+                a.extend(args(&[
+                    "-m",
+                    "set",
+                    "--match-set",
+                    &config.set_name(id),
+                    "dst",
+                ]));
             }
             if !dp.is_empty() {
                 a.extend(args(&[
@@ -355,14 +407,18 @@ pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>
                     &port_list(dp),
                 ]));
             }
+            let (icmp_module, icmp_flag) = match config.family {
+                IpFamily::V4 => ("icmp", "--icmp-type"),
+                IpFamily::V6 => ("icmp6", "--icmpv6-type"),
+            };
             match &rule.icmp {
                 Some(proto::rule::Icmp::IcmpType(t)) => {
-                    a.extend(args(&["-m", "icmp", "--icmp-type", &t.to_string()]))
+                    a.extend(args(&["-m", icmp_module, icmp_flag, &t.to_string()]))
                 }
                 Some(proto::rule::Icmp::IcmpTypeCode(tc)) => a.extend(args(&[
                     "-m",
-                    "icmp",
-                    "--icmp-type",
+                    icmp_module,
+                    icmp_flag,
                     &format!("{}/{}", tc.r#type, tc.code),
                 ])),
                 None => {}
@@ -379,7 +435,7 @@ pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>
                     "set",
                     "!",
                     "--match-set",
-                    &ipset_name(id),
+                    &config.set_name(id),
                     "src",
                 ]));
             }
@@ -401,7 +457,7 @@ pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>
                     "set",
                     "!",
                     "--match-set",
-                    &ipset_name(id),
+                    &config.set_name(id),
                     "dst",
                 ]));
             }
@@ -416,13 +472,13 @@ pub fn render_rule(rule: &proto::Rule, config: &RenderConfig) -> Vec<Vec<String>
             }
             match &rule.not_icmp {
                 Some(proto::rule::NotIcmp::NotIcmpType(t)) => {
-                    a.extend(args(&["-m", "icmp", "!", "--icmp-type", &t.to_string()]))
+                    a.extend(args(&["-m", icmp_module, "!", icmp_flag, &t.to_string()]))
                 }
                 Some(proto::rule::NotIcmp::NotIcmpTypeCode(tc)) => a.extend(args(&[
                     "-m",
-                    "icmp",
+                    icmp_module,
                     "!",
-                    "--icmp-type",
+                    icmp_flag,
                     &format!("{}/{}", tc.r#type, tc.code),
                 ])),
                 None => {}
@@ -543,17 +599,39 @@ fn endpoint_chain(
         "invalid",
         &["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
     ));
-    if matches!(config.hook, WorkloadHook::Bridged { .. }) {
-        let (sport, dport) = match dir {
-            Direction::From => ("68", "67"),
-            Direction::To => ("67", "68"),
-        };
-        r.push(rule(
-            "DHCP with the concentrator",
-            &[
-                "-p", "udp", "--sport", sport, "--dport", dport, "-j", "ACCEPT",
-            ],
-        ));
+    match (&config.hook, config.family) {
+        (WorkloadHook::Bridged { .. }, IpFamily::V4) => {
+            let (sport, dport) = match dir {
+                Direction::From => ("68", "67"),
+                Direction::To => ("67", "68"),
+            };
+            r.push(rule(
+                "DHCP with the concentrator",
+                &[
+                    "-p", "udp", "--sport", sport, "--dport", dport, "-j", "ACCEPT",
+                ],
+            ));
+        }
+        // Bridged IPv6 needs neighbour discovery and MLD between the ports, whatever the
+        // policy says (routed workloads talk ND to the host, which is not policed).
+        (WorkloadHook::Bridged { .. }, IpFamily::V6) => {
+            for t in ICMPV6_ND {
+                r.push(rule(
+                    "ICMPv6 neighbour discovery",
+                    &[
+                        "-p",
+                        "ipv6-icmp",
+                        "-m",
+                        "icmp6",
+                        "--icmpv6-type",
+                        t,
+                        "-j",
+                        "ACCEPT",
+                    ],
+                ));
+            }
+        }
+        (WorkloadHook::Routed { .. }, _) => {}
     }
     r.push(rule(
         "clear accept",
@@ -826,13 +904,35 @@ pub fn base(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
         rs.set_rules(
             Table::Filter,
             "cali-wl-to-host",
-            Arc::new(vec![
-                Rule::new("egress policy", args(&["-j", "cali-from-wl-dispatch"])),
-                Rule::new(
-                    "DefaultEndpointToHostAction",
-                    args(&["-j", &config.default_endpoint_to_host]),
-                ),
-            ]),
+            Arc::new(
+                (config.family == IpFamily::V6)
+                    .then_some(ICMPV6_ND)
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        Rule::new(
+                            "ICMPv6 to the host",
+                            args(&[
+                                "-p",
+                                "ipv6-icmp",
+                                "-m",
+                                "icmp6",
+                                "--icmpv6-type",
+                                t,
+                                "-j",
+                                "ACCEPT",
+                            ]),
+                        )
+                    })
+                    .chain([
+                        Rule::new("egress policy", args(&["-j", "cali-from-wl-dispatch"])),
+                        Rule::new(
+                            "DefaultEndpointToHostAction",
+                            args(&["-j", &config.default_endpoint_to_host]),
+                        ),
+                    ])
+                    .collect(),
+            ),
         );
     }
     if matches!(config.hook, WorkloadHook::Bridged { .. }) && !state.zones.is_empty() {

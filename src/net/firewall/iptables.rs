@@ -41,21 +41,55 @@ impl IptablesVariant {
     }
 }
 
+/// Which address family's tables: `iptables` or `ip6tables`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
 pub struct Iptables {
     variant: IptablesVariant,
+    family: IpFamily,
     netns: Option<PathBuf>,
 }
 
 impl Iptables {
     pub fn new(variant: IptablesVariant, netns: Option<&Path>) -> Self {
+        Self::for_family(variant, IpFamily::V4, netns)
+    }
+
+    /// The IPv6 tables (`ip6tables-…-restore`) when `family` is [`IpFamily::V6`].
+    pub fn for_family(variant: IptablesVariant, family: IpFamily, netns: Option<&Path>) -> Self {
         Iptables {
             variant,
+            family,
             netns: netns.map(Path::to_path_buf),
         }
     }
 
+    fn restore_program(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => self.variant.restore_program(),
+            IpFamily::V6 => match self.variant {
+                IptablesVariant::Nft => "ip6tables-nft-restore",
+                IptablesVariant::Legacy => "ip6tables-legacy-restore",
+            },
+        }
+    }
+
+    fn save_program(&self) -> &'static str {
+        match self.family {
+            IpFamily::V4 => self.variant.save_program(),
+            IpFamily::V6 => match self.variant {
+                IptablesVariant::Nft => "ip6tables-nft-save",
+                IptablesVariant::Legacy => "ip6tables-legacy-save",
+            },
+        }
+    }
+
     async fn run_restore(&self, batch: &str) -> Result<(), FirewallError> {
-        let program = self.variant.restore_program();
+        let program = self.restore_program();
         Command::new(program)
             .arg("--noflush")
             .netns(self.netns.as_deref())
@@ -70,14 +104,16 @@ impl Iptables {
 #[async_trait]
 impl FirewallBackend for Iptables {
     fn name(&self) -> &'static str {
-        match self.variant {
-            IptablesVariant::Nft => "iptables-nft",
-            IptablesVariant::Legacy => "iptables-legacy",
+        match (self.family, self.variant) {
+            (IpFamily::V4, IptablesVariant::Nft) => "iptables-nft",
+            (IpFamily::V4, IptablesVariant::Legacy) => "iptables-legacy",
+            (IpFamily::V6, IptablesVariant::Nft) => "ip6tables-nft",
+            (IpFamily::V6, IptablesVariant::Legacy) => "ip6tables-legacy",
         }
     }
 
     async fn save(&self) -> Result<String, FirewallError> {
-        Ok(Command::new(self.variant.save_program())
+        Ok(Command::new(self.save_program())
             .netns(self.netns.as_deref())
             .run()
             .await?

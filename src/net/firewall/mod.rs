@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use tracing::{debug, info, warn};
 
 pub use batch::Drift;
-pub use iptables::{Iptables, IptablesVariant};
+pub use iptables::{IpFamily, Iptables, IptablesVariant};
 pub use natmap::NatMap;
 pub use ruleset::{IpSet, Jump, Rule, Ruleset, Table};
 
@@ -85,6 +85,22 @@ impl Firewall {
         };
         Ok(Self::with_backend(
             Box::new(Iptables::new(variant, netns)),
+            netns,
+        ))
+    }
+
+    /// The same for one address family's tables (`ip6tables` for [`IpFamily::V6`]).
+    pub async fn for_family(
+        netns: Option<&Path>,
+        variant: Option<IptablesVariant>,
+        family: IpFamily,
+    ) -> Result<Self, FirewallError> {
+        let variant = match variant {
+            Some(v) => v,
+            None => IptablesVariant::detect().await?,
+        };
+        Ok(Self::with_backend(
+            Box::new(Iptables::for_family(variant, family, netns)),
             netns,
         ))
     }

@@ -15,11 +15,49 @@ fn routed() -> RenderConfig {
 }
 
 fn lines(json: &str) -> Vec<String> {
+    lines_in(json, IpFamily::V4)
+}
+
+fn lines_in(json: &str, family: IpFamily) -> Vec<String> {
     let rule: crate::calico::Rule = serde_json::from_str(json).unwrap();
-    render_rule(&convert(&rule, None), &routed())
+    render_rule(&convert(&rule, None), &routed().with_family(family))
         .into_iter()
         .map(|a| a.join(" "))
         .collect()
+}
+
+#[test]
+fn the_ipv6_table_gets_ipv6_rules_only() {
+    let v6 = |json: &str| lines_in(json, IpFamily::V6);
+    assert_eq!(
+        v6(r#"{"protocol":"icmpv6","!icmp_type":128,"action":"deny"}"#),
+        ["-p icmpv6 -m icmp6 ! --icmpv6-type 128 -j DROP"]
+    );
+    assert!(v6(r#"{"action":"allow","protocol":"icmp","icmp_type":8}"#).is_empty());
+    assert!(v6(r#"{"action":"allow","src_net":"10.0.0.0/8"}"#).is_empty());
+    let web = ipset_name_in(&Selector::tag("web").ip_set_id(), IpFamily::V6);
+    assert_eq!(
+        v6(r#"{"action":"deny","src_tag":"web","!dst_net":"fd00::/64"}"#),
+        [format!(
+            "-m set --match-set {web} src ! -d fd00::/64 -j DROP"
+        )]
+    );
+    assert!(web.starts_with("cali6-s:"));
+    // Bridged IPv6 lets neighbour discovery through before policy.
+    let state = state_with_endpoint("tvn_0000000a", &[], &[]);
+    let rs = render(
+        &state,
+        &config(WorkloadHook::Bridged {
+            prefixes: vec!["tvn_".into()],
+        })
+        .with_family(IpFamily::V6),
+    );
+    let chain = chain_lines(&rs, "cali-tw-tvn_0000000a");
+    assert!(chain.contains(&"-p ipv6-icmp -m icmp6 --icmpv6-type 135 -j ACCEPT".to_string()));
+    assert!(
+        !chain.iter().any(|l| l.contains("--dport 68")),
+        "no DHCPv4 rule in IPv6"
+    );
 }
 
 #[test]
@@ -62,7 +100,8 @@ fn names_match_the_reference_vectors() {
         ipset_name(&Selector::parse("role == 'db'").unwrap().ip_set_id()),
         "cali4-s:rV61RKD1Q8wo61pyeB0j2rw"
     );
-    assert!(ipset_temp_name("s:abc").starts_with("cali4ts:"));
+    assert!(ipset_temp_name_in("s:abc", IpFamily::V4).starts_with("cali4ts:"));
+    assert_eq!(ipset_name_in("s:abc", IpFamily::V6), "cali6-s:abc");
     assert!(policy_chain(&"x".repeat(40), false).len() <= MAX_CHAIN);
 }
 
