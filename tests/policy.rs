@@ -400,6 +400,41 @@ async fn profiles_policies_and_tiers_police_bridged_workloads() {
     .unwrap();
     assert!(!last.first_update && last.uptime > 0.0 && last.time.ends_with('Z'));
 
+    // Endpoint status keys, once EndpointReportingEnabled is on: up, then down when the
+    // VNIC's port goes down.
+    b.put_applied("/calico/v1/config/EndpointReportingEnabled", "true")
+        .await;
+    let status_key = format!(
+        "/calico/felix/v1/host/{HOST}/workload/ciao/i-{0}/endpoint/{0}",
+        w1.port
+    );
+    let status_of = |store: Arc<dyn Datastore>, key: String| async move {
+        store
+            .get(&key)
+            .await
+            .unwrap()
+            .map(|kv| String::from_utf8(kv.value).unwrap())
+    };
+    assert_eq!(
+        status_of(b.store.clone(), status_key.clone())
+            .await
+            .as_deref(),
+        Some(r#"{"status":"up"}"#)
+    );
+    b.host
+        .run(&["ip", "link", "set", &w1.port, "down"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(b.store.clone(), status_key.clone())
+        .await
+        .as_deref()
+        != Some(r#"{"status":"down"}"#)
+    {
+        assert!(Instant::now() < deadline, "the status never went down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.host.run(&["ip", "link", "set", &w1.port, "up"]).unwrap();
+
     // Shutdown leaves nothing of Calico's.
     let Bench {
         policy,

@@ -90,7 +90,6 @@ pub async fn run(args: &FelixDriverArgs) -> Result<ExitCode, CliError> {
         input,
         output,
         dataplane,
-        args.netns.as_deref(),
         Duration::from_secs(args.status_interval.max(1)),
     )
     .await

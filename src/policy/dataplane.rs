@@ -63,7 +63,8 @@ pub struct PolicyDataplane {
     rendered_owner: BTreeMap<String, EndpointKey>,
 }
 
-type EndpointKey = (String, String, String);
+/// A workload endpoint: (orchestrator, workload, endpoint).
+pub type EndpointKey = (String, String, String);
 
 #[derive(Debug, Default)]
 struct Dirty {
@@ -149,6 +150,30 @@ impl PolicyDataplane {
             self.rendered.insert(*family, rs.clone());
         }
         (rulesets, self.set_ops.clone())
+    }
+
+    /// Each workload endpoint's status as Felix reports it: `up` when it is active and its
+    /// interface is up, else `down`.
+    pub async fn endpoint_statuses(&self) -> BTreeMap<EndpointKey, &'static str> {
+        let netlink = match &self.netns {
+            Some(p) => Netlink::connect_in(p),
+            None => Netlink::connect(),
+        }
+        .ok();
+        let mut out = BTreeMap::new();
+        for (key, ep) in &self.state.workloads {
+            let up = match &netlink {
+                Some(nl) if ep.state == "active" => nl
+                    .link_by_name(&ep.name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|l| l.up),
+                _ => false,
+            };
+            out.insert(key.clone(), if up { "up" } else { "down" });
+        }
+        out
     }
 
     /// Forgets the state (before a fresh snapshot); the next apply reconciles the kernel.

@@ -7,20 +7,18 @@
 //! closes its pipe the driver removes its chains and sets and returns.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use crate::net::Netlink;
 use crate::policy::dataplane::PolicyDataplane;
 use crate::policy::proto::{
     self, FrameError, FromDataplane, ToDataplane, from_dataplane, read_message, to_dataplane,
     write_message,
 };
 
-type EndpointKey = (String, String, String);
+use crate::policy::dataplane::EndpointKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -91,18 +89,12 @@ pub async fn run<R, W>(
     input: R,
     mut output: W,
     mut dataplane: PolicyDataplane,
-    netns: Option<&Path>,
     status_interval: Duration,
 ) -> Result<(), DriverError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
-    let netlink = match netns {
-        Some(p) => Netlink::connect_in(p),
-        None => Netlink::connect(),
-    }
-    .ok();
     let mut status = Status {
         sequence: 0,
         started: Instant::now(),
@@ -162,9 +154,7 @@ where
         }
         if dataplane.in_sync() {
             match dataplane.apply().await {
-                Ok(_) => {
-                    report_endpoints(&dataplane, netlink.as_ref(), &mut status, &mut output).await?
-                }
+                Ok(_) => report_endpoints(&dataplane, &mut status, &mut output).await?,
                 Err(e) => {
                     warn!(error = %e, "felix driver: apply failed; retrying with the next message")
                 }
@@ -187,23 +177,15 @@ where
 /// interface is up, else `down`.
 async fn report_endpoints<W: AsyncWrite + Unpin>(
     dataplane: &PolicyDataplane,
-    netlink: Option<&Netlink>,
     status: &mut Status,
     out: &mut W,
 ) -> Result<(), DriverError> {
-    let mut now: BTreeMap<EndpointKey, String> = BTreeMap::new();
-    for (key, ep) in &dataplane.state().workloads {
-        let up = match netlink {
-            Some(nl) if ep.state == "active" => nl
-                .link_by_name(&ep.name)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|l| l.up),
-            _ => false,
-        };
-        now.insert(key.clone(), if up { "up" } else { "down" }.to_string());
-    }
+    let now: BTreeMap<EndpointKey, String> = dataplane
+        .endpoint_statuses()
+        .await
+        .into_iter()
+        .map(|(k, s)| (k, s.to_string()))
+        .collect();
     let id = |k: &EndpointKey| proto::WorkloadEndpointId {
         orchestrator_id: k.0.clone(),
         workload_id: k.1.clone(),

@@ -122,6 +122,71 @@ pub async fn spawn(
     })
 }
 
+/// Felix's endpoint status keys (`/calico/felix/v1/host/<h>/workload/<o>/<w>/endpoint/<e>`
+/// = `{"status":"up"|"down"}`), written when `EndpointReportingEnabled` is true: only what
+/// changed is written, a gone endpoint's key deleted; turned off, the keys written are
+/// deleted (Felix keeps this off by default: it costs etcd writes).
+#[derive(Default)]
+struct EndpointReports {
+    sent: std::collections::BTreeMap<crate::policy::dataplane::EndpointKey, &'static str>,
+}
+
+impl EndpointReports {
+    async fn sync(
+        &mut self,
+        store: &Arc<dyn Datastore>,
+        host: &str,
+        graph: &CalcGraph,
+        dataplane: &PolicyDataplane,
+    ) {
+        use crate::calico::{CalicoKey, WorkloadEndpointId};
+        let enabled = graph.felix_config().iter().any(|(k, v)| {
+            k.eq_ignore_ascii_case("EndpointReportingEnabled")
+                && v.trim().eq_ignore_ascii_case("true")
+        });
+        let now = if enabled {
+            dataplane.endpoint_statuses().await
+        } else {
+            Default::default()
+        };
+        let key = |k: &crate::policy::dataplane::EndpointKey| {
+            CalicoKey::WorkloadEndpointStatus(WorkloadEndpointId {
+                host: host.to_string(),
+                orchestrator: k.0.clone(),
+                workload: k.1.clone(),
+                endpoint: k.2.clone(),
+            })
+            .path()
+        };
+        let gone: Vec<_> = self
+            .sent
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            match store.delete(&key(&k), None).await {
+                Ok(_) | Err(StoreError::NotFound { .. }) => {
+                    self.sent.remove(&k);
+                }
+                Err(e) => warn!(error = %e, "deleting an endpoint status"),
+            }
+        }
+        for (k, status) in now {
+            if self.sent.get(&k) == Some(&status) {
+                continue;
+            }
+            let value = format!(r#"{{"status":"{status}"}}"#);
+            match store.put(&key(&k), value.as_bytes()).await {
+                Ok(_) => {
+                    self.sent.insert(k, status);
+                }
+                Err(e) => warn!(error = %e, "writing an endpoint status"),
+            }
+        }
+    }
+}
+
 /// Felix's status report: once the policy is in sync, `status` (on a lease of three
 /// intervals, so a dead agent's expires) and `last_reported_status` (kept) every interval.
 async fn report(
@@ -252,6 +317,10 @@ async fn sync_once(
         took = ?report.took,
         "policy in sync"
     );
+    let mut endpoints = EndpointReports::default();
+    endpoints
+        .sync(store, &config.calc.hostname, &graph, dataplane)
+        .await;
     applied.send_replace(listing.revision);
     let mut watch = store.watch(FELIX_PREFIX, listing.revision + 1).await?;
     let mut resync = tokio::time::interval(config.resync);
@@ -289,12 +358,18 @@ async fn sync_once(
                     // The dataplane reconciles at its next apply or resync.
                     Err(e) => warn!(error = %e, "policy change not applied; retrying at the next resync"),
                 }
+                endpoints
+                    .sync(store, &config.calc.hostname, &graph, dataplane)
+                    .await;
                 applied.send_replace(revision);
             }
             _ = resync.tick() => {
                 if let Err(e) = dataplane.reconcile().await {
                     warn!(error = %e, "policy resync failed");
                 }
+                endpoints
+                    .sync(store, &config.calc.hostname, &graph, dataplane)
+                    .await;
             }
         }
     }
