@@ -22,6 +22,8 @@ struct Bench {
     _etcd: EtcdServer,
     store: Arc<dyn Datastore>,
     host: Host,
+    /// Another host on the underlay, to reach the host's own address from.
+    peer: Host,
     policy: PolicyHandle,
     _fabric: Fabric,
 }
@@ -145,6 +147,7 @@ async fn bench() -> (Bench, Vec<Wl>, Vec<Wl>) {
     let store: Arc<dyn Datastore> = Arc::new(etcd.store().await.unwrap());
     let fabric = Fabric::new().await.unwrap();
     let host = fabric.add_host("pol").await.unwrap();
+    let peer = fabric.add_host("peer").await.unwrap();
     let acme = host
         .netlink()
         .create_index(&NewLink::bridge("tbr_000000a1").up())
@@ -225,6 +228,7 @@ async fn bench() -> (Bench, Vec<Wl>, Vec<Wl>) {
             _etcd: etcd,
             store,
             host,
+            peer,
             policy,
             _fabric: fabric,
         },
@@ -434,6 +438,50 @@ async fn profiles_policies_and_tiers_police_bridged_workloads() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     b.host.run(&["ip", "link", "set", &w1.port, "up"]).unwrap();
+
+    // A host endpoint on the host's underlay interface: everything in is dropped but the
+    // failsafe ports (SSH) and what its profile allows.
+    let listen_on_host = |port: u16| {
+        let l = b
+            .host
+            .enter(move || Ok(TcpListener::bind(("0.0.0.0", port))))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || l.incoming().for_each(drop));
+    };
+    listen_on_host(22);
+    listen_on_host(9999);
+    let host_ip = b.host.ip();
+    let peer_ns = b.peer.path();
+    let from_peer = |port: u16| {
+        tenet::net::netns::run_in(Some(&peer_ns), move || {
+            let addr = SocketAddr::from((host_ip, port));
+            Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).is_ok())
+        })
+        .unwrap()
+    };
+    assert!(from_peer(9999), "no host endpoint yet: the host is open");
+    b.profile("lockdown", "[]", "{}", "{}").await;
+    b.put_applied(
+        &format!("/calico/v1/host/{HOST}/endpoint/eth0-ep"),
+        r#"{"name":"eth0","profile_ids":["lockdown"]}"#,
+    )
+    .await;
+    assert!(
+        !from_peer(9999),
+        "the host endpoint drops what its profile does not allow"
+    );
+    assert!(from_peer(22), "failsafe: SSH still gets in");
+    b.put_applied(
+        "/calico/v1/policy/profile/lockdown/rules",
+        r#"{"inbound_rules":[{"action":"allow","protocol":"tcp","dst_ports":[9999]}]}"#,
+    )
+    .await;
+    assert!(from_peer(9999), "allowed by the host endpoint's profile");
+    assert!(
+        w1.connects(w3.ip, 8085),
+        "workload traffic is not a host endpoint's business"
+    );
 
     // Shutdown leaves nothing of Calico's.
     let Bench {

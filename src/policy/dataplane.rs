@@ -76,6 +76,8 @@ struct Dirty {
     profiles: BTreeSet<String>,
     /// A policy or profile appeared or went: endpoint chains jump only to existing ones.
     endpoints_all: bool,
+    /// A host endpoint changed (their chains are rendered as one piece).
+    host_endpoints: bool,
     endpoints: BTreeSet<EndpointKey>,
 }
 
@@ -326,7 +328,28 @@ impl PolicyDataplane {
                     self.dirty.endpoints.insert(key);
                 }
             }
-            // Host endpoints, host metadata and pools are not rendered yet.
+            Payload::HostEndpointUpdate(u) => {
+                let (Some(id), Some(ep)) = (u.id, u.endpoint) else {
+                    return;
+                };
+                self.dirty.host_endpoints = true;
+                match validate::host_endpoint(&ep) {
+                    Ok(()) => {
+                        self.state.host_endpoints.insert(id.endpoint_id, ep);
+                    }
+                    Err(e) => {
+                        warn!(endpoint = %id.endpoint_id, error = %e, "policy dataplane: host endpoint refused (treated as removed)");
+                        self.state.host_endpoints.remove(&id.endpoint_id);
+                    }
+                }
+            }
+            Payload::HostEndpointRemove(r) => {
+                if let Some(id) = r.id {
+                    self.dirty.host_endpoints = true;
+                    self.state.host_endpoints.remove(&id.endpoint_id);
+                }
+            }
+            // Host metadata and pools are not rendered yet.
             other => debug!(?other, "policy dataplane: message not rendered"),
         }
     }
@@ -619,7 +642,11 @@ fn update(
         for (key, rules) in rs.chains {
             let is_base = matches!(
                 key.1.as_str(),
-                "cali-FORWARD" | "cali-INPUT" | "cali-wl-to-host" | "cali-PREROUTING"
+                "cali-FORWARD"
+                    | "cali-INPUT"
+                    | "cali-OUTPUT"
+                    | "cali-wl-to-host"
+                    | "cali-PREROUTING"
             );
             if !is_base {
                 fresh.chains.insert(key, rules);
@@ -672,6 +699,13 @@ fn update(
             .retain(|(t, c), _| !(*t == Table::Filter && render::is_dispatch_chain(c)));
         let names: Vec<String> = now.keys().cloned().collect();
         for c in render::dispatch_chains(&names, config) {
+            put(&mut rs, c);
+        }
+    }
+    if dirty.host_endpoints || dirty.endpoints_all {
+        rs.chains
+            .retain(|(t, c), _| !(*t == Table::Filter && render::is_host_endpoint_chain(c)));
+        for c in render::host_endpoint_part(state, config) {
             put(&mut rs, c);
         }
     }
@@ -866,6 +900,39 @@ mod tests {
             Box::new(|dp| {
                 dp.state.zones.insert("tbr_1".into(), 5);
                 dp.dirty.base = true;
+            }),
+            Box::new(|dp| {
+                dp.handle(Payload::HostEndpointUpdate(proto::HostEndpointUpdate {
+                    id: Some(proto::HostEndpointId {
+                        endpoint_id: "eth0-ep".into(),
+                    }),
+                    endpoint: Some(proto::HostEndpoint {
+                        name: "eth0".into(),
+                        profile_ids: vec!["p".into()],
+                        tiers: vec![proto::TierInfo {
+                            name: "default".into(),
+                            ingress_policies: vec!["a".into()],
+                            egress_policies: vec![],
+                        }],
+                        ..Default::default()
+                    }),
+                }))
+            }),
+            // A policy a host endpoint uses goes: its chain stops jumping to it.
+            Box::new(|dp| {
+                dp.handle(Payload::ActivePolicyRemove(proto::ActivePolicyRemove {
+                    id: Some(proto::PolicyId {
+                        tier: "default".into(),
+                        name: "a".into(),
+                    }),
+                }))
+            }),
+            Box::new(|dp| {
+                dp.handle(Payload::HostEndpointRemove(proto::HostEndpointRemove {
+                    id: Some(proto::HostEndpointId {
+                        endpoint_id: "eth0-ep".into(),
+                    }),
+                }))
             }),
             Box::new(|dp| {
                 dp.handle(Payload::ConfigUpdate(proto::ConfigUpdate {

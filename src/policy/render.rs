@@ -95,6 +95,8 @@ pub struct RenderConfig {
     pub default_endpoint_to_host: String,
     /// The table family being rendered (Felix renders each ruleset once per family).
     pub family: IpFamily,
+    /// `FailsafeInboundHostPorts` / `FailsafeOutboundHostPorts` when configured.
+    pub failsafe: BTreeMap<String, String>,
 }
 
 impl RenderConfig {
@@ -124,6 +126,10 @@ impl RenderConfig {
             log_prefix: get("LogPrefix").unwrap_or_else(|| "calico-packet".into()),
             default_endpoint_to_host: action,
             family: IpFamily::V4,
+            failsafe: ["FailsafeInboundHostPorts", "FailsafeOutboundHostPorts"]
+                .into_iter()
+                .filter_map(|k| Some((k.to_string(), get(k)?)))
+                .collect(),
         }
     }
 
@@ -146,6 +152,8 @@ pub struct DataplaneState {
     pub profiles: BTreeMap<String, proto::Profile>,
     /// By (orchestrator, workload, endpoint).
     pub workloads: BTreeMap<(String, String, String), proto::WorkloadEndpoint>,
+    /// By endpoint id.
+    pub host_endpoints: BTreeMap<String, proto::HostEndpoint>,
     pub config: BTreeMap<String, String>,
     /// Bridged mode: each tenant bridge holding a workload and its conntrack zone. Tenants
     /// may reuse addresses, so each bridge's connections are tracked apart; otherwise one
@@ -642,8 +650,6 @@ fn endpoint_chain(
             &format!("0x0/{}", hex(m.accept)),
         ],
     ));
-    let accepted = format!("{}/{}", hex(m.accept), hex(m.accept));
-    let pass_clear = format!("0x0/{}", hex(m.pass));
     let policies: Vec<&String> = ep
         .tiers
         .iter()
@@ -652,6 +658,32 @@ fn endpoint_chain(
             Direction::From => &t.egress_policies,
         })
         .collect();
+    policies_and_profiles(
+        &mut r,
+        &policies,
+        &ep.profile_ids,
+        dir == Direction::To,
+        state,
+        config,
+    );
+    r
+}
+
+/// The tail every endpoint chain shares: the policies with pass semantics (drop if none
+/// passed the packet), then the profiles, then the final drop. `inbound` picks the `pi`/`pri`
+/// chains, else `po`/`pro`. Only chains the state holds are jumped to.
+fn policies_and_profiles(
+    r: &mut Vec<Rule>,
+    policies: &[&String],
+    profiles: &[String],
+    inbound: bool,
+    state: &DataplaneState,
+    config: &RenderConfig,
+) {
+    let m = config.marks;
+    let rule = |obj: &str, a: &[&str]| Rule::new(obj, args(a));
+    let accepted = format!("{}/{}", hex(m.accept), hex(m.accept));
+    let pass_clear = format!("0x0/{}", hex(m.pass));
     if !policies.is_empty() {
         r.push(rule(
             "Start of policies",
@@ -661,7 +693,7 @@ fn endpoint_chain(
             if !state.policies.contains_key(p.as_str()) {
                 continue;
             }
-            let chain = policy_chain(p, dir == Direction::To);
+            let chain = policy_chain(p, inbound);
             r.push(rule(
                 &format!("policy {p}"),
                 &["-m", "mark", "--mark", &pass_clear, "-j", &chain],
@@ -676,11 +708,11 @@ fn endpoint_chain(
             &["-m", "mark", "--mark", &pass_clear, "-j", "DROP"],
         ));
     }
-    for p in &ep.profile_ids {
+    for p in profiles {
         if !state.profiles.contains_key(p.as_str()) {
             continue;
         }
-        let chain = profile_chain(p, dir == Direction::To);
+        let chain = profile_chain(p, inbound);
         r.push(rule(&format!("profile {p}"), &["-j", &chain]));
         r.push(rule(
             "Return if profile accepted",
@@ -688,7 +720,193 @@ fn endpoint_chain(
         ));
     }
     r.push(rule("Drop if no profiles matched", &["-j", "DROP"]));
+}
+
+/// A host endpoint's chain for one direction (§3.4): `From` is traffic arriving on the
+/// interface (`cali-fh-`: ingress policies, failsafe in), `To` traffic leaving by it
+/// (`cali-th-`: egress policies, failsafe out).
+fn host_endpoint_chain(
+    ep: &proto::HostEndpoint,
+    dir: Direction,
+    state: &DataplaneState,
+    config: &RenderConfig,
+) -> Vec<Rule> {
+    let mut r = vec![
+        Rule::new(
+            "established",
+            args(&[
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ]),
+        ),
+        Rule::new(
+            "invalid",
+            args(&["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]),
+        ),
+        Rule::new(
+            "failsafe",
+            args(&[
+                "-j",
+                match dir {
+                    Direction::From => "cali-failsafe-in",
+                    Direction::To => "cali-failsafe-out",
+                },
+            ]),
+        ),
+        Rule::new(
+            "clear accept",
+            args(&[
+                "-j",
+                "MARK",
+                "--set-mark",
+                &format!("0x0/{}", hex(config.marks.accept)),
+            ]),
+        ),
+    ];
+    let policies: Vec<&String> = ep
+        .tiers
+        .iter()
+        .flat_map(|t| match dir {
+            Direction::From => &t.ingress_policies,
+            Direction::To => &t.egress_policies,
+        })
+        .collect();
+    policies_and_profiles(
+        &mut r,
+        &policies,
+        &ep.profile_ids,
+        dir == Direction::From,
+        state,
+        config,
+    );
     r
+}
+
+pub fn to_host_endpoint_chain(iface: &str) -> String {
+    chain_name("cali-th-", iface)
+}
+
+pub fn from_host_endpoint_chain(iface: &str) -> String {
+    chain_name("cali-fh-", iface)
+}
+
+/// A host endpoint's two chains.
+pub fn host_endpoint_chains(
+    ep: &proto::HostEndpoint,
+    state: &DataplaneState,
+    config: &RenderConfig,
+) -> [Chain; 2] {
+    [
+        (
+            from_host_endpoint_chain(&ep.name),
+            host_endpoint_chain(ep, Direction::From, state, config),
+        ),
+        (
+            to_host_endpoint_chain(&ep.name),
+            host_endpoint_chain(ep, Direction::To, state, config),
+        ),
+    ]
+}
+
+/// Host endpoints with an interface, by interface (the first id of a name wins). Host
+/// endpoints known only by their expected addresses are not rendered (they still count in
+/// IP sets).
+pub fn host_interfaces(state: &DataplaneState) -> BTreeMap<&str, &proto::HostEndpoint> {
+    let mut out = BTreeMap::new();
+    for ep in state.host_endpoints.values().filter(|e| !e.name.is_empty()) {
+        out.entry(ep.name.as_str()).or_insert(ep);
+    }
+    out
+}
+
+/// Everything host endpoints need: their chains, their dispatch chains (which let unknown
+/// interfaces through) and the failsafe chains. Rendered as one piece: hosts have few.
+pub fn host_endpoint_part(
+    state: &DataplaneState,
+    config: &RenderConfig,
+) -> BTreeMap<String, Vec<Rule>> {
+    let mut chains = BTreeMap::new();
+    let ifaces = host_interfaces(state);
+    for ep in ifaces.values() {
+        for (name, rules) in host_endpoint_chains(ep, state, config) {
+            chains.insert(name, rules);
+        }
+    }
+    let names: Vec<String> = ifaces.keys().map(|n| n.to_string()).collect();
+    dispatch_tree(
+        &names,
+        DispatchKind::FromHost,
+        "cali-from-host-endpoint",
+        config,
+        &mut chains,
+    );
+    dispatch_tree(
+        &names,
+        DispatchKind::ToHost,
+        "cali-to-host-endpoint",
+        config,
+        &mut chains,
+    );
+    for (chain, key, dport_dir) in [
+        (
+            "cali-failsafe-in",
+            "FailsafeInboundHostPorts",
+            "tcp:22,udp:68",
+        ),
+        (
+            "cali-failsafe-out",
+            "FailsafeOutboundHostPorts",
+            "tcp:2379,tcp:2380,tcp:4001,tcp:7001,udp:53,udp:67",
+        ),
+    ] {
+        let ports = config
+            .failsafe
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or(dport_dir);
+        let mut rules: Vec<Rule> = failsafe_ports(ports)
+            .into_iter()
+            .map(|(proto, port)| {
+                Rule::new(
+                    format!("failsafe {proto}:{port}"),
+                    args(&["-p", proto, "--dport", &port.to_string(), "-j", "ACCEPT"]),
+                )
+            })
+            .collect();
+        if matches!(config.hook, WorkloadHook::Bridged { .. }) {
+            // The tenant overlay itself: GRE and VXLAN between compute nodes and
+            // concentrators must survive any host endpoint policy.
+            rules.push(Rule::new(
+                "tenant tunnels (GRE)",
+                args(&["-p", "47", "-j", "ACCEPT"]),
+            ));
+            rules.push(Rule::new(
+                "tenant tunnels (VXLAN)",
+                args(&["-p", "udp", "--dport", "4789", "-j", "ACCEPT"]),
+            ));
+        }
+        chains.insert(chain.to_string(), rules);
+    }
+    chains
+}
+
+/// Felix's failsafe list (`tcp:22,udp:68`); entries that do not parse are skipped.
+pub fn failsafe_ports(list: &str) -> Vec<(&'static str, u16)> {
+    list.split(',')
+        .filter_map(|e| {
+            let (proto, port) = e.trim().split_once(':')?;
+            let proto = match proto.trim().to_ascii_lowercase().as_str() {
+                "tcp" => "tcp",
+                "udp" => "udp",
+                _ => return None,
+            };
+            Some((proto, port.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// Matches a packet's workload interface (`name` ends in `+` for a prefix).
@@ -715,17 +933,35 @@ fn iface_match(hook: &WorkloadHook, dir: Direction, name: &str) -> Vec<String> {
 
 /// The dispatch tree for sorted, unique interface names: root chain `base`, a child chain
 /// per group of names sharing the common prefix plus one more character (§3.4).
-fn dispatch(
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DispatchKind {
+    FromWorkload,
+    ToWorkload,
+    FromHost,
+    ToHost,
+}
+
+fn dispatch_tree(
     names: &[String],
-    dir: Direction,
+    kind: DispatchKind,
     base: &str,
     config: &RenderConfig,
     chains: &mut BTreeMap<String, Vec<Rule>>,
 ) {
-    let target = |n: &str| match dir {
-        Direction::From => from_endpoint_chain(n),
-        Direction::To => to_endpoint_chain(n),
+    let target = |n: &str| match kind {
+        DispatchKind::FromWorkload => from_endpoint_chain(n),
+        DispatchKind::ToWorkload => to_endpoint_chain(n),
+        DispatchKind::FromHost => from_host_endpoint_chain(n),
+        DispatchKind::ToHost => to_host_endpoint_chain(n),
     };
+    let matcher = |name: &str| match kind {
+        DispatchKind::FromWorkload => iface_match(&config.hook, Direction::From, name),
+        DispatchKind::ToWorkload => iface_match(&config.hook, Direction::To, name),
+        DispatchKind::FromHost => args(&["-i", name]),
+        DispatchKind::ToHost => args(&["-o", name]),
+    };
+    // Workload dispatch drops unknown interfaces; host dispatch lets them through.
+    let workload = matches!(kind, DispatchKind::FromWorkload | DispatchKind::ToWorkload);
     let common = names
         .first()
         .map(|first| {
@@ -751,28 +987,32 @@ fn dispatch(
     let mut root = Vec::new();
     for (key, members) in &groups {
         if members.len() == 1 {
-            let mut a = iface_match(&config.hook, dir, members[0]);
+            let mut a = matcher(members[0]);
             a.extend(args(&["-g", &target(members[0])]));
             root.push(Rule::new(format!("endpoint {}", members[0]), a));
         } else {
             let next = &key[common.len()..];
             let child = format!("{base}-{next}");
-            let mut a = iface_match(&config.hook, dir, &format!("{key}+"));
+            let mut a = matcher(&format!("{key}+"));
             a.extend(args(&["-g", &child]));
             root.push(Rule::new(format!("endpoints {key}+"), a));
             let mut rules: Vec<Rule> = members
                 .iter()
                 .map(|n| {
-                    let mut a = iface_match(&config.hook, dir, n);
+                    let mut a = matcher(n);
                     a.extend(args(&["-g", &target(n)]));
                     Rule::new(format!("endpoint {n}"), a)
                 })
                 .collect();
-            rules.push(unknown.clone());
+            if workload {
+                rules.push(unknown.clone());
+            }
             chains.insert(child, rules);
         }
     }
-    root.push(unknown);
+    if workload {
+        root.push(unknown);
+    }
     chains.insert(base.to_string(), root);
 }
 
@@ -837,6 +1077,19 @@ pub fn interfaces(state: &DataplaneState) -> BTreeMap<&str, &proto::WorkloadEndp
     ifaces
 }
 
+/// Whether a chain belongs to the host-endpoint part ([`host_endpoint_part`]).
+pub fn is_host_endpoint_chain(name: &str) -> bool {
+    [
+        "cali-fh-",
+        "cali-th-",
+        "cali-from-host-endpoint",
+        "cali-to-host-endpoint",
+        "cali-failsafe-",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
 /// Whether a chain is part of the dispatch trees.
 pub fn is_dispatch_chain(name: &str) -> bool {
     name.starts_with("cali-from-wl-dispatch") || name.starts_with("cali-to-wl-dispatch")
@@ -845,16 +1098,16 @@ pub fn is_dispatch_chain(name: &str) -> bool {
 /// Both dispatch trees for these (sorted, unique) interface names.
 pub fn dispatch_chains(names: &[String], config: &RenderConfig) -> BTreeMap<String, Vec<Rule>> {
     let mut chains = BTreeMap::new();
-    dispatch(
+    dispatch_tree(
         names,
-        Direction::From,
+        DispatchKind::FromWorkload,
         "cali-from-wl-dispatch",
         config,
         &mut chains,
     );
-    dispatch(
+    dispatch_tree(
         names,
-        Direction::To,
+        DispatchKind::ToWorkload,
         "cali-to-wl-dispatch",
         config,
         &mut chains,
@@ -888,19 +1141,88 @@ pub fn base(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
             fwd.push(Rule::new("workload traffic allowed by policy", a));
         }
     }
+    // Host endpoints: traffic forwarded between host interfaces (Felix's order: clear every
+    // mark but accept, ingress unless accepted already, egress, accept if marked).
+    let m = config.marks;
+    let all_marks = m.accept | m.pass | m.scratch0 | m.scratch1;
+    let accepted = format!("{}/{}", hex(m.accept), hex(m.accept));
+    let accept_marked = || {
+        Rule::new(
+            "accept if marked",
+            args(&["-m", "mark", "--mark", &accepted, "-j", "ACCEPT"]),
+        )
+    };
+    fwd.push(Rule::new(
+        "clear marks but accept",
+        args(&[
+            "-j",
+            "MARK",
+            "--set-mark",
+            &format!("0x0/{}", hex(all_marks & !m.accept)),
+        ]),
+    ));
+    fwd.push(Rule::new(
+        "from host endpoints",
+        args(&[
+            "-m",
+            "mark",
+            "--mark",
+            &format!("0x0/{}", hex(m.accept)),
+            "-j",
+            "cali-from-host-endpoint",
+        ]),
+    ));
+    fwd.push(Rule::new(
+        "to host endpoints",
+        args(&["-j", "cali-to-host-endpoint"]),
+    ));
+    fwd.push(accept_marked());
     rs.set_rules(Table::Filter, &forward, Arc::new(fwd));
+    let clear_marks = || {
+        Rule::new(
+            "clear marks",
+            args(&[
+                "-j",
+                "MARK",
+                "--set-mark",
+                &format!("0x0/{}", hex(all_marks)),
+            ]),
+        )
+    };
+    let input = rs.chain(Table::Filter, "INPUT", "INPUT");
+    let mut input_rules = vec![accept_marked()];
     if let WorkloadHook::Routed { prefixes } = &config.hook {
-        let input = rs.chain(Table::Filter, "INPUT", "INPUT");
-        let rules = prefixes
-            .iter()
-            .map(|p| {
-                Rule::new(
-                    "from workloads",
-                    args(&["-i", &format!("{p}+"), "-g", "cali-wl-to-host"]),
-                )
-            })
-            .collect();
-        rs.set_rules(Table::Filter, &input, Arc::new(rules));
+        input_rules.extend(prefixes.iter().map(|p| {
+            Rule::new(
+                "from workloads",
+                args(&["-i", &format!("{p}+"), "-g", "cali-wl-to-host"]),
+            )
+        }));
+    }
+    input_rules.extend([
+        clear_marks(),
+        Rule::new("host endpoints", args(&["-j", "cali-from-host-endpoint"])),
+        accept_marked(),
+    ]);
+    rs.set_rules(Table::Filter, &input, Arc::new(input_rules));
+    let output = rs.chain(Table::Filter, "OUTPUT", "OUTPUT");
+    let mut output_rules = vec![accept_marked()];
+    if let WorkloadHook::Routed { prefixes } = &config.hook {
+        // Host → workload traffic is not policed.
+        output_rules.extend(prefixes.iter().map(|p| {
+            Rule::new(
+                "to workloads",
+                args(&["-o", &format!("{p}+"), "-j", "RETURN"]),
+            )
+        }));
+    }
+    output_rules.extend([
+        clear_marks(),
+        Rule::new("host endpoints", args(&["-j", "cali-to-host-endpoint"])),
+        accept_marked(),
+    ]);
+    rs.set_rules(Table::Filter, &output, Arc::new(output_rules));
+    if let WorkloadHook::Routed { .. } = &config.hook {
         rs.set_rules(
             Table::Filter,
             "cali-wl-to-host",
@@ -974,6 +1296,9 @@ pub fn render(state: &DataplaneState, config: &RenderConfig) -> Ruleset {
     }
     let names: Vec<String> = ifaces.keys().map(|n| n.to_string()).collect();
     dispatch_chains(&names, config)
+        .into_iter()
+        .for_each(&mut put);
+    host_endpoint_part(state, config)
         .into_iter()
         .for_each(&mut put);
     rs

@@ -95,6 +95,16 @@ pub fn rule(r: &proto::Rule) -> Result<(), String> {
     }
     protocol(&r.protocol)?;
     protocol(&r.not_protocol)?;
+    let id_ok = r.rule_id.len() <= 64
+        && r.rule_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if !id_ok {
+        return Err(format!(
+            "rule id {:?} is not [A-Za-z0-9_-]{{0,64}}",
+            r.rule_id
+        ));
+    }
     for nets in [&r.src_net, &r.dst_net, &r.not_src_net, &r.not_dst_net] {
         for n in nets {
             n.parse::<IpNetwork>()
@@ -154,6 +164,27 @@ pub fn workload(ep: &proto::WorkloadEndpoint) -> Result<(), String> {
     Ok(())
 }
 
+/// A host endpoint's interface (if it has one) and its policy and profile names.
+pub fn host_endpoint(ep: &proto::HostEndpoint) -> Result<(), String> {
+    if !ep.name.is_empty() {
+        interface(&ep.name)?;
+    }
+    for p in &ep.profile_ids {
+        object_name(p)?;
+    }
+    for t in ep
+        .tiers
+        .iter()
+        .chain(&ep.untracked_tiers)
+        .chain(&ep.pre_dnat_tiers)
+    {
+        for p in t.ingress_policies.iter().chain(&t.egress_policies) {
+            object_name(p)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +218,9 @@ mod tests {
         r.src_net = vec!["10.0.0.0/33".into()];
         assert!(rule(&r).is_err());
         r.src_net.clear();
+        r.rule_id = "x\n-A".into();
+        assert!(rule(&r).unwrap_err().contains("rule id"));
+        r.rule_id.clear();
         r.action = "accept".into();
         assert!(rule(&r).unwrap_err().contains("action"));
     }

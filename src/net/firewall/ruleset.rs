@@ -147,8 +147,16 @@ impl Ruleset {
 
     /// The comment a rule of this owner carries.
     pub fn comment(&self, object: &str) -> String {
-        // Quotes would end the comment in the restore format.
-        format!("{}: {}", self.owner, object.replace('"', "'"))
+        // Quotes would end the comment in the restore format, a line break the line.
+        let object: String = object
+            .chars()
+            .map(|c| match c {
+                '"' => '\'',
+                c if c.is_control() => ' ',
+                c => c,
+            })
+            .collect();
+        format!("{}: {object}", self.owner)
     }
 
     /// The comment of the owner's jumps.
@@ -270,6 +278,7 @@ mod tests {
         assert_eq!(r.jumps.len(), 1, "declared twice, jumped to once");
         assert_eq!(r.tables(), [Table::Nat]);
         assert_eq!(r.comment("say \"hi\""), "TENET-CNCI: say 'hi'");
+        assert_eq!(r.comment("two\nlines"), "TENET-CNCI: two lines");
         assert!(Table::Nat.is_builtin("POSTROUTING") && !Table::Filter.is_builtin("PRE"));
     }
 }

@@ -372,9 +372,14 @@ impl CalcGraph {
                     .collect(),
             ),
         };
+        // Host endpoints belong to the host, not to a tenant: their rules are unscoped.
+        let scope = match &value {
+            EndpointValue::Workload(_) => self.scope_of(own),
+            EndpointValue::Host(_) => None,
+        };
         Endpoint {
             labels: self.effective_labels(own, profiles),
-            scope: self.scope_of(own),
+            scope,
             ips,
             value,
         }

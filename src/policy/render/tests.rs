@@ -272,8 +272,8 @@ fn dispatch_groups_by_common_prefix() {
         "-o cali2 -g cali-tw-cali2"
     );
     assert_eq!(
-        chain_lines(&rs, "cali-INPUT"),
-        ["-i cali+ -g cali-wl-to-host"]
+        chain_lines(&rs, "cali-INPUT")[1],
+        "-i cali+ -g cali-wl-to-host"
     );
 }
 
@@ -302,8 +302,74 @@ fn bridged_workloads_are_hooked_by_their_bridge_port() {
             .contains(&"-p udp --sport 68 --dport 67 -j ACCEPT".to_string())
     );
     assert!(
-        rs.rules(Table::Filter, "cali-INPUT").is_none(),
+        !chain_lines(&rs, "cali-INPUT")
+            .iter()
+            .any(|l| l.contains("wl-to-host")),
         "bridge ports carry no host traffic"
     );
-    assert_eq!(rs.jumps.len(), 1);
+    assert_eq!(rs.jumps.len(), 3, "FORWARD, INPUT and OUTPUT");
+}
+
+#[test]
+fn host_endpoints_have_failsafe_chains_and_unknown_interfaces_pass() {
+    let mut state = DataplaneState::default();
+    state
+        .profiles
+        .insert("hostprof".into(), proto::Profile::default());
+    state.host_endpoints.insert(
+        "eth0-ep".into(),
+        proto::HostEndpoint {
+            name: "eth0".into(),
+            profile_ids: vec!["hostprof".into()],
+            ..Default::default()
+        },
+    );
+    let mut felix = BTreeMap::new();
+    felix.insert(
+        "FailsafeInboundHostPorts".to_string(),
+        "tcp:22, udp:68, bogus".to_string(),
+    );
+    let cfg = RenderConfig::from_felix(
+        WorkloadHook::Routed {
+            prefixes: vec!["cali".into()],
+        },
+        &felix,
+    );
+    let rs = render(&state, &cfg);
+    assert_eq!(
+        chain_lines(&rs, "cali-fh-eth0"),
+        [
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-m conntrack --ctstate INVALID -j DROP",
+            "-j cali-failsafe-in",
+            "-j MARK --set-mark 0x0/0x1000000",
+            "-j cali-pri-hostprof",
+            "-m mark --mark 0x1000000/0x1000000 -j RETURN",
+            "-j DROP",
+        ]
+    );
+    assert_eq!(chain_lines(&rs, "cali-th-eth0")[2], "-j cali-failsafe-out");
+    assert_eq!(chain_lines(&rs, "cali-th-eth0")[4], "-j cali-pro-hostprof");
+    assert_eq!(
+        chain_lines(&rs, "cali-failsafe-in"),
+        ["-p tcp --dport 22 -j ACCEPT", "-p udp --dport 68 -j ACCEPT"]
+    );
+    assert_eq!(
+        chain_lines(&rs, "cali-failsafe-out")[0],
+        "-p tcp --dport 2379 -j ACCEPT"
+    );
+    assert_eq!(
+        chain_lines(&rs, "cali-from-host-endpoint"),
+        ["-i eth0 -g cali-fh-eth0"],
+        "no drop: interfaces without a host endpoint are not policed"
+    );
+    assert_eq!(
+        chain_lines(&rs, "cali-to-host-endpoint"),
+        ["-o eth0 -g cali-th-eth0"]
+    );
+    let output = chain_lines(&rs, "cali-OUTPUT");
+    assert_eq!(
+        output[1], "-o cali+ -j RETURN",
+        "host → workload is not policed"
+    );
 }
