@@ -21,6 +21,8 @@ pub mod calico;
 pub mod dump;
 pub mod ipam;
 pub mod keyspace;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod net;
 pub mod policy;
 pub mod process;

@@ -482,6 +482,8 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
             "3",
             "--api-socket",
             api_socket.to_str().unwrap(),
+            "--log-format",
+            "json",
         ]),
         &etcd.endpoint(),
         &run.path().join("cn.log"),
@@ -729,6 +731,29 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
     assert!(!cn_host.run(&["ip", "-o", "link"]).unwrap().contains(&tap));
 
     assert!(cn_agent.stop().success(), "{}", cn_agent.log());
+    // `--log-format json`: every line is a JSON object, and the START's lines carry its
+    // span with tenant, VNIC and subnet under the agent's span with the node's ids.
+    let json: Vec<serde_json::Value> = cn_agent
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        json.iter().any(|v| {
+            let spans = v["spans"].as_array().cloned().unwrap_or_default();
+            spans
+                .iter()
+                .any(|s| s["name"] == "cn_agent" && s["host"] == "cn-1")
+                && spans.iter().any(|s| {
+                    s["name"] == "start"
+                        && s["tenant"] == "t1"
+                        && s.get("vnic").is_some()
+                        && s.get("subnet").is_some()
+                })
+        }),
+        "no START line with its spans:\n{}",
+        cn_agent.log()
+    );
     assert!(conc_agent.stop().success(), "{}", conc_agent.log());
     assert!(store.get(&cn_status).await.unwrap().is_none());
     let mut config = cnci_config(&conc_host, &conc_uuid.to_string(), "t1", &run_dir);

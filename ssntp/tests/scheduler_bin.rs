@@ -71,6 +71,45 @@ async fn serves_clients_with_the_configuration_file() {
 }
 
 #[test]
+fn logs_json_lines_when_asked() {
+    use std::io::BufRead;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write(
+        dir.path(),
+        "sched.pem",
+        &pki.issue(Role::SCHEDULER | Role::SERVER).bundle(),
+    );
+    let ca = write(dir.path(), "ca.pem", pki.ca_pem());
+    let mut child = Killed(
+        scheduler()
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--ca")
+            .arg(&ca)
+            .args(["--log-format", "json"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let first = std::io::BufReader::new(stderr)
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert_eq!(line["level"], "INFO", "{first}");
+    assert!(line["fields"]["message"].is_string(), "{first}");
+    assert!(
+        line["timestamp"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
+}
+
+#[test]
 fn refuses_bad_setups_with_clear_errors() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();

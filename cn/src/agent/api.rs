@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use ssntp::Client;
 use ssntp::payload::StartFailureReason;
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::instance::StartRequest;
 use super::{Agent, Dispatcher};
@@ -117,11 +117,14 @@ pub(super) async fn serve(
             continue;
         };
         let (agent, client, dispatch) = (agent.clone(), client.clone(), dispatch.clone());
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, &agent, &client, &dispatch).await {
-                warn!(error = %e, "local API connection");
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection(stream, &agent, &client, &dispatch).await {
+                    warn!(error = %e, "local API connection");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 

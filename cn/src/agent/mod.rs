@@ -149,12 +149,10 @@ pub async fn run(
                     path: path.display().to_string(),
                     source,
                 })?;
-                Some(tokio::spawn(api::serve(
-                    listener,
-                    agent.clone(),
-                    client.clone(),
-                    dispatch.clone(),
-                )))
+                Some(tokio::spawn(
+                    api::serve(listener, agent.clone(), client.clone(), dispatch.clone())
+                        .in_current_span(),
+                ))
             }
             None => None,
         };
@@ -289,15 +287,19 @@ impl Dispatcher {
                 let shared = self.gate.clone().read_owned().await;
                 let (dispatch, agent, client, status) =
                     (self.clone(), agent.clone(), client.clone(), status.clone());
-                tokio::spawn(async move {
-                    dispatch
-                        .one_per_instance(&req.instance, agent.on_start(&client, &req))
-                        .await;
-                    status.set(agent.status());
-                    // Last: whoever waits on the gate finds no clone of these left.
-                    drop((agent, client, status, dispatch));
-                    drop(shared);
-                });
+                // In the agent's span, so the START's log lines carry the node's ids too.
+                tokio::spawn(
+                    async move {
+                        dispatch
+                            .one_per_instance(&req.instance, agent.on_start(&client, &req))
+                            .await;
+                        status.set(agent.status());
+                        // Last: whoever waits on the gate finds no clone of these left.
+                        drop((agent, client, status, dispatch));
+                        drop(shared);
+                    }
+                    .in_current_span(),
+                );
             }
             Some(Operation::Command(Command::Delete)) => {
                 let _alone = self.gate.write().await;
@@ -527,8 +529,7 @@ impl Agent {
     }
 
     async fn on_start(&self, client: &Client, req: &instance::StartRequest) {
-        let span =
-            info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant);
+        let span = info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant, subnet = %req.subnet);
         match self.start(req).instrument(span).await {
             Ok(started) => {
                 // A VM's queue descriptors close here: over SSNTP nobody takes them.

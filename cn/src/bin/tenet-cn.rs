@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 use ssntp::{Identity, TlsFiles, Uuid};
+use tenet::logging::LogFormat;
 use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
 use tenet::store::config::DatastoreConfig;
@@ -22,7 +23,7 @@ Configuration comes from a YAML file (--config), the environment (TENET_CN_*) an
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
 management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
-ciao_compat_certs, api_socket, policy.
+ciao_compat_certs, api_socket, policy, log_format.
 
 The certificate's role says what the node is: agent (compute node) or netagent (network
 node), or both. The datastore follows calicoctl: a calicoApiConfig file (--datastore-config)
@@ -117,6 +118,9 @@ struct RunArgs {
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CN_STATUS_TTL")]
     status_ttl: Option<u64>,
+    /// Log as text (default) or as one JSON object per line (for log collectors).
+    #[arg(long, env = "TENET_CN_LOG_FORMAT", value_name = "text|json")]
+    log_format: Option<LogFormat>,
     /// Enforce Calico policy (profiles, tags, selector policies in etcd) on this node's VNICs.
     /// The rules police the tenant bridges' VNIC ports through br_netfilter; each VNIC gets
     /// its tenant's profile `tenant.<tenant>` (created allowing everything). Stopping the
@@ -149,6 +153,7 @@ struct FileConfig {
     api_socket: Option<PathBuf>,
     #[serde(default)]
     policy: bool,
+    log_format: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -238,12 +243,16 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
 }
 
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let file_format = match &args.config {
+        Some(path) => read_file_config(path)?.log_format,
+        None => None,
+    };
+    let format = match (args.log_format, file_format) {
+        (Some(f), _) => f,
+        (None, Some(f)) => f.parse().map_err(|e: String| anyhow!("log_format: {e}"))?,
+        (None, None) => LogFormat::Text,
+    };
+    tenet::logging::init(format);
     let (config, datastore) = agent_config(args)?;
     let ds = DatastoreConfig::resolve(datastore.as_deref(), |k| std::env::var(k).ok())?;
     let store: Arc<dyn Datastore> = Arc::new(ds.connect().await.with_context(|| {

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 use ssntp::{Identity, TlsFiles, Uuid};
+use tenet::logging::LogFormat;
 use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
 use tenet::store::config::DatastoreConfig;
@@ -23,7 +24,7 @@ Configuration comes from a YAML file (--config), the environment (TENET_CNCI_*) 
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, tenant, netns, compute_nets, tunnel_local, uplink_nets,
 uplink_addr, tunnel, run_dir, mesh_cidr, datastore_config, status_ttl,
-ciao_compat_certs.
+ciao_compat_certs, log_format.
 
 The certificate must hold the cnciagent role. The datastore follows calicoctl: a
 calicoApiConfig file (--datastore-config) or ETCD_ENDPOINTS.
@@ -147,6 +148,9 @@ struct RunArgs {
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CNCI_STATUS_TTL")]
     status_ttl: Option<u64>,
+    /// Log as text (default) or as one JSON object per line (for log collectors).
+    #[arg(long, env = "TENET_CNCI_LOG_FORMAT", value_name = "text|json")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +176,7 @@ struct FileConfig {
     status_ttl: Option<u64>,
     #[serde(default)]
     ciao_compat_certs: bool,
+    log_format: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -270,12 +275,16 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
 }
 
 async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let file_format = match &args.config {
+        Some(path) => read_file_config(path)?.log_format,
+        None => None,
+    };
+    let format = match (args.log_format, file_format) {
+        (Some(f), _) => f,
+        (None, Some(f)) => f.parse().map_err(|e: String| anyhow!("log_format: {e}"))?,
+        (None, None) => LogFormat::Text,
+    };
+    tenet::logging::init(format);
     let (config, datastore) = agent_config(args)?;
     let ds = DatastoreConfig::resolve(datastore.as_deref(), |k| std::env::var(k).ok())?;
     let store: Arc<dyn Datastore> = Arc::new(ds.connect().await.with_context(|| {

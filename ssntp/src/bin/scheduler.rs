@@ -59,6 +59,20 @@ struct Args {
     /// peer's), still checking the chain, signatures and validity periods.
     #[arg(long, env = "TENET_CIAO_COMPAT_CERTS")]
     ciao_compat_certs: bool,
+    /// Log as text (default) or as one JSON object per line (for log collectors).
+    #[arg(
+        long,
+        env = "TENET_SCHEDULER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -75,12 +89,17 @@ struct FileConfig {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
+    let args = Args::parse();
+    // As tenet::logging does for the agents (this crate depends on nothing of tenet's).
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .init();
-    let args = Args::parse();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_span_list(true).init(),
+    }
     let file = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
