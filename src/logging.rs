@@ -33,6 +33,18 @@ impl std::fmt::Display for LogFormat {
     }
 }
 
+impl LogFormat {
+    /// The flag's format (clap also reads the environment into it), else the config file's
+    /// `log_format`, else text.
+    pub fn choose(flag: Option<LogFormat>, file: Option<&str>) -> Result<LogFormat, String> {
+        match (flag, file) {
+            (Some(f), _) => Ok(f),
+            (None, Some(f)) => f.parse().map_err(|e| format!("log_format: {e}")),
+            (None, None) => Ok(LogFormat::Text),
+        }
+    }
+}
+
 /// Installs the process's subscriber. JSON lines carry the timestamp, level, target, the
 /// message and fields, and the span chain with each span's fields.
 pub fn init(format: LogFormat) {
@@ -56,5 +68,16 @@ mod tests {
         assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
         assert_eq!("text".parse::<LogFormat>().unwrap().to_string(), "text");
         assert!("xml".parse::<LogFormat>().unwrap_err().contains("xml"));
+        assert_eq!(
+            LogFormat::choose(Some(LogFormat::Text), Some("json")),
+            Ok(LogFormat::Text)
+        );
+        assert_eq!(LogFormat::choose(None, Some("json")), Ok(LogFormat::Json));
+        assert_eq!(LogFormat::choose(None, None), Ok(LogFormat::Text));
+        assert!(
+            LogFormat::choose(None, Some("yaml"))
+                .unwrap_err()
+                .starts_with("log_format")
+        );
     }
 }

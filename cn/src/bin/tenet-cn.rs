@@ -247,12 +247,9 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => read_file_config(path)?.log_format,
         None => None,
     };
-    let format = match (args.log_format, file_format) {
-        (Some(f), _) => f,
-        (None, Some(f)) => f.parse().map_err(|e: String| anyhow!("log_format: {e}"))?,
-        (None, None) => LogFormat::Text,
-    };
-    tenet::logging::init(format);
+    tenet::logging::init(
+        LogFormat::choose(args.log_format, file_format.as_deref()).map_err(|e| anyhow!(e))?,
+    );
     let (config, datastore) = agent_config(args)?;
     let ds = DatastoreConfig::resolve(datastore.as_deref(), |k| std::env::var(k).ok())?;
     let store: Arc<dyn Datastore> = Arc::new(ds.connect().await.with_context(|| {
