@@ -180,6 +180,8 @@ fn main() {
     // Single changes, incrementally.
     let changes = 200;
     let (mut calc_times, mut kernel_times) = (Vec::new(), Vec::new());
+    // Per kind of change (n % 4): calculation and kernel times.
+    let mut by_kind: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); 4];
     for n in 0..changes {
         let (k, v) = change(&model, n);
         let t = Instant::now();
@@ -194,6 +196,8 @@ fn main() {
         rt.block_on(dp.apply()).unwrap();
         calc_times.push(calc);
         kernel_times.push(t.elapsed());
+        by_kind[n % 4].0.push(calc);
+        by_kind[n % 4].1.push(t.elapsed());
         model.keys.insert(k, v);
     }
     calc_times.sort();
@@ -253,6 +257,24 @@ fn main() {
         ms(percentile(&kernel_times, 0.5)),
         ms(percentile(&kernel_times, 0.99)),
     );
+    let kinds = [
+        "  a remote endpoint relabelled",
+        "  a policy rule changed",
+        "  an endpoint added on another host",
+        "  an endpoint added here",
+    ];
+    for (name, (mut calc, mut kernel)) in kinds.iter().zip(by_kind) {
+        calc.sort();
+        kernel.sort();
+        println!(
+            "{:<44} {:>10} {:>10} {:>12} {:>12}",
+            format!("{name} ({})", calc.len()),
+            ms(percentile(&calc, 0.5)),
+            ms(percentile(&calc, 0.99)),
+            ms(percentile(&kernel, 0.5)),
+            ms(percentile(&kernel, 0.99)),
+        );
+    }
     println!(
         "{:<44} {:>10} {:>10} {:>12} {:>12}",
         format!("naive: recompute + re-apply ({naive_changes} changes)"),

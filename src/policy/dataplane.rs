@@ -416,10 +416,19 @@ impl PolicyDataplane {
         if self.zones_stale {
             self.discover_zones().await;
         }
-        for (family, rules) in self.render_changes() {
-            let applied = self.firewall(family).apply(&rules).await;
+        // The two families' tables are independent: both transactions run at once.
+        let rulesets = self.render_changes();
+        let applied = futures::future::join_all(
+            rulesets
+                .iter()
+                .map(|(family, rules)| self.firewall(*family).apply(rules)),
+        )
+        .await;
+        for (family, rules) in rulesets {
             self.rendered.insert(family, rules);
-            let drift = applied?;
+        }
+        for drift in applied {
+            let drift = drift?;
             report.drift.restored.extend(drift.restored);
             report.drift.removed.extend(drift.removed);
         }
@@ -458,10 +467,18 @@ impl PolicyDataplane {
         self.discover_zones().await;
         self.rendered.clear();
         let mut drift = Drift::default();
-        for (family, rules) in self.render_changes() {
-            let reconciled = self.firewall(family).reconcile(&rules).await;
+        let rulesets = self.render_changes();
+        let reconciled = futures::future::join_all(
+            rulesets
+                .iter()
+                .map(|(family, rules)| self.firewall(*family).reconcile(rules)),
+        )
+        .await;
+        for (family, rules) in rulesets {
             self.rendered.insert(family, rules);
-            let d = reconciled?;
+        }
+        for d in reconciled {
+            let d = d?;
             drift.restored.extend(d.restored);
             drift.removed.extend(d.removed);
         }
