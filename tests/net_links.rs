@@ -362,3 +362,19 @@ async fn batch_delete_by_group() {
             .contains("group 0")
     );
 }
+
+#[tokio::test]
+async fn a_bridge_hands_its_traffic_to_iptables_when_asked() {
+    let ns = Netns::create("nfcall").unwrap();
+    let nl = ns.netlink().unwrap();
+    let br = nl.create_index(&NewLink::bridge("tbr_nf")).await.unwrap();
+    assert!(details(&ns, "tbr_nf").contains("nf_call_iptables 0"));
+    nl.set_bridge_nf_call(br, true).await.unwrap();
+    let d = details(&ns, "tbr_nf");
+    assert!(
+        d.contains("nf_call_iptables 1") && d.contains("nf_call_ip6tables 1"),
+        "{d}"
+    );
+    nl.set_bridge_nf_call(br, false).await.unwrap();
+    assert!(details(&ns, "tbr_nf").contains("nf_call_iptables 0"));
+}

@@ -278,6 +278,13 @@ async fn profiles_policies_and_tiers_police_bridged_workloads() {
     b.endpoint(g3, &["base"]).await;
     g3.listen(8085);
 
+    assert!(
+        b.host
+            .run(&["ip", "-d", "link", "show", "tbr_000000a1"])
+            .unwrap()
+            .contains("nf_call_iptables 1"),
+        "the tenant bridge hands its traffic to iptables"
+    );
     assert!(w1.connects(w3.ip, 80), "web-tagged source allowed");
     assert!(
         !w2.connects(w3.ip, 80),

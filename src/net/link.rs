@@ -297,6 +297,33 @@ impl Netlink {
         .await
     }
 
+    /// Makes a bridge pass its bridged IPv4 and IPv6 traffic through iptables/ip6tables
+    /// (br_netfilter's per-bridge switch, `nf_call_iptables`), whatever the namespace's
+    /// `net.bridge.bridge-nf-call-*` sysctls say.
+    pub async fn set_bridge_nf_call(&self, index: u32, on: bool) -> NetResult<()> {
+        use rtnetlink::packet_route::link::{InfoBridge, InfoData, InfoKind};
+        // Link-kind options change through RTM_NEWLINK on the existing link (the kernel's
+        // changelink); RTM_SETLINK ignores them.
+        let msg = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(vec![
+                    InfoBridge::NfCallIpTables(on),
+                    InfoBridge::NfCallIp6Tables(on),
+                ])),
+            ]))
+            .build();
+        // Neither EXCL (it exists) nor REPLACE (which the kernel refuses for a link).
+        use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+        self.handle
+            .link()
+            .add(msg)
+            .set_flags(NLM_F_REQUEST | NLM_F_ACK)
+            .execute()
+            .await
+            .map_err(|e| nl_err("set bridge nf_call", format!("link #{index}"), e))
+    }
+
     pub async fn set_up(&self, index: u32) -> NetResult<()> {
         self.set("set up", index, |b| b.up()).await
     }

@@ -61,6 +61,8 @@ pub struct PolicyDataplane {
     dirty: Dirty,
     /// The endpoint each interface's chains were rendered for.
     rendered_owner: BTreeMap<String, EndpointKey>,
+    /// Bridges whose `nf_call_iptables` this dataplane switched on.
+    nf_call_bridges: BTreeSet<u32>,
 }
 
 /// A workload endpoint: (orchestrator, workload, endpoint).
@@ -113,6 +115,7 @@ impl PolicyDataplane {
             rendered: BTreeMap::new(),
             dirty: Dirty::default(),
             rendered_owner: BTreeMap::new(),
+            nf_call_bridges: BTreeSet::new(),
         })
     }
 
@@ -141,6 +144,7 @@ impl PolicyDataplane {
             rendered: BTreeMap::new(),
             dirty: Dirty::default(),
             rendered_owner: BTreeMap::new(),
+            nf_call_bridges: BTreeSet::new(),
         }
     }
 
@@ -542,6 +546,21 @@ impl PolicyDataplane {
             .filter(|l| ports.contains(l.name.as_str()))
             .filter_map(|l| l.controller)
             .collect();
+        // Bridged traffic must reach iptables for the rules to see it: switch it on per
+        // bridge, so it does not depend on the namespace's bridge-nf-call sysctls.
+        if let Ok(nl) = match &self.netns {
+            Some(p) => Netlink::connect_in(p),
+            None => Netlink::connect(),
+        } {
+            for index in bridges.difference(&self.nf_call_bridges.clone()) {
+                match nl.set_bridge_nf_call(*index, true).await {
+                    Ok(()) => {
+                        self.nf_call_bridges.insert(*index);
+                    }
+                    Err(e) => warn!(bridge = index, error = %e, "policy: bridge nf_call_iptables"),
+                }
+            }
+        }
         let zones: BTreeMap<String, u16> = links
             .iter()
             .filter(|l| bridges.contains(&l.index))
