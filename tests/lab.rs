@@ -662,31 +662,27 @@ fn policy_in_the_lab_follows_etcd_across_hosts() {
     );
     assert!(rules.contains("cali-pri-acme:tenant.acme"), "{rules}");
     // `tenet status` shows each compute node's policy in sync (its Felix status key).
-    let status = Command::new(env!("CARGO_BIN_EXE_tenet"))
-        .arg("status")
-        .env("ETCD_ENDPOINTS", str_of(&facts["etcd"], "endpoint"))
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&status.stdout);
-    assert!(table.lines().next().unwrap().contains("POLICY"), "{table}");
-    let in_sync = table
-        .lines()
-        .filter(|l| l.starts_with("compute") && l.contains("in sync"))
-        .count();
+    let status_table = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_tenet"))
+            .arg("status")
+            .env("ETCD_ENDPOINTS", str_of(&facts["etcd"], "endpoint"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     assert!(
-        eventually(10, || {
-            let out = Command::new(env!("CARGO_BIN_EXE_tenet"))
-                .arg("status")
-                .env("ETCD_ENDPOINTS", str_of(&facts["etcd"], "endpoint"))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.contains("in sync"))
-                .count()
-                == 2
-        }),
-        "both compute nodes report their policy in sync ({in_sync} did at first):\n{table}"
+        status_table().lines().next().unwrap().contains("POLICY"),
+        "{}",
+        status_table()
+    );
+    assert!(
+        eventually(10, || status_table()
+            .lines()
+            .filter(|l| l.contains("in sync"))
+            .count()
+            == 2),
+        "both compute nodes report their policy in sync:\n{}",
+        status_table()
     );
 
     let workload = |name: &str| {

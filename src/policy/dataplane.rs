@@ -7,7 +7,7 @@
 //! what a previous run left (stray `cali` chains and sets are removed).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::net::Netlink;
 use crate::net::firewall::{
-    Drift, Firewall, FirewallError, IpFamily, IptablesVariant, Ruleset, Table, rejected,
+    Drift, Firewall, FirewallError, IpFamily, IptablesVariant, Ruleset, Table,
 };
 use crate::policy::proto::to_dataplane::Payload;
 use crate::policy::render::{
@@ -25,7 +25,6 @@ use crate::policy::render::{
 /// Both families, IPv4 first.
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 use crate::policy::validate;
-use crate::process::Command;
 
 /// Felix's default `MaxIpsetSize`.
 pub const DEFAULT_MAX_IPSET_SIZE: usize = 1_048_576;
@@ -42,7 +41,6 @@ pub struct ApplyReport {
 pub struct PolicyDataplane {
     /// The IPv4 and the IPv6 tables.
     firewalls: [(IpFamily, Firewall); 2],
-    netns: Option<PathBuf>,
     hook: WorkloadHook,
     state: DataplaneState,
     in_sync: bool,
@@ -63,10 +61,34 @@ pub struct PolicyDataplane {
     rendered_owner: BTreeMap<String, EndpointKey>,
     /// Bridges whose `nf_call_iptables` this dataplane switched on.
     nf_call_bridges: BTreeSet<u32>,
+    /// Netlink in the namespace (links for zones and endpoint status); none offline.
+    netlink: Option<Netlink>,
 }
 
 /// A workload endpoint: (orchestrator, workload, endpoint).
 pub type EndpointKey = (String, String, String);
+
+/// Endpoint statuses as [`PolicyDataplane::endpoint_statuses`] gives them.
+pub type Statuses = BTreeMap<EndpointKey, &'static str>;
+
+/// What a status reporter must say, given what it said (`sent`) and the statuses now: the
+/// endpoints gone, and those whose status is new or different.
+pub fn status_changes(
+    sent: &Statuses,
+    now: &Statuses,
+) -> (Vec<EndpointKey>, Vec<(EndpointKey, &'static str)>) {
+    let gone = sent
+        .keys()
+        .filter(|k| !now.contains_key(*k))
+        .cloned()
+        .collect();
+    let changed = now
+        .iter()
+        .filter(|(k, s)| sent.get(*k) != Some(*s))
+        .map(|(k, s)| (k.clone(), *s))
+        .collect();
+    (gone, changed)
+}
 
 #[derive(Debug, Default)]
 struct Dirty {
@@ -93,6 +115,13 @@ impl PolicyDataplane {
             Some(v) => v,
             None => IptablesVariant::detect().await?,
         };
+        let netlink = match netns {
+            Some(p) => Netlink::connect_in(p),
+            None => Netlink::connect(),
+        };
+        let netlink = netlink
+            .map_err(|e| warn!(error = %e, "policy: no netlink (no conntrack zones, no endpoint status)"))
+            .ok();
         Ok(PolicyDataplane {
             firewalls: [
                 (
@@ -104,7 +133,6 @@ impl PolicyDataplane {
                     Firewall::for_family(netns, Some(variant), IpFamily::V6).await?,
                 ),
             ],
-            netns: netns.map(Path::to_path_buf),
             hook,
             state: DataplaneState::default(),
             in_sync: false,
@@ -116,6 +144,7 @@ impl PolicyDataplane {
             dirty: Dirty::default(),
             rendered_owner: BTreeMap::new(),
             nf_call_bridges: BTreeSet::new(),
+            netlink,
         })
     }
 
@@ -133,7 +162,6 @@ impl PolicyDataplane {
                     Firewall::with_backend(Box::new(Offline), None),
                 ),
             ],
-            netns: None,
             hook,
             state: DataplaneState::default(),
             in_sync: false,
@@ -145,6 +173,7 @@ impl PolicyDataplane {
             dirty: Dirty::default(),
             rendered_owner: BTreeMap::new(),
             nf_call_bridges: BTreeSet::new(),
+            netlink: None,
         }
     }
 
@@ -160,26 +189,31 @@ impl PolicyDataplane {
 
     /// Each workload endpoint's status as Felix reports it: `up` when it is active and its
     /// interface is up, else `down`.
-    pub async fn endpoint_statuses(&self) -> BTreeMap<EndpointKey, &'static str> {
-        let netlink = match &self.netns {
-            Some(p) => Netlink::connect_in(p),
-            None => Netlink::connect(),
-        }
-        .ok();
-        let mut out = BTreeMap::new();
-        for (key, ep) in &self.state.workloads {
-            let up = match &netlink {
-                Some(nl) if ep.state == "active" => nl
-                    .link_by_name(&ep.name)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|l| l.up),
-                _ => false,
-            };
-            out.insert(key.clone(), if up { "up" } else { "down" });
-        }
-        out
+    pub async fn endpoint_statuses(&self) -> Statuses {
+        // One link dump, not one request per endpoint.
+        let up: BTreeSet<String> = match &self.netlink {
+            Some(nl) => nl
+                .links()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l.up)
+                .map(|l| l.name)
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        self.state
+            .workloads
+            .iter()
+            .map(|(key, ep)| {
+                let status = if ep.state == "active" && up.contains(&ep.name) {
+                    "up"
+                } else {
+                    "down"
+                };
+                (key.clone(), status)
+            })
+            .collect()
     }
 
     /// Forgets the state (before a fresh snapshot); the next apply reconciles the kernel.
@@ -261,10 +295,7 @@ impl PolicyDataplane {
                 let (Some(id), Some(p)) = (u.id, u.policy) else {
                     return;
                 };
-                let checked = validate::object_name(&id.name)
-                    .and_then(|_| validate::rules(&p.inbound_rules))
-                    .and_then(|_| validate::rules(&p.outbound_rules));
-                match checked {
+                match validate::rule_holder(&id.name, &p.inbound_rules, &p.outbound_rules) {
                     Ok(()) => {
                         self.dirty.policies.insert(id.name.clone());
                         if self.state.policies.insert(id.name, p).is_none() {
@@ -286,10 +317,7 @@ impl PolicyDataplane {
                 let (Some(id), Some(p)) = (u.id, u.profile) else {
                     return;
                 };
-                let checked = validate::object_name(&id.name)
-                    .and_then(|_| validate::rules(&p.inbound_rules))
-                    .and_then(|_| validate::rules(&p.outbound_rules));
-                match checked {
+                match validate::rule_holder(&id.name, &p.inbound_rules, &p.outbound_rules) {
                     Ok(()) => {
                         self.dirty.profiles.insert(id.name.clone());
                         if self.state.profiles.insert(id.name, p).is_none() {
@@ -519,15 +547,10 @@ impl PolicyDataplane {
         let WorkloadHook::Bridged { .. } = &self.hook else {
             return;
         };
-        let netlink = match &self.netns {
-            Some(p) => Netlink::connect_in(p),
-            None => Netlink::connect(),
+        let Some(nl) = &self.netlink else {
+            return;
         };
-        let links = match netlink {
-            Ok(nl) => nl.links().await,
-            Err(e) => Err(e),
-        };
-        let links = match links {
+        let links = match nl.links().await {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "policy: listing links for conntrack zones");
@@ -548,17 +571,13 @@ impl PolicyDataplane {
             .collect();
         // Bridged traffic must reach iptables for the rules to see it: switch it on per
         // bridge, so it does not depend on the namespace's bridge-nf-call sysctls.
-        if let Ok(nl) = match &self.netns {
-            Some(p) => Netlink::connect_in(p),
-            None => Netlink::connect(),
-        } {
-            for index in bridges.difference(&self.nf_call_bridges.clone()) {
-                match nl.set_bridge_nf_call(*index, true).await {
-                    Ok(()) => {
-                        self.nf_call_bridges.insert(*index);
-                    }
-                    Err(e) => warn!(bridge = index, error = %e, "policy: bridge nf_call_iptables"),
+        let new: Vec<u32> = bridges.difference(&self.nf_call_bridges).copied().collect();
+        for index in new {
+            match nl.set_bridge_nf_call(index, true).await {
+                Ok(()) => {
+                    self.nf_call_bridges.insert(index);
                 }
+                Err(e) => warn!(bridge = index, error = %e, "policy: bridge nf_call_iptables"),
             }
         }
         let zones: BTreeMap<String, u16> = links
@@ -623,25 +642,21 @@ impl PolicyDataplane {
         let mut text = self.set_ops.join("\n");
         text.push('\n');
         self.set_ops.clear();
-        ipset_restore(self.netns.as_deref(), &text).await
+        self.firewall(IpFamily::V4).ipset_restore(&text).await
     }
 
     /// Every IP set of tenet's policy in the namespace (main and temporary names).
     async fn kernel_sets(&self) -> Result<Vec<String>, FirewallError> {
-        let listed = Command::new("ipset")
-            .args(["list", "-n"])
-            .netns(self.netns.as_deref())
-            .run()
-            .await?;
-        Ok(listed
-            .stdout
-            .lines()
+        Ok(self
+            .firewall(IpFamily::V4)
+            .ipset_names()
+            .await?
+            .into_iter()
             .filter(|s| {
                 ["cali4-", "cali4t", "cali6-", "cali6t"]
                     .iter()
                     .any(|p| s.starts_with(p))
             })
-            .map(str::to_string)
             .collect())
     }
 
@@ -658,7 +673,7 @@ impl PolicyDataplane {
             return Ok(0);
         }
         let text: String = doomed.iter().map(|s| format!("destroy {s}\n")).collect();
-        ipset_restore(self.netns.as_deref(), &text).await?;
+        self.firewall(IpFamily::V4).ipset_restore(&text).await?;
         Ok(doomed.len())
     }
 }
@@ -676,15 +691,7 @@ fn update(
     if dirty.base {
         let mut fresh = render::base(state, config);
         for (key, rules) in rs.chains {
-            let is_base = matches!(
-                key.1.as_str(),
-                "cali-FORWARD"
-                    | "cali-INPUT"
-                    | "cali-OUTPUT"
-                    | "cali-wl-to-host"
-                    | "cali-PREROUTING"
-            );
-            if !is_base {
+            if !render::BASE_CHAINS.contains(&key.1.as_str()) {
                 fresh.chains.insert(key, rules);
             }
         }
@@ -795,44 +802,6 @@ fn owners(state: &DataplaneState) -> BTreeMap<String, EndpointKey> {
         out.entry(ep.name.clone()).or_insert_with(|| key.clone());
     }
     out
-}
-
-async fn ipset_restore(netns: Option<&Path>, text: &str) -> Result<(), FirewallError> {
-    Command::new("ipset")
-        .arg("restore")
-        .netns(netns)
-        .stdin(text)
-        .run()
-        .await
-        .map_err(|e| rejected("ipset restore", text, e))?;
-    Ok(())
-}
-
-/// The sets' members as the kernel has them, by set name (for tests and `status`).
-pub async fn kernel_members(
-    netns: Option<&Path>,
-) -> Result<BTreeMap<String, BTreeSet<String>>, FirewallError> {
-    let saved = Command::new("ipset").arg("save").netns(netns).run().await?;
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in saved.stdout.lines() {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some("create"), Some(name), _)
-                if name.starts_with("cali4") || name.starts_with("cali6") =>
-            {
-                out.entry(name.to_string()).or_default();
-            }
-            (Some("add"), Some(name), Some(member))
-                if name.starts_with("cali4") || name.starts_with("cali6") =>
-            {
-                out.entry(name.to_string())
-                    .or_default()
-                    .insert(member.to_string());
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::policy::proto::{
     write_message,
 };
 
-use crate::policy::dataplane::EndpointKey;
+use crate::policy::dataplane::{EndpointKey, Statuses, status_changes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -33,7 +33,7 @@ pub enum DriverError {
 struct Status {
     sequence: u64,
     started: Instant,
-    sent: BTreeMap<EndpointKey, String>,
+    sent: Statuses,
 }
 
 impl Status {
@@ -180,23 +180,13 @@ async fn report_endpoints<W: AsyncWrite + Unpin>(
     status: &mut Status,
     out: &mut W,
 ) -> Result<(), DriverError> {
-    let now: BTreeMap<EndpointKey, String> = dataplane
-        .endpoint_statuses()
-        .await
-        .into_iter()
-        .map(|(k, s)| (k, s.to_string()))
-        .collect();
+    let now = dataplane.endpoint_statuses().await;
+    let (gone, changed) = status_changes(&status.sent, &now);
     let id = |k: &EndpointKey| proto::WorkloadEndpointId {
         orchestrator_id: k.0.clone(),
         workload_id: k.1.clone(),
         endpoint_id: k.2.clone(),
     };
-    let gone: Vec<EndpointKey> = status
-        .sent
-        .keys()
-        .filter(|k| !now.contains_key(*k))
-        .cloned()
-        .collect();
     for k in gone {
         status.sent.remove(&k);
         let payload = from_dataplane::Payload::WorkloadEndpointStatusRemove(
@@ -204,17 +194,17 @@ async fn report_endpoints<W: AsyncWrite + Unpin>(
         );
         status.send(out, payload).await?;
     }
-    for (k, s) in now {
-        if status.sent.get(&k) != Some(&s) {
-            let payload = from_dataplane::Payload::WorkloadEndpointStatusUpdate(
-                proto::WorkloadEndpointStatusUpdate {
-                    id: Some(id(&k)),
-                    status: Some(proto::EndpointStatus { status: s.clone() }),
-                },
-            );
-            status.send(out, payload).await?;
-            status.sent.insert(k, s);
-        }
+    for (k, s) in changed {
+        let payload = from_dataplane::Payload::WorkloadEndpointStatusUpdate(
+            proto::WorkloadEndpointStatusUpdate {
+                id: Some(id(&k)),
+                status: Some(proto::EndpointStatus {
+                    status: s.to_string(),
+                }),
+            },
+        );
+        status.send(out, payload).await?;
+        status.sent.insert(k, s);
     }
     Ok(())
 }

@@ -1077,6 +1077,15 @@ pub fn interfaces(state: &DataplaneState) -> BTreeMap<&str, &proto::WorkloadEndp
     ifaces
 }
 
+/// The chains [`base`] may render (its part depends on the hook and the zones only).
+pub const BASE_CHAINS: [&str; 5] = [
+    "cali-FORWARD",
+    "cali-INPUT",
+    "cali-OUTPUT",
+    "cali-wl-to-host",
+    "cali-PREROUTING",
+];
+
 /// Whether a chain belongs to the host-endpoint part ([`host_endpoint_part`]).
 pub fn is_host_endpoint_chain(name: &str) -> bool {
     [

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::net::firewall::{FirewallError, IptablesVariant};
 use crate::policy::calc::{CalcConfig, CalcGraph, Input};
-use crate::policy::dataplane::PolicyDataplane;
+use crate::policy::dataplane::{PolicyDataplane, Statuses, status_changes};
 use crate::policy::render::WorkloadHook;
 use crate::store::{Datastore, EventKind, Revision, StoreError};
 
@@ -128,7 +128,7 @@ pub async fn spawn(
 /// deleted (Felix keeps this off by default: it costs etcd writes).
 #[derive(Default)]
 struct EndpointReports {
-    sent: std::collections::BTreeMap<crate::policy::dataplane::EndpointKey, &'static str>,
+    sent: Statuses,
 }
 
 impl EndpointReports {
@@ -158,12 +158,7 @@ impl EndpointReports {
             })
             .path()
         };
-        let gone: Vec<_> = self
-            .sent
-            .keys()
-            .filter(|k| !now.contains_key(*k))
-            .cloned()
-            .collect();
+        let (gone, changed) = status_changes(&self.sent, &now);
         for k in gone {
             match store.delete(&key(&k), None).await {
                 Ok(_) | Err(StoreError::NotFound { .. }) => {
@@ -172,10 +167,7 @@ impl EndpointReports {
                 Err(e) => warn!(error = %e, "deleting an endpoint status"),
             }
         }
-        for (k, status) in now {
-            if self.sent.get(&k) == Some(&status) {
-                continue;
-            }
+        for (k, status) in changed {
             let value = format!(r#"{{"status":"{status}"}}"#);
             match store.put(&key(&k), value.as_bytes()).await {
                 Ok(_) => {
@@ -216,7 +208,7 @@ async fn report(
     };
     let status_key = CalicoKey::FelixStatus { host: host.clone() }.path();
     let last_key = CalicoKey::FelixLastReportedStatus { host }.path();
-    let mut leased = None;
+    let mut leased: Option<crate::store::LeasedKey> = None;
     let mut first = true;
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -226,7 +218,7 @@ async fn report(
         }
         let v = value(first);
         match &leased {
-            Some(k) => crate::store::LeasedKey::set(k, v.clone()),
+            Some(k) => k.set(v.clone()),
             None => match crate::store::LeasedKey::start(
                 store.clone(),
                 status_key.clone(),

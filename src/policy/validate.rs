@@ -150,6 +150,17 @@ pub fn rules(rs: &[proto::Rule]) -> Result<(), String> {
     Ok(())
 }
 
+/// A policy or profile: its name and both rule lists.
+pub fn rule_holder(
+    name: &str,
+    inbound: &[proto::Rule],
+    outbound: &[proto::Rule],
+) -> Result<(), String> {
+    object_name(name)?;
+    rules(inbound)?;
+    rules(outbound)
+}
+
 /// A workload endpoint's interface and its policy and profile names.
 pub fn workload(ep: &proto::WorkloadEndpoint) -> Result<(), String> {
     interface(&ep.name)?;

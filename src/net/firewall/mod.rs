@@ -79,14 +79,7 @@ impl Firewall {
         netns: Option<&Path>,
         variant: Option<IptablesVariant>,
     ) -> Result<Self, FirewallError> {
-        let variant = match variant {
-            Some(v) => v,
-            None => IptablesVariant::detect().await?,
-        };
-        Ok(Self::with_backend(
-            Box::new(Iptables::new(variant, netns)),
-            netns,
-        ))
+        Self::for_family(netns, variant, IpFamily::V4).await
     }
 
     /// The same for one address family's tables (`ip6tables` for [`IpFamily::V6`]).
@@ -202,20 +195,16 @@ impl Firewall {
             self.backend.restore(&text).await?;
         }
         // Sets go after the rules that used them.
-        let listed = Command::new("ipset")
-            .args(["list", "-n"])
-            .netns(self.netns.as_deref())
-            .run()
-            .await?;
         let prefix = format!("{owner}-");
-        let doomed: String = listed
-            .stdout
-            .lines()
+        let doomed: String = self
+            .ipset_names()
+            .await?
+            .iter()
             .filter(|s| s.starts_with(&prefix))
             .map(|s| format!("destroy {s}\n"))
             .collect();
         if !doomed.is_empty() {
-            self.ipset(&doomed).await?;
+            self.ipset_restore(&doomed).await?;
         }
         info!(%owner, "firewall rules removed");
         Ok(())
@@ -231,10 +220,22 @@ impl Firewall {
         if text.is_empty() {
             return Ok(());
         }
-        self.ipset(&text).await
+        self.ipset_restore(&text).await
     }
 
-    async fn ipset(&self, text: &str) -> Result<(), FirewallError> {
+    /// The names of every IP set in the firewall's namespace.
+    pub async fn ipset_names(&self) -> Result<Vec<String>, FirewallError> {
+        let listed = Command::new("ipset")
+            .args(["list", "-n"])
+            .netns(self.netns.as_deref())
+            .run()
+            .await?;
+        Ok(listed.stdout.lines().map(str::to_string).collect())
+    }
+
+    /// One `ipset restore` of `text` in the firewall's namespace (sets a caller manages
+    /// itself, e.g. with deltas, rather than through a [`Ruleset`]).
+    pub async fn ipset_restore(&self, text: &str) -> Result<(), FirewallError> {
         Command::new("ipset")
             .arg("restore")
             .netns(self.netns.as_deref())
@@ -249,7 +250,7 @@ impl Firewall {
 /// Turns a failed restore into a `Rejected` naming the batch line it failed at. iptables says
 /// `Error occurred at line: N`; iptables-nft reports errors at the table's COMMIT, so a name
 /// the message quotes (`Chain 'X' does not exist`) finds the line better.
-pub fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallError {
+pub(crate) fn rejected(program: &str, batch: &str, e: ProcessError) -> FirewallError {
     match e {
         ProcessError::Failed { stderr, .. } => {
             let numbered = stderr

@@ -130,6 +130,13 @@ impl Instance {
     }
 }
 
+/// Which kind of rule holder an instance is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RulesOf {
+    Policy,
+    Profile,
+}
+
 /// An active policy or profile instance.
 #[derive(Debug, Default)]
 struct Active {
@@ -472,16 +479,16 @@ impl CalcGraph {
         }
         // Count new users first so that an instance kept is never torn down and rebuilt.
         for i in &local.policy_instances {
-            self.policy_user(i, true);
+            self.user(RulesOf::Policy, i, true);
         }
         for i in &local.profile_instances {
-            self.profile_user(i, true);
+            self.user(RulesOf::Profile, i, true);
         }
         for i in &old_policies {
-            self.policy_user(i, false);
+            self.user(RulesOf::Policy, i, false);
         }
         for i in &old_profiles {
-            self.profile_user(i, false);
+            self.user(RulesOf::Profile, i, false);
         }
         self.dirty_endpoints.insert(key.clone());
         if exists {
@@ -539,11 +546,11 @@ impl CalcGraph {
             if matches && !matched {
                 local.policies.insert(name.to_string());
                 local.policy_instances.push(inst.clone());
-                self.policy_user(&inst, true);
+                self.user(RulesOf::Policy, &inst, true);
             } else if !matches && matched {
                 local.policies.remove(name);
                 local.policy_instances.retain(|i| *i != inst);
-                self.policy_user(&inst, false);
+                self.user(RulesOf::Policy, &inst, false);
             }
             if matches || matched {
                 // Order or types may have changed.
@@ -552,62 +559,73 @@ impl CalcGraph {
         }
         let instances: Vec<Instance> = instances_named(&self.active_policies, name);
         for inst in instances {
-            self.refresh_policy(&inst);
+            self.refresh(RulesOf::Policy, &inst);
         }
     }
 
-    fn policy_user(&mut self, inst: &Instance, add: bool) {
-        let active = self.active_policies.entry(inst.clone()).or_default();
-        if add {
-            active.users += 1;
-            if active.users == 1 {
-                self.refresh_policy(inst);
-            }
-        } else {
-            active.users -= 1;
-            if active.users == 0 {
-                let gone = self.active_policies.remove(inst).expect("present");
-                for id in gone.sets {
-                    self.unref_set(&id);
-                }
-                self.dirty_policies.insert(inst.clone());
-            }
+    fn actives(&mut self, kind: RulesOf) -> &mut BTreeMap<Instance, Active> {
+        match kind {
+            RulesOf::Policy => &mut self.active_policies,
+            RulesOf::Profile => &mut self.active_profiles,
         }
     }
 
-    fn profile_user(&mut self, inst: &Instance, add: bool) {
-        let active = self.active_profiles.entry(inst.clone()).or_default();
-        if add {
-            active.users += 1;
-            if active.users == 1 {
-                self.refresh_profile_instance(inst);
-            }
-        } else {
-            active.users -= 1;
-            if active.users == 0 {
-                let gone = self.active_profiles.remove(inst).expect("present");
-                for id in gone.sets {
-                    self.unref_set(&id);
-                }
-                self.dirty_profiles.insert(inst.clone());
-            }
-        }
-    }
-
-    /// Recomputes an active policy instance's IP-set references.
-    fn refresh_policy(&mut self, inst: &Instance) {
-        let sets = match self.policies.get(&inst.name) {
-            Some(p) => p
-                .value
-                .inbound_rules
-                .iter()
-                .chain(&p.value.outbound_rules)
-                .flat_map(|r| rule_selectors(r, inst.scope.as_ref()))
-                .collect(),
-            None => Vec::new(),
+    fn mark_dirty(&mut self, kind: RulesOf, inst: &Instance) {
+        match kind {
+            RulesOf::Policy => self.dirty_policies.insert(inst.clone()),
+            RulesOf::Profile => self.dirty_profiles.insert(inst.clone()),
         };
+    }
+
+    /// Counts a local endpoint in (or out of) an instance's users: the first user activates
+    /// it, the last one leaves deactivates it and drops its IP-set references.
+    fn user(&mut self, kind: RulesOf, inst: &Instance, add: bool) {
+        let active = self.actives(kind).entry(inst.clone()).or_default();
+        if add {
+            active.users += 1;
+            if active.users == 1 {
+                self.refresh(kind, inst);
+            }
+        } else {
+            active.users -= 1;
+            if active.users == 0 {
+                let gone = self.actives(kind).remove(inst).expect("present");
+                for id in gone.sets {
+                    self.unref_set(&id);
+                }
+                self.mark_dirty(kind, inst);
+            }
+        }
+    }
+
+    /// Recomputes an active instance's IP-set references from its rules (none when the
+    /// policy is gone or the profile has no rules).
+    fn refresh(&mut self, kind: RulesOf, inst: &Instance) {
+        let rules: Vec<&crate::calico::Rule> = match kind {
+            RulesOf::Policy => self
+                .policies
+                .get(&inst.name)
+                .map(|p| {
+                    p.value
+                        .inbound_rules
+                        .iter()
+                        .chain(&p.value.outbound_rules)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            RulesOf::Profile => self
+                .profiles
+                .get(&inst.name)
+                .and_then(|p| p.rules.as_ref())
+                .map(|r| r.inbound_rules.iter().chain(&r.outbound_rules).collect())
+                .unwrap_or_default(),
+        };
+        let sets: Vec<Selector> = rules
+            .into_iter()
+            .flat_map(|r| rule_selectors(r, inst.scope.as_ref()))
+            .collect();
         let old = self
-            .active_policies
+            .actives(kind)
             .get_mut(inst)
             .map(|a| std::mem::take(&mut a.sets))
             .unwrap_or_default();
@@ -615,42 +633,16 @@ impl CalcGraph {
         for id in old {
             self.unref_set(&id);
         }
-        if let Some(a) = self.active_policies.get_mut(inst) {
+        if let Some(a) = self.actives(kind).get_mut(inst) {
             a.sets = ids;
         }
-        self.dirty_policies.insert(inst.clone());
+        self.mark_dirty(kind, inst);
     }
 
     fn refresh_profile(&mut self, name: &str) {
         for inst in instances_named(&self.active_profiles, name) {
-            self.refresh_profile_instance(&inst);
+            self.refresh(RulesOf::Profile, &inst);
         }
-    }
-
-    fn refresh_profile_instance(&mut self, inst: &Instance) {
-        let sets: Vec<Selector> = match self.profiles.get(&inst.name).and_then(|p| p.rules.as_ref())
-        {
-            Some(r) => r
-                .inbound_rules
-                .iter()
-                .chain(&r.outbound_rules)
-                .flat_map(|r| rule_selectors(r, inst.scope.as_ref()))
-                .collect(),
-            None => Vec::new(),
-        };
-        let old = self
-            .active_profiles
-            .get_mut(inst)
-            .map(|a| std::mem::take(&mut a.sets))
-            .unwrap_or_default();
-        let ids = self.ref_sets(sets);
-        for id in old {
-            self.unref_set(&id);
-        }
-        if let Some(a) = self.active_profiles.get_mut(inst) {
-            a.sets = ids;
-        }
-        self.dirty_profiles.insert(inst.clone());
     }
 
     // ---- IP sets ------------------------------------------------------------------------

@@ -373,3 +373,21 @@ fn host_endpoints_have_failsafe_chains_and_unknown_interfaces_pass() {
         "host → workload is not policed"
     );
 }
+
+#[test]
+fn base_chains_are_the_listed_ones() {
+    let mut state = DataplaneState::default();
+    state.zones.insert("tbr_1".into(), 3);
+    for hook in [
+        WorkloadHook::Routed {
+            prefixes: vec!["cali".into()],
+        },
+        WorkloadHook::Bridged {
+            prefixes: vec!["tvn_".into()],
+        },
+    ] {
+        for (_, chain) in base(&state, &config(hook)).chains.keys() {
+            assert!(BASE_CHAINS.contains(&chain.as_str()), "{chain}");
+        }
+    }
+}
