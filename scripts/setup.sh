@@ -16,6 +16,8 @@ packages=(
     dnsmasq-base                       # DHCP per tenant bridge
     udhcpc                             # DHCP client inside test workloads
     tcpdump strace iputils-ping iperf3 # traffic proofs and benchmarks
+    bird2                              # routed mode: the BGP speaker tenet configures
+    gobgpd                             # routed mode tests: an independent BGP peer (upstream router)
 )
 
 missing=()
@@ -33,7 +35,7 @@ for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done
 
-for tool in etcd protoc ip cargo; do
+for tool in etcd protoc ip cargo bird gobgpd; do
     command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
 done
 echo "setup.sh: ready ($(etcd --version | head -1), $(protoc --version))"

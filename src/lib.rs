@@ -11,12 +11,15 @@
 //! * [`calico`]: Calico 2.x's etcd keyspace: key builders/parsers and value types.
 //! * [`keyspace`]: tenet's own keys under `/tenet/v1/`.
 //! * [`ipam`]: Calico block IPAM made atomic with etcd transactions.
+//! * [`bgp`]: routed mode's BGP: the model from etcd, BIRD's configuration rendered from it
+//!   (the confd role), BIRD's control socket, the per-host speaker.
 //! * [`policy`]: Calico policy: selectors, the calculation engine, Felix's dataplane protocol,
 //!   rendering into iptables chains and IP sets.
 //! * [`dump`]: decoding any stored key for `tenet dump`.
 //! * [`testbed`] (feature `testbed`): real etcd and network namespaces for tests,
 //!   benchmarks and the lab.
 
+pub mod bgp;
 pub mod calico;
 pub mod dump;
 pub mod ipam;

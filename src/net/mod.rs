@@ -12,6 +12,7 @@ mod link;
 pub mod netns;
 mod new_link;
 pub mod owned;
+pub mod routed;
 pub mod sysctl;
 pub mod tap;
 pub mod tunnel;

@@ -34,6 +34,24 @@ pub fn write(netns: Option<&Path>, key: &str, value: &str) -> NetResult<()> {
     })
 }
 
+/// Sets several keys in one visit to the namespace, in order; stops at the first failure.
+pub fn write_all<K: AsRef<str>>(netns: Option<&Path>, pairs: &[(K, &str)]) -> NetResult<()> {
+    let mut writes = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        writes.push((
+            key.as_ref().to_string(),
+            path_of(key.as_ref())?,
+            value.to_string(),
+        ));
+    }
+    run_in(netns, move || {
+        for (key, path, value) in writes {
+            std::fs::write(&path, &value).map_err(|e| NetError::new("write sysctl", key, e))?;
+        }
+        Ok(())
+    })
+}
+
 /// Sets `key` to `value`; returns the value it had if that was different (so the caller
 /// can restore it), `None` if nothing changed.
 pub fn set(netns: Option<&Path>, key: &str, value: &str) -> NetResult<Option<String>> {
