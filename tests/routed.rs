@@ -262,6 +262,27 @@ async fn three_routed_hosts_exchange_blocks_by_bgp() {
             node.name
         );
     }
+    // `tenet node status` prints the same sessions as calicoctl's table.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenet"))
+        .args(["node", "status", "--socket"])
+        .arg(nodes[0].config.control_socket())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("IPv4 BGP status") && text.contains("IPv6 BGP status"),
+        "{text}"
+    );
+    for peer in ["10.254.0.3", "10.254.0.4", "fd00:254::3", "fd00:254::4"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("| {peer} "))
+                && l.contains("node-to-node mesh")
+                && l.contains("Established")),
+            "{peer} in\n{text}"
+        );
+    }
+
     // Traffic: each workload reaches the others over IPv4 and IPv6.
     for (i, (ns, _, _)) in wls.iter().enumerate() {
         for (j, (_, v4, v6)) in wls.iter().enumerate() {
@@ -421,6 +442,37 @@ async fn three_routed_hosts_exchange_blocks_by_bgp() {
         }
     }
     reaper.0.clear();
+}
+
+#[tokio::test]
+async fn checksystem_reports_what_this_kernel_offers() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenet"))
+        .args(["node", "checksystem"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for feature in [
+        "bridge",
+        "veth",
+        "tap (/dev/net/tun)",
+        "proxy ARP (routed mode)",
+        "iptables",
+        "ipset",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(feature) && l.contains("OK")),
+            "{feature} in\n{text}"
+        );
+    }
+    // This kernel has no GRE module: that is a warning (the user-space datapath takes
+    // over), not a failure.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("gretap") && (l.contains("OK") || l.contains("WARN")))
+    );
+    assert!(text.contains("System meets minimum system requirements to run tenet!"));
 }
 
 /// GoBGP's daemon in the router namespace, peering with every host.

@@ -9,6 +9,7 @@ mod dump;
 mod felix_driver;
 mod ipam;
 mod lab;
+mod node;
 mod resource;
 mod status;
 mod template;
@@ -86,6 +87,9 @@ enum Command {
     /// rendered into Calico's iptables chains and IP sets.
     #[command(name = "felix-driver", after_help = felix_driver::AFTER_HELP)]
     FelixDriver(felix_driver::FelixDriverArgs),
+    /// This host as a routed-mode node: `status` (BGP sessions from BIRD) and
+    /// `checksystem` (kernel features and programs tenet needs).
+    Node(node::NodeArgs),
     /// Print the client version.
     Version,
 }
@@ -106,6 +110,7 @@ pub fn main() -> ExitCode {
             Command::Dump(args) => dump::run(&cli, args).await,
             Command::Ipam(args) => ipam::run(&cli, args).await,
             Command::Lab(args) => lab::run(args).await,
+            Command::Node(args) => node::run(args).await,
             Command::Status(args) => status::run(&cli, args).await,
             Command::Instance(args) => control::instance(args).await,
             Command::PublicIp(args) => control::public_ip(args).await,
