@@ -11,6 +11,7 @@ pub mod fault;
 pub mod names;
 pub mod node;
 pub mod rebuild;
+pub mod routed;
 
 pub use config::{ContainerNetns, VnicConfig, VnicRole};
 pub use discovery::{Underlay, UnderlayAddr, UnderlayConfig};
@@ -22,3 +23,4 @@ pub use node::{
     SubnetBinding, TunnelEvent, TunnelEventKind, Vnic,
 };
 pub use rebuild::{RebuildReport, Repair};
+pub use routed::{RoutedNode, RoutedVnic, RoutedVnicConfig};

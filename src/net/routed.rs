@@ -225,14 +225,11 @@ async fn finish_attach(
     peer: &str,
 ) -> NetResult<RoutedWorkload> {
     let ipv6 = spec.addresses.iter().any(|a| a.is_ipv6());
-    let keys = host_interface_sysctls(&spec.host_ifname, ipv6);
-    super::sysctl::write_all(host_netns, &keys)?;
     let peer_index = host.index_of(peer).await?;
     let target = std::fs::File::open(workload_netns)
         .map_err(|e| NetError::new("open", workload_netns.display().to_string(), e))?;
     host.move_to_netns(peer_index, target.as_fd(), Some(&spec.workload_ifname))
         .await?;
-    host.set_up(host_index).await?;
 
     let inside = Netlink::connect_in(workload_netns)?;
     let index = inside.index_of(&spec.workload_ifname).await?;
@@ -269,18 +266,44 @@ async fn finish_attach(
         }
         inside.add_default_route(gateway, index).await?;
     }
-    for a in &spec.addresses {
-        host.add_device_route(*a, host_index).await?;
-        host.add_neighbour(host_index, a.ip(), mac).await?;
-        if a.is_ipv6() {
-            host.add_proxy_neighbour(host_index, IpAddr::V6(GATEWAY_V6))
-                .await?;
-        }
-    }
+    route_to(
+        host,
+        host_netns,
+        &spec.host_ifname,
+        host_index,
+        &spec.addresses,
+        mac,
+    )
+    .await?;
     Ok(RoutedWorkload {
         host_index,
         workload_mac: mac,
     })
+}
+
+/// The host side of a routed workload interface (a veth's host end or a VM's tap): Calico's
+/// sysctls, up, a device route and a permanent neighbour entry per address, and the proxy
+/// NDP entry for the IPv6 gateway. Repeating it is harmless.
+pub async fn route_to(
+    host: &Netlink,
+    host_netns: Option<&Path>,
+    ifname: &str,
+    index: u32,
+    addresses: &[IpNetwork],
+    mac: [u8; 6],
+) -> NetResult<()> {
+    let ipv6 = addresses.iter().any(|a| a.is_ipv6());
+    super::sysctl::write_all(host_netns, &host_interface_sysctls(ifname, ipv6))?;
+    host.set_up(index).await?;
+    for a in addresses {
+        host.add_device_route(*a, index).await?;
+        host.add_neighbour(index, a.ip(), mac).await?;
+    }
+    if ipv6 {
+        host.add_proxy_neighbour(index, IpAddr::V6(GATEWAY_V6))
+            .await?;
+    }
+    Ok(())
 }
 
 impl Netlink {
