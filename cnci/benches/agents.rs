@@ -257,6 +257,7 @@ async fn run() {
             status_ttl: Duration::from_secs(10),
             api_socket: None,
             policy: false,
+            routed: None,
         },
         store.clone(),
         async {

@@ -24,7 +24,7 @@ pub struct Refused<R> {
     pub detail: String,
 }
 
-fn refuse<R>(reason: R, detail: impl Into<String>) -> Refused<R> {
+pub(super) fn refuse<R>(reason: R, detail: impl Into<String>) -> Refused<R> {
     Refused {
         reason,
         detail: detail.into(),
@@ -79,17 +79,16 @@ pub fn start_request(s: &StartCommand) -> Result<StartRequest, Refused<StartFail
             "networking.subnet {subnet} is not a network address with a tunnel key"
         )));
     }
-    if n.concentrator_uuid.trim().is_empty() {
-        return Err(bad(
-            "networking.concentrator_uuid is empty: the subnet has no concentrator".into(),
-        ));
-    }
-    let concentrator_ip = n.concentrator_ip.trim().parse().map_err(|_| {
-        bad(format!(
-            "networking.concentrator_ip {:?} is not an IPv4 address",
-            n.concentrator_ip
-        ))
-    })?;
+    // A routed node needs no concentrator; a GRE node refuses a START without one.
+    let concentrator_ip = match n.concentrator_ip.trim() {
+        "" if n.concentrator_uuid.trim().is_empty() => Ipv4Addr::UNSPECIFIED,
+        text => text.parse().map_err(|_| {
+            bad(format!(
+                "networking.concentrator_ip {:?} is not an IPv4 address",
+                n.concentrator_ip
+            ))
+        })?,
+    };
     let mac = match n.vnic_mac.trim() {
         "" => None,
         m => Some(
@@ -142,7 +141,6 @@ pub fn check_request(r: &StartRequest) -> Result<(), Refused<StartFailureReason>
         ("instance", &r.instance),
         ("vnic", &r.vnic),
         ("tenant", &r.tenant),
-        ("concentrator", &r.concentrator),
     ] {
         if value.trim().is_empty() {
             return Err(bad(format!("{field} is empty")));
@@ -169,7 +167,7 @@ pub fn check_request(r: &StartRequest) -> Result<(), Refused<StartFailureReason>
 }
 
 /// A locally administered unicast MAC derived from the VNIC id (stable across retries).
-fn mac_for(vnic: &str) -> MacAddr {
+pub(super) fn mac_for(vnic: &str) -> MacAddr {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in vnic.bytes() {
         h ^= u64::from(b);
@@ -234,6 +232,15 @@ impl Agent {
         &self,
         r: &StartRequest,
     ) -> Result<Started, Refused<StartFailureReason>> {
+        if let Some(routed) = &self.routed {
+            return self.start_routed(routed, r).await;
+        }
+        if r.concentrator.is_empty() {
+            return Err(refuse(
+                StartFailureReason::InvalidData,
+                "networking.concentrator_uuid is empty: the subnet has no concentrator",
+            ));
+        }
         let key = CalicoKey::WorkloadEndpoint(self.endpoint_id(&r.instance, &r.vnic)).path();
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
         if self
@@ -306,7 +313,7 @@ impl Agent {
 
     /// Creates the tenant's default profile (allow all) unless it exists; once per tenant
     /// and process.
-    async fn ensure_tenant_profile(&self, tenant: &str) -> Result<(), StoreError> {
+    pub(super) async fn ensure_tenant_profile(&self, tenant: &str) -> Result<(), StoreError> {
         if self
             .profiles
             .lock()
@@ -359,7 +366,14 @@ impl Agent {
         let mut events = Vec::new();
         for kv in &listing.kvs {
             let vnic = tenet::calico::unescape_name(&kv.key[prefix.len()..]);
-            let record = serde_json::from_slice::<WorkloadEndpoint>(&kv.value)
+            let endpoint = serde_json::from_slice::<WorkloadEndpoint>(&kv.value);
+            if let (Ok(e), Some(routed)) = (&endpoint, &self.routed)
+                && super::routed::is_routed(e)
+            {
+                self.delete_routed(routed, instance, &vnic, &kv.key).await?;
+                continue;
+            }
+            let record = endpoint
                 .map_err(|e| e.to_string())
                 .and_then(|e| VnicRecord::from_endpoint(&e));
             let record = match record {
@@ -427,6 +441,12 @@ mod tests {
         let mut s = start();
         s.networking.netns = "/run/netns/w1".into();
         assert!(start_request(&s).unwrap().container);
+        // Routed nodes take STARTs without a concentrator (GRE nodes refuse them later).
+        let mut s = start();
+        s.networking.concentrator_uuid.clear();
+        s.networking.concentrator_ip.clear();
+        let r = start_request(&s).unwrap();
+        assert!(r.concentrator.is_empty() && r.concentrator_ip.is_unspecified());
         for (edit, words) in [
             (
                 Box::new(|s: &mut StartCommand| s.networking.subnet = "172.16.0.1/24".into())
@@ -434,8 +454,8 @@ mod tests {
                 "network address",
             ),
             (
-                Box::new(|s: &mut StartCommand| s.networking.concentrator_uuid.clear()),
-                "no concentrator",
+                Box::new(|s: &mut StartCommand| s.networking.concentrator_ip = "x".into()),
+                "concentrator_ip",
             ),
             (
                 Box::new(|s: &mut StartCommand| s.networking.private_ip = "10.0.0.1".into()),

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod instance;
+pub mod routed;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,8 +55,11 @@ pub struct AgentConfig {
     pub status_ttl: Duration,
     /// The local API's unix socket (root only), if any.
     pub api_socket: Option<std::path::PathBuf>,
-    /// Program Calico policy for this node's VNICs (bridged: br_netfilter and physdev).
+    /// Program Calico policy for this node's VNICs (bridged: br_netfilter and physdev;
+    /// routed: the VNIC interfaces).
     pub policy: bool,
+    /// Routed mode (no bridges, tunnels or concentrators; BGP through BIRD); `None`: GRE.
+    pub routed: Option<routed::RoutedConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,8 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Policy(#[from] tenet::policy::sync::PolicyError),
+    #[error("BGP: {0}")]
+    Bgp(#[from] tenet::bgp::BgpError),
     #[error("local API socket {path}: {source}")]
     Api {
         path: String,
@@ -91,6 +97,8 @@ pub(crate) struct Agent {
     removed: Mutex<Vec<TunnelEvent>>,
     /// Tenants whose default profile is known to exist.
     profiles: Mutex<std::collections::HashSet<String>>,
+    /// Routed mode's node, IPAM and BGP speaker.
+    routed: Option<Arc<routed::RoutedParts>>,
 }
 
 /// Runs the agent until `shutdown` completes or the scheduler refuses it for good. The
@@ -114,6 +122,12 @@ pub async fn run(
             vnics = report.vnics,
             "rebuilt from the kernel"
         );
+        let routed = match &config.routed {
+            Some(rc) => Some(Arc::new(
+                start_routed(rc, &node, &config.host, store.clone()).await?,
+            )),
+            None => None,
+        };
         let agent = Arc::new(Agent {
             uuid: config.uuid,
             host: config.host,
@@ -124,8 +138,24 @@ pub async fn run(
             ipams: Mutex::new(HashMap::new()),
             removed: Mutex::new(report.removed),
             profiles: Mutex::new(Default::default()),
+            routed,
         });
         agent.reconcile().await?;
+        let route_refresh = agent.routed.clone().map(|r| {
+            tokio::spawn(
+                async move {
+                    let mut tick = tokio::time::interval(routed::ROUTE_REFRESH);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        if let Err(e) = r.node.reconcile().await {
+                            warn!(error = %e, "checking the routes of routed VNICs");
+                        }
+                    }
+                }
+                .in_current_span(),
+            )
+        });
         let policy = match config.policy {
             true => Some(start_policy(&agent, store.clone()).await?),
             false => None,
@@ -194,11 +224,52 @@ pub async fn run(
         {
             warn!(error = %e, "removing the policy rules");
         }
+        if let Some(task) = route_refresh {
+            task.abort();
+        }
+        if let Some(routed) = &agent.routed {
+            let speaker = routed
+                .speaker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(speaker) = speaker {
+                speaker.stop().await;
+            }
+        }
         info!("stopped");
         result
     }
     .instrument(span)
     .await
+}
+
+/// Routed mode: the routed node (adopting what a previous run left) and the BGP speaker,
+/// peering from this node's compute address.
+async fn start_routed(
+    config: &routed::RoutedConfig,
+    node: &ComputeNode,
+    host: &str,
+    store: Arc<dyn Datastore>,
+) -> Result<routed::RoutedParts, AgentError> {
+    let routed_node =
+        crate::routed::RoutedNode::init(node.netlink.clone(), node.config.netns.clone()).await?;
+    let mut speaker = tenet::bgp::SpeakerConfig::new(
+        host,
+        node.underlay().compute.addr.ip(),
+        config.run_dir.clone(),
+    );
+    speaker.ip_v6 = config.ip_v6;
+    speaker.as_num = config.as_num;
+    speaker.netns = node.config.netns.clone();
+    speaker.bird = config.bird.clone();
+    speaker.options = config.bird_options.clone();
+    let speaker = tenet::bgp::BgpSpeaker::start(store.clone(), speaker).await?;
+    Ok(routed::RoutedParts {
+        node: routed_node,
+        ipam: Ipam::new(store),
+        speaker: Mutex::new(Some(speaker)),
+    })
 }
 
 /// Policy for this node's VNICs: bridged hook on the VNIC ports, scoped by tenant (tenants
@@ -213,8 +284,13 @@ async fn start_policy(
             hostname: agent.host.clone(),
             scope_label: Some(tenet::calico::vnic::TENANT_LABEL.into()),
         },
-        hook: WorkloadHook::Bridged {
-            prefixes: vec![format!("{}_", crate::names::VNIC)],
+        hook: match agent.routed {
+            None => WorkloadHook::Bridged {
+                prefixes: vec![format!("{}_", crate::names::VNIC)],
+            },
+            Some(_) => WorkloadHook::Routed {
+                prefixes: vec![format!("{}_", crate::routed::ROUTED_VNIC)],
+            },
         },
         netns: agent.node.config.netns.clone(),
         iptables: None,
@@ -364,6 +440,9 @@ impl Agent {
     /// After a restart: an endpoint whose VNIC is missing gets it back (same name-independent
     /// identity, MAC and address). VNICs without an endpoint are reported.
     async fn reconcile(&self) -> Result<(), AgentError> {
+        if let Some(routed) = &self.routed {
+            self.reconcile_routed(routed).await?;
+        }
         let endpoints = self.endpoints().await?;
         let present: std::collections::HashSet<String> = self.node.vnic_ids().into_iter().collect();
         let mut recreated = 0;

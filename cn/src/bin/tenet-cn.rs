@@ -17,13 +17,21 @@ use tenet::store::Datastore;
 use tenet::store::config::DatastoreConfig;
 use tenet_cn::CnConfig;
 use tenet_cn::agent::AgentConfig;
+use tenet_cn::agent::routed::RoutedConfig;
 
 const RUN_HELP: &str = "\
 Configuration comes from a YAML file (--config), the environment (TENET_CN_*) and flags;
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
 management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
-ciao_compat_certs, api_socket, policy, log_format.
+ciao_compat_certs, api_socket, policy, log_format, mode, bird, bird_dir, as_number,
+bgp_ipv6, bgp_hold_time.
+
+Routed mode (--mode routed) replaces bridges, tunnels and concentrators by Calico's model:
+each VNIC is routed by a /32 host route with proxy ARP, addresses come from Calico's pools
+(`tenet ipam pool add`), and BIRD 2 (Debian `bird2`), configured by tenet from etcd, announces
+this host's blocks to the other hosts and to the peers in /calico/bgp/v1. `tenet node status`
+shows the sessions.
 
 The certificate's role says what the node is: agent (compute node) or netagent (network
 node), or both. The datastore follows calicoctl: a calicoApiConfig file (--datastore-config)
@@ -127,6 +135,25 @@ struct RunArgs {
     /// agent removes the rules.
     #[arg(long, env = "TENET_CN_POLICY")]
     policy: bool,
+    /// Networking mode of this node: gre (bridges and tunnels to concentrators; default) or
+    /// routed (routed VNICs, BGP through BIRD).
+    #[arg(long, env = "TENET_CN_MODE", value_name = "gre|routed")]
+    mode: Option<String>,
+    /// Routed mode: the BIRD 2 program.
+    #[arg(long, env = "TENET_CN_BIRD", value_name = "PROGRAM")]
+    bird: Option<String>,
+    /// Routed mode: BIRD's directory (configuration, control socket `bird.ctl`, log).
+    #[arg(long, env = "TENET_CN_BIRD_DIR", value_name = "DIR")]
+    bird_dir: Option<PathBuf>,
+    /// Routed mode: this node's AS number (default: the cluster's, `tenet config set asNumber`).
+    #[arg(long, env = "TENET_CN_AS_NUMBER")]
+    as_number: Option<String>,
+    /// Routed mode: this node's IPv6 address for IPv6 BGP sessions and routes.
+    #[arg(long, env = "TENET_CN_BGP_IPV6")]
+    bgp_ipv6: Option<std::net::Ipv6Addr>,
+    /// Routed mode: BGP hold time in seconds (keepalives every third of it); default 90.
+    #[arg(long, env = "TENET_CN_BGP_HOLD_TIME")]
+    bgp_hold_time: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +181,12 @@ struct FileConfig {
     #[serde(default)]
     policy: bool,
     log_format: Option<String>,
+    mode: Option<String>,
+    bird: Option<String>,
+    bird_dir: Option<PathBuf>,
+    as_number: Option<String>,
+    bgp_ipv6: Option<std::net::Ipv6Addr>,
+    bgp_hold_time: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -225,6 +258,35 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
         (None, Some(t)) => t.parse().map_err(|e: String| anyhow!("tunnel: {e}"))?,
         (None, None) => BackendChoice::Auto,
     };
+    let routed = match args.mode.or(file.mode).as_deref() {
+        None | Some("gre") => None,
+        Some("routed") => {
+            let mut r = RoutedConfig::new();
+            if let Some(bird) = args.bird.or(file.bird) {
+                r.bird = bird;
+            }
+            if let Some(dir) = args.bird_dir.or(file.bird_dir) {
+                r.run_dir = dir;
+            }
+            r.as_num = match args.as_number.or(file.as_number) {
+                Some(text) => Some(
+                    text.parse()
+                        .map_err(|e: String| anyhow!("as_number: {e}"))?,
+                ),
+                None => None,
+            };
+            r.ip_v6 = args.bgp_ipv6.or(file.bgp_ipv6);
+            if let Some(hold) = args.bgp_hold_time.or(file.bgp_hold_time) {
+                if hold < 3 {
+                    bail!("bgp_hold_time: {hold} s is below BGP's minimum of 3 s");
+                }
+                r.bird_options.hold_time = Duration::from_secs(hold);
+                r.bird_options.keepalive_time = Duration::from_secs((hold / 3).max(1));
+            }
+            Some(r)
+        }
+        Some(other) => bail!("mode: unknown mode '{other}' (want gre or routed)"),
+    };
     let config = AgentConfig {
         node,
         servers,
@@ -238,6 +300,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
         status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
         api_socket: args.api_socket.or(file.api_socket),
         policy: args.policy || file.policy,
+        routed,
     };
     Ok((config, args.datastore_config.or(file.datastore_config)))
 }
