@@ -293,6 +293,10 @@ async fn three_routed_hosts_exchange_blocks_by_bgp() {
         }
     }
 
+    // Policy on routed interfaces (Felix's routed hook, `-i tvr_+`): w0 on host 1 admits
+    // only w2; w1's ping must fail, w2's must succeed.
+    policy_on_routed_interfaces(&store, &nodes[0], &wls).await;
+
     // A block claimed on host 1 appears on hosts 2 and 3 without restarting anything;
     // releasing it withdraws it.
     let extra: IpNetwork = "10.65.200.0/26".parse().unwrap();
@@ -473,6 +477,87 @@ async fn checksystem_reports_what_this_kernel_offers() {
             .any(|l| l.contains("gretap") && (l.contains("OK") || l.contains("WARN")))
     );
     assert!(text.contains("System meets minimum system requirements to run tenet!"));
+}
+
+async fn policy_on_routed_interfaces(
+    store: &Arc<dyn Datastore>,
+    node: &Node,
+    wls: &[(Netns, IpAddr, IpAddr)],
+) {
+    use tenet::calico::{CalicoKey, WorkloadEndpoint, WorkloadEndpointId};
+    use tenet::policy::calc::CalcConfig;
+    use tenet::policy::render::WorkloadHook;
+    use tenet::policy::sync::{self, PolicyConfig};
+
+    let profile = "/calico/v1/policy/profile/only-w2";
+    let (w0_v4, w2_v4) = (wls[0].1, wls[2].1);
+    store
+        .put(&format!("{profile}/labels"), b"{}")
+        .await
+        .unwrap();
+    store
+        .put(
+            &format!("{profile}/rules"),
+            format!(
+                r#"{{"inbound_rules":[{{"action":"allow","src_net":"{w2_v4}/32"}}],"outbound_rules":[{{"action":"allow"}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    store.put(&format!("{profile}/tags"), b"[]").await.unwrap();
+    let endpoint = WorkloadEndpoint {
+        state: "active".into(),
+        name: "tvr_w0".into(),
+        active_instance_id: String::new(),
+        mac: None,
+        profile_ids: vec!["only-w2".into()],
+        ipv4_nets: vec![IpNetwork::new(w0_v4, 32).unwrap()],
+        ipv6_nets: vec![],
+        ipv4_nat: vec![],
+        ipv6_nat: vec![],
+        labels: Default::default(),
+        ipv4_gateway: None,
+        ipv6_gateway: None,
+    };
+    let key = CalicoKey::WorkloadEndpoint(WorkloadEndpointId {
+        host: node.name.clone(),
+        orchestrator: "test".into(),
+        workload: "w0".into(),
+        endpoint: "eth0".into(),
+    })
+    .path();
+    let rev = store
+        .put(&key, &serde_json::to_vec(&endpoint).unwrap())
+        .await
+        .unwrap();
+    let mut policy = sync::spawn(
+        store.clone(),
+        PolicyConfig {
+            calc: CalcConfig {
+                hostname: node.name.clone(),
+                scope_label: None,
+            },
+            hook: WorkloadHook::Routed {
+                prefixes: vec!["tvr_".into()],
+            },
+            netns: Some(node.host.path()),
+            iptables: None,
+            resync: Duration::from_secs(30),
+            report: Duration::from_secs(30),
+        },
+    )
+    .await
+    .unwrap();
+    policy.wait_applied(rev).await;
+    assert!(ping(&wls[2].0, w0_v4), "w2 → w0 is allowed");
+    assert!(!ping(&wls[1].0, w0_v4), "w1 → w0 is denied");
+    policy.stop().await.unwrap();
+    store.delete(&key, None).await.unwrap();
+    assert!(
+        ping(&wls[1].0, w0_v4),
+        "w1 → w0 again once the rules are gone"
+    );
 }
 
 /// GoBGP's daemon in the router namespace, peering with every host.

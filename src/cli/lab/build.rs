@@ -74,6 +74,10 @@ pub struct Plan {
     pub tunnel: BackendChoice,
     /// Whether the compute nodes enforce Calico policy (`tenet-cn --policy`).
     pub policy: bool,
+    /// Routed mode: no concentrators or tunnels; the compute nodes route their workloads and
+    /// exchange routes by BGP (`tenet-cn --mode routed`), with an upstream router as every
+    /// host's default gateway.
+    pub routed: bool,
 }
 
 impl Plan {
@@ -180,24 +184,51 @@ impl Lab {
             cn_hosts.push(host);
         }
         let mut conc_hosts = Vec::new();
-        for tenant in &TENANTS {
-            let host = fabric.add_host(&format!("cnci-{}", tenant.name)).await?;
-            owner.namespace(host.name());
-            conc_hosts.push(host);
-        }
         let internet = Netns::create("internet")?;
         owner.namespace(internet.name());
-        cable_internet(&internet, &conc_hosts)?;
-        step.done(&format!(
-            "{} compute hosts and {} concentrator hosts on {UNDERLAY}; internet {INTERNET}",
-            cn_hosts.len(),
-            conc_hosts.len()
-        ));
+        if plan.routed {
+            // The upstream router: every compute host's default gateway (proxy ARP answers
+            // for the workloads' gateway only on a host with a route to it).
+            let upstream = fabric.add_host("upstream").await?;
+            owner.namespace(upstream.name());
+            for host in &cn_hosts {
+                host.run(&["ip", "route", "add", "default", "via", &s(upstream.ip())])?;
+            }
+            step.done(&format!(
+                "{} compute hosts and the upstream router {} on {UNDERLAY}",
+                cn_hosts.len(),
+                upstream.ip()
+            ));
+            conc_hosts.push(upstream);
+        } else {
+            for tenant in &TENANTS {
+                let host = fabric.add_host(&format!("cnci-{}", tenant.name)).await?;
+                owner.namespace(host.name());
+                conc_hosts.push(host);
+            }
+            cable_internet(&internet, &conc_hosts)?;
+            step.done(&format!(
+                "{} compute hosts and {} concentrator hosts on {UNDERLAY}; internet {INTERNET}",
+                cn_hosts.len(),
+                conc_hosts.len()
+            ));
+        }
+        if plan.routed {
+            tenet::ipam::Ipam::new(store.clone())
+                .create_pool(IpNetwork::V4(ROUTED_POOL.parse().expect("a CIDR")), false)
+                .await
+                .context("cannot create the routed pool")?;
+        }
 
-        let step = progress.step("concentrators (tenet-cnci)");
-        let cnci_cert = pki.issue(Role::CNCIAGENT, "cnci")?;
         let mut cnci_agents = Vec::new();
         let mut concentrators = Vec::new();
+        let step = progress.step("concentrators (tenet-cnci)");
+        let cnci_cert = pki.issue(Role::CNCIAGENT, "cnci")?;
+        let conc_tenants = if plan.routed {
+            &TENANTS[..0]
+        } else {
+            &TENANTS[..]
+        };
         for (
             LabTenant {
                 name: tenant,
@@ -205,7 +236,7 @@ impl Lab {
                 ..
             },
             host,
-        ) in TENANTS.iter().zip(&conc_hosts)
+        ) in conc_tenants.iter().zip(&conc_hosts)
         {
             let uuid = Uuid::new_v4().to_string();
             let run_dir = owner.dir().join(format!("cnci-{tenant}"));
@@ -251,14 +282,18 @@ impl Lab {
         })
         .await
         .context("waiting for the concentrators to announce themselves")?;
-        step.done(&format!(
-            "{} announced (ConcentratorInstanceAdded)",
-            concentrators
-                .iter()
-                .map(|c| format!("{} at {}", c.tenant, c.underlay_ip))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        if plan.routed {
+            step.done("none: routed mode has no concentrators");
+        } else {
+            step.done(&format!(
+                "{} announced (ConcentratorInstanceAdded)",
+                concentrators
+                    .iter()
+                    .map(|c| format!("{} at {}", c.tenant, c.underlay_ip))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
 
         let step = progress.step("compute nodes (tenet-cn)");
         let cn_cert = pki.issue(Role::AGENT, "cn")?;
@@ -284,12 +319,27 @@ impl Lab {
                     } else {
                         vec![]
                     },
+                    if plan.routed {
+                        vec![
+                            s("--mode"),
+                            s("routed"),
+                            s("--bird-dir"),
+                            s(owner.dir().join(format!("bird-{name}")).display()),
+                            s("--bgp-hold-time"),
+                            s(9),
+                        ]
+                    } else {
+                        vec![]
+                    },
                 ]
                 .concat(),
                 agent_env(&etcd),
                 log.clone(),
             )?;
             owner.process(&agent.name, agent.pid().unwrap_or_default());
+            let bird_socket = plan
+                .routed
+                .then(|| owner.dir().join(format!("bird-{name}")).join("bird.ctl"));
             compute_hosts.push(ComputeHostInfo {
                 name,
                 uuid,
@@ -297,6 +347,7 @@ impl Lab {
                 underlay_ip: host.ip(),
                 pid: agent.pid(),
                 log,
+                bird_socket,
             });
             cn_agents.push(agent);
         }
@@ -320,19 +371,19 @@ impl Lab {
         let mut pending = Vec::new();
         // Tenant by tenant, so that the scheduler's round robin spreads each tenant over
         // the hosts.
-        for (t, conc) in concentrators.iter().enumerate() {
+        let tenants: Vec<&str> = TENANTS.iter().map(|t| t.name).collect();
+        for (t, tenant) in tenants.iter().enumerate() {
             for i in 0..plan.workloads {
-                let name = format!("{}-{}", conc.tenant, i + 1);
+                let name = format!("{tenant}-{}", i + 1);
                 let ns = Netns::create(&name)?;
                 owner.namespace(ns.name());
                 let instance = Uuid::new_v4().to_string();
                 let vnic = Uuid::new_v4().to_string();
-                controller
-                    .send(
-                        Command::Start,
-                        start_payload(&instance, &vnic, conc, &ns.path()),
-                    )
-                    .await?;
+                let payload = match concentrators.get(t) {
+                    Some(conc) if !plan.routed => start_payload(&instance, &vnic, conc, &ns.path()),
+                    _ => routed_start_payload(&instance, &vnic, tenant, &ns.path()),
+                };
+                controller.send(Command::Start, payload).await?;
                 pending.push((name, t, instance, vnic, ns.name().to_string()));
                 workload_ns.push(ns);
             }
@@ -355,16 +406,20 @@ impl Lab {
                     _ => None,
                 })
                 .ok_or_else(|| anyhow!("the endpoint of {name} has no IPv4 address"))?;
+            let (subnet, gateway) = match concentrators.get(t) {
+                Some(c) => (s(c.subnet), gateway_of(&c.subnet)),
+                None => (s(ROUTED_POOL), tenet::net::routed::GATEWAY_V4),
+            };
             workloads.push(WorkloadInfo {
                 name,
-                tenant: concentrators[t].tenant.clone(),
+                tenant: s(tenants[t]),
                 instance,
                 vnic,
                 netns,
                 host: host.clone(),
-                subnet: s(concentrators[t].subnet),
+                subnet,
                 ip,
-                gateway: gateway_of(&concentrators[t].subnet),
+                gateway,
                 mac: ep.mac.map(s).unwrap_or_default(),
                 floating_ip: None,
             });
@@ -379,75 +434,91 @@ impl Lab {
                 .join(", ")
         ));
 
-        let step = progress.step("DHCP over the tunnels");
         let dhcp = DhcpClient::new(&owner.dir().join("dhcp"))?;
-        let leases = futures::future::join_all(
-            workloads
-                .iter()
-                .map(|w| async { (w.name.clone(), dhcp.lease(&w.netns, 15).await) }),
-        )
-        .await;
-        let mut lease_of: BTreeMap<String, anyhow::Result<Lease>> = leases.into_iter().collect();
         let mut checks = Vec::new();
-        for w in &workloads {
-            let (ok, detail) = match lease_of.remove(&w.name) {
-                Some(Ok(lease)) if lease.ip == w.ip && lease.router == w.gateway => (
-                    true,
-                    format!(
-                        "{} via {} (mtu {})",
-                        lease.ip,
-                        lease.router,
-                        lease.mtu.map(s).unwrap_or_else(|| s("-"))
-                    ),
-                ),
-                Some(Ok(lease)) => (
-                    false,
-                    format!(
-                        "leased {} via {}, but IPAM gave {} (gateway {})",
-                        lease.ip, lease.router, w.ip, w.gateway
-                    ),
-                ),
-                Some(Err(e)) => (false, format!("{e:#}")),
-                None => (false, s("no DHCP client ran")),
-            };
-            checks.push(Check {
-                workload: w.name.clone(),
-                kind: s("lease"),
-                ok,
-                detail,
-            });
-        }
-        let leased = checks.iter().filter(|c| c.ok).count();
-        if leased == workloads.len() {
-            step.done(&format!("{leased} leases"));
+        if plan.routed {
+            let step = progress.step("addresses (set by tenet-cn)");
+            for w in &workloads {
+                checks.push(routed_address_check(w).await);
+            }
+            let ok = checks.iter().filter(|c| c.ok).count();
+            step.done(&format!(
+                "{ok} of {} workloads have their address",
+                workloads.len()
+            ));
         } else {
-            step.done(&format!("{leased} of {} leases", workloads.len()));
+            let step = progress.step("DHCP over the tunnels");
+            let leases = futures::future::join_all(
+                workloads
+                    .iter()
+                    .map(|w| async { (w.name.clone(), dhcp.lease(&w.netns, 15).await) }),
+            )
+            .await;
+            let mut lease_of: BTreeMap<String, anyhow::Result<Lease>> =
+                leases.into_iter().collect();
+            for w in &workloads {
+                let (ok, detail) = match lease_of.remove(&w.name) {
+                    Some(Ok(lease)) if lease.ip == w.ip && lease.router == w.gateway => (
+                        true,
+                        format!(
+                            "{} via {} (mtu {})",
+                            lease.ip,
+                            lease.router,
+                            lease.mtu.map(s).unwrap_or_else(|| s("-"))
+                        ),
+                    ),
+                    Some(Ok(lease)) => (
+                        false,
+                        format!(
+                            "leased {} via {}, but IPAM gave {} (gateway {})",
+                            lease.ip, lease.router, w.ip, w.gateway
+                        ),
+                    ),
+                    Some(Err(e)) => (false, format!("{e:#}")),
+                    None => (false, s("no DHCP client ran")),
+                };
+                checks.push(Check {
+                    workload: w.name.clone(),
+                    kind: s("lease"),
+                    ok,
+                    detail,
+                });
+            }
+            let leased = checks.iter().filter(|c| c.ok).count();
+            if leased == workloads.len() {
+                step.done(&format!("{leased} leases"));
+            } else {
+                step.done(&format!("{leased} of {} leases", workloads.len()));
+            }
         }
 
-        let step = progress.step("floating IPs (AssignPublicIP)");
-        for (tenant, conc) in TENANTS.iter().zip(&concentrators) {
-            let Some(w) = workloads.iter_mut().find(|w| w.tenant == conc.tenant) else {
-                continue;
-            };
-            let public = tenant.floating;
-            assign_floating(&mut controller, conc, w, public).await?;
-            w.floating_ip = Some(public);
+        if !plan.routed {
+            let step = progress.step("floating IPs (AssignPublicIP)");
+            for (tenant, conc) in TENANTS.iter().zip(&concentrators) {
+                let Some(w) = workloads.iter_mut().find(|w| w.tenant == conc.tenant) else {
+                    continue;
+                };
+                let public = tenant.floating;
+                assign_floating(&mut controller, conc, w, public).await?;
+                w.floating_ip = Some(public);
+            }
+            step.done(
+                &workloads
+                    .iter()
+                    .filter_map(|w| {
+                        w.floating_ip
+                            .map(|f| format!("{f} → {} ({})", w.ip, w.name))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
         }
-        step.done(
-            &workloads
-                .iter()
-                .filter_map(|w| {
-                    w.floating_ip
-                        .map(|f| format!("{f} → {} ({})", w.ip, w.name))
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
 
         let report = LabReport {
             passed: false,
             ready_seconds: 0.0,
             tunnel: s(plan.tunnel),
+            mode: s(if plan.routed { "routed" } else { "gre" }),
             etcd: EtcdInfo {
                 endpoint: etcd.endpoint(),
                 data_dir: etcd.data_dir(),
@@ -592,6 +663,53 @@ fn agent_env(etcd: &EtcdServer) -> Vec<(String, String)> {
         (s("ETCD_ENDPOINTS"), etcd.endpoint()),
         (s("RUST_LOG"), s("info")),
     ]
+}
+
+/// The pool routed workloads get their addresses from (a Calico pool; BIRD announces its
+/// blocks).
+pub const ROUTED_POOL: &str = "10.65.0.0/16";
+
+/// A START for a routed node: the pool as its subnet, no concentrator.
+fn routed_start_payload(instance: &str, vnic: &str, tenant: &str, netns: &Path) -> Vec<u8> {
+    Start::from(StartCommand {
+        instance_uuid: instance.into(),
+        tenant_uuid: tenant.into(),
+        vm_type: "docker".into(),
+        networking: VnicNetworking {
+            vnic_uuid: vnic.into(),
+            subnet: ROUTED_POOL.into(),
+            netns: netns.to_string_lossy().into_owned(),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .to_yaml()
+}
+
+/// A routed workload's address is tenet-cn's doing (no DHCP): its eth0 must hold the
+/// endpoint's address as a /32.
+async fn routed_address_check(w: &WorkloadInfo) -> Check {
+    let out = tokio::process::Command::new("ip")
+        .args([
+            "netns", "exec", &w.netns, "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+        ])
+        .output()
+        .await;
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let want = format!("{}/32", w.ip);
+    let ok = text.contains(&want);
+    Check {
+        workload: w.name.clone(),
+        kind: s("address"),
+        ok,
+        detail: if ok {
+            format!("{want} on eth0, default via {}", w.gateway)
+        } else {
+            format!("eth0 does not hold {want}: {}", text.trim())
+        },
+    }
 }
 
 fn start_payload(instance: &str, vnic: &str, conc: &ConcentratorInfo, netns: &Path) -> Vec<u8> {

@@ -61,6 +61,9 @@ fn canaries(lab: &Lab) -> Vec<(String, Ipv4Addr, String)> {
 /// Starts the responders and adds the canaries; then runs every check, printing each as it
 /// ends. Returns the responders (they keep serving while the lab runs).
 pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responders> {
+    if lab.report.mode == "routed" {
+        return run_routed(lab, progress).await;
+    }
     let step = progress.step("responders");
     let mut handles = Vec::new();
     for w in &lab.report.workloads {
@@ -256,4 +259,185 @@ fn said(a: &Option<Answer>) -> String {
         Some(a) => format!("{} answered", a.banner),
         None => "no answer".into(),
     }
+}
+
+/// How long the routed checks give BGP to converge (BIRD's 2 s scans, session set-up).
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Routed mode's checks: each host's BGP mesh is up; each workload reaches its host and
+/// every workload of its tenant on any host (the answer names who answered).
+async fn run_routed(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responders> {
+    let step = progress.step("responders");
+    let mut handles = Vec::new();
+    for w in &lab.report.workloads {
+        handles.push(responder(&netns_path(&w.netns), banner(w))?);
+    }
+    step.done(&format!("TCP {} in every workload", probe::PROBE_PORT));
+
+    let step = progress.step("BGP mesh");
+    let hosts = lab.report.compute_hosts.clone();
+    let peers = hosts.len().saturating_sub(1);
+    let mut bgp_checks = Vec::new();
+    for h in &hosts {
+        let socket = h.bird_socket.clone().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        let (ok, detail) = loop {
+            let sessions = established_mesh(&socket).await;
+            let up = sessions
+                .as_ref()
+                .map_or(0, |s| s.iter().filter(|(_, up)| *up).count());
+            if up >= peers {
+                break (true, format!("{up} mesh sessions Established"));
+            }
+            if tokio::time::Instant::now() > deadline {
+                break (
+                    false,
+                    match sessions {
+                        Ok(s) => format!("{up} of {peers} mesh sessions Established: {s:?}"),
+                        Err(e) => format!("BIRD at {}: {e}", socket.display()),
+                    },
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        bgp_checks.push(Check {
+            workload: h.name.clone(),
+            kind: "bgp".into(),
+            ok,
+            detail,
+        });
+    }
+    step.done(&format!(
+        "{} of {} hosts with every mesh session up",
+        bgp_checks.iter().filter(|c| c.ok).count(),
+        hosts.len()
+    ));
+
+    let step = progress.step("checks");
+    let report = &lab.report;
+    let per_workload = report.workloads.iter().map(|x| {
+        let hosts = &hosts;
+        async move {
+            let mut out = Vec::new();
+            let ns = netns_path(&x.netns);
+            let check = |kind: &str, ok: bool, detail: String| Check {
+                workload: x.name.clone(),
+                kind: kind.into(),
+                ok,
+                detail,
+            };
+            // The gateway is nobody's address: the host answers ARP for it (proxy ARP). Any
+            // packet out makes the workload resolve it; under policy, traffic to the host
+            // itself is dropped by default (Calico's DefaultEndpointToHostAction), so the
+            // proof is the resolved neighbour entry, not a reply.
+            let host_ip = hosts
+                .iter()
+                .find(|h| h.name == x.host)
+                .map(|h| h.underlay_ip);
+            let mut resolved = None;
+            for _ in 0..3 {
+                if let Some(ip) = host_ip {
+                    probe::ping(&x.netns, ip, 1).await;
+                }
+                resolved = gateway_mac(&x.netns, x.gateway).await;
+                if resolved.is_some() {
+                    break;
+                }
+            }
+            out.push(check(
+                "host",
+                resolved.is_some(),
+                match &resolved {
+                    Some(mac) => format!("{} is at {mac}: proxy ARP by {}", x.gateway, x.host),
+                    None => format!(
+                        "{} did not resolve: no proxy ARP from {}",
+                        x.gateway, x.host
+                    ),
+                },
+            ));
+
+            // Routes arrive by BGP: a peer's block may take a scan or two after the mesh is up.
+            let deadline = tokio::time::Instant::now() + CONVERGE;
+            let (reached, missed) = loop {
+                let mut reached = Vec::new();
+                let mut missed = Vec::new();
+                for y in report
+                    .workloads
+                    .iter()
+                    .filter(|y| y.tenant == x.tenant && y.name != x.name)
+                {
+                    match probe(&ns, y.ip, PROBE_TIMEOUT).await {
+                        Some(a) if a.banner == banner(y) => {
+                            reached.push(format!("{} ({} on {})", y.name, y.ip, y.host))
+                        }
+                        other => missed.push(format!("{} ({}): {}", y.name, y.ip, said(&other))),
+                    }
+                }
+                if missed.is_empty() || tokio::time::Instant::now() > deadline {
+                    break (reached, missed);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+            out.push(check(
+                "tenant",
+                missed.is_empty(),
+                if missed.is_empty() {
+                    format!("reached {}", reached.join(", "))
+                } else {
+                    format!("missed {}", missed.join("; "))
+                },
+            ));
+            for c in &out {
+                println!(
+                    "          {} {:<10} {:<11} {}",
+                    if c.ok { "✓" } else { "✗" },
+                    c.workload,
+                    c.kind,
+                    c.detail
+                );
+            }
+            out
+        }
+    });
+    let results: Vec<Check> = futures::future::join_all(per_workload)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    lab.report.checks.extend(bgp_checks);
+    lab.report.checks.extend(results);
+    let total = lab.report.checks.len();
+    let failed = lab.report.checks.iter().filter(|c| !c.ok).count();
+    step.done(&format!("{} of {total} passed", total - failed));
+    Ok(Responders(handles))
+}
+
+/// The mesh sessions BIRD reports at `socket`: (peer, Established).
+async fn established_mesh(
+    socket: &std::path::Path,
+) -> Result<Vec<(std::net::IpAddr, bool)>, tenet::bgp::BgpError> {
+    let mut control = tenet::bgp::BirdControl::connect(socket).await?;
+    Ok(control
+        .protocols()
+        .await?
+        .iter()
+        .filter_map(|p| match p.peer() {
+            Some((tenet::bgp::PeerType::Mesh, ip)) => Some((ip, p.established())),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The MAC the workload resolved `gateway` to, if it did.
+async fn gateway_mac(netns: &str, gateway: Ipv4Addr) -> Option<String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ip", "neigh", "show"])
+        .arg(gateway.to_string())
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next().map(str::to_string)
 }

@@ -43,6 +43,11 @@ pub struct LabArgs {
     /// profiles with `tenet apply` against the lab's etcd to see them bite.
     #[arg(long)]
     policy: bool,
+    /// Networking mode: gre (bridges, tunnels, a concentrator per tenant; default) or routed
+    /// (Calico's model: routed workloads, BGP between the compute hosts through BIRD, no
+    /// concentrators or tunnels; needs Debian's `bird2`).
+    #[arg(long, value_enum, default_value_t = LabMode::Gre)]
+    mode: LabMode,
     /// Seconds to stay up after the checks, then tear down (0: build, check, tear down; the
     /// exit status is 1 if a check failed). Without it the lab runs until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "SECONDS")]
@@ -55,6 +60,12 @@ pub struct LabArgs {
     /// renders it; `tenet status -o dot` gives the same from any running system).
     #[arg(long, value_name = "FILE")]
     graph: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LabMode {
+    Gre,
+    Routed,
 }
 
 const AFTER_HELP: &str = "\
@@ -74,13 +85,22 @@ across hosts), internet (the external host sees the concentrator's uplink addres
 floating_ip (192.0.2.101/.102 from the external host), isolation (no workload of the other
 tenant answers, nor its canary address).
 
+Routed mode (--mode routed): no concentrators or tunnels. An upstream router is every compute
+host's default gateway; the workloads are containers that tenet-cn routes (a /32 each, from
+the Calico pool 10.65.0.0/16, default route via 169.254.1.1 by proxy ARP), and BIRD on each
+host announces its blocks to the others. Checks: address, host (the workload reaches its
+host), tenant (every workload of its tenant, across hosts), bgp (every host's mesh sessions
+are Established). Routed mode separates tenants by policy, not topology: there is no
+isolation check, and `--policy` with tightened profiles is how tenants are kept apart.
+
 Everything the lab makes is listed in /run/tenet/lab/<pid>/owner.json while it runs; a lab
 that was killed is cleaned up by the next `tenet lab`.
 
 Examples:
   tenet lab                              # build, check, stay up until Ctrl-C
   tenet lab --duration 0 --output lab.json --graph lab.dot
-  tenet lab --cns 4 --workloads 4 --tunnel userspace";
+  tenet lab --cns 4 --workloads 4 --tunnel userspace
+  tenet lab --mode routed --cns 3 --duration 0";
 
 pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
     // Signals first: a Ctrl-C at any point must end in a clean teardown.
@@ -102,12 +122,17 @@ pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
         workloads: args.workloads.into(),
         tunnel: args.tunnel,
         policy: args.policy,
+        routed: args.mode == LabMode::Routed,
     };
     progress.say(&format!(
-        "lab: {} compute hosts, 2 tenants × {} workloads, {} tunnels; files in {}",
+        "lab: {} compute hosts, 2 tenants × {} workloads, {}; files in {}",
         plan.compute_hosts,
         plan.workloads,
-        plan.tunnel,
+        if plan.routed {
+            "routed (BGP through BIRD, no tunnels)".to_string()
+        } else {
+            format!("{} tunnels", plan.tunnel)
+        },
         owner.dir().display()
     ));
 
@@ -273,10 +298,20 @@ fn print_try(r: &LabReport) {
             a.netns, b.ip, a.name, b.name, b.host
         );
     }
-    println!(
-        "  ip netns exec {} ping {}          # the external host, through NAT",
-        a.netns, r.internet.external_ip
-    );
+    if r.mode == "routed" {
+        if let Some(socket) = r.compute_hosts.first().and_then(|h| h.bird_socket.as_ref()) {
+            println!(
+                "  {exe} node status --socket {}   # {}'s BGP sessions",
+                socket.display(),
+                r.compute_hosts[0].name
+            );
+        }
+    } else {
+        println!(
+            "  ip netns exec {} ping {}          # the external host, through NAT",
+            a.netns, r.internet.external_ip
+        );
+    }
     if let Some(f) = a.floating_ip {
         println!(
             "  ip netns exec {} ping {}          # {}'s floating IP from outside",

@@ -107,6 +107,9 @@ pub struct LabReport {
     /// Seconds from start until every check had run.
     pub ready_seconds: f64,
     pub tunnel: String,
+    /// `gre` or `routed`.
+    #[serde(default)]
+    pub mode: String,
     pub etcd: EtcdInfo,
     pub scheduler: SchedulerInfo,
     pub pki: PkiInfo,
@@ -163,6 +166,9 @@ pub struct ComputeHostInfo {
     pub underlay_ip: Ipv4Addr,
     pub pid: Option<u32>,
     pub log: PathBuf,
+    /// Routed mode: its BIRD's control socket (`tenet node status --socket`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bird_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,6 +226,7 @@ impl LabReport {
 
     /// The summary table.
     pub fn table(&self) -> String {
+        let routed = self.mode == "routed";
         let mut out = format!(
             "{:<10} {:<8} {:<8} {:<16} {:<16} {:<8} {:<8} {:<20} {}\n",
             "WORKLOAD",
@@ -242,8 +249,18 @@ impl LabReport {
                 w.name,
                 w.tenant,
                 w.host,
-                format!("{} {}", self.mark(&w.name, "lease"), w.ip),
-                format!("{} {}", self.mark(&w.name, "gateway"), w.gateway),
+                // Routed mode: the address is set, not leased; the gateway is proxy ARP on
+                // the host, proven by reaching the host.
+                format!(
+                    "{} {}",
+                    self.mark(&w.name, if routed { "address" } else { "lease" }),
+                    w.ip
+                ),
+                format!(
+                    "{} {}",
+                    self.mark(&w.name, if routed { "host" } else { "gateway" }),
+                    w.gateway
+                ),
                 self.mark(&w.name, "tenant"),
                 self.mark(&w.name, "internet"),
                 floating,
