@@ -9,15 +9,14 @@
 //!
 //! `TENET_BENCH_SECONDS` sets the length of each iperf3 run (default 5).
 
-use std::process::{Child, Stdio};
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use ipnetwork::Ipv4Network;
+use common::{gbps, iperf_tcp, iperf_udp64, net, tunnel_pair};
 use tenet::net::NewLink;
-use tenet::net::tunnel::{BackendChoice, TunnelBackend, TunnelSpec, backend};
-use tenet::testbed::{Fabric, Host, Netns, Workload};
-use tenet::types::TunnelKey;
+use tenet::net::tunnel::BackendChoice;
+use tenet::testbed::{Fabric, Netns};
 
 const PAIRS: usize = 1000;
 
@@ -112,127 +111,6 @@ async fn run(seconds: u64) -> Vec<Row> {
     eprintln!("link churn ...");
     rows.extend(churn().await);
     rows
-}
-
-fn net(s: &str) -> Ipv4Network {
-    s.parse().unwrap()
-}
-
-fn gbps(bits_per_second: f64) -> String {
-    format!("{:.2} Gbit/s", bits_per_second / 1e9)
-}
-
-async fn tunnel_pair(
-    a: &Host,
-    b: &Host,
-    choice: BackendChoice,
-    tag: &str,
-    subnet: &str,
-) -> (Workload, Workload, Vec<Arc<dyn TunnelBackend>>) {
-    let key = TunnelKey::from_subnet(&net(&format!("{subnet}.0/24"))).unwrap();
-    let mut workloads = Vec::new();
-    let mut backends = Vec::new();
-    for (n, (host, peer)) in [(a, b.ip()), (b, a.ip())].into_iter().enumerate() {
-        let tunnels = backend(choice, host.netlink().clone(), Some(host.path()))
-            .await
-            .unwrap();
-        let nl = host.netlink();
-        let br = nl
-            .create(&NewLink::bridge(format!("br-{tag}")).up())
-            .await
-            .unwrap();
-        let tun = tunnels
-            .create(&TunnelSpec::new(format!("t-{tag}"), key, host.ip(), peer))
-            .await
-            .unwrap();
-        nl.enslave(tun.index, br.index).await.unwrap();
-        let addr = net(&format!("{subnet}.{}/24", n + 1));
-        let wl = host
-            .add_workload(
-                &format!("{tag}{n}"),
-                &format!("v-{tag}"),
-                br.index,
-                addr,
-                tun.mtu,
-            )
-            .await
-            .unwrap();
-        workloads.push(wl);
-        backends.push(tunnels);
-    }
-    let w2 = workloads.pop().unwrap();
-    let w1 = workloads.pop().unwrap();
-    assert!(w1.ping(w2.ip, 2), "{tag}: no connectivity");
-    (w1, w2, backends)
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn iperf_server(w: &Workload) -> Server {
-    let child =
-        w.ns.command("iperf3")
-            .args(["-s", "-1", "-B", &w.ip.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 (apt-get install iperf3)");
-    std::thread::sleep(Duration::from_millis(300));
-    Server(child)
-}
-
-fn iperf_json(
-    client: &Workload,
-    server: &Workload,
-    extra: &[&str],
-    seconds: u64,
-) -> serde_json::Value {
-    let _srv = iperf_server(server);
-    let out = client
-        .ns
-        .command("iperf3")
-        .args([
-            "-c",
-            &server.ip.to_string(),
-            "-J",
-            "-t",
-            &seconds.to_string(),
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "iperf3 output: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-/// Received TCP bits per second.
-fn iperf_tcp(client: &Workload, server: &Workload, seconds: u64) -> f64 {
-    let v = iperf_json(client, server, &[], seconds);
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no TCP result: {v}"))
-}
-
-/// Received 64-byte UDP datagrams per second, sender unlimited.
-fn iperf_udp64(client: &Workload, server: &Workload, seconds: u64) -> f64 {
-    let v = iperf_json(client, server, &["-u", "-l", "64", "-b", "0"], seconds);
-    let sum = &v["end"]["sum"];
-    let packets = sum["packets"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no UDP result: {v}"));
-    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-    let secs = sum["seconds"].as_f64().unwrap();
-    (packets - lost) / secs
 }
 
 fn veth_names(i: usize) -> (String, String) {
