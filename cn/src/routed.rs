@@ -368,8 +368,8 @@ impl RoutedNode {
                     .push(format!("{} dev {}", route.destination, vnic.ifname));
             }
         }
+        let neighbours = self.netlink.neighbour_table().await?;
         for vnic in &vnics {
-            let neighbours = self.netlink.neighbours(vnic.index).await?;
             for a in &vnic.addresses {
                 if !present.contains(&(vnic.index, *a)) {
                     self.netlink.add_device_route(*a, vnic.index).await?;

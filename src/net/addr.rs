@@ -227,7 +227,19 @@ impl Netlink {
             .map_err(|e| nl_err("add", format!("neighbour {ip} on link #{index}"), e))
     }
 
+    /// The neighbour entries of link `index`.
     pub async fn neighbours(&self, index: u32) -> NetResult<Vec<Neighbour>> {
+        Ok(self
+            .neighbour_table()
+            .await?
+            .into_iter()
+            .filter(|n| n.dev == index)
+            .collect())
+    }
+
+    /// Every neighbour entry of the namespace, in one dump (the kernel's dump is not
+    /// filtered by link, so one dump serves any number of links).
+    pub async fn neighbour_table(&self) -> NetResult<Vec<Neighbour>> {
         let msgs: Vec<NeighbourMessage> = self
             .handle()
             .neighbours()
@@ -235,10 +247,9 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|e| nl_err("list", format!("neighbours of link #{index}"), e))?;
+            .map_err(|e| nl_err("list", "neighbours", e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.ifindex == index)
             .filter_map(|m| {
                 let mut ip = None;
                 let mut mac = None;
@@ -257,7 +268,7 @@ impl Netlink {
                     }
                 }
                 Some(Neighbour {
-                    dev: index,
+                    dev: m.header.ifindex,
                     ip: ip?,
                     mac,
                     permanent: m.header.state == NeighbourState::Permanent,

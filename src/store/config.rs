@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::store::{EtcdOptions, EtcdStore, StoreResult};
+use crate::store::{EtcdOptions, EtcdStore, EtcdTls, StoreResult};
 
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 
@@ -17,6 +17,8 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 pub struct DatastoreConfig {
     pub endpoints: Vec<String>,
     pub credentials: Option<(String, String)>,
+    /// TLS files, for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
     /// Where the settings came from, for messages ("--config /etc/…", "ETCD_ENDPOINTS", …).
     pub source: String,
 }
@@ -119,17 +121,13 @@ impl DatastoreConfig {
                 spec.datastore_type
             )));
         }
-        for (field, value) in [
-            ("etcdKeyFile", &spec.etcd_key_file),
-            ("etcdCertFile", &spec.etcd_cert_file),
-            ("etcdCACertFile", &spec.etcd_ca_cert_file),
-        ] {
-            if !value.is_empty() {
-                return Err(invalid(format!(
-                    "{field} is set, but tenet does not yet support TLS to etcd"
-                )));
-            }
-        }
+        let tls = tls_files(
+            &spec.etcd_ca_cert_file,
+            &spec.etcd_cert_file,
+            &spec.etcd_key_file,
+            ["etcdCACertFile", "etcdCertFile", "etcdKeyFile"],
+        )
+        .map_err(invalid)?;
         let endpoints = if !spec.etcd_endpoints.is_empty() {
             split_endpoints(&spec.etcd_endpoints).map_err(invalid)?
         } else if !spec.etcd_authority.is_empty() {
@@ -142,9 +140,11 @@ impl DatastoreConfig {
         } else {
             return Err(invalid("no etcd authority or endpoints specified".into()));
         };
+        check_schemes(&endpoints, tls.is_some()).map_err(invalid)?;
         Ok(DatastoreConfig {
             endpoints,
             credentials: credentials(spec.etcd_username, spec.etcd_password),
+            tls,
             source: format!("--config {shown}"),
         })
     }
@@ -169,9 +169,26 @@ impl DatastoreConfig {
         };
         let user = var("ETCD_USERNAME").map(|(_, v)| v).unwrap_or_default();
         let password = var("ETCD_PASSWORD").map(|(_, v)| v).unwrap_or_default();
+        let file = |name: &str| var(name).map(|(_, v)| v).unwrap_or_default();
+        let env_error = |reason: String| ConfigError::Environment {
+            variable: "ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE".into(),
+            reason,
+        };
+        let tls = tls_files(
+            &file("ETCD_CA_CERT_FILE"),
+            &file("ETCD_CERT_FILE"),
+            &file("ETCD_KEY_FILE"),
+            ["ETCD_CA_CERT_FILE", "ETCD_CERT_FILE", "ETCD_KEY_FILE"],
+        )
+        .map_err(env_error)?;
+        check_schemes(&endpoints, tls.is_some()).map_err(|reason| ConfigError::Environment {
+            variable: source.clone(),
+            reason,
+        })?;
         Ok(DatastoreConfig {
             endpoints,
             credentials: credentials(user, password),
+            tls,
             source,
         })
     }
@@ -180,10 +197,55 @@ impl DatastoreConfig {
     pub async fn connect(&self) -> StoreResult<EtcdStore> {
         let options = EtcdOptions {
             credentials: self.credentials.clone(),
+            tls: self.tls.clone(),
             ..EtcdOptions::default()
         };
         EtcdStore::connect(&self.endpoints, options).await
     }
+}
+
+/// The TLS files from their three settings (`names` as the user wrote them, for errors): a
+/// CA alone (server authentication), or a CA with a certificate and key (client
+/// authentication too).
+fn tls_files(ca: &str, cert: &str, key: &str, names: [&str; 3]) -> Result<Option<EtcdTls>, String> {
+    let [ca_name, cert_name, key_name] = names;
+    let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+    match (path(ca), path(cert), path(key)) {
+        (None, None, None) => Ok(None),
+        (None, _, _) => Err(format!(
+            "{cert_name}/{key_name} are set but {ca_name} is not: name the CA that signed etcd's certificates"
+        )),
+        (Some(ca_file), None, None) => Ok(Some(EtcdTls {
+            ca_file,
+            identity: None,
+        })),
+        (Some(ca_file), Some(c), Some(k)) => Ok(Some(EtcdTls {
+            ca_file,
+            identity: Some((c, k)),
+        })),
+        (Some(_), Some(_), None) => Err(format!("{cert_name} is set but {key_name} is not")),
+        (Some(_), None, Some(_)) => Err(format!("{key_name} is set but {cert_name} is not")),
+    }
+}
+
+/// TLS settings go with https endpoints, plain ones with http.
+fn check_schemes(endpoints: &[String], tls: bool) -> Result<(), String> {
+    for e in endpoints {
+        match (e.starts_with("https://"), tls) {
+            (true, false) => {
+                return Err(format!(
+                    "endpoint '{e}' is https but no CA file is configured (etcdCACertFile / ETCD_CA_CERT_FILE)"
+                ));
+            }
+            (false, true) => {
+                return Err(format!(
+                    "TLS files are configured but endpoint '{e}' is plain http"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Both a user and a password are needed for either to be used.
@@ -202,19 +264,18 @@ fn split_endpoints(list: &str) -> Result<Vec<String>, String> {
         return Err("no etcd endpoints given".into());
     }
     for e in &endpoints {
-        let Some(rest) = e.strip_prefix("http://") else {
-            return Err(if e.starts_with("https://") {
-                format!("endpoint '{e}': TLS to etcd is not supported yet")
-            } else {
-                format!("endpoint '{e}' must look like http://HOST:PORT")
-            });
+        let Some(rest) = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+        else {
+            return Err(format!("endpoint '{e}' must look like http(s)://HOST:PORT"));
         };
         let (host, port) = rest
             .trim_end_matches('/')
             .rsplit_once(':')
             .ok_or_else(|| format!("endpoint '{e}' has no port"))?;
         if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(format!("endpoint '{e}' must look like http://HOST:PORT"));
+            return Err(format!("endpoint '{e}' must look like http(s)://HOST:PORT"));
         }
     }
     Ok(endpoints)
@@ -278,6 +339,40 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_from_the_environment_and_files() {
+        let c = DatastoreConfig::resolve(
+            None,
+            env(&[
+                ("ETCD_ENDPOINTS", "https://10.0.0.1:2379"),
+                ("CALICO_ETCD_CA_CERT_FILE", "/pki/ca.pem"),
+                ("ETCD_CERT_FILE", "/pki/c.pem"),
+                ("ETCD_KEY_FILE", "/pki/k.pem"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls,
+            Some(EtcdTls {
+                ca_file: "/pki/ca.pem".into(),
+                identity: Some(("/pki/c.pem".into(), "/pki/k.pem".into())),
+            })
+        );
+        let err =
+            DatastoreConfig::resolve(None, env(&[("ETCD_ENDPOINTS", "https://10.0.0.1:2379")]))
+                .unwrap_err();
+        assert!(err.to_string().contains("ETCD_CA_CERT_FILE"), "{err}");
+        let f = file(
+            "apiVersion: v1\nkind: calicoApiConfig\nspec:\n  etcdEndpoints: https://a:2379\n  etcdCACertFile: /ca.pem\n",
+        );
+        let c = DatastoreConfig::from_file(f.path()).unwrap();
+        assert_eq!(
+            c.tls.unwrap().identity,
+            None,
+            "a CA alone: server authentication only"
+        );
+    }
+
+    #[test]
     fn calicoctl_config_file() {
         let f = file(
             "apiVersion: v1\nkind: calicoApiConfig\nmetadata:\nspec:\n  datastoreType: \"etcdv2\"\n  etcdEndpoints: \"http://10.0.0.1:2379,http://10.0.0.2:2379\"\n",
@@ -317,11 +412,19 @@ mod tests {
             ),
             (
                 "apiVersion: v1\nkind: calicoApiConfig\nspec: {etcdEndpoints: 'https://a:1'}\n",
-                "TLS",
+                "no CA file",
             ),
             (
                 "apiVersion: v1\nkind: calicoApiConfig\nspec: {etcdEndpoints: 'http://a:1', etcdCACertFile: /ca.pem}\n",
-                "TLS",
+                "plain http",
+            ),
+            (
+                "apiVersion: v1\nkind: calicoApiConfig\nspec: {etcdEndpoints: 'https://a:1', etcdCACertFile: /ca.pem, etcdCertFile: /c.pem}\n",
+                "etcdCertFile is set but etcdKeyFile is not",
+            ),
+            (
+                "apiVersion: v1\nkind: calicoApiConfig\nspec: {etcdEndpoints: 'https://a:1', etcdKeyFile: /k.pem, etcdCertFile: /c.pem}\n",
+                "etcdCACertFile is not",
             ),
             (
                 "apiVersion: v1\nkind: calicoApiConfig\nspec: {datastoreType: kubernetes, etcdEndpoints: 'http://a:1'}\n",

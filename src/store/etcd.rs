@@ -1,12 +1,13 @@
 //! The production backend: etcd's v3 API through `etcd-client`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions,
-    EventType, GetOptions, PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
+    DeleteOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn as EtcdTxn,
+    TxnOp as EtcdTxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -33,6 +34,8 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// etcd user and password, when the cluster has authentication enabled.
     pub credentials: Option<(String, String)>,
+    /// TLS to `https://` endpoints.
+    pub tls: Option<EtcdTls>,
 }
 
 impl Default for EtcdOptions {
@@ -41,8 +44,77 @@ impl Default for EtcdOptions {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             credentials: None,
+            tls: None,
         }
     }
+}
+
+/// Client TLS for etcd, as calicoctl configures it: the CA that signed the members'
+/// certificates (`etcdCACertFile`) and, for a cluster started with `--client-cert-auth`, this
+/// client's certificate and key (`etcdCertFile`, `etcdKeyFile`), all PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    /// Certificate and key files.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// Reads and checks the files: each must be readable PEM of the right kind, and the
+    /// client certificate must be within its validity period. Errors name the file.
+    fn load(&self) -> StoreResult<TlsOptions> {
+        let ca = read_pem("etcdCACertFile", &self.ca_file, "CERTIFICATE")?;
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert_file, key_file)) = &self.identity {
+            let cert = read_pem("etcdCertFile", cert_file, "CERTIFICATE")?;
+            check_validity(cert_file, &cert)?;
+            let key = read_pem("etcdKeyFile", key_file, "PRIVATE KEY")?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Ok(tls)
+    }
+}
+
+fn read_pem(field: &str, path: &Path, kind: &str) -> StoreResult<Vec<u8>> {
+    let invalid = |reason: String| StoreError::Invalid {
+        key: field.into(),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let bytes = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !text.contains("-----BEGIN ") || !text.contains(kind) {
+        return Err(invalid(format!("no PEM {kind} in it")));
+    }
+    Ok(bytes)
+}
+
+/// An expired (or not yet valid) client certificate fails the handshake with a message that
+/// does not say which file: say it here.
+fn check_validity(path: &Path, pem: &[u8]) -> StoreResult<()> {
+    let invalid = |reason: String| StoreError::Invalid {
+        key: "etcdCertFile".into(),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem)
+        .map_err(|e| invalid(format!("not a PEM certificate: {e}")))?;
+    let cert = block
+        .parse_x509()
+        .map_err(|e| invalid(format!("not an X.509 certificate: {e}")))?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > validity.not_after {
+        return Err(invalid(format!(
+            "the certificate expired on {}",
+            validity.not_after
+        )));
+    }
+    if now < validity.not_before {
+        return Err(invalid(format!(
+            "the certificate is not valid before {}",
+            validity.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// A [`Datastore`] on a real etcd cluster. Cheap to clone.
@@ -70,12 +142,41 @@ impl EtcdStore {
                 reason: "no etcd endpoints given".into(),
             });
         }
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        match (&options.tls, https) {
+            (Some(_), n) if n != endpoints.len() => {
+                return Err(StoreError::Invalid {
+                    key: "etcdEndpoints".into(),
+                    reason: format!(
+                        "TLS is configured, so every endpoint must be https://: {}",
+                        endpoints.join(",")
+                    ),
+                });
+            }
+            (None, n) if n > 0 => {
+                return Err(StoreError::Invalid {
+                    key: "etcdCACertFile".into(),
+                    reason: format!(
+                        "https endpoints ({}) need the CA that signed etcd's certificates \
+                         (etcdCACertFile / ETCD_CA_CERT_FILE)",
+                        endpoints.join(",")
+                    ),
+                });
+            }
+            _ => {}
+        }
         let mut connect = ConnectOptions::new()
             .with_timeout(options.request_timeout)
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some((user, password)) = &options.credentials {
             connect = connect.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &options.tls {
+            connect = connect.with_tls(tls.load()?);
         }
         let client = Client::connect(endpoints, Some(connect))
             .await
@@ -127,7 +228,7 @@ fn map_err(key: &str, err: etcd_client::Error) -> StoreError {
                 tonic_code::NotFound => StoreError::NotFound { key: key.into() },
                 _ => StoreError::Unavailable {
                     key: key.into(),
-                    reason: describe_status(&status),
+                    reason: describe_chain(&status),
                 },
             }
         }
@@ -141,15 +242,16 @@ fn map_err(key: &str, err: etcd_client::Error) -> StoreError {
         },
         other => StoreError::Unavailable {
             key: key.into(),
-            reason: other.to_string(),
+            reason: describe_chain(&other),
         },
     }
 }
 
-/// tonic hides the transport cause of "Unavailable" in the error source chain.
-fn describe_status(status: &tonic::Status) -> String {
-    let mut text = status.message().to_string();
-    let mut source = std::error::Error::source(status);
+/// An error and its causes ("transport error: …: invalid peer certificate: UnknownIssuer"),
+/// with what a TLS failure means in the operator's terms first.
+fn describe_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
     while let Some(cause) = source {
         let c = cause.to_string();
         if !text.contains(&c) {
@@ -158,7 +260,26 @@ fn describe_status(status: &tonic::Status) -> String {
         }
         source = cause.source();
     }
-    text
+    match tls_hint(&text) {
+        Some(hint) => format!("{hint} ({text})"),
+        None => text,
+    }
+}
+
+fn tls_hint(text: &str) -> Option<&'static str> {
+    if text.contains("UnknownIssuer") {
+        Some("etcd's certificate is not signed by the CA in etcdCACertFile")
+    } else if text.contains("Expired") {
+        Some("etcd's certificate has expired")
+    } else if text.contains("NotValidForName") {
+        Some("etcd's certificate does not name the endpoint's host")
+    } else if text.contains("BadCertificate") || text.contains("CertificateRequired") {
+        Some(
+            "etcd refused this client's certificate (none given, or not signed by a CA etcd trusts; etcdCertFile/etcdKeyFile)",
+        )
+    } else {
+        None
+    }
 }
 
 use tonic::Code as tonic_code;

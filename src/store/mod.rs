@@ -25,7 +25,7 @@ use futures::Stream;
 
 pub use config::{ConfigError, DatastoreConfig};
 pub use error::{StoreError, StoreResult};
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 pub use status::LeasedKey;
 

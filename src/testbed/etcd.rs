@@ -8,7 +8,7 @@ use tempfile::TempDir;
 use tracing::{debug, info};
 
 use super::{TestbedError, TestbedResult, io_err};
-use crate::store::{Datastore, EtcdOptions, EtcdStore};
+use crate::store::{Datastore, EtcdOptions, EtcdStore, EtcdTls};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -22,11 +22,36 @@ pub struct EtcdServer {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdServerTls>,
+}
+
+/// A TLS-only etcd: its certificate (for 127.0.0.1), the CA clients must trust, and what
+/// the testbed itself connects with.
+#[derive(Clone, Debug)]
+pub struct EtcdServerTls {
+    /// The CA that signed the server's certificate and, with `client_cert_auth`, the
+    /// clients' (`--trusted-ca-file`).
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// `--client-cert-auth`: clients must present a certificate signed by the CA.
+    pub client_cert_auth: bool,
+    /// The testbed's own client settings (readiness, [`EtcdServer::store`]).
+    pub client: EtcdTls,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it answers requests.
     pub async fn start() -> TestbedResult<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts an etcd that speaks only TLS to clients.
+    pub async fn start_tls(tls: EtcdServerTls) -> TestbedResult<Self> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<EtcdServerTls>) -> TestbedResult<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tenet-etcd-")
             .tempdir()
@@ -36,14 +61,24 @@ impl EtcdServer {
             dir,
             client_port: free_port()?,
             peer_port: free_port()?,
+            tls,
         };
         server.start_again().await?;
         Ok(server)
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    /// The client URL, e.g. `http://127.0.0.1:40123` (`https://` for a TLS server).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client options the testbed connects with.
+    pub fn client_options(&self) -> EtcdOptions {
+        EtcdOptions {
+            tls: self.tls.as_ref().map(|t| t.client.clone()),
+            ..EtcdOptions::default()
+        }
     }
 
     /// The temporary directory holding the data and the log (removed on drop).
@@ -66,7 +101,7 @@ impl EtcdServer {
 
     /// A store connected to this server.
     pub async fn store(&self) -> TestbedResult<EtcdStore> {
-        EtcdStore::connect(&[self.endpoint()], EtcdOptions::default())
+        EtcdStore::connect(&[self.endpoint()], self.client_options())
             .await
             .map_err(|e| TestbedError::Io {
                 what: format!("cannot connect to {}", self.endpoint()),
@@ -88,7 +123,22 @@ impl EtcdServer {
             .open(self.log_path())
             .map_err(io_err("cannot open etcd log"))?;
         let log2 = log.try_clone().map_err(io_err("cannot open etcd log"))?;
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cert-file", &tls.cert_file),
+                ("--key-file", &tls.key_file),
+                ("--trusted-ca-file", &tls.ca_file),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(path.display().to_string());
+            }
+            if tls.client_cert_auth {
+                tls_args.push("--client-cert-auth".into());
+            }
+        }
         let child = Command::new("etcd")
+            .args(&tls_args)
             .arg("--name")
             .arg(name)
             .arg("--data-dir")
@@ -117,7 +167,7 @@ impl EtcdServer {
         let options = EtcdOptions {
             request_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(200),
-            credentials: None,
+            ..self.client_options()
         };
         loop {
             if let Ok(store) = EtcdStore::connect(&[self.endpoint()], options.clone()).await

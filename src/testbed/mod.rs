@@ -8,7 +8,7 @@ mod etcd;
 mod fabric;
 mod netns;
 
-pub use etcd::EtcdServer;
+pub use etcd::{EtcdServer, EtcdServerTls};
 pub use fabric::{Fabric, Host, Workload};
 pub use netns::{Netns, delete_netns};
 
