@@ -9,6 +9,8 @@ use tenet::store::{
 };
 use tenet::testbed::EtcdServer;
 
+mod common;
+
 type Store = Arc<dyn Datastore>;
 
 /// Generates one test per backend for every contract function named.
@@ -33,6 +35,32 @@ macro_rules! contract {
         }
     };
 }
+
+/// The key cases again against an etcd that speaks only TLS and requires client
+/// certificates: what TLS changes must not change the contract.
+macro_rules! contract_over_tls {
+    ($($name:ident),* $(,)?) => {
+        mod etcd_tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let (server, _) = crate::common::tls::tls_etcd(dir.path()).await;
+                    super::$name(std::sync::Arc::new(server.store().await.unwrap())).await;
+                }
+            )*
+        }
+    };
+}
+
+contract_over_tls!(
+    get_put_and_revisions,
+    update_is_compare_and_swap,
+    concurrent_cas_incrementers_lose_nothing,
+    txn_is_all_or_nothing_under_a_conflicting_writer,
+    watch_delivers_every_change_in_order,
+    leases_expire_and_revoke,
+);
 
 contract!(
     get_put_and_revisions,
