@@ -53,6 +53,30 @@ macro_rules! contract_over_tls {
     };
 }
 
+/// The key cases against a 3-member cluster, through a client that knows every member.
+macro_rules! contract_on_cluster {
+    ($($name:ident),* $(,)?) => {
+        mod etcd_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let cluster = tenet::testbed::EtcdCluster::start(3).await.expect("start a cluster");
+                    super::$name(std::sync::Arc::new(cluster.store().await.unwrap())).await;
+                }
+            )*
+        }
+    };
+}
+
+contract_on_cluster!(
+    get_put_and_revisions,
+    update_is_compare_and_swap,
+    concurrent_cas_incrementers_lose_nothing,
+    txn_is_all_or_nothing_under_a_conflicting_writer,
+    watch_delivers_every_change_in_order,
+    leases_expire_and_revoke,
+);
+
 contract_over_tls!(
     get_put_and_revisions,
     update_is_compare_and_swap,

@@ -195,6 +195,28 @@ impl EtcdStore {
         self.client.clone()
     }
 
+    /// Runs one request, again (at most once per endpoint) when it failed before reaching
+    /// etcd: a connection that could not be made sent nothing, so even a write is safe to
+    /// repeat, and the client's balancer then tries another member. A member that is down
+    /// thus costs a retry, not an error; a request that did reach etcd is never repeated
+    /// here (its outcome is unknown to us, so the caller decides).
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut failed = 0;
+        loop {
+            match op(self.client()).await {
+                Err(e) if failed < self.endpoints.len() && never_sent(&e) => {
+                    failed += 1;
+                    debug!(error = %describe_chain(&e), "etcd member unreachable; trying another");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Reads `key` and turns a failed conditional write into NotFound or Conflict.
     async fn explain_failed_compare(&self, key: &str) -> StoreError {
         match self.get(key).await {
@@ -245,6 +267,12 @@ fn map_err(key: &str, err: etcd_client::Error) -> StoreError {
             reason: describe_chain(&other),
         },
     }
+}
+
+/// Whether the request failed while connecting (nothing was sent).
+fn never_sent(err: &etcd_client::Error) -> bool {
+    let text = describe_chain(err);
+    text.contains("tcp connect error") || text.contains("Connection refused")
 }
 
 /// An error and its causes ("transport error: …: invalid peer certificate: UnknownIssuer"),
@@ -313,8 +341,7 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
 impl Datastore for EtcdStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         let resp = self
-            .client()
-            .get(key, None)
+            .call(|mut c| async move { c.get(key, None).await })
             .await
             .map_err(|e| map_err(key, e))?;
         Ok(resp.kvs().first().map(to_kv))
@@ -335,8 +362,10 @@ impl Datastore for EtcdStore {
                 opts = opts.with_revision(revision);
             }
             let resp = self
-                .client()
-                .get(start.clone(), Some(opts))
+                .call(|mut c| {
+                    let (start, opts) = (start.clone(), opts.clone());
+                    async move { c.get(start, Some(opts)).await }
+                })
                 .await
                 .map_err(|e| map_err(prefix, e))?;
             if revision == 0 {
@@ -358,7 +387,13 @@ impl Datastore for EtcdStore {
         let txn = EtcdTxn::new()
             .when(vec![EtcdCompare::mod_revision(key, CompareOp::Equal, 0)])
             .and_then(vec![EtcdTxnOp::put(key, value, None)]);
-        let resp = self.client().txn(txn).await.map_err(|e| map_err(key, e))?;
+        let resp = self
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .map_err(|e| map_err(key, e))?;
         if resp.succeeded() {
             Ok(header_revision(resp.header()))
         } else {
@@ -385,7 +420,13 @@ impl Datastore for EtcdStore {
                 value,
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
-        let resp = self.client().txn(txn).await.map_err(|e| map_err(key, e))?;
+        let resp = self
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .map_err(|e| map_err(key, e))?;
         if resp.succeeded() {
             Ok(header_revision(resp.header()))
         } else {
@@ -395,8 +436,7 @@ impl Datastore for EtcdStore {
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<Revision> {
         let resp = self
-            .client()
-            .put(key, value, None)
+            .call(|mut c| async move { c.put(key, value, None).await })
             .await
             .map_err(|e| map_err(key, e))?;
         Ok(header_revision(resp.header()))
@@ -409,8 +449,10 @@ impl Datastore for EtcdStore {
         lease: LeaseId,
     ) -> StoreResult<Revision> {
         let resp = self
-            .client()
-            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .call(|mut c| async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            })
             .await
             .map_err(|e| lease_err(key, lease, e))?;
         Ok(header_revision(resp.header()))
@@ -424,7 +466,13 @@ impl Datastore for EtcdStore {
         let txn = EtcdTxn::new()
             .when(vec![compare])
             .and_then(vec![EtcdTxnOp::delete(key, None)]);
-        let resp = self.client().txn(txn).await.map_err(|e| map_err(key, e))?;
+        let resp = self
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .map_err(|e| map_err(key, e))?;
         if resp.succeeded() {
             Ok(header_revision(resp.header()))
         } else if expected.is_none() {
@@ -437,8 +485,10 @@ impl Datastore for EtcdStore {
     async fn delete_prefix(&self, prefix: &str) -> StoreResult<u64> {
         let opts = DeleteOptions::new().with_range(prefix_range_end(prefix.as_bytes()));
         let resp = self
-            .client()
-            .delete(prefix, Some(opts))
+            .call(|mut c| {
+                let opts = opts.clone();
+                async move { c.delete(prefix, Some(opts)).await }
+            })
             .await
             .map_err(|e| map_err(prefix, e))?;
         Ok(resp.deleted().max(0) as u64)
@@ -479,9 +529,12 @@ impl Datastore for EtcdStore {
             .iter()
             .map(|c| EtcdTxnOp::get(c.key(), None))
             .collect();
+        let request = EtcdTxn::new().when(compares).and_then(ops).or_else(reads);
         let resp = self
-            .client()
-            .txn(EtcdTxn::new().when(compares).and_then(ops).or_else(reads))
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.txn(request).await }
+            })
             .await
             .map_err(|e| map_err(&first_key, e))?;
         if resp.succeeded() {
@@ -503,9 +556,12 @@ impl Datastore for EtcdStore {
                 .iter()
                 .map(|k| EtcdTxnOp::get(k.as_str(), None))
                 .collect();
+            let request = EtcdTxn::new().and_then(reads);
             let resp = self
-                .client()
-                .txn(EtcdTxn::new().and_then(reads))
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.txn(request).await }
+                })
                 .await
                 .map_err(|e| map_err(first, e))?;
             out.extend(get_responses(&resp));
@@ -536,8 +592,7 @@ impl Datastore for EtcdStore {
             });
         }
         let resp = self
-            .client()
-            .lease_grant(secs, None)
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
             .await
             .map_err(|e| map_err("lease", e))?;
         Ok(resp.id())
@@ -584,8 +639,9 @@ impl Datastore for EtcdStore {
     async fn revision(&self) -> StoreResult<Revision> {
         // A one-key count-only range is the cheapest request that returns the header.
         let resp = self
-            .client()
-            .get("\0", Some(GetOptions::new().with_count_only()))
+            .call(
+                |mut c| async move { c.get("\0", Some(GetOptions::new().with_count_only())).await },
+            )
             .await
             .map_err(|e| map_err("revision", e))?;
         Ok(header_revision(resp.header()))

@@ -209,7 +209,7 @@ impl Drop for EtcdServer {
     }
 }
 
-fn free_port() -> TestbedResult<u16> {
+pub(super) fn free_port() -> TestbedResult<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("cannot find a free port"))?;
     listener
         .local_addr()

@@ -5,10 +5,12 @@
 //! assertion) stops the process or deletes the namespace it owns.
 
 mod etcd;
+mod etcd_cluster;
 mod fabric;
 mod netns;
 
 pub use etcd::{EtcdServer, EtcdServerTls};
+pub use etcd_cluster::EtcdCluster;
 pub use fabric::{Fabric, Host, Workload};
 pub use netns::{Netns, delete_netns};
 
