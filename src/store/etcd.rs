@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
-    DeleteOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn as EtcdTxn,
-    TxnOp as EtcdTxnOp, TxnOpResponse, WatchOptions,
+    DeleteOptions, EventType, GetOptions, Identity, KvClient, PutOptions, TlsOptions,
+    Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -205,9 +205,32 @@ impl EtcdStore {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.failover(|| self.client(), op).await
+    }
+
+    /// [`EtcdStore::call`] for key-value requests: hands out only the KV client (cloning the
+    /// whole client per request clones every service's channel — measurable at thousands
+    /// of requests a second).
+    async fn call_kv<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.failover(|| self.client.kv_client(), op).await
+    }
+
+    async fn failover<C, T, F, Fut>(
+        &self,
+        client: impl Fn() -> C,
+        op: F,
+    ) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(C) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
         let mut failed = 0;
         loop {
-            match op(self.client()).await {
+            match op(client()).await {
                 Err(e) if failed < self.endpoints.len() && never_sent(&e) => {
                     failed += 1;
                     debug!(error = %describe_chain(&e), "etcd member unreachable; trying another");
@@ -341,7 +364,7 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Revision {
 impl Datastore for EtcdStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
         let resp = self
-            .call(|mut c| async move { c.get(key, None).await })
+            .call_kv(|mut c| async move { c.get(key, None).await })
             .await
             .map_err(|e| map_err(key, e))?;
         Ok(resp.kvs().first().map(to_kv))
@@ -362,7 +385,7 @@ impl Datastore for EtcdStore {
                 opts = opts.with_revision(revision);
             }
             let resp = self
-                .call(|mut c| {
+                .call_kv(|mut c| {
                     let (start, opts) = (start.clone(), opts.clone());
                     async move { c.get(start, Some(opts)).await }
                 })
@@ -388,7 +411,7 @@ impl Datastore for EtcdStore {
             .when(vec![EtcdCompare::mod_revision(key, CompareOp::Equal, 0)])
             .and_then(vec![EtcdTxnOp::put(key, value, None)]);
         let resp = self
-            .call(|mut c| {
+            .call_kv(|mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
@@ -421,7 +444,7 @@ impl Datastore for EtcdStore {
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
         let resp = self
-            .call(|mut c| {
+            .call_kv(|mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
@@ -436,7 +459,7 @@ impl Datastore for EtcdStore {
 
     async fn put(&self, key: &str, value: &[u8]) -> StoreResult<Revision> {
         let resp = self
-            .call(|mut c| async move { c.put(key, value, None).await })
+            .call_kv(|mut c| async move { c.put(key, value, None).await })
             .await
             .map_err(|e| map_err(key, e))?;
         Ok(header_revision(resp.header()))
@@ -449,7 +472,7 @@ impl Datastore for EtcdStore {
         lease: LeaseId,
     ) -> StoreResult<Revision> {
         let resp = self
-            .call(|mut c| async move {
+            .call_kv(|mut c| async move {
                 c.put(key, value, Some(PutOptions::new().with_lease(lease)))
                     .await
             })
@@ -467,7 +490,7 @@ impl Datastore for EtcdStore {
             .when(vec![compare])
             .and_then(vec![EtcdTxnOp::delete(key, None)]);
         let resp = self
-            .call(|mut c| {
+            .call_kv(|mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
@@ -485,7 +508,7 @@ impl Datastore for EtcdStore {
     async fn delete_prefix(&self, prefix: &str) -> StoreResult<u64> {
         let opts = DeleteOptions::new().with_range(prefix_range_end(prefix.as_bytes()));
         let resp = self
-            .call(|mut c| {
+            .call_kv(|mut c| {
                 let opts = opts.clone();
                 async move { c.delete(prefix, Some(opts)).await }
             })
@@ -494,44 +517,33 @@ impl Datastore for EtcdStore {
         Ok(resp.deleted().max(0) as u64)
     }
 
+    /// Without the failure branch's reads (a smaller request on the common, committed
+    /// path); a conflict costs one more read to name the key.
+    async fn txn(&self, txn: Txn) -> StoreResult<Revision> {
+        txn.validate()?;
+        let (first_key, request) = etcd_txn(&txn, false);
+        let resp = self
+            .call_kv(|mut c| {
+                let request = request.clone();
+                async move { c.txn(request).await }
+            })
+            .await
+            .map_err(|e| map_err(&first_key, e))?;
+        if resp.succeeded() {
+            return Ok(header_revision(resp.header()));
+        }
+        let keys: Vec<String> = txn.compares.iter().map(|c| c.key().to_string()).collect();
+        let current = self.get_many(&keys).await?;
+        Err(StoreError::Conflict {
+            key: super::failed_compare(&txn.compares, &current),
+        })
+    }
+
     async fn txn_or_read(&self, txn: Txn) -> StoreResult<TxnOutcome> {
         txn.validate()?;
-        let first_key = txn
-            .ops
-            .first()
-            .map(|op| op.key().to_string())
-            .or_else(|| txn.compares.first().map(|c| c.key().to_string()))
-            .unwrap_or_default();
-        let compares: Vec<EtcdCompare> = txn
-            .compares
-            .iter()
-            .map(|c| match c {
-                Compare::ModRevision { key, revision } => {
-                    EtcdCompare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
-                }
-            })
-            .collect();
-        let ops: Vec<EtcdTxnOp> = txn
-            .ops
-            .iter()
-            .map(|op| match op {
-                TxnOp::Put { key, value, lease } => EtcdTxnOp::put(
-                    key.as_str(),
-                    value.clone(),
-                    lease.map(|l| PutOptions::new().with_lease(l)),
-                ),
-                TxnOp::Delete { key } => EtcdTxnOp::delete(key.as_str(), None),
-            })
-            .collect();
-        // On failure, read back every compared key in the same transaction.
-        let reads: Vec<EtcdTxnOp> = txn
-            .compares
-            .iter()
-            .map(|c| EtcdTxnOp::get(c.key(), None))
-            .collect();
-        let request = EtcdTxn::new().when(compares).and_then(ops).or_else(reads);
+        let (first_key, request) = etcd_txn(&txn, true);
         let resp = self
-            .call(|mut c| {
+            .call_kv(|mut c| {
                 let request = request.clone();
                 async move { c.txn(request).await }
             })
@@ -558,7 +570,7 @@ impl Datastore for EtcdStore {
                 .collect();
             let request = EtcdTxn::new().and_then(reads);
             let resp = self
-                .call(|mut c| {
+                .call_kv(|mut c| {
                     let request = request.clone();
                     async move { c.txn(request).await }
                 })
@@ -646,6 +658,48 @@ impl Datastore for EtcdStore {
             .map_err(|e| map_err("revision", e))?;
         Ok(header_revision(resp.header()))
     }
+}
+
+/// The etcd transaction for `txn` (and the key errors name); with `reads`, the failure
+/// branch reads back every compared key.
+fn etcd_txn(txn: &Txn, reads: bool) -> (String, EtcdTxn) {
+    let first_key = txn
+        .ops
+        .first()
+        .map(|op| op.key().to_string())
+        .or_else(|| txn.compares.first().map(|c| c.key().to_string()))
+        .unwrap_or_default();
+    let compares: Vec<EtcdCompare> = txn
+        .compares
+        .iter()
+        .map(|c| match c {
+            Compare::ModRevision { key, revision } => {
+                EtcdCompare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
+            }
+        })
+        .collect();
+    let ops: Vec<EtcdTxnOp> = txn
+        .ops
+        .iter()
+        .map(|op| match op {
+            TxnOp::Put { key, value, lease } => EtcdTxnOp::put(
+                key.as_str(),
+                value.clone(),
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            ),
+            TxnOp::Delete { key } => EtcdTxnOp::delete(key.as_str(), None),
+        })
+        .collect();
+    let mut request = EtcdTxn::new().when(compares).and_then(ops);
+    if reads {
+        let reads: Vec<EtcdTxnOp> = txn
+            .compares
+            .iter()
+            .map(|c| EtcdTxnOp::get(c.key(), None))
+            .collect();
+        request = request.or_else(reads);
+    }
+    (first_key, request)
 }
 
 /// "lease not found" comes back as a NotFound gRPC status; name the lease in the error.

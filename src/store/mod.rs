@@ -196,6 +196,18 @@ impl Txn {
     }
 }
 
+/// The key of the first compare that `current` (the compared keys' values, in order)
+/// breaks; the first compare's key if none seems to (a concurrent change undid it).
+pub(crate) fn failed_compare(compares: &[Compare], current: &[Option<KeyValue>]) -> String {
+    compares
+        .iter()
+        .zip(current)
+        .find(|(c, kv)| !c.holds(kv.as_ref().map_or(0, |kv| kv.mod_revision)))
+        .or(compares.first().zip(current.first()))
+        .map(|(c, _)| c.key().to_string())
+        .unwrap_or_default()
+}
+
 /// The result of [`Datastore::txn_or_read`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxnOutcome {
@@ -295,16 +307,9 @@ pub trait Datastore: Send + Sync + fmt::Debug {
         let compares = txn.compares.clone();
         match self.txn_or_read(txn).await? {
             TxnOutcome::Committed(rev) => Ok(rev),
-            TxnOutcome::Failed { current } => {
-                let failed = compares
-                    .iter()
-                    .zip(&current)
-                    .find(|(c, kv)| !c.holds(kv.as_ref().map_or(0, |kv| kv.mod_revision)))
-                    .or(compares.first().zip(current.first()))
-                    .map(|(c, _)| c.key().to_string())
-                    .unwrap_or_default();
-                Err(StoreError::Conflict { key: failed })
-            }
+            TxnOutcome::Failed { current } => Err(StoreError::Conflict {
+                key: failed_compare(&compares, &current),
+            }),
         }
     }
 
