@@ -18,6 +18,7 @@ packages=(
     tcpdump strace iputils-ping iperf3 # traffic proofs and benchmarks
     bird2                              # routed mode: the BGP speaker tenet configures
     gobgpd                             # routed mode tests: an independent BGP peer (upstream router)
+    systemd                            # systemd-analyze verify for the packaged units
 )
 
 missing=()
@@ -35,7 +36,10 @@ for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done
 
-for tool in etcd protoc ip cargo bird gobgpd; do
+# The Debian package (tests/packaging.rs, packaging/README.md) is built with cargo-deb.
+command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
+
+for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze; do
     command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
 done
 echo "setup.sh: ready ($(etcd --version | head -1), $(protoc --version))"

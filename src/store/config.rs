@@ -373,6 +373,20 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/examples/datastore.yaml");
+        let c = DatastoreConfig::from_file(&path).unwrap();
+        assert_eq!(c.endpoints.len(), 3);
+        assert!(c.tls.unwrap().identity.is_some());
+        let all = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("  # etcdUsername", "  etcdUsername")
+            .replace("  # etcdPassword", "  etcdPassword");
+        let c = DatastoreConfig::from_file(file(&all).path()).unwrap();
+        assert_eq!(c.credentials, Some(("tenet".into(), "secret".into())));
+    }
+
+    #[test]
     fn calicoctl_config_file() {
         let f = file(
             "apiVersion: v1\nkind: calicoApiConfig\nmetadata:\nspec:\n  datastoreType: \"etcdv2\"\n  etcdEndpoints: \"http://10.0.0.1:2379,http://10.0.0.2:2379\"\n",

@@ -326,3 +326,45 @@ async fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     tenet_cn::agent::run(config, store, shutdown).await?;
     Ok(())
 }
+
+/// The packaged example (`packaging/examples/{name}`) as shipped, and with every optional
+/// `# key: value` line switched on: both must parse, so the example names no key the
+/// program does not know.
+#[cfg(test)]
+fn example_variants(name: &str) -> [String; 2] {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/examples")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let all = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(": ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    [text, all]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_configuration_parses() {
+        let variants = example_variants("cn.yaml");
+        assert_ne!(variants[0], variants[1], "the example shows optional keys");
+        for text in variants {
+            if let Err(e) = serde_saphyr::from_str::<FileConfig>(&text) {
+                panic!("packaging/examples/cn.yaml: {e}\n{text}");
+            }
+        }
+    }
+}
