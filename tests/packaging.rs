@@ -24,15 +24,15 @@ fn the_deb_installs_binaries_units_and_examples() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let deb = dir.path().join("tenet.deb");
-    // The debug build of every binary (`cargo test --workspace` has built them; a lone run
-    // of this test builds them here), stripped and lightly compressed: the package's layout
-    // is what is tested, not the release build.
-    run(Command::new(env!("CARGO")).current_dir(workspace).args([
-        "build",
-        "--workspace",
-        "--bins",
-        "--quiet",
-    ]));
+    // The debug build of every binary, stripped and lightly compressed: the package's layout
+    // is what is tested, not the release build. `cargo test --workspace` has built them all
+    // (each package's integration tests need its binaries).
+    for bin in ["tenet", "tenet-cn", "tenet-cnci", "tenet-scheduler"] {
+        assert!(
+            workspace.join("target/debug").join(bin).exists(),
+            "target/debug/{bin} is missing: run `cargo build --workspace` (or the whole suite) first"
+        );
+    }
     run(Command::new(env!("CARGO"))
         .current_dir(workspace)
         .args([
