@@ -219,6 +219,16 @@ impl EtcdStore {
         self.failover(|| self.client.kv_client(), op).await
     }
 
+    /// Sends one transaction (with failover); errors name `key`.
+    async fn send_txn(&self, key: &str, request: EtcdTxn) -> StoreResult<etcd_client::TxnResponse> {
+        self.call_kv(|mut c| {
+            let request = request.clone();
+            async move { c.txn(request).await }
+        })
+        .await
+        .map_err(|e| map_err(key, e))
+    }
+
     async fn failover<C, T, F, Fut>(
         &self,
         client: impl Fn() -> C,
@@ -410,13 +420,7 @@ impl Datastore for EtcdStore {
         let txn = EtcdTxn::new()
             .when(vec![EtcdCompare::mod_revision(key, CompareOp::Equal, 0)])
             .and_then(vec![EtcdTxnOp::put(key, value, None)]);
-        let resp = self
-            .call_kv(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await
-            .map_err(|e| map_err(key, e))?;
+        let resp = self.send_txn(key, txn).await?;
         if resp.succeeded() {
             Ok(header_revision(resp.header()))
         } else {
@@ -443,13 +447,7 @@ impl Datastore for EtcdStore {
                 value,
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
-        let resp = self
-            .call_kv(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await
-            .map_err(|e| map_err(key, e))?;
+        let resp = self.send_txn(key, txn).await?;
         if resp.succeeded() {
             Ok(header_revision(resp.header()))
         } else {
@@ -489,13 +487,7 @@ impl Datastore for EtcdStore {
         let txn = EtcdTxn::new()
             .when(vec![compare])
             .and_then(vec![EtcdTxnOp::delete(key, None)]);
-        let resp = self
-            .call_kv(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await
-            .map_err(|e| map_err(key, e))?;
+        let resp = self.send_txn(key, txn).await?;
         if resp.succeeded() {
             Ok(header_revision(resp.header()))
         } else if expected.is_none() {
@@ -522,13 +514,7 @@ impl Datastore for EtcdStore {
     async fn txn(&self, txn: Txn) -> StoreResult<Revision> {
         txn.validate()?;
         let (first_key, request) = etcd_txn(&txn, false);
-        let resp = self
-            .call_kv(|mut c| {
-                let request = request.clone();
-                async move { c.txn(request).await }
-            })
-            .await
-            .map_err(|e| map_err(&first_key, e))?;
+        let resp = self.send_txn(&first_key, request).await?;
         if resp.succeeded() {
             return Ok(header_revision(resp.header()));
         }
@@ -542,13 +528,7 @@ impl Datastore for EtcdStore {
     async fn txn_or_read(&self, txn: Txn) -> StoreResult<TxnOutcome> {
         txn.validate()?;
         let (first_key, request) = etcd_txn(&txn, true);
-        let resp = self
-            .call_kv(|mut c| {
-                let request = request.clone();
-                async move { c.txn(request).await }
-            })
-            .await
-            .map_err(|e| map_err(&first_key, e))?;
+        let resp = self.send_txn(&first_key, request).await?;
         if resp.succeeded() {
             return Ok(TxnOutcome::Committed(header_revision(resp.header())));
         }
@@ -569,13 +549,7 @@ impl Datastore for EtcdStore {
                 .map(|k| EtcdTxnOp::get(k.as_str(), None))
                 .collect();
             let request = EtcdTxn::new().and_then(reads);
-            let resp = self
-                .call_kv(|mut c| {
-                    let request = request.clone();
-                    async move { c.txn(request).await }
-                })
-                .await
-                .map_err(|e| map_err(first, e))?;
+            let resp = self.send_txn(first, request).await?;
             out.extend(get_responses(&resp));
         }
         Ok(out)

@@ -241,20 +241,8 @@ impl Agent {
                 "networking.concentrator_uuid is empty: the subnet has no concentrator",
             ));
         }
-        let key = CalicoKey::WorkloadEndpoint(self.endpoint_id(&r.instance, &r.vnic)).path();
+        let key = self.unstarted_endpoint(r).await?;
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
-        if self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| network(e.to_string()))?
-            .is_some()
-        {
-            return Err(refuse(
-                StartFailureReason::InstanceExists,
-                format!("instance {} already has VNIC {}", r.instance, r.vnic),
-            ));
-        }
         let ipam = self.ipam(&r.tenant);
         let attributes = [
             ("instance".to_string(), r.instance.clone()),
@@ -309,6 +297,27 @@ impl Agent {
             ip,
             mac,
         })
+    }
+
+    /// The key the START's endpoint will have; refused if it exists (a repeated START must
+    /// not allocate a second address).
+    pub(super) async fn unstarted_endpoint(
+        &self,
+        r: &StartRequest,
+    ) -> Result<String, Refused<StartFailureReason>> {
+        let key = CalicoKey::WorkloadEndpoint(self.endpoint_id(&r.instance, &r.vnic)).path();
+        let existing = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| refuse(StartFailureReason::NetworkFailure, e.to_string()))?;
+        if existing.is_some() {
+            return Err(refuse(
+                StartFailureReason::InstanceExists,
+                format!("instance {} already has VNIC {}", r.instance, r.vnic),
+            ));
+        }
+        Ok(key)
     }
 
     /// Creates the tenant's default profile (allow all) unless it exists; once per tenant

@@ -110,20 +110,8 @@ impl Agent {
         routed: &RoutedParts,
         r: &StartRequest,
     ) -> Result<Started, Refused<StartFailureReason>> {
-        let key = CalicoKey::WorkloadEndpoint(self.endpoint_id(&r.instance, &r.vnic)).path();
+        let key = self.unstarted_endpoint(r).await?;
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
-        if self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| network(e.to_string()))?
-            .is_some()
-        {
-            return Err(refuse(
-                StartFailureReason::InstanceExists,
-                format!("instance {} already has VNIC {}", r.instance, r.vnic),
-            ));
-        }
         let attributes: BTreeMap<String, String> = [
             ("instance".to_string(), r.instance.clone()),
             ("tenant".to_string(), r.tenant.clone()),

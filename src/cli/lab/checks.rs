@@ -223,15 +223,7 @@ pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responder
                     leaks.join("; ")
                 },
             ));
-            for c in &out {
-                println!(
-                    "          {} {:<10} {:<11} {}",
-                    if c.ok { "✓" } else { "✗" },
-                    c.workload,
-                    c.kind,
-                    c.detail
-                );
-            }
+            print_checks(&out);
             out
         }
     });
@@ -252,6 +244,19 @@ pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responder
             .count();
     step.done(&format!("{} of {total} passed", total - failed));
     Ok(Responders(handles))
+}
+
+/// A workload's checks as they end, under the step that runs them.
+fn print_checks(checks: &[Check]) {
+    for c in checks {
+        println!(
+            "          {} {:<10} {:<11} {}",
+            if c.ok { "✓" } else { "✗" },
+            c.workload,
+            c.kind,
+            c.detail
+        );
+    }
 }
 
 fn said(a: &Option<Answer>) -> String {
@@ -387,15 +392,7 @@ async fn run_routed(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Respon
                     format!("missed {}", missed.join("; "))
                 },
             ));
-            for c in &out {
-                println!(
-                    "          {} {:<10} {:<11} {}",
-                    if c.ok { "✓" } else { "✗" },
-                    c.workload,
-                    c.kind,
-                    c.detail
-                );
-            }
+            print_checks(&out);
             out
         }
     });
