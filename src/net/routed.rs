@@ -339,8 +339,8 @@ pub fn host_sysctls() -> Vec<(String, &'static str)> {
     ]
 }
 
-/// Removes a host-side interface's sysctl-free state: deleting the veth drops its routes and
-/// neighbour entries with it, and the workload side with it.
+/// Deletes a routed workload's host-side link; its routes and neighbour entries (and a veth's
+/// workload end) go with it. An already-deleted link is not an error.
 pub async fn detach_workload(host: &Netlink, host_index: u32) -> NetResult<()> {
     match host.delete(host_index).await {
         Ok(()) => Ok(()),

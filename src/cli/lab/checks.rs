@@ -120,20 +120,7 @@ pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responder
             }
             out.push(check("gateway", ok, format!("ping {}", x.gateway)));
 
-            let mut reached = Vec::new();
-            let mut missed = Vec::new();
-            for y in report
-                .workloads
-                .iter()
-                .filter(|y| y.tenant == x.tenant && y.name != x.name)
-            {
-                match probe(&ns, y.ip, PROBE_TIMEOUT).await {
-                    Some(a) if a.banner == banner(y) => {
-                        reached.push(format!("{} ({} on {})", y.name, y.ip, y.host))
-                    }
-                    other => missed.push(format!("{} ({}): {}", y.name, y.ip, said(&other))),
-                }
-            }
+            let (mut reached, mut missed) = probe_tenant(&ns, x, &report.workloads).await;
             for (tenant, ip, holder) in canaries.iter().filter(|c| c.0 == x.tenant) {
                 match probe(&ns, *ip, PROBE_TIMEOUT).await {
                     Some(a) if a.banner == format!("workload {holder}") => {
@@ -145,11 +132,7 @@ pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responder
             out.push(check(
                 "tenant",
                 missed.is_empty(),
-                if missed.is_empty() {
-                    format!("reached {}", reached.join(", "))
-                } else {
-                    format!("missed {}", missed.join("; "))
-                },
+                reach_detail(&reached, &missed),
             ));
 
             let conc = report
@@ -244,6 +227,36 @@ pub async fn run(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Responder
             .count();
     step.done(&format!("{} of {total} passed", total - failed));
     Ok(Responders(handles))
+}
+
+/// Probes every other workload of `x`'s tenant from `x`: (reached, missed), each described.
+async fn probe_tenant(
+    ns: &std::path::Path,
+    x: &WorkloadInfo,
+    workloads: &[WorkloadInfo],
+) -> (Vec<String>, Vec<String>) {
+    let mut reached = Vec::new();
+    let mut missed = Vec::new();
+    for y in workloads
+        .iter()
+        .filter(|y| y.tenant == x.tenant && y.name != x.name)
+    {
+        match probe(ns, y.ip, PROBE_TIMEOUT).await {
+            Some(a) if a.banner == banner(y) => {
+                reached.push(format!("{} ({} on {})", y.name, y.ip, y.host))
+            }
+            other => missed.push(format!("{} ({}): {}", y.name, y.ip, said(&other))),
+        }
+    }
+    (reached, missed)
+}
+
+fn reach_detail(reached: &[String], missed: &[String]) -> String {
+    if missed.is_empty() {
+        format!("reached {}", reached.join(", "))
+    } else {
+        format!("missed {}", missed.join("; "))
+    }
 }
 
 /// A workload's checks as they end, under the step that runs them.
@@ -364,20 +377,7 @@ async fn run_routed(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Respon
             // Routes arrive by BGP: a peer's block may take a scan or two after the mesh is up.
             let deadline = tokio::time::Instant::now() + CONVERGE;
             let (reached, missed) = loop {
-                let mut reached = Vec::new();
-                let mut missed = Vec::new();
-                for y in report
-                    .workloads
-                    .iter()
-                    .filter(|y| y.tenant == x.tenant && y.name != x.name)
-                {
-                    match probe(&ns, y.ip, PROBE_TIMEOUT).await {
-                        Some(a) if a.banner == banner(y) => {
-                            reached.push(format!("{} ({} on {})", y.name, y.ip, y.host))
-                        }
-                        other => missed.push(format!("{} ({}): {}", y.name, y.ip, said(&other))),
-                    }
-                }
+                let (reached, missed) = probe_tenant(&ns, x, &report.workloads).await;
                 if missed.is_empty() || tokio::time::Instant::now() > deadline {
                     break (reached, missed);
                 }
@@ -386,11 +386,7 @@ async fn run_routed(lab: &mut Lab, progress: &Progress) -> anyhow::Result<Respon
             out.push(check(
                 "tenant",
                 missed.is_empty(),
-                if missed.is_empty() {
-                    format!("reached {}", reached.join(", "))
-                } else {
-                    format!("missed {}", missed.join("; "))
-                },
+                reach_detail(&reached, &missed),
             ));
             print_checks(&out);
             out
