@@ -19,6 +19,8 @@ packages=(
     bird2                              # routed mode: the BGP speaker tenet configures
     gobgpd                             # routed mode tests: an independent BGP peer (upstream router)
     systemd                            # systemd-analyze verify for the packaged units
+    containernetworking-plugins        # CNI tests/bench: the reference bridge + host-local plugins
+    golang-go golang-github-appc-cni-dev golang-github-containernetworking-plugins-dev  # cnitool's build
 )
 
 missing=()
@@ -39,7 +41,10 @@ done
 # The Debian package (tests/packaging.rs, packaging/README.md) is built with cargo-deb.
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
 
-for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze; do
+# CNI's reference client, built from Debian's source package (not packaged as a binary).
+command -v cnitool >/dev/null || "$(dirname "$0")/build-cnitool.sh" /usr/local/bin/cnitool
+
+for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze cnitool; do
     command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
 done
 echo "setup.sh: ready ($(etcd --version | head -1), $(protoc --version))"

@@ -48,8 +48,14 @@ impl LogFormat {
 /// Installs the process's subscriber. JSON lines carry the timestamp, level, target, the
 /// message and fields, and the span chain with each span's fields.
 pub fn init(format: LogFormat) {
+    init_with(format, "info");
+}
+
+/// [`init`] with another level than `info` when `RUST_LOG` is unset (the CNI plugin logs
+/// warnings only: a runtime shows its stderr to users).
+pub fn init_with(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

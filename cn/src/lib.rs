@@ -3,6 +3,7 @@
 //! agent turns into SSNTP messages and runtime calls. Built on `tenet::net`.
 
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod discovery;
 pub mod error;

@@ -372,30 +372,9 @@ fn api_call(
     path: &Path,
     request: &str,
 ) -> (tenet_cn::agent::api::ApiResponse, Vec<std::os::fd::OwnedFd>) {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::io::Write;
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
-    s.write_all(format!("{request}\n").as_bytes()).unwrap();
-    let mut buf = vec![0u8; 65536];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 16]);
-    let mut fds = Vec::new();
-    let n = {
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg =
-            recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        msg.bytes
-    };
-    let line = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-    (serde_json::from_str(&line).unwrap(), fds)
+    tenet_cn::agent::api_client::ApiClient::new(path)
+        .call_raw(request)
+        .unwrap()
 }
 
 fn strings(args: &[&str]) -> Vec<String> {

@@ -2,58 +2,93 @@
 //! launcher, the CNI plugin or the Docker plugin on the same host drive the node without
 //! SSNTP. One JSON request per line, one JSON response per line:
 //!
-//! * `{"op":"create", "instance", "vnic", "tenant", "subnet", "concentrator",
-//!   "concentrator_ip", "mac"?, "ip"?, "netns"?, "kind":"vm"|"container", "queues"?}` — the
-//!   same as a START (address, VNIC, endpoint, TenantAdded when the tunnel is new). The
-//!   response `{"ok":true,"ifname","ip","mac","bridge","mtu","queues":N}` carries, for a VM
-//!   tap, its N queue descriptors as SCM_RIGHTS on the same message.
-//! * `{"op":"destroy","instance"}` — the same as a DELETE.
+//! * `{"op":"create", "instance", "vnic", "tenant", "subnet", "kind":"vm"|"container",
+//!   "concentrator"?, "concentrator_ip"?, "mac"?, "ip"?, "netns"?, "ifname"?, "queues"?,
+//!   "mode"?}` — the same as a START (address, VNIC, endpoint, TenantAdded when the tunnel is
+//!   new). Without `concentrator_ip` the concentrator's address comes from its status in etcd
+//!   (it must be running and serve the tenant). `mode`, when given, must be the node's. The
+//!   response `{"ok":true,"ifname","ip","prefix","gateway","mac","bridge","mtu","queues":N}`
+//!   carries, for a VM tap, its N queue descriptors as SCM_RIGHTS on the same message.
+//! * `{"op":"destroy","instance","vnic"?}` — the same as a DELETE (of one VNIC when named).
 //!
 //! A refusal is `{"ok":false,"reason","detail"}` with ciao's reason words.
 
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use ssntp::Client;
 use ssntp::payload::StartFailureReason;
+use tenet::keyspace::NetworkMode;
+use tenet::keyspace::node::{self, NodeRole};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{Instrument, info, warn};
 
-use super::instance::StartRequest;
+use super::instance::{CONTAINER_IFNAME, Refused, StartRequest, refuse};
 use super::{Agent, Dispatcher};
-use tenet::types::MacAddr;
+use tenet::types::{MacAddr, gateway_of};
 
 /// Longest request line accepted.
-const MAX_REQUEST: usize = 64 * 1024;
+pub const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
 pub enum ApiRequest {
-    Create {
-        instance: String,
-        vnic: String,
-        tenant: String,
-        subnet: ipnetwork::Ipv4Network,
-        concentrator: String,
-        concentrator_ip: std::net::Ipv4Addr,
-        #[serde(default)]
-        mac: Option<MacAddr>,
-        #[serde(default)]
-        ip: Option<std::net::Ipv4Addr>,
-        #[serde(default)]
-        netns: Option<PathBuf>,
-        kind: String,
-        #[serde(default)]
-        queues: Option<usize>,
-    },
-    Destroy {
-        instance: String,
-    },
+    Create(CreateVnic),
+    Destroy(DestroyVnic),
 }
 
-#[derive(Debug, Serialize, Deserialize, Default)]
+/// What a workload is: a VM gets a tap, a container a veth whose peer moves into its netns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VnicKind {
+    Vm,
+    Container,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVnic {
+    pub instance: String,
+    pub vnic: String,
+    pub tenant: String,
+    /// GRE mode: the tenant subnet; routed mode: the Calico pool to allocate from.
+    pub subnet: Ipv4Network,
+    pub kind: VnicKind,
+    /// The concentrator's UUID (GRE mode).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub concentrator: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concentrator_ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The interface's name in the container (default eth0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<usize>,
+    /// The mode the caller expects the node to run in; refused when it runs in another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NetworkMode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyVnic {
+    pub instance: String,
+    /// Only this VNIC of the instance (a CNI DEL of one interface); all of them otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnic: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ApiResponse {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,7 +98,13 @@ pub struct ApiResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ifname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<std::net::Ipv4Addr>,
+    pub ip: Option<Ipv4Addr>,
+    /// The prefix length of the workload's address (the subnet's; 32 in routed mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+    /// The workload's default gateway (the subnet's gateway; 169.254.1.1 in routed mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,77 +213,13 @@ async fn handle(
     dispatch: &Dispatcher,
 ) -> (ApiResponse, Vec<OwnedFd>) {
     match req {
-        ApiRequest::Create {
-            instance,
-            vnic,
-            tenant,
-            subnet,
-            concentrator,
-            concentrator_ip,
-            mac,
-            ip,
-            netns,
-            kind,
-            queues,
-        } => {
-            let container = match kind.as_str() {
-                "vm" => false,
-                "container" => true,
-                other => {
-                    return (
-                        refused(
-                            "InvalidData",
-                            format!("kind {other:?}: want vm or container"),
-                        ),
-                        Vec::new(),
-                    );
-                }
-            };
-            let start = StartRequest {
-                instance,
-                vnic,
-                tenant,
-                subnet,
-                concentrator,
-                concentrator_ip,
-                mac,
-                ip,
-                container,
-                netns,
-                queues: queues.unwrap_or(1),
-            };
-            if let Err(r) = super::instance::check_request(&start) {
-                return (refused(r.reason, r.detail), Vec::new());
-            }
-            // The rules of STARTs (see `Dispatcher`).
-            let _shared = dispatch.gate.read().await;
-            match dispatch
-                .one_per_instance(&start.instance, agent.start(&start))
-                .await
-            {
-                Err(r) => (refused(r.reason, r.detail), Vec::new()),
-                Ok(started) => {
-                    if let Some(t) = &started.tunnel {
-                        agent.tunnel_event(client, t).await;
-                    }
-                    let v = started.vnic;
-                    let response = ApiResponse {
-                        ok: true,
-                        ifname: Some(v.ifname),
-                        ip: Some(started.ip),
-                        mac: Some(started.mac.to_string()),
-                        bridge: Some(v.bridge),
-                        mtu: Some(v.mtu),
-                        queues: v.queues.len(),
-                        ..Default::default()
-                    };
-                    (response, v.queues)
-                }
-            }
-        }
-        ApiRequest::Destroy { instance } => {
+        ApiRequest::Create(create) => match create_vnic(create, agent, client, dispatch).await {
+            Ok(done) => done,
+            Err(r) => (refused(r.reason, r.detail), Vec::new()),
+        },
+        ApiRequest::Destroy(DestroyVnic { instance, vnic }) => {
             let _alone = dispatch.gate.write().await;
-            match agent.delete(&instance).await {
+            match agent.delete(&instance, vnic.as_deref()).await {
                 Err(r) => (refused(r.reason, r.detail), Vec::new()),
                 Ok(tunnels) => {
                     for t in &tunnels {
@@ -257,6 +234,118 @@ async fn handle(
                     )
                 }
             }
+        }
+    }
+}
+
+async fn create_vnic(
+    c: CreateVnic,
+    agent: &Agent,
+    client: &Client,
+    dispatch: &Dispatcher,
+) -> Result<(ApiResponse, Vec<OwnedFd>), Refused<StartFailureReason>> {
+    let bad = |detail: String| refuse(StartFailureReason::InvalidData, detail);
+    let node_mode = match agent.routed {
+        Some(_) => NetworkMode::Routed,
+        None => NetworkMode::Gre,
+    };
+    if let Some(mode) = c.mode {
+        let same = match mode {
+            NetworkMode::Routed => node_mode == NetworkMode::Routed,
+            NetworkMode::Gre | NetworkMode::Vxlan => node_mode != NetworkMode::Routed,
+        };
+        if !same {
+            return Err(bad(format!(
+                "this node runs in {node_mode} mode; the request is for {mode} mode"
+            )));
+        }
+    }
+    let concentrator_ip = match (node_mode, c.concentrator_ip) {
+        (NetworkMode::Routed, ip) => ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        (_, Some(ip)) => ip,
+        (_, None) => agent.concentrator_ip(&c.tenant, &c.concentrator).await?,
+    };
+    let start = StartRequest {
+        instance: c.instance,
+        vnic: c.vnic,
+        tenant: c.tenant,
+        subnet: c.subnet,
+        concentrator: c.concentrator,
+        concentrator_ip,
+        mac: c.mac,
+        ip: c.ip,
+        container: c.kind == VnicKind::Container,
+        netns: c.netns,
+        ifname: c.ifname.unwrap_or_else(|| CONTAINER_IFNAME.into()),
+        queues: c.queues.unwrap_or(1),
+    };
+    super::instance::check_request(&start)?;
+    // The rules of STARTs (see `Dispatcher`).
+    let _shared = dispatch.gate.read().await;
+    let started = dispatch
+        .one_per_instance(&start.instance, agent.start(&start))
+        .await?;
+    if let Some(t) = &started.tunnel {
+        agent.tunnel_event(client, t).await;
+    }
+    let (prefix, gateway) = match node_mode {
+        NetworkMode::Routed => (32, tenet::net::routed::GATEWAY_V4),
+        _ => (start.subnet.prefix(), gateway_of(&start.subnet)),
+    };
+    let v = started.vnic;
+    let response = ApiResponse {
+        ok: true,
+        ifname: Some(v.ifname),
+        ip: Some(started.ip),
+        prefix: Some(prefix),
+        gateway: Some(gateway),
+        mac: Some(started.mac.to_string()),
+        bridge: Some(v.bridge).filter(|b| !b.is_empty()),
+        mtu: Some(v.mtu).filter(|m| *m != 0),
+        queues: v.queues.len(),
+        ..Default::default()
+    };
+    Ok((response, v.queues))
+}
+
+impl Agent {
+    /// A running concentrator's underlay address, from its status in etcd; it must serve
+    /// `tenant`.
+    async fn concentrator_ip(
+        &self,
+        tenant: &str,
+        uuid: &str,
+    ) -> Result<Ipv4Addr, Refused<StartFailureReason>> {
+        let bad = |detail: String| refuse(StartFailureReason::InvalidData, detail);
+        if uuid.is_empty() {
+            return Err(bad(
+                "concentrator is empty: name the concentrator that serves the tenant's subnet"
+                    .into(),
+            ));
+        }
+        let key = node::key(uuid);
+        let raw = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| refuse(StartFailureReason::NetworkFailure, format!("{key}: {e}")))?
+            .ok_or_else(|| {
+                bad(format!(
+                    "concentrator {uuid} is not running (no status at {key}); start it or give its address"
+                ))
+            })?;
+        let status = node::decode(&key, &raw.value).map_err(|e| bad(format!("{key}: {e}")))?;
+        if status.role != NodeRole::Concentrator {
+            return Err(bad(format!(
+                "{uuid} is a {}, not a concentrator",
+                status.role
+            )));
+        }
+        match status.tenant.as_deref() {
+            Some(t) if t != tenant => Err(bad(format!(
+                "concentrator {uuid} serves tenant {t}, not {tenant}"
+            ))),
+            _ => Ok(status.underlay_ip),
         }
     }
 }

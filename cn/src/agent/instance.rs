@@ -44,9 +44,14 @@ pub struct StartRequest {
     pub ip: Option<Ipv4Addr>,
     pub container: bool,
     pub netns: Option<PathBuf>,
+    /// The interface's name inside a container's namespace (CNI_IFNAME; `eth0` otherwise).
+    pub ifname: String,
     /// VM taps: how many queue descriptors to open (the local API hands them out).
     pub queues: usize,
 }
+
+/// The interface name a container gets unless its runtime names one.
+pub const CONTAINER_IFNAME: &str = "eth0";
 
 /// What a START made.
 #[derive(Debug)]
@@ -130,6 +135,7 @@ pub fn start_request(s: &StartCommand) -> Result<StartRequest, Refused<StartFail
         ip,
         container: netns.is_some() || s.vm_type == "docker",
         netns,
+        ifname: CONTAINER_IFNAME.into(),
         queues: 1,
     })
 }
@@ -160,8 +166,26 @@ pub fn check_request(r: &StartRequest) -> Result<(), Refused<StartFailureReason>
     if r.netns.is_some() && !r.container {
         return Err(bad("netns is for a container, not a VM".into()));
     }
+    if let Err(why) = check_ifname(&r.ifname) {
+        return Err(bad(format!("ifname {:?}: {why}", r.ifname)));
+    }
     if r.queues > 64 {
         return Err(bad(format!("{} queues: at most 64", r.queues)));
+    }
+    Ok(())
+}
+
+/// The kernel's rules for an interface name (`dev_valid_name`).
+fn check_ifname(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 15 {
+        return Err("an interface name has 1 to 15 bytes");
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err("an interface name has no '/', ':' or space and is not . or ..");
     }
     Ok(())
 }
@@ -193,7 +217,7 @@ fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Ipv4Addr) -> VnicConfig {
     }
     c.netns = r.netns.as_ref().map(|path| ContainerNetns {
         path: path.clone(),
-        ifname: "eth0".into(),
+        ifname: r.ifname.clone(),
         address: Ipv4Network::new(ip, r.subnet.prefix()).expect("the subnet's prefix"),
         gateway: Some(gateway_of(&r.subnet)),
     });
@@ -257,6 +281,7 @@ impl Agent {
                 | IpamError::Reserved(_)
                 | IpamError::CidrTooSmall(_)
                 | IpamError::NotInPool(_) => refuse(StartFailureReason::InvalidData, e.to_string()),
+                IpamError::NoFreeAddress(_) => refuse(StartFailureReason::FullCloud, e.to_string()),
                 e => network(format!("allocating an address in {}: {e}", r.subnet)),
             })?;
         let mac = r.mac.unwrap_or_else(|| mac_for(&r.vnic));
@@ -351,6 +376,7 @@ impl Agent {
     pub(super) async fn delete(
         &self,
         instance: &str,
+        only: Option<&str>,
     ) -> Result<Vec<TunnelEvent>, Refused<DeleteFailureReason>> {
         let prefix = format!(
             "{}/",
@@ -366,15 +392,21 @@ impl Agent {
                 format!("reading endpoints: {e}"),
             )
         })?;
-        if listing.kvs.is_empty() {
+        let chosen: Vec<_> = listing
+            .kvs
+            .iter()
+            .map(|kv| (tenet::calico::unescape_name(&kv.key[prefix.len()..]), kv))
+            .filter(|(vnic, _)| only.is_none_or(|o| o == vnic))
+            .collect();
+        if chosen.is_empty() {
+            let what = only.map_or(String::new(), |v| format!(" named {v}"));
             return Err(refuse(
                 DeleteFailureReason::NoInstance,
-                format!("no VNIC of instance {instance} on {}", self.host),
+                format!("no VNIC{what} of instance {instance} on {}", self.host),
             ));
         }
         let mut events = Vec::new();
-        for kv in &listing.kvs {
-            let vnic = tenet::calico::unescape_name(&kv.key[prefix.len()..]);
+        for (vnic, kv) in chosen {
             let endpoint = serde_json::from_slice::<WorkloadEndpoint>(&kv.value);
             if let (Ok(e), Some(routed)) = (&endpoint, &self.routed)
                 && super::routed::is_routed(e)

@@ -15,6 +15,7 @@
 //! Its status lives under `/tenet/v1/node/<uuid>` on a lease, as the concentrator's does.
 
 pub mod api;
+pub mod api_client;
 pub mod instance;
 pub mod routed;
 
@@ -664,7 +665,7 @@ impl Agent {
             Ok(d) => {
                 let instance = d.delete.instance_uuid.trim().to_string();
                 let span = info_span!("delete", %instance);
-                let r = self.delete(&instance).instrument(span).await;
+                let r = self.delete(&instance, None).instrument(span).await;
                 (instance, r)
             }
         };

@@ -151,9 +151,15 @@ impl Agent {
                     r.subnet, r.subnet
                 ),
             ),
+            IpamError::NoFreeAddress(_) => refuse(StartFailureReason::FullCloud, e.to_string()),
             e => network(format!("allocating an address from pool {}: {e}", r.subnet)),
         })?
-        .ok_or_else(|| network(format!("pool {} has no free address", r.subnet)))?;
+        .ok_or_else(|| {
+            refuse(
+                StartFailureReason::FullCloud,
+                format!("pool {} has no free address", r.subnet),
+            )
+        })?;
         let mac = r.mac.unwrap_or_else(|| super::instance::mac_for(&r.vnic));
         let config = RoutedVnicConfig {
             vnic_id: r.vnic.clone(),
@@ -166,7 +172,7 @@ impl Agent {
             addresses: vec![IpNetwork::V4(Ipv4Network::new(ip, 32).expect("a /32"))],
             mac: Some(mac),
             netns: r.netns.clone(),
-            ifname: "eth0".into(),
+            ifname: r.ifname.clone(),
             mtu: None,
             queues: r.queues,
         };

@@ -302,6 +302,7 @@ impl Lab {
         for (i, host) in cn_hosts.iter().enumerate() {
             let name = format!("cn-{}", i + 1);
             let uuid = Uuid::new_v4().to_string();
+            let api_socket = owner.dir().join(format!("{name}.sock"));
             let log = logs.join(format!("{name}.log"));
             let agent = Daemon::spawn(
                 &format!("tenet-cn {name}"),
@@ -312,7 +313,7 @@ impl Lab {
                         s("--host"),
                         name.clone(),
                         s("--api-socket"),
-                        s(owner.dir().join(format!("{name}.sock")).display()),
+                        s(api_socket.display()),
                     ],
                     if plan.policy {
                         vec![s("--policy")]
@@ -348,6 +349,7 @@ impl Lab {
                 pid: agent.pid(),
                 log,
                 bird_socket,
+                api_socket,
             });
             cn_agents.push(agent);
         }

@@ -169,6 +169,8 @@ pub struct ComputeHostInfo {
     /// Routed mode: its BIRD's control socket (`tenet node status --socket`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bird_socket: Option<PathBuf>,
+    /// tenet-cn's local API (`tenet-cni`'s `socket`).
+    pub api_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
