@@ -349,7 +349,10 @@ fn cnitool_adds_checks_and_deletes_a_container_on_a_tenant_network() {
     assert!(!ok);
     assert_eq!(error["code"], 7, "{error}");
     assert!(
-        error["details"].as_str().unwrap().contains(r#"subnet "nope" is not an IPv4 network"#),
+        error["details"]
+            .as_str()
+            .unwrap()
+            .contains(r#"subnet "nope" is not an IPv4 network"#),
         "{error}"
     );
     let unreachable = json!({"cniVersion": "0.4.0", "name": "x", "type": "tenet-cni",

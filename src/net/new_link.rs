@@ -50,6 +50,10 @@ pub struct VethPeer {
     pub name: String,
     pub mtu: Option<u32>,
     pub mac: Option<[u8; 6]>,
+    /// Create the peer directly in the namespace open at this descriptor (IFLA_NET_NS_FD in
+    /// the peer's message), as `ip link add … peer name X netns N` does: moving it there
+    /// afterwards costs the kernel an RCU grace period (tens of milliseconds).
+    pub netns_fd: Option<i32>,
 }
 
 /// What kind of link to create.
@@ -108,6 +112,7 @@ impl NewLink {
                 name: peer.into(),
                 mtu: None,
                 mac: None,
+                netns_fd: None,
             }),
         )
     }
@@ -116,6 +121,15 @@ impl NewLink {
         if let LinkKind::Veth(peer) = &mut self.kind {
             peer.mtu = mtu;
             peer.mac = mac;
+        }
+        self
+    }
+    /// Creates a veth's peer inside the namespace open at `fd`, which must stay open until
+    /// the request is answered (no-op for other kinds).
+    pub fn peer_netns(mut self, fd: std::os::fd::BorrowedFd<'_>) -> Self {
+        use std::os::fd::AsRawFd;
+        if let LinkKind::Veth(peer) = &mut self.kind {
+            peer.netns_fd = Some(fd.as_raw_fd());
         }
         self
     }
@@ -162,7 +176,7 @@ impl NewLink {
             LinkKind::Veth(peer) => {
                 check_name("create", &self.object(), &peer.name)?;
                 let mut msg = LinkVeth::new(&self.name, &peer.name).build();
-                if peer.mtu.is_some() || peer.mac.is_some() {
+                if peer.mtu.is_some() || peer.mac.is_some() || peer.netns_fd.is_some() {
                     set_veth_peer(&mut msg, peer);
                 }
                 msg
@@ -224,6 +238,9 @@ fn set_veth_peer(msg: &mut LinkMessage, peer: &VethPeer) {
                 }
                 if let Some(mac) = peer.mac {
                     p.attributes.push(LinkAttribute::Address(mac.to_vec()));
+                }
+                if let Some(fd) = peer.netns_fd {
+                    p.attributes.push(LinkAttribute::NetNsFd(fd));
                 }
             }
         }

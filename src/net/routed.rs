@@ -201,13 +201,18 @@ pub async fn attach_workload(
             ));
         }
     }
-    let peer = format!("{}p", &spec.host_ifname[..spec.host_ifname.len().min(14)]);
-    let mut link = NewLink::veth(&spec.host_ifname, &peer);
+    // The workload's end is made in its namespace under its final name (moving it there
+    // afterwards costs an RCU grace period).
+    let target = std::fs::File::open(workload_netns)
+        .map_err(|e| NetError::new("open", workload_netns.display().to_string(), e))?;
+    let mut link =
+        NewLink::veth(&spec.host_ifname, &spec.workload_ifname).peer_netns(target.as_fd());
     if let Some(mtu) = spec.mtu {
         link = link.mtu(mtu).peer_settings(Some(mtu), None);
     }
     let created = host.create(&link).await?;
-    match finish_attach(host, host_netns, workload_netns, spec, created.index, &peer).await {
+    drop(target);
+    match finish_attach(host, host_netns, workload_netns, spec, created.index).await {
         Ok(w) => Ok(w),
         Err(e) => {
             let _ = host.delete(created.index).await;
@@ -222,15 +227,8 @@ async fn finish_attach(
     workload_netns: &Path,
     spec: &RoutedWorkloadSpec,
     host_index: u32,
-    peer: &str,
 ) -> NetResult<RoutedWorkload> {
     let ipv6 = spec.addresses.iter().any(|a| a.is_ipv6());
-    let peer_index = host.index_of(peer).await?;
-    let target = std::fs::File::open(workload_netns)
-        .map_err(|e| NetError::new("open", workload_netns.display().to_string(), e))?;
-    host.move_to_netns(peer_index, target.as_fd(), Some(&spec.workload_ifname))
-        .await?;
-
     let inside = Netlink::connect_in(workload_netns)?;
     let index = inside.index_of(&spec.workload_ifname).await?;
     if ipv6 {

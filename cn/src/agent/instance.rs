@@ -425,7 +425,19 @@ impl Agent {
                 }
             };
             let config = config_of(instance, &vnic, &record);
-            match self.node.destroy_vnic(&config, None).await {
+            // The kernel's link deletion waits for an RCU grace period (tens of ms); the
+            // endpoint and the address go meanwhile. The node forgets the VNIC before its
+            // kernel work, so if the kernel refuses, the link is left to the next rebuild
+            // (a VNIC without an endpoint is removed) whatever the order here.
+            let forget = async {
+                match self.store.delete(&kv.key, None).await {
+                    Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => warn!(key = %kv.key, error = %e, "could not delete the endpoint"),
+                }
+                self.release(&record.tenant, &vnic).await;
+            };
+            let (destroyed, ()) = tokio::join!(self.node.destroy_vnic(&config, None), forget);
+            match destroyed {
                 Ok(d) => events.extend(d.tunnel.filter(|t| t.kind == TunnelEventKind::Del)),
                 Err(e) => {
                     return Err(refuse(
@@ -434,11 +446,6 @@ impl Agent {
                     ));
                 }
             }
-            match self.store.delete(&kv.key, None).await {
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => warn!(key = %kv.key, error = %e, "could not delete the endpoint"),
-            }
-            self.release(&record.tenant, &vnic).await;
             info!(%instance, %vnic, ip = %record.ip, "VNIC deleted");
         }
         Ok(events)

@@ -252,21 +252,32 @@ impl ComputeNode {
             }
             _ => {
                 let peer = peer.as_deref().expect("containers have a peer");
-                // Host end on the bridge and up, container end with its MTU and MAC: one
+                // Host end on the bridge and up, container end with its MTU and MAC — made
+                // in the container's namespace under its final name when there is one: one
                 // request.
-                let new = NewLink::veth(&ifname, peer)
-                    .peer_settings(Some(mtu), mac.map(MacAddr::octets))
-                    .mtu(mtu)
-                    .controller(bridge_index)
-                    .up();
+                let netns = match &config.netns {
+                    Some(ns) => Some(std::fs::File::open(&ns.path).map_err(|e| {
+                        CnError::config("netns.path", format!("{}: {e}", ns.path.display()))
+                    })?),
+                    None => None,
+                };
+                let new = match (&netns, &config.netns) {
+                    (Some(file), Some(ns)) => {
+                        NewLink::veth(&ifname, &ns.ifname).peer_netns(file.as_fd())
+                    }
+                    _ => NewLink::veth(&ifname, peer),
+                }
+                .peer_settings(Some(mtu), mac.map(MacAddr::octets))
+                .mtu(mtu)
+                .controller(bridge_index)
+                .up();
                 self.netlink.create_index(&new).await?
             }
         };
         fault_point!(self, VnicLinkCreated);
         let finish = async {
-            if let (Some(peer), Some(ns)) = (&peer, &config.netns) {
-                let p = self.netlink.index_of(peer).await?;
-                self.move_into_container(p, ns).await?;
+            if let Some(ns) = &config.netns {
+                self.configure_container(ns).await?;
             }
             // The alias is the commit mark: in the last request.
             let update = if config.role == VnicRole::Vm {
@@ -307,14 +318,9 @@ impl ComputeNode {
         })
     }
 
-    /// Moves the container side into the runtime's namespace with its name, address and
-    /// default route.
-    async fn move_into_container(&self, index: u32, ns: &ContainerNetns) -> Result<(), CnError> {
-        let file = std::fs::File::open(&ns.path)
-            .map_err(|e| CnError::config("netns.path", format!("{}: {e}", ns.path.display())))?;
-        self.netlink
-            .move_to_netns(index, file.as_fd(), Some(&ns.ifname))
-            .await?;
+    /// Gives the container side, already in the runtime's namespace under its name, its
+    /// address and default route.
+    async fn configure_container(&self, ns: &ContainerNetns) -> Result<(), CnError> {
         let inside = Netlink::connect_in(&ns.path)?;
         let configure = async {
             let i = inside.index_of(&ns.ifname).await?;
