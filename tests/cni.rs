@@ -379,3 +379,80 @@ fn cnitool_adds_checks_and_deletes_a_container_on_a_tenant_network() {
     let status = lab.terminate();
     assert!(status.success(), "{status}\n{}", lab.printed());
 }
+
+/// Routed mode: the container gets a /32 from the Calico pool with 169.254.1.1 as its
+/// gateway (answered by proxy ARP), and reaches its tenant's workloads through it, across
+/// hosts, by the routes BIRD spreads.
+#[test]
+fn cnitool_adds_a_routed_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab.json");
+    let mut lab = RunningLab::start(
+        dir.path(),
+        &[
+            "--mode",
+            "routed",
+            "--cns",
+            "2",
+            "--workloads",
+            "2",
+            "--duration",
+            "900",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+    );
+    let facts = lab.facts(&file);
+    assert_eq!(facts["passed"], true, "{}", lab.printed());
+    let host = &facts["compute_hosts"][0];
+    let net = json!({"type": "tenet-cni", "tenant": "acme", "mode": "routed",
+        "pool": "10.65.0.0/16", "socket": str_of(host, "api_socket")});
+    let nets = net_dir(dir.path(), &[("routed", net)]);
+    let c = Netns::create("cni").unwrap();
+    let added = cnitool(&nets, "add", "routed", &c, &[]);
+    assert!(
+        added.status.success(),
+        "{}\n{}",
+        printed(&added),
+        lab.printed()
+    );
+    let result: Value = serde_json::from_slice(&added.stdout).unwrap();
+    let address = result["ips"][0]["address"].as_str().unwrap();
+    assert!(
+        address.starts_with("10.65.") && address.ends_with("/32"),
+        "{result}"
+    );
+    assert_eq!(result["ips"][0]["gateway"], "169.254.1.1");
+    assert_eq!(result["routes"][0]["gw"], "169.254.1.1");
+    for w in facts["workloads"].as_array().unwrap() {
+        if w["tenant"] == "acme" {
+            assert!(
+                ping(c.name(), str_of(w, "ip")),
+                "the routed container reaches {} on {}",
+                str_of(w, "name"),
+                str_of(w, "host")
+            );
+        }
+    }
+    let checked = cnitool(&nets, "check", "routed", &c, &[]);
+    assert!(checked.status.success(), "{}", printed(&checked));
+    // A gre network on a routed node is refused, naming the node's mode.
+    let gre = json!({"type": "tenet-cni", "tenant": "acme", "subnet": "172.16.0.0/24",
+        "concentrator": "c", "concentratorIP": "10.254.0.99", "socket": str_of(host, "api_socket")});
+    let nets = net_dir(dir.path(), &[("gre", gre)]);
+    let other = Netns::create("cni").unwrap();
+    let refused = cnitool(&nets, "add", "gre", &other, &[]);
+    assert!(!refused.status.success());
+    assert!(
+        printed(&refused).contains("this node runs in routed mode"),
+        "{}",
+        printed(&refused)
+    );
+    for round in 1..=2 {
+        let del = cnitool(&nets, "del", "routed", &c, &[]);
+        assert!(del.status.success(), "DEL {round}: {}", printed(&del));
+    }
+    assert!(c.run(&["ip", "link", "show", "eth0"]).is_err());
+    let status = lab.terminate();
+    assert!(status.success(), "{status}\n{}", lab.printed());
+}

@@ -256,6 +256,7 @@ async fn run() {
             orchestrator: "ciao".into(),
             status_ttl: Duration::from_secs(10),
             api_socket: None,
+            docker_socket: None,
             policy: false,
             routed: None,
         },

@@ -21,6 +21,10 @@ pub const CONCENTRATOR_IP_LABEL: &str = "tenet.concentrator-ip";
 /// `vm` or `container`.
 pub const KIND_LABEL: &str = "tenet.kind";
 
+/// The kind of a Docker endpoint's VNIC: a container whose address belongs to Docker's IPAM
+/// driver (assigned and released through it, not by the agent).
+pub const KIND_DOCKER: &str = "docker";
+
 /// The Calico profile every VNIC of a tenant carries: its default security group. The
 /// compute node creates it allowing everything (tenants are already isolated by their
 /// bridges and tunnels); operators tighten it (`tenet replace profile`) or add policies.

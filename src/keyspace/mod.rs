@@ -6,6 +6,7 @@
 //! agent's status under `/tenet/v1/node/<uuid>`, on a lease ([`node`]).
 
 pub mod cnci;
+pub mod docker;
 pub mod node;
 
 use std::fmt;
@@ -160,6 +161,7 @@ pub enum TenetValue {
     TenantSubnet(TenantSubnet),
     Cnci(cnci::CnciValue),
     Node(node::NodeStatus),
+    DockerNetwork(docker::DockerNetwork),
 }
 
 impl TenetValue {
@@ -172,6 +174,7 @@ impl TenetValue {
             TenetValue::Cnci(cnci::CnciValue::Mesh(_)) => "Mesh",
             TenetValue::Cnci(cnci::CnciValue::Attach(_)) => "Attachment",
             TenetValue::Node(_) => "NodeStatus",
+            TenetValue::DockerNetwork(_) => "DockerNetwork",
         }
     }
 }
@@ -180,6 +183,9 @@ impl TenetValue {
 pub fn decode(path: &str, raw: &[u8]) -> Result<TenetValue, String> {
     if path.starts_with(&node::prefix()) {
         return node::decode(path, raw).map(TenetValue::Node);
+    }
+    if path.starts_with(&docker::network_prefix()) {
+        return docker::decode(path, raw).map(TenetValue::DockerNetwork);
     }
     if let Some(rest) = path.strip_prefix(&format!("{TENET_ROOT}cnci/")) {
         let key = cnci::CnciKey::parse(rest)?;

@@ -25,7 +25,7 @@ use ssntp::payload::StartFailureReason;
 use tenet::keyspace::NetworkMode;
 use tenet::keyspace::node::{self, NodeRole};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, warn};
 
 use super::instance::{CONTAINER_IFNAME, Refused, StartRequest, refuse};
 use super::{Agent, Dispatcher};
@@ -130,7 +130,7 @@ fn refused(reason: impl Serialize, detail: String) -> ApiResponse {
     }
 }
 
-/// Binds the socket (root only) and serves until the task is dropped.
+/// Binds a unix socket (root only), replacing a stale one.
 pub(super) fn bind(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
@@ -143,24 +143,18 @@ pub(super) fn bind(path: &Path) -> std::io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    info!(socket = %path.display(), "local API listening");
     Ok(listener)
 }
 
-pub(super) async fn serve(
-    listener: UnixListener,
-    agent: Arc<Agent>,
-    client: Client,
-    dispatch: Arc<Dispatcher>,
-) {
+pub(super) async fn serve(listener: UnixListener, local: Local) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (agent, client, dispatch) = (agent.clone(), client.clone(), dispatch.clone());
+        let local = local.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = connection(stream, &agent, &client, &dispatch).await {
+                if let Err(e) = connection(stream, &local).await {
                     warn!(error = %e, "local API connection");
                 }
             }
@@ -169,12 +163,7 @@ pub(super) async fn serve(
     }
 }
 
-async fn connection(
-    stream: UnixStream,
-    agent: &Agent,
-    client: &Client,
-    dispatch: &Dispatcher,
-) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, local: &Local) -> std::io::Result<()> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -185,7 +174,7 @@ async fn connection(
                     refused(StartFailureReason::InvalidPayload, e.to_string()),
                     Vec::new(),
                 ),
-                Ok(req) => handle(req, agent, client, dispatch).await,
+                Ok(req) => handle(req, local).await,
             };
             send(&stream, &response, &fds).await?;
         }
@@ -206,49 +195,31 @@ async fn connection(
     }
 }
 
-async fn handle(
-    req: ApiRequest,
-    agent: &Agent,
-    client: &Client,
-    dispatch: &Dispatcher,
-) -> (ApiResponse, Vec<OwnedFd>) {
-    match req {
-        ApiRequest::Create(create) => match create_vnic(create, agent, client, dispatch).await {
-            Ok(done) => done,
-            Err(r) => (refused(r.reason, r.detail), Vec::new()),
-        },
-        ApiRequest::Destroy(DestroyVnic { instance, vnic }) => {
-            let _alone = dispatch.gate.write().await;
-            match agent.delete(&instance, vnic.as_deref()).await {
-                Err(r) => (refused(r.reason, r.detail), Vec::new()),
-                Ok(tunnels) => {
-                    for t in &tunnels {
-                        agent.tunnel_event(client, t).await;
-                    }
-                    (
-                        ApiResponse {
-                            ok: true,
-                            ..Default::default()
-                        },
-                        Vec::new(),
-                    )
-                }
-            }
+async fn handle(req: ApiRequest, local: &Local) -> (ApiResponse, Vec<OwnedFd>) {
+    let done = match req {
+        ApiRequest::Create(create) => create_vnic(create, local).await,
+        ApiRequest::Destroy(DestroyVnic { instance, vnic }) => local
+            .delete(&instance, vnic.as_deref())
+            .await
+            .map(|()| (ApiResponse::default(), Vec::new()))
+            .map_err(|r| refused(r.reason, r.detail)),
+    };
+    match done {
+        Ok((mut response, fds)) => {
+            response.ok = true;
+            (response, fds)
         }
+        Err(refusal) => (refusal, Vec::new()),
     }
 }
 
 async fn create_vnic(
     c: CreateVnic,
-    agent: &Agent,
-    client: &Client,
-    dispatch: &Dispatcher,
-) -> Result<(ApiResponse, Vec<OwnedFd>), Refused<StartFailureReason>> {
-    let bad = |detail: String| refuse(StartFailureReason::InvalidData, detail);
-    let node_mode = match agent.routed {
-        Some(_) => NetworkMode::Routed,
-        None => NetworkMode::Gre,
-    };
+    local: &Local,
+) -> Result<(ApiResponse, Vec<OwnedFd>), ApiResponse> {
+    let refusal = |r: Refused<StartFailureReason>| refused(r.reason, r.detail);
+    let bad = |detail: String| refused(StartFailureReason::InvalidData, detail);
+    let node_mode = local.mode();
     if let Some(mode) = c.mode {
         let same = match mode {
             NetworkMode::Routed => node_mode == NetworkMode::Routed,
@@ -263,7 +234,11 @@ async fn create_vnic(
     let concentrator_ip = match (node_mode, c.concentrator_ip) {
         (NetworkMode::Routed, ip) => ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
         (_, Some(ip)) => ip,
-        (_, None) => agent.concentrator_ip(&c.tenant, &c.concentrator).await?,
+        (_, None) => local
+            .agent
+            .concentrator_ip(&c.tenant, &c.concentrator)
+            .await
+            .map_err(refusal)?,
     };
     let start = StartRequest {
         instance: c.instance,
@@ -277,17 +252,10 @@ async fn create_vnic(
         container: c.kind == VnicKind::Container,
         netns: c.netns,
         ifname: c.ifname.unwrap_or_else(|| CONTAINER_IFNAME.into()),
+        docker: false,
         queues: c.queues.unwrap_or(1),
     };
-    super::instance::check_request(&start)?;
-    // The rules of STARTs (see `Dispatcher`).
-    let _shared = dispatch.gate.read().await;
-    let started = dispatch
-        .one_per_instance(&start.instance, agent.start(&start))
-        .await?;
-    if let Some(t) = &started.tunnel {
-        agent.tunnel_event(client, t).await;
-    }
+    let started = local.start(&start).await.map_err(refusal)?;
     let (prefix, gateway) = match node_mode {
         NetworkMode::Routed => (32, tenet::net::routed::GATEWAY_V4),
         _ => (start.subnet.prefix(), gateway_of(&start.subnet)),
@@ -308,10 +276,59 @@ async fn create_vnic(
     Ok((response, v.queues))
 }
 
+/// What the local front ends (this API, the Docker driver) share: the agent, its SSNTP
+/// client for TenantAdded/TenantRemoved, and the rules that order STARTs and DELETEs.
+#[derive(Clone)]
+pub(super) struct Local {
+    pub(super) agent: Arc<Agent>,
+    pub(super) client: Client,
+    pub(super) dispatch: Arc<Dispatcher>,
+}
+
+impl Local {
+    pub(super) fn mode(&self) -> NetworkMode {
+        match self.agent.routed {
+            Some(_) => NetworkMode::Routed,
+            None => NetworkMode::Gre,
+        }
+    }
+
+    /// A START by the rules of STARTs (see `Dispatcher`), with its TenantAdded.
+    pub(super) async fn start(
+        &self,
+        start: &StartRequest,
+    ) -> Result<super::instance::Started, Refused<StartFailureReason>> {
+        super::instance::check_request(start)?;
+        let _shared = self.dispatch.gate.read().await;
+        let started = self
+            .dispatch
+            .one_per_instance(&start.instance, self.agent.start(start))
+            .await?;
+        if let Some(t) = &started.tunnel {
+            self.agent.tunnel_event(&self.client, t).await;
+        }
+        Ok(started)
+    }
+
+    /// A DELETE (of one VNIC when named), alone, with its TenantRemoved.
+    pub(super) async fn delete(
+        &self,
+        instance: &str,
+        vnic: Option<&str>,
+    ) -> Result<(), Refused<ssntp::payload::DeleteFailureReason>> {
+        let _alone = self.dispatch.gate.write().await;
+        let tunnels = self.agent.delete(instance, vnic).await?;
+        for t in &tunnels {
+            self.agent.tunnel_event(&self.client, t).await;
+        }
+        Ok(())
+    }
+}
+
 impl Agent {
     /// A running concentrator's underlay address, from its status in etcd; it must serve
     /// `tenant`.
-    async fn concentrator_ip(
+    pub(super) async fn concentrator_ip(
         &self,
         tenant: &str,
         uuid: &str,

@@ -46,6 +46,9 @@ pub struct StartRequest {
     pub netns: Option<PathBuf>,
     /// The interface's name inside a container's namespace (CNI_IFNAME; `eth0` otherwise).
     pub ifname: String,
+    /// A Docker endpoint: its address (`ip`) was assigned in the tenant's IPAM by Docker's
+    /// IPAM driver, which also releases it; the agent neither assigns nor releases it.
+    pub docker: bool,
     /// VM taps: how many queue descriptors to open (the local API hands them out).
     pub queues: usize,
 }
@@ -136,6 +139,7 @@ pub fn start_request(s: &StartCommand) -> Result<StartRequest, Refused<StartFail
         container: netns.is_some() || s.vm_type == "docker",
         netns,
         ifname: CONTAINER_IFNAME.into(),
+        docker: false,
         queues: 1,
     })
 }
@@ -268,37 +272,41 @@ impl Agent {
         let key = self.unstarted_endpoint(r).await?;
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
         let ipam = self.ipam(&r.tenant);
-        let attributes = [
-            ("instance".to_string(), r.instance.clone()),
-            ("host".to_string(), self.host.clone()),
-        ]
-        .into();
-        let ip = ipam
-            .assign_in_subnet(r.subnet, &self.host, &r.vnic, r.ip, attributes)
-            .await
-            .map_err(|e| match e {
-                IpamError::AlreadyAssigned(_)
-                | IpamError::Reserved(_)
-                | IpamError::CidrTooSmall(_)
-                | IpamError::NotInPool(_) => refuse(StartFailureReason::InvalidData, e.to_string()),
-                IpamError::NoFreeAddress(_) => refuse(StartFailureReason::FullCloud, e.to_string()),
-                e => network(format!("allocating an address in {}: {e}", r.subnet)),
-            })?;
+        let ip = match (r.docker, r.ip) {
+            (true, Some(ip)) => ip,
+            (true, None) => {
+                return Err(refuse(
+                    StartFailureReason::InvalidData,
+                    "a Docker endpoint comes with the address Docker's IPAM driver gave it",
+                ));
+            }
+            (false, _) => self.assign(&ipam, r).await?,
+        };
+        let undo_address = || async {
+            if !r.docker {
+                self.release(&r.tenant, &r.vnic).await;
+            }
+        };
         let mac = r.mac.unwrap_or_else(|| mac_for(&r.vnic));
         let config = vnic_config(r, mac, ip);
         let created = match self.node.create_vnic(&config, None).await {
             Ok(c) => c,
             Err(e) => {
-                self.release(&r.tenant, &r.vnic).await;
+                undo_address().await;
                 return Err(network(format!("creating the VNIC: {e}")));
             }
+        };
+        let kind = match (r.docker, r.container) {
+            (true, _) => vnic::KIND_DOCKER,
+            (false, true) => "container",
+            (false, false) => "vm",
         };
         let record = VnicRecord {
             tenant: r.tenant.clone(),
             subnet: r.subnet,
             concentrator: r.concentrator.clone(),
             concentrator_ip: r.concentrator_ip,
-            kind: if r.container { "container" } else { "vm" }.into(),
+            kind: kind.into(),
             ifname: created.vnic.ifname.clone(),
             mac,
             ip,
@@ -312,7 +320,7 @@ impl Agent {
             if let Err(undo) = self.node.destroy_vnic(&config, None).await {
                 warn!(vnic = %r.vnic, error = %undo, "undoing a VNIC after its endpoint failed");
             }
-            self.release(&r.tenant, &r.vnic).await;
+            undo_address().await;
             return Err(network(format!("writing the endpoint: {e}")));
         }
         info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
@@ -322,6 +330,30 @@ impl Agent {
             ip,
             mac,
         })
+    }
+
+    /// The START's address from the tenant's IPAM (the one it names, or any free one).
+    async fn assign(
+        &self,
+        ipam: &tenet::ipam::Ipam,
+        r: &StartRequest,
+    ) -> Result<Ipv4Addr, Refused<StartFailureReason>> {
+        let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
+        let attributes = [
+            ("instance".to_string(), r.instance.clone()),
+            ("host".to_string(), self.host.clone()),
+        ]
+        .into();
+        ipam.assign_in_subnet(r.subnet, &self.host, &r.vnic, r.ip, attributes)
+            .await
+            .map_err(|e| match e {
+                IpamError::AlreadyAssigned(_)
+                | IpamError::Reserved(_)
+                | IpamError::CidrTooSmall(_)
+                | IpamError::NotInPool(_) => refuse(StartFailureReason::InvalidData, e.to_string()),
+                IpamError::NoFreeAddress(_) => refuse(StartFailureReason::FullCloud, e.to_string()),
+                e => network(format!("allocating an address in {}: {e}", r.subnet)),
+            })
     }
 
     /// The key the START's endpoint will have; refused if it exists (a repeated START must
@@ -434,7 +466,9 @@ impl Agent {
                     Ok(_) | Err(StoreError::NotFound { .. }) => {}
                     Err(e) => warn!(key = %kv.key, error = %e, "could not delete the endpoint"),
                 }
-                self.release(&record.tenant, &vnic).await;
+                if record.kind != vnic::KIND_DOCKER {
+                    self.release(&record.tenant, &vnic).await;
+                }
             };
             let (destroyed, ()) = tokio::join!(self.node.destroy_vnic(&config, None), forget);
             match destroyed {

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod api_client;
+mod docker;
 pub mod instance;
 pub mod routed;
 
@@ -56,6 +57,9 @@ pub struct AgentConfig {
     pub status_ttl: Duration,
     /// The local API's unix socket (root only), if any.
     pub api_socket: Option<std::path::PathBuf>,
+    /// Docker's remote network and IPAM driver on this socket, if any (dockerd finds
+    /// `/run/docker/plugins/<name>.sock` as the driver `<name>`).
+    pub docker_socket: Option<std::path::PathBuf>,
     /// Program Calico policy for this node's VNICs (bridged: br_netfilter and physdev;
     /// routed: the VNIC interfaces).
     pub policy: bool,
@@ -79,7 +83,7 @@ pub enum AgentError {
     Policy(#[from] tenet::policy::sync::PolicyError),
     #[error("BGP: {0}")]
     Bgp(#[from] tenet::bgp::BgpError),
-    #[error("local API socket {path}: {source}")]
+    #[error("socket {path}: {source}")]
     Api {
         path: String,
         source: std::io::Error,
@@ -174,19 +178,31 @@ pub async fn run(
         let mut client_config = ClientConfig::new(config.servers, config.identity, config.uuid);
         client_config.role = Some(role);
         let (client, mut events) = Client::start(client_config)?;
-        let api = match &config.api_socket {
-            Some(path) => {
-                let listener = api::bind(path).map_err(|source| AgentError::Api {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                Some(tokio::spawn(
-                    api::serve(listener, agent.clone(), client.clone(), dispatch.clone())
-                        .in_current_span(),
-                ))
-            }
-            None => None,
+        let local = api::Local {
+            agent: agent.clone(),
+            client: client.clone(),
+            dispatch: dispatch.clone(),
         };
+        let mut front_ends = Vec::new();
+        if let Some(path) = &config.api_socket {
+            let listener = api::bind(path).map_err(|source| AgentError::Api {
+                path: path.display().to_string(),
+                source,
+            })?;
+            info!(socket = %path.display(), "local API listening");
+            let task = tokio::spawn(api::serve(listener, local.clone()).in_current_span());
+            front_ends.push((task, path.clone()));
+        }
+        if let Some(path) = &config.docker_socket {
+            let listener = docker::bind(path).map_err(|source| AgentError::Api {
+                path: path.display().to_string(),
+                source,
+            })?;
+            info!(socket = %path.display(), "Docker network and IPAM driver listening");
+            let task = tokio::spawn(docker::serve(listener, local.clone()).in_current_span());
+            front_ends.push((task, path.clone()));
+        }
+        drop(local);
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
@@ -207,12 +223,10 @@ pub async fn run(
                 },
             }
         };
-        if let Some(api) = api {
-            api.abort();
-            let _ = api.await;
-            if let Some(path) = &config.api_socket {
-                let _ = std::fs::remove_file(path);
-            }
+        for (task, path) in front_ends {
+            task.abort();
+            let _ = task.await;
+            let _ = std::fs::remove_file(path);
         }
         // STARTs still running finish first (their reports need the connection).
         drop(dispatch.gate.write().await);

@@ -24,7 +24,7 @@ Configuration comes from a YAML file (--config), the environment (TENET_CN_*) an
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
 management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
-ciao_compat_certs, api_socket, policy, log_format, mode, bird, bird_dir, as_number,
+ciao_compat_certs, api_socket, docker_socket, policy, log_format, mode, bird, bird_dir, as_number,
 bgp_ipv6, bgp_hold_time.
 
 Routed mode (--mode routed) replaces bridges, tunnels and concentrators by Calico's model:
@@ -123,6 +123,11 @@ struct RunArgs {
     /// this host) on this unix socket, root only; e.g. /run/tenet/cn.sock.
     #[arg(long, env = "TENET_CN_API_SOCKET", value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve Docker's remote network and IPAM driver on this unix socket; dockerd finds
+    /// /run/docker/plugins/NAME.sock as the driver NAME: `docker network create -d tenet
+    /// --ipam-driver tenet --ipam-opt tenant=T --subnet S -o tenant=T -o concentrator=UUID`.
+    #[arg(long, env = "TENET_CN_DOCKER_SOCKET", value_name = "PATH")]
+    docker_socket: Option<PathBuf>,
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CN_STATUS_TTL")]
     status_ttl: Option<u64>,
@@ -178,6 +183,7 @@ struct FileConfig {
     #[serde(default)]
     ciao_compat_certs: bool,
     api_socket: Option<PathBuf>,
+    docker_socket: Option<PathBuf>,
     #[serde(default)]
     policy: bool,
     log_format: Option<String>,
@@ -299,6 +305,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
             .unwrap_or_else(|| "ciao".into()),
         status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
         api_socket: args.api_socket.or(file.api_socket),
+        docker_socket: args.docker_socket.or(file.docker_socket),
         policy: args.policy || file.policy,
         routed,
     };

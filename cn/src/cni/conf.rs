@@ -342,9 +342,12 @@ impl RuntimeEnv {
         })
     }
 
-    /// The VNIC id, which is also the IPAM handle: one per container and interface.
+    /// The VNIC id, which is also the IPAM handle: one per container and interface. VNIC ids
+    /// have at most 48 bytes: a runtime's 64-hex container id is cut to its first 32
+    /// characters (128 bits), the interface name has at most 15.
     pub fn vnic_id(&self) -> String {
-        format!("{}.{}", self.container_id, self.ifname)
+        let id: String = self.container_id.chars().take(32).collect();
+        format!("{id}.{}", self.ifname)
     }
 }
 
@@ -506,6 +509,14 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(del.vnic_id(), "c.eth0");
+        let long = "0123456789abcdef".repeat(4);
+        let runtime = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", &long),
+            ("CNI_IFNAME", "net1"),
+        ])
+        .unwrap();
+        assert_eq!(runtime.vnic_id(), format!("{}.net1", &long[..32]));
         let slash = env(&[
             ("CNI_COMMAND", "DEL"),
             ("CNI_CONTAINERID", "a/b"),

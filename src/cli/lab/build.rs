@@ -78,7 +78,13 @@ pub struct Plan {
     /// exchange routes by BGP (`tenet-cn --mode routed`), with an upstream router as every
     /// host's default gateway.
     pub routed: bool,
+    /// Each compute node also serves Docker's network and IPAM driver, as
+    /// `/run/docker/plugins/tenet-lab<pid>-<host>.sock` (`tenet-cn --docker-socket`).
+    pub docker: bool,
 }
+
+/// Where dockerd looks for plugin sockets (whatever its --exec-root).
+pub const DOCKER_PLUGINS: &str = "/run/docker/plugins";
 
 impl Plan {
     /// Tenant `i`'s subnet: the same for all — except over VXLAN, whose VNI is the subnet's
@@ -296,6 +302,19 @@ impl Lab {
         }
 
         let step = progress.step("compute nodes (tenet-cn)");
+        if plan.docker {
+            // The plugin directory goes with the lab if the lab made it.
+            for dir in [
+                Path::new(DOCKER_PLUGINS).parent().expect("a parent"),
+                Path::new(DOCKER_PLUGINS),
+            ] {
+                if !dir.exists() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    owner.directory(dir);
+                }
+            }
+        }
         let cn_cert = pki.issue(Role::AGENT, "cn")?;
         let mut cn_agents = Vec::new();
         let mut compute_hosts = Vec::new();
@@ -303,6 +322,10 @@ impl Lab {
             let name = format!("cn-{}", i + 1);
             let uuid = Uuid::new_v4().to_string();
             let api_socket = owner.dir().join(format!("{name}.sock"));
+            let docker_socket = plan.docker.then(|| {
+                PathBuf::from(DOCKER_PLUGINS)
+                    .join(format!("tenet-lab{}-{name}.sock", std::process::id()))
+            });
             let log = logs.join(format!("{name}.log"));
             let agent = Daemon::spawn(
                 &format!("tenet-cn {name}"),
@@ -319,6 +342,10 @@ impl Lab {
                         vec![s("--policy")]
                     } else {
                         vec![]
+                    },
+                    match &docker_socket {
+                        Some(path) => vec![s("--docker-socket"), s(path.display())],
+                        None => vec![],
                     },
                     if plan.routed {
                         vec![
@@ -350,6 +377,7 @@ impl Lab {
                 log,
                 bird_socket,
                 api_socket,
+                docker_socket,
             });
             cn_agents.push(agent);
         }

@@ -48,6 +48,12 @@ pub struct LabArgs {
     /// concentrators or tunnels; needs Debian's `bird2`).
     #[arg(long, value_enum, default_value_t = LabMode::Gre)]
     mode: LabMode,
+    /// Every compute node also serves Docker's network and IPAM driver, named
+    /// tenet-lab<pid>-cn-N (its socket in /run/docker/plugins): a dockerd started inside a
+    /// compute host's namespace (`ip netns exec …`) can then run containers on the tenants'
+    /// networks (see `tenet-cn run --help`).
+    #[arg(long)]
+    docker: bool,
     /// Seconds to stay up after the checks, then tear down (0: build, check, tear down; the
     /// exit status is 1 if a check failed). Without it the lab runs until Ctrl-C or SIGTERM.
     #[arg(long, value_name = "SECONDS")]
@@ -123,6 +129,7 @@ pub async fn run(args: &LabArgs) -> Result<ExitCode, CliError> {
         tunnel: args.tunnel,
         policy: args.policy,
         routed: args.mode == LabMode::Routed,
+        docker: args.docker,
     };
     progress.say(&format!(
         "lab: {} compute hosts, 2 tenants × {} workloads, {}; files in {}",

@@ -171,6 +171,9 @@ pub struct ComputeHostInfo {
     pub bird_socket: Option<PathBuf>,
     /// tenet-cn's local API (`tenet-cni`'s `socket`).
     pub api_socket: PathBuf,
+    /// `--docker`: its Docker driver's socket; the driver's name is the file's stem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
