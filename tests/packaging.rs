@@ -27,7 +27,7 @@ fn the_deb_installs_binaries_units_and_examples() {
     // The debug build of every binary, stripped and lightly compressed: the package's layout
     // is what is tested, not the release build. `cargo test --workspace` has built them all
     // (each package's integration tests need its binaries).
-    for bin in ["tenet", "tenet-cn", "tenet-cnci", "tenet-scheduler"] {
+    for bin in ["tenet", "tenet-cn", "tenet-cnci", "tenet-scheduler", "tenet-cni"] {
         assert!(
             workspace.join("target/debug").join(bin).exists(),
             "target/debug/{bin} is missing: run `cargo build --workspace` (or the whole suite) first"
@@ -71,6 +71,9 @@ fn the_deb_installs_binaries_units_and_examples() {
         let help = run(Command::new(&path).arg("--help"));
         assert!(!help.is_empty(), "{bin} --help");
     }
+    // The CNI plugin goes where Debian's runtimes look for plugins.
+    let cni = run(Command::new(root.join("usr/lib/cni/tenet-cni")).arg("--help"));
+    assert!(cni.contains("CNI_COMMAND"), "{cni}");
     for example in ["cn.yaml", "cnci.yaml", "scheduler.yaml", "datastore.yaml"] {
         assert!(
             root.join("usr/share/doc/tenet/examples")
