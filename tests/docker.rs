@@ -221,6 +221,16 @@ fn dockerd_runs_containers_on_a_tenant_network() {
             "not a tenet pool",
         ),
         ("NetworkDriver.Bogus", "{}", "not a call"),
+        (
+            "NetworkDriver.DeleteEndpoint",
+            r#"{"NetworkID":"n"}"#,
+            "missing field `EndpointID`",
+        ),
+        (
+            "IpamDriver.ReleaseAddress",
+            r#"{"Address":"172.16.0.9"}"#,
+            "missing field `PoolID`",
+        ),
     ] {
         let answer = plugin_call(&socket, method, body);
         let field = match method.starts_with("IpamDriver.") {

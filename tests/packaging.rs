@@ -27,7 +27,13 @@ fn the_deb_installs_binaries_units_and_examples() {
     // The debug build of every binary, stripped and lightly compressed: the package's layout
     // is what is tested, not the release build. `cargo test --workspace` has built them all
     // (each package's integration tests need its binaries).
-    for bin in ["tenet", "tenet-cn", "tenet-cnci", "tenet-scheduler", "tenet-cni"] {
+    for bin in [
+        "tenet",
+        "tenet-cn",
+        "tenet-cnci",
+        "tenet-scheduler",
+        "tenet-cni",
+    ] {
         assert!(
             workspace.join("target/debug").join(bin).exists(),
             "target/debug/{bin} is missing: run `cargo build --workspace` (or the whole suite) first"

@@ -3,7 +3,8 @@
 //! A tenant subnet lives at `/tenet/v1/tenant/<tenant>/subnet/<cidrkey>` and records which
 //! concentrator serves it, its tunnel key and the networking mode. A concentrator's edge state
 //! (port forwards, floating IPs) lives under `/tenet/v1/cnci/<id>/` ([`cnci`]); a running
-//! agent's status under `/tenet/v1/node/<uuid>`, on a lease ([`node`]).
+//! agent's status under `/tenet/v1/node/<uuid>`, on a lease ([`node`]); Docker's networks under
+//! `/tenet/v1/docker/network/<id>` ([`docker`]).
 
 pub mod cnci;
 pub mod docker;
