@@ -5,6 +5,10 @@
 //! * a Calico-2.x-style allocator: get block, apply (unconditionally put) the handle,
 //!   compare-and-swap the block: three round trips, retried on conflict.
 //!
+//! A second table times bursts — each host starting 100 allocations at once, as a node
+//! starting 100 workloads does — with group commit (concurrent allocations from one block
+//! share a transaction) and without (one transaction each), next to the raw rate.
+//!
 //! Run with `cargo bench --bench ipam` (as root is not needed). Each row uses a fresh etcd.
 
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use tenet::testbed::EtcdServer;
 
 const PER_HOST_1: usize = 2000;
 const PER_HOST_8: usize = 400;
+const BURST_ROUNDS: usize = 5;
 
 async fn fresh() -> (EtcdServer, Arc<EtcdStore>) {
     let server = EtcdServer::start().await.expect("etcd");
@@ -155,6 +160,55 @@ async fn calico_style_rate(hosts: usize, each: usize) -> f64 {
     .await
 }
 
+/// Bursts: each host starts `concurrent` allocations at once, `rounds` times (a node
+/// starting that many workloads together), with group commit on or off.
+async fn burst_rate(hosts: usize, concurrent: usize, rounds: usize, group_commit: bool) -> f64 {
+    let (_etcd, store) = fresh().await;
+    Ipam::new(store.clone())
+        .create_pool("10.0.0.0/14".parse().unwrap(), false)
+        .await
+        .unwrap();
+    let one = |h: usize, i: usize| AutoAssignArgs {
+        num_v4: 1,
+        handle: Some(format!("h{h}-{i}")),
+        host: format!("host-{h}"),
+        ..Default::default()
+    };
+    // Each host holds a block before the clock starts, as a running node does.
+    let ipams: Vec<Arc<Ipam>> = (0..hosts)
+        .map(|_| Arc::new(Ipam::new(store.clone()).with_group_commit(group_commit)))
+        .collect();
+    for (h, ipam) in ipams.iter().enumerate() {
+        ipam.auto_assign(&one(h, usize::MAX)).await.unwrap();
+    }
+    let start = Instant::now();
+    let hosts_done: Vec<_> = ipams
+        .into_iter()
+        .enumerate()
+        .map(|(h, ipam)| {
+            tokio::spawn(async move {
+                for r in 0..rounds {
+                    let burst: Vec<_> = (0..concurrent)
+                        .map(|i| {
+                            let (ipam, args) = (ipam.clone(), one(h, r * concurrent + i));
+                            tokio::spawn(async move {
+                                assert_eq!(ipam.auto_assign(&args).await.unwrap().0.len(), 1);
+                            })
+                        })
+                        .collect();
+                    for b in burst {
+                        b.await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hosts_done {
+        h.await.unwrap();
+    }
+    (hosts * concurrent * rounds) as f64 / start.elapsed().as_secs_f64()
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -169,6 +223,13 @@ fn main() {
             rows.push((hosts, each, raw, calico, tenet));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let mut bursts = Vec::new();
+        for hosts in [1, 8] {
+            let raw = raw_txn_rate(hosts, 500).await;
+            let alone = burst_rate(hosts, 100, BURST_ROUNDS, false).await;
+            let grouped = burst_rate(hosts, 100, BURST_ROUNDS, true).await;
+            bursts.push((hosts, raw, alone, grouped));
+        }
         println!();
         println!("IPAM allocations/s against one local etcd {} (same run, fresh etcd per row)", etcd_version());
         println!();
@@ -180,6 +241,21 @@ fn main() {
                 hosts * each,
                 tenet / raw,
                 tenet / calico
+            );
+        }
+        println!();
+        println!(
+            "IPAM bursts: each host starts 100 allocations at once, {BURST_ROUNDS} times (allocations/s)"
+        );
+        println!();
+        println!("| hosts × concurrent | allocations | raw etcd txn/s (one per allocation) | one txn per allocation | group commit | group / one each | group / raw |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for (hosts, raw, alone, grouped) in bursts {
+            println!(
+                "| {hosts} × 100 | {} | {raw:.0} | {alone:.0} | {grouped:.0} | {:.2}x | {:.2}x |",
+                hosts * 100 * BURST_ROUNDS,
+                grouped / alone,
+                grouped / raw
             );
         }
     });

@@ -58,6 +58,21 @@ fn block_walk(
     (0..n.min(limit)).map(move |i| nth_block(&pool, (start + i) % n))
 }
 
+/// The one request running the slow path of an allocation; when it ends, the requests that
+/// waited try the host's blocks again.
+struct SlowPath<'a> {
+    ipam: &'a Ipam,
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Drop for SlowPath<'_> {
+    fn drop(&mut self) {
+        self.ipam
+            .slow_paths
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Most blocks tried when walking a pool for a free one.
 const WALK_LIMIT: u128 = 1 << 20;
 
@@ -122,16 +137,30 @@ impl Ipam {
         // is re-validated by the allocation's own transaction (revision compare) and must
         // still be affine to this host. On a miss, list afresh and read again the blocks that
         // looked full (someone may have released addresses) before claiming a new block.
-        if let Some(cached) = self.cached_affine(host, v4) {
-            let want = num - out.len();
-            out.extend(
-                self.fill_from(&cached, &in_requested, want, host, owner, false)
-                    .await?,
-            );
-            if out.len() == num {
-                return Ok(out);
+        //
+        // That slower path runs one at a time: in a burst, the requests that find the
+        // host's blocks full wait while one of them claims a block, then try it — together,
+        // so they share its transactions — rather than each claiming a block of its own.
+        let _slow = loop {
+            if let Some(cached) = self.cached_affine(host, v4) {
+                let want = num - out.len();
+                out.extend(
+                    self.fill_from(&cached, &in_requested, want, host, owner, false)
+                        .await?,
+                );
+                if out.len() == num {
+                    return Ok(out);
+                }
             }
-        }
+            let generation = self.slow_paths.load(std::sync::atomic::Ordering::Acquire);
+            let guard = self.slow_path.lock().await;
+            if self.slow_paths.load(std::sync::atomic::Ordering::Acquire) == generation {
+                break SlowPath {
+                    ipam: self,
+                    _guard: guard,
+                };
+            }
+        };
         let affine = self.affine_blocks(host, v4).await?;
         self.set_affine(host, v4, Some(affine.clone()));
         let want = num - out.len();
@@ -209,8 +238,9 @@ impl Ipam {
         Ok(out)
     }
 
-    /// Assigns up to `n` addresses from an existing block in one transaction (block + handle).
-    async fn assign_from_block(
+    /// Assigns up to `n` addresses from an existing block in one transaction (block + handle)
+    /// of its own (see `batch` for the shared one).
+    pub(super) async fn assign_alone(
         &self,
         cidr: IpNetwork,
         n: usize,

@@ -13,6 +13,7 @@
 
 mod affinity;
 mod assign;
+mod batch;
 mod block;
 mod cache;
 mod check;
@@ -30,6 +31,7 @@ use rand::Rng;
 use tracing::warn;
 
 pub use assign::AutoAssignArgs;
+pub use batch::MAX_BATCH;
 pub use block::{
     BLOCK_PREFIX_V4, BLOCK_PREFIX_V6, BLOCK_SIZE, Owner, Released, address, block_of, blocks_in,
     empty_block, nth_block, ordinal,
@@ -162,16 +164,23 @@ pub(super) async fn backoff(attempt: usize) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
-/// The IPAM client. Cheap to share (`Arc`); its cache is per instance.
-#[derive(Debug)]
+/// The IPAM client. Cheap to share (`Arc`, or `clone`, which shares the caches).
+#[derive(Debug, Clone)]
 pub struct Ipam {
     store: Arc<dyn Datastore>,
     scope: IpamScope,
     /// Tenant subnets whose network, gateway and broadcast addresses are known reserved.
-    reserved: Mutex<std::collections::HashSet<IpNetwork>>,
-    blocks: Mutex<HashMap<IpNetwork, Seen>>,
+    reserved: Arc<Mutex<std::collections::HashSet<IpNetwork>>>,
+    blocks: Arc<Mutex<HashMap<IpNetwork, Seen>>>,
     /// (host, is IPv4) → the blocks the host was last seen to hold affinity keys for.
-    affine: Mutex<HashMap<(String, bool), Vec<IpNetwork>>>,
+    affine: Arc<Mutex<HashMap<(String, bool), Vec<IpNetwork>>>>,
+    /// Allocations waiting to share a block's next transaction (`batch`).
+    batches: Arc<Mutex<HashMap<batch::BatchKey, batch::Queue>>>,
+    group_commit: bool,
+    /// One allocation at a time takes the slow path (listing affinities, claiming blocks);
+    /// the count of those that ended tells the waiting ones to look at the blocks again.
+    slow_path: Arc<tokio::sync::Mutex<()>>,
+    slow_paths: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Ipam {
@@ -189,10 +198,22 @@ impl Ipam {
         Self {
             store,
             scope,
-            reserved: Mutex::new(Default::default()),
-            blocks: Mutex::new(HashMap::new()),
-            affine: Mutex::new(HashMap::new()),
+            reserved: Default::default(),
+            blocks: Default::default(),
+            affine: Default::default(),
+            batches: Default::default(),
+            group_commit: true,
+            slow_path: Default::default(),
+            slow_paths: Default::default(),
         }
+    }
+
+    /// Turns group commit (concurrent allocations from one block share a transaction; on by
+    /// default) off or on: every allocation then commits alone, as before (benchmarks
+    /// compare the two).
+    pub fn with_group_commit(mut self, on: bool) -> Self {
+        self.group_commit = on;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Datastore> {
