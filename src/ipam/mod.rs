@@ -164,6 +164,9 @@ pub(super) async fn backoff(attempt: usize) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// (host, is IPv4) → the host's affine blocks.
+type AffineBlocks = HashMap<(String, bool), Vec<IpNetwork>>;
+
 /// The IPAM client. Cheap to share (`Arc`, or `clone`, which shares the caches).
 #[derive(Debug, Clone)]
 pub struct Ipam {
@@ -173,7 +176,7 @@ pub struct Ipam {
     reserved: Arc<Mutex<std::collections::HashSet<IpNetwork>>>,
     blocks: Arc<Mutex<HashMap<IpNetwork, Seen>>>,
     /// (host, is IPv4) → the blocks the host was last seen to hold affinity keys for.
-    affine: Arc<Mutex<HashMap<(String, bool), Vec<IpNetwork>>>>,
+    affine: Arc<Mutex<AffineBlocks>>,
     /// Allocations waiting to share a block's next transaction (`batch`).
     batches: Arc<Mutex<HashMap<batch::BatchKey, batch::Queue>>>,
     group_commit: bool,
