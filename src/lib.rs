@@ -16,6 +16,7 @@
 //! * [`policy`]: Calico policy: selectors, the calculation engine, Felix's dataplane protocol,
 //!   rendering into iptables chains and IP sets.
 //! * [`dump`]: decoding any stored key for `tenet dump`.
+//! * `metrics` (feature `metrics`): the agents' /metrics, /healthz and /readyz endpoints.
 //! * [`testbed`] (feature `testbed`): real etcd and network namespaces for tests,
 //!   benchmarks and the lab.
 
@@ -26,6 +27,8 @@ pub mod ipam;
 pub mod keyspace;
 #[cfg(feature = "logging")]
 pub mod logging;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod process;

@@ -877,3 +877,131 @@ fn the_routed_lab_meshes_its_hosts_by_bgp() {
         "BIRD left running after the lab stopped"
     );
 }
+
+/// GET `path` from `address` (plain HTTP/1.1): the status code and the body.
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(address).unwrap();
+    use std::io::Write;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name` (with its labels, as printed) in a scrape.
+fn sample(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .filter(|rest| rest.starts_with(' '))
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+/// Every agent of the lab serves /metrics, /healthz and /readyz; the counters follow what
+/// happens: a container added through tenet-cn's local API is counted as a START and a VNIC,
+/// its removal as a DELETE; the concentrator counts the frames it handled.
+#[test]
+fn the_lab_agents_serve_metrics_that_follow_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab.json");
+    let mut lab = RunningLab::start(
+        dir.path(),
+        &[
+            "--cns",
+            "1",
+            "--workloads",
+            "1",
+            "--duration",
+            "900",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+    );
+    let facts = lab.facts(&file);
+    assert_eq!(facts["passed"], true, "{}", lab.printed());
+    let host = &facts["compute_hosts"][0];
+    let cn = str_of(host, "metrics").to_string();
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = http_get(&cn, path);
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, before) = http_get(&cn, "/metrics");
+    assert_eq!(status, 200);
+    // Two workloads (one per tenant) on the one host, in two subnets.
+    assert_eq!(sample(&before, "tenet_cn_vnics"), Some(2.0), "{before}");
+    assert_eq!(sample(&before, "tenet_cn_subnets"), Some(2.0), "{before}");
+    assert_eq!(
+        sample(&before, "tenet_cn_scheduler_connected"),
+        Some(1.0),
+        "{before}"
+    );
+    let starts =
+        |scrape: &str| sample(scrape, r#"tenet_cn_starts_total{result="ok"}"#).unwrap_or(0.0);
+    let deletes =
+        |scrape: &str| sample(scrape, r#"tenet_cn_deletes_total{result="ok"}"#).unwrap_or(0.0);
+
+    let acme = concentrator(&facts, "acme");
+    let ns = tenet::testbed::Netns::create("met").unwrap();
+    let socket = str_of(host, "api_socket").to_string();
+    let call = |line: &str| -> Value {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    let create = serde_json::json!({"op": "create", "instance": "metrics-1", "vnic": "metrics-1",
+        "tenant": "acme", "subnet": str_of(acme, "subnet"), "kind": "container",
+        "concentrator": str_of(acme, "uuid"), "netns": ns.path()});
+    let made = call(&create.to_string());
+    assert_eq!(made["ok"], true, "{made}");
+    let (_, after) = http_get(&cn, "/metrics");
+    assert_eq!(starts(&after), starts(&before) + 1.0, "{after}");
+    assert_eq!(sample(&after, "tenet_cn_vnics"), Some(3.0), "{after}");
+    let gone = call(r#"{"op":"destroy","instance":"metrics-1"}"#);
+    assert_eq!(gone["ok"], true, "{gone}");
+    let refused = call(r#"{"op":"destroy","instance":"metrics-1"}"#);
+    assert_eq!(refused["ok"], false, "{refused}");
+    let (_, last) = http_get(&cn, "/metrics");
+    assert_eq!(deletes(&last), deletes(&after) + 1.0, "{last}");
+    assert_eq!(
+        sample(&last, r#"tenet_cn_deletes_total{result="no_instance"}"#),
+        Some(1.0),
+        "{last}"
+    );
+    assert_eq!(sample(&last, "tenet_cn_vnics"), Some(2.0), "{last}");
+
+    let conc = str_of(acme, "metrics").to_string();
+    let (status, scrape) = http_get(&conc, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        sample(&scrape, "tenet_cnci_subnets").unwrap_or(0.0) >= 1.0,
+        "{scrape}"
+    );
+    assert!(
+        sample(
+            &scrape,
+            r#"tenet_cnci_frames_total{operation="Event(TenantAdded)"}"#
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{scrape}"
+    );
+    assert_eq!(http_get(&conc, "/readyz").0, 200);
+    let status = lab.terminate();
+    assert!(status.success(), "{status}\n{}", lab.printed());
+}

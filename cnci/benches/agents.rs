@@ -235,6 +235,7 @@ async fn run() {
             uuid: conc_uuid,
             mesh_cidr: None,
             status_ttl: Duration::from_secs(10),
+            metrics_address: None,
         },
         store.clone(),
         async {
@@ -257,6 +258,7 @@ async fn run() {
             status_ttl: Duration::from_secs(10),
             api_socket: None,
             docker_socket: None,
+            metrics_address: None,
             policy: false,
             routed: None,
         },

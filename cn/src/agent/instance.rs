@@ -260,6 +260,15 @@ impl Agent {
         &self,
         r: &StartRequest,
     ) -> Result<Started, Refused<StartFailureReason>> {
+        let outcome = self.start_counted(r).await;
+        self.metrics.started(&outcome);
+        outcome
+    }
+
+    async fn start_counted(
+        &self,
+        r: &StartRequest,
+    ) -> Result<Started, Refused<StartFailureReason>> {
         if let Some(routed) = &self.routed {
             return self.start_routed(routed, r).await;
         }
@@ -406,6 +415,16 @@ impl Agent {
     /// DELETE: every VNIC of the instance (from its endpoints), the endpoints, the addresses;
     /// returns the TenantRemoved events for tunnels that went.
     pub(super) async fn delete(
+        &self,
+        instance: &str,
+        only: Option<&str>,
+    ) -> Result<Vec<TunnelEvent>, Refused<DeleteFailureReason>> {
+        let outcome = self.delete_counted(instance, only).await;
+        self.metrics.deleted(&outcome);
+        outcome
+    }
+
+    async fn delete_counted(
         &self,
         instance: &str,
         only: Option<&str>,

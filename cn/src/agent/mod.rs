@@ -18,6 +18,7 @@ pub mod api;
 pub mod api_client;
 mod docker;
 pub mod instance;
+mod metrics;
 pub mod routed;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct AgentConfig {
     /// Docker's remote network and IPAM driver on this socket, if any (dockerd finds
     /// `/run/docker/plugins/<name>.sock` as the driver `<name>`).
     pub docker_socket: Option<std::path::PathBuf>,
+    /// /metrics, /healthz and /readyz on this address, if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Program Calico policy for this node's VNICs (bridged: br_netfilter and physdev;
     /// routed: the VNIC interfaces).
     pub policy: bool,
@@ -104,6 +107,7 @@ pub(crate) struct Agent {
     profiles: Mutex<std::collections::HashSet<String>>,
     /// Routed mode's node, IPAM and BGP speaker.
     routed: Option<Arc<routed::RoutedParts>>,
+    metrics: Arc<metrics::CnMetrics>,
 }
 
 /// Runs the agent until `shutdown` completes or the scheduler refuses it for good. The
@@ -144,6 +148,7 @@ pub async fn run(
             removed: Mutex::new(report.removed),
             profiles: Mutex::new(Default::default()),
             routed,
+            metrics: Default::default(),
         });
         agent.reconcile().await?;
         let route_refresh = agent.routed.clone().map(|r| {
@@ -203,6 +208,20 @@ pub async fn run(
             front_ends.push((task, path.clone()));
         }
         drop(local);
+        let metrics_server = match config.metrics_address {
+            Some(address) => {
+                let endpoints = metrics::endpoints(&agent, agent.store.clone());
+                let (_, task) =
+                    tenet::metrics::serve(address, endpoints)
+                        .await
+                        .map_err(|source| AgentError::Api {
+                            path: address.to_string(),
+                            source,
+                        })?;
+                Some(task)
+            }
+            None => None,
+        };
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
@@ -211,6 +230,7 @@ pub async fn run(
                     None => break Ok(()),
                     Some(ClientEvent::Connected(server)) => {
                         info!(scheduler = %server.address, "connected");
+                        agent.metrics.set_connected(true);
                         agent.announce_tunnels(&client).await;
                     }
                     Some(ClientEvent::Frame(frame)) => {
@@ -218,11 +238,15 @@ pub async fn run(
                     }
                     Some(ClientEvent::Disconnected { reason }) => {
                         warn!(%reason, "disconnected from the scheduler; reconnecting");
+                        agent.metrics.set_connected(false);
                     }
                     Some(ClientEvent::Stopped(e)) => break e.map_or(Ok(()), |e| Err(e.into())),
                 },
             }
         };
+        if let Some(task) = metrics_server {
+            task.abort();
+        }
         for (task, path) in front_ends {
             task.abort();
             let _ = task.await;

@@ -24,7 +24,7 @@ Configuration comes from a YAML file (--config), the environment (TENET_CN_*) an
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
 management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
-ciao_compat_certs, api_socket, docker_socket, policy, log_format, mode, bird, bird_dir, as_number,
+ciao_compat_certs, api_socket, docker_socket, metrics_address, policy, log_format, mode, bird, bird_dir, as_number,
 bgp_ipv6, bgp_hold_time.
 
 Routed mode (--mode routed) replaces bridges, tunnels and concentrators by Calico's model:
@@ -128,6 +128,11 @@ struct RunArgs {
     /// --ipam-driver tenet --ipam-opt tenant=T --subnet S -o tenant=T -o concentrator=UUID`.
     #[arg(long, env = "TENET_CN_DOCKER_SOCKET", value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz (etcd answers, scheduler connected)
+    /// on this address, e.g. 127.0.0.1:9101; off unless given. Not authenticated: use a
+    /// loopback or management address.
+    #[arg(long, env = "TENET_CN_METRICS_ADDRESS", value_name = "ADDR:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CN_STATUS_TTL")]
     status_ttl: Option<u64>,
@@ -184,6 +189,7 @@ struct FileConfig {
     ciao_compat_certs: bool,
     api_socket: Option<PathBuf>,
     docker_socket: Option<PathBuf>,
+    metrics_address: Option<std::net::SocketAddr>,
     #[serde(default)]
     policy: bool,
     log_format: Option<String>,
@@ -306,6 +312,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
         status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
         api_socket: args.api_socket.or(file.api_socket),
         docker_socket: args.docker_socket.or(file.docker_socket),
+        metrics_address: args.metrics_address.or(file.metrics_address),
         policy: args.policy || file.policy,
         routed,
     };

@@ -14,6 +14,7 @@
 //! Its status lives under `/tenet/v1/node/<uuid>` on a lease, so a dead agent disappears.
 
 pub mod frames;
+mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct AgentConfig {
     pub mesh_cidr: Option<Ipv4Network>,
     /// The status key's lease.
     pub status_ttl: Duration,
+    /// /metrics, /healthz and /readyz on this address, if any.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,8 @@ pub enum AgentError {
     Ssntp(#[from] ClientError),
     #[error("status in etcd: {0}")]
     Store(#[from] StoreError),
+    #[error("metrics address {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Runs the agent until `shutdown` completes or the scheduler refuses it for good. On
@@ -88,6 +93,17 @@ pub async fn run(
             mesh_cidr: config.mesh_cidr,
             started,
             conc,
+            metrics: Default::default(),
+        };
+        let metrics_server = match config.metrics_address {
+            Some(address) => {
+                let endpoints = agent.metrics.endpoints(store.clone());
+                let (_, task) = tenet::metrics::serve(address, endpoints)
+                    .await
+                    .map_err(|e| AgentError::Metrics(address, e))?;
+                Some(task)
+            }
+            None => None,
         };
         let status = LeasedKey::start(
             store,
@@ -107,6 +123,7 @@ pub async fn run(
                     None => break Ok(()),
                     Some(ClientEvent::Connected(server)) => {
                         info!(scheduler = %server.address, "connected");
+                        agent.metrics.set_connected(true);
                         agent.announce(&client).await;
                     }
                     Some(ClientEvent::Frame(frame)) => {
@@ -115,11 +132,15 @@ pub async fn run(
                     }
                     Some(ClientEvent::Disconnected { reason }) => {
                         warn!(%reason, "disconnected from the scheduler; reconnecting");
+                        agent.metrics.set_connected(false);
                     }
                     Some(ClientEvent::Stopped(e)) => break e.map_or(Ok(()), |e| Err(e.into())),
                 },
             }
         };
+        if let Some(task) = metrics_server {
+            task.abort();
+        }
         client.close().await;
         status.stop().await;
         agent.conc.shutdown().await;
@@ -135,6 +156,7 @@ struct Agent {
     mesh_cidr: Option<Ipv4Network>,
     started: u64,
     conc: Concentrator,
+    metrics: std::sync::Arc<metrics::CnciMetrics>,
 }
 
 impl Agent {
@@ -151,6 +173,8 @@ impl Agent {
             tunnels: subnets.iter().map(|s| s.tunnels.len()).sum(),
             subnets: subnets.into_iter().map(|s| s.subnet).collect(),
         };
+        self.metrics.subnets.set(status.subnets.len() as i64);
+        self.metrics.tunnels.set(status.tunnels as i64);
         serde_json::to_vec(&status).expect("a status serialises")
     }
 
@@ -171,6 +195,11 @@ impl Agent {
     }
 
     async fn handle(&self, client: &Client, frame: &Frame) {
+        self.metrics.frame(
+            &frame
+                .operation()
+                .map_or_else(|| "unknown".to_string(), |op| format!("{op:?}")),
+        );
         let Some(op) = frame.operation() else {
             debug!("frame without a known operation; ignored");
             return;

@@ -23,7 +23,7 @@ const RUN_HELP: &str = "\
 Configuration comes from a YAML file (--config), the environment (TENET_CNCI_*) and flags;
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, tenant, netns, compute_nets, tunnel_local, uplink_nets,
-uplink_addr, tunnel, run_dir, mesh_cidr, datastore_config, status_ttl,
+uplink_addr, tunnel, run_dir, mesh_cidr, datastore_config, status_ttl, metrics_address,
 ciao_compat_certs, log_format.
 
 The certificate must hold the cnciagent role. The datastore follows calicoctl: a
@@ -58,7 +58,7 @@ enum Command {
     /// RefreshCNCI in the order they arrive. Stops on SIGTERM or Ctrl-C, leaving the
     /// dataplane for the next start to take over.
     #[command(after_help = RUN_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show a live concentrator: its subnets with their bridges, compute nodes, dnsmasq and
     /// leases, its mesh tunnels and firewall rules (from the kernel), and its port forwards,
     /// floating IPs and mesh list (from etcd, with --id). Changes nothing.
@@ -148,6 +148,11 @@ struct RunArgs {
     /// Seconds the status key outlives a dead agent.
     #[arg(long, env = "TENET_CNCI_STATUS_TTL")]
     status_ttl: Option<u64>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz (etcd answers, scheduler connected)
+    /// on this address, e.g. 127.0.0.1:9102; off unless given. Not authenticated: use a
+    /// loopback or management address.
+    #[arg(long, env = "TENET_CNCI_METRICS_ADDRESS", value_name = "ADDR:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Log as text (default) or as one JSON object per line (for log collectors).
     #[arg(long, env = "TENET_CNCI_LOG_FORMAT", value_name = "text|json")]
     log_format: Option<LogFormat>,
@@ -177,6 +182,7 @@ struct FileConfig {
     #[serde(default)]
     ciao_compat_certs: bool,
     log_format: Option<String>,
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -189,7 +195,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run_agent(args)).map_err(|e| (1, e)),
+        Command::Run(args) => runtime.block_on(run_agent(*args)).map_err(|e| (1, e)),
         Command::Show {
             netns,
             run_dir,
@@ -270,6 +276,7 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
         uuid,
         mesh_cidr: args.mesh_cidr.or(file.mesh_cidr),
         status_ttl: Duration::from_secs(args.status_ttl.or(file.status_ttl).unwrap_or(10).max(2)),
+        metrics_address: args.metrics_address.or(file.metrics_address),
     };
     Ok((config, args.datastore_config.or(file.datastore_config)))
 }

@@ -247,6 +247,7 @@ impl Lab {
             let uuid = Uuid::new_v4().to_string();
             let run_dir = owner.dir().join(format!("cnci-{tenant}"));
             let log = logs.join(format!("cnci-{tenant}.log"));
+            let metrics = free_loopback_port()?;
             let agent = Daemon::spawn(
                 &format!("tenet-cnci {tenant}"),
                 &cnci_bin,
@@ -259,6 +260,8 @@ impl Lab {
                         s(INTERNET),
                         s("--run-dir"),
                         s(run_dir.display()),
+                        s("--metrics-address"),
+                        s(metrics),
                     ],
                 ]
                 .concat(),
@@ -277,6 +280,7 @@ impl Lab {
                 pid: cnci_agents.last().and_then(Daemon::pid),
                 log,
                 run_dir,
+                metrics,
             });
         }
         let mut waiting: HashSet<String> = concentrators.iter().map(|c| c.uuid.clone()).collect();
@@ -322,6 +326,7 @@ impl Lab {
             let name = format!("cn-{}", i + 1);
             let uuid = Uuid::new_v4().to_string();
             let api_socket = owner.dir().join(format!("{name}.sock"));
+            let metrics = free_loopback_port()?;
             let docker_socket = plan.docker.then(|| {
                 PathBuf::from(DOCKER_PLUGINS)
                     .join(format!("tenet-lab{}-{name}.sock", std::process::id()))
@@ -337,6 +342,8 @@ impl Lab {
                         name.clone(),
                         s("--api-socket"),
                         s(api_socket.display()),
+                        s("--metrics-address"),
+                        s(metrics),
                     ],
                     if plan.policy {
                         vec![s("--policy")]
@@ -378,6 +385,7 @@ impl Lab {
                 bird_socket,
                 api_socket,
                 docker_socket,
+                metrics,
             });
             cn_agents.push(agent);
         }
@@ -686,6 +694,12 @@ fn agent_args(
         s("--status-ttl"),
         s(5),
     ]
+}
+
+/// A loopback address with a port free now, for an agent's metrics endpoint.
+fn free_loopback_port() -> anyhow::Result<std::net::SocketAddr> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(probe.local_addr()?)
 }
 
 fn agent_env(etcd: &EtcdServer) -> Vec<(String, String)> {

@@ -325,6 +325,12 @@ fn print_try(r: &LabReport) {
             r.internet.netns, f, a.name
         );
     }
+    if let Some(h) = r.compute_hosts.first() {
+        println!(
+            "  curl -s http://{}/metrics | grep ^tenet_   # {}'s metrics (also /healthz, /readyz)",
+            h.metrics, h.name
+        );
+    }
     println!("  export ETCD_ENDPOINTS={}", r.etcd.endpoint);
     println!("  {exe} status");
     println!("  {exe} dump /calico/v1/host");

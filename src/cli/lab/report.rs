@@ -174,6 +174,8 @@ pub struct ComputeHostInfo {
     /// `--docker`: its Docker driver's socket; the driver's name is the file's stem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_socket: Option<PathBuf>,
+    /// Its /metrics, /healthz and /readyz.
+    pub metrics: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +190,8 @@ pub struct ConcentratorInfo {
     pub pid: Option<u32>,
     pub log: PathBuf,
     pub run_dir: PathBuf,
+    /// Its /metrics, /healthz and /readyz.
+    pub metrics: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

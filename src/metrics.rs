@@ -1,0 +1,123 @@
+//! Health and Prometheus metrics for the agents: `/metrics` (Prometheus text format, from a
+//! `prometheus-client` registry), `/healthz` (the process serves) and `/readyz` (its
+//! dependencies answer: etcd, the scheduler), on an address the operator chooses
+//! (`--metrics-address`, off unless given; a loopback or management address, since the
+//! endpoints are not authenticated).
+//!
+//! Gauges that mirror state the agent already holds (VNICs, subnets, tunnels) are set by a
+//! `refresh` callback just before each scrape, so they cannot drift; counters and histograms
+//! are updated where things happen.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::family::Family;
+pub use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+pub use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// Labels of one dimension (`{result="ok"}`, `{operation="START"}`, …).
+pub type Labels = Vec<(String, String)>;
+
+/// A counter family with one label.
+pub fn labels(name: &str, value: &str) -> Labels {
+    vec![(name.to_string(), value.to_string())]
+}
+
+/// Whether the process can do its job: `Err(why)` names the dependency that does not answer.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// What the endpoints serve.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub registry: Arc<Mutex<Registry>>,
+    /// Sets the gauges that mirror the agent's state; runs before each scrape.
+    pub refresh: Arc<dyn Fn() + Send + Sync>,
+    pub ready: ReadyCheck,
+}
+
+/// Serves the endpoints on `address` until the task is dropped; returns the bound address
+/// (port 0 picks one).
+pub async fn serve(
+    address: SocketAddr,
+    endpoints: Endpoints,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(endpoints);
+    info!(address = %bound, "metrics and health endpoints listening");
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn metrics(State(e): State<Endpoints>) -> Response {
+    (e.refresh)();
+    let mut text = String::new();
+    let encoded = {
+        let registry = e.registry.lock().unwrap_or_else(|p| p.into_inner());
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+    };
+    match encoded {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+async fn ready(State(e): State<Endpoints>) -> Response {
+    match (e.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// A readiness check for the datastore: one read within `timeout`.
+pub fn datastore_ready(
+    store: Arc<dyn crate::store::Datastore>,
+    timeout: std::time::Duration,
+) -> impl Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync {
+    move || {
+        let store = store.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, store.revision()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("etcd: {e}")),
+                Err(_) => Err(format!("etcd: no answer within {timeout:?}")),
+            }
+        })
+    }
+}
+
+/// Round trips to etcd, in seconds: 100 µs to about 3 s.
+pub fn etcd_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
