@@ -1002,6 +1002,26 @@ fn the_lab_agents_serve_metrics_that_follow_operations() {
         "{scrape}"
     );
     assert_eq!(http_get(&conc, "/readyz").0, 200);
+
+    // The scheduler: its sessions by role and the frames it forwarded.
+    let sched = str_of(&facts["scheduler"], "metrics").to_string();
+    let (status, scrape) = http_get(&sched, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&scrape, r#"tenet_scheduler_sessions{role="agent"}"#),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, r#"tenet_scheduler_sessions{role="cnciagent"}"#),
+        Some(2.0),
+        "{scrape}"
+    );
+    assert!(
+        sample(&scrape, "tenet_scheduler_frames_forwarded_total").unwrap_or(0.0) > 0.0,
+        "{scrape}"
+    );
+    assert_eq!(http_get(&sched, "/readyz").0, 200);
     let status = lab.terminate();
     assert!(status.success(), "{status}\n{}", lab.printed());
 }

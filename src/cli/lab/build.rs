@@ -158,6 +158,7 @@ impl Lab {
 
         let step = progress.step("tenet-scheduler");
         let address = format!("127.0.0.1:{}", free_port()?);
+        let scheduler_metrics = loopback(free_port()?);
         let scheduler_cert = pki.issue(Role::SCHEDULER | Role::SERVER, "scheduler")?;
         let mut scheduler = Daemon::spawn(
             "tenet-scheduler",
@@ -169,6 +170,8 @@ impl Lab {
                 s(scheduler_cert.display()),
                 s("--ca"),
                 s(pki.ca.display()),
+                s("--metrics-address"),
+                s(scheduler_metrics),
             ],
             vec![(s("RUST_LOG"), s("info"))],
             logs.join("scheduler.log"),
@@ -247,7 +250,7 @@ impl Lab {
             let uuid = Uuid::new_v4().to_string();
             let run_dir = owner.dir().join(format!("cnci-{tenant}"));
             let log = logs.join(format!("cnci-{tenant}.log"));
-            let metrics = free_loopback_port()?;
+            let metrics = loopback(free_port()?);
             let agent = Daemon::spawn(
                 &format!("tenet-cnci {tenant}"),
                 &cnci_bin,
@@ -326,7 +329,7 @@ impl Lab {
             let name = format!("cn-{}", i + 1);
             let uuid = Uuid::new_v4().to_string();
             let api_socket = owner.dir().join(format!("{name}.sock"));
-            let metrics = free_loopback_port()?;
+            let metrics = loopback(free_port()?);
             let docker_socket = plan.docker.then(|| {
                 PathBuf::from(DOCKER_PLUGINS)
                     .join(format!("tenet-lab{}-{name}.sock", std::process::id()))
@@ -566,6 +569,7 @@ impl Lab {
                 address,
                 pid: scheduler.pid(),
                 log: scheduler.log.clone(),
+                metrics: scheduler_metrics,
             },
             pki: PkiInfo {
                 dir: pki.dir.clone(),
@@ -696,12 +700,6 @@ fn agent_args(
     ]
 }
 
-/// A loopback address with a port free now, for an agent's metrics endpoint.
-fn free_loopback_port() -> anyhow::Result<std::net::SocketAddr> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(probe.local_addr()?)
-}
-
 fn agent_env(etcd: &EtcdServer) -> Vec<(String, String)> {
     vec![
         (s("ETCD_ENDPOINTS"), etcd.endpoint()),
@@ -819,6 +817,11 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(data)?;
     Ok(())
+}
+
+/// A loopback address (for agents' metrics endpoints).
+fn loopback(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -133,6 +133,8 @@ pub struct SchedulerInfo {
     pub address: String,
     pub pid: Option<u32>,
     pub log: PathBuf,
+    /// Its /metrics, /healthz and /readyz.
+    pub metrics: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -67,6 +67,15 @@ struct Args {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Serve /metrics (Prometheus: sessions by role, frames forwarded, discarded, invalid),
+    /// /healthz and /readyz on this address, e.g. 127.0.0.1:9100; off unless given. Not
+    /// authenticated: use a loopback or management address.
+    #[arg(
+        long,
+        env = "TENET_SCHEDULER_METRICS_ADDRESS",
+        value_name = "ADDR:PORT"
+    )]
+    metrics_address: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -85,7 +94,11 @@ struct FileConfig {
     configuration: Option<PathBuf>,
     #[serde(default)]
     ciao_compat_certs: bool,
+    metrics_address: Option<SocketAddr>,
 }
+
+#[path = "scheduler/metrics.rs"]
+mod scheduler_metrics;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -134,6 +147,11 @@ async fn main() -> Result<()> {
     let sched = scheduler::Scheduler::new();
     let server = Server::start(config, sched.rules(), sched.clone()).await?;
     info!(addr = %server.local_addr(), %uuid, "tenet-scheduler ready");
+    if let Some(address) = args.metrics_address.or(file.metrics_address) {
+        scheduler_metrics::serve(address, server.handle())
+            .await
+            .with_context(|| format!("metrics address {address}"))?;
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
