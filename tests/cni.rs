@@ -121,22 +121,7 @@ fn cnitool_container_id(ns: &Netns) -> String {
 fn cnitool_adds_checks_and_deletes_a_container_on_a_tenant_network() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("lab.json");
-    let mut lab = RunningLab::start(
-        dir.path(),
-        &[
-            "--cns",
-            "1",
-            "--workloads",
-            "1",
-            "--duration",
-            "900",
-            "--output",
-            file.to_str().unwrap(),
-        ],
-    );
-    let facts = lab.facts(&file);
-    assert_eq!(facts["passed"], true, "{}", lab.printed());
+    let (mut lab, facts, _) = RunningLab::up(dir.path(), &["--cns", "1", "--workloads", "1"]);
     let host = &facts["compute_hosts"][0];
     let socket = str_of(host, "api_socket").to_string();
     let acme = concentrator(&facts, "acme").clone();
@@ -148,13 +133,7 @@ fn cnitool_adds_checks_and_deletes_a_container_on_a_tenant_network() {
         .find(|w| w["tenant"] == "acme")
         .unwrap()
         .clone();
-    let etcd = str_of(&facts["etcd"], "endpoint").to_string();
-    let store = rt
-        .block_on(tenet::store::EtcdStore::connect(
-            std::slice::from_ref(&etcd),
-            tenet::store::EtcdOptions::default(),
-        ))
-        .unwrap();
+    let (etcd, store) = lab_store(&rt, &facts);
     // The concentrator's address is left out: tenet-cn finds it from its status in etcd.
     let acme_net = json!({"type": "tenet-cni", "tenant": "acme", "subnet": subnet,
         "concentrator": str_of(&acme, "uuid"), "socket": socket});
@@ -386,24 +365,10 @@ fn cnitool_adds_checks_and_deletes_a_container_on_a_tenant_network() {
 #[test]
 fn cnitool_adds_a_routed_container() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("lab.json");
-    let mut lab = RunningLab::start(
+    let (mut lab, facts, _) = RunningLab::up(
         dir.path(),
-        &[
-            "--mode",
-            "routed",
-            "--cns",
-            "2",
-            "--workloads",
-            "2",
-            "--duration",
-            "900",
-            "--output",
-            file.to_str().unwrap(),
-        ],
+        &["--mode", "routed", "--cns", "2", "--workloads", "2"],
     );
-    let facts = lab.facts(&file);
-    assert_eq!(facts["passed"], true, "{}", lab.printed());
     let host = &facts["compute_hosts"][0];
     let net = json!({"type": "tenet-cni", "tenant": "acme", "mode": "routed",
         "pool": "10.65.0.0/16", "socket": str_of(host, "api_socket")});

@@ -167,35 +167,14 @@ fn dockerd_runs_containers_on_a_tenant_network() {
     use nix::sys::signal::Signal;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("lab.json");
-    let mut lab = RunningLab::start(
-        dir.path(),
-        &[
-            "--cns",
-            "1",
-            "--workloads",
-            "1",
-            "--docker",
-            "--duration",
-            "900",
-            "--output",
-            file.to_str().unwrap(),
-        ],
-    );
-    let facts = lab.facts(&file);
-    assert_eq!(facts["passed"], true, "{}", lab.printed());
+    let (mut lab, facts, file) =
+        RunningLab::up(dir.path(), &["--cns", "1", "--workloads", "1", "--docker"]);
     let host = facts["compute_hosts"][0].clone();
     let socket = PathBuf::from(str_of(&host, "docker_socket"));
     let driver = socket.file_stem().unwrap().to_str().unwrap().to_string();
     let acme = concentrator(&facts, "acme").clone();
     let subnet = str_of(&acme, "subnet").to_string();
-    let etcd = str_of(&facts["etcd"], "endpoint").to_string();
-    let store = rt
-        .block_on(tenet::store::EtcdStore::connect(
-            std::slice::from_ref(&etcd),
-            tenet::store::EtcdOptions::default(),
-        ))
-        .unwrap();
+    let (etcd, store) = lab_store(&rt, &facts);
 
     // Bad requests get {"Err": …} and change nothing.
     for (method, body, words) in [

@@ -916,22 +916,7 @@ fn sample(scrape: &str, name: &str) -> Option<f64> {
 #[test]
 fn the_lab_agents_serve_metrics_that_follow_operations() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("lab.json");
-    let mut lab = RunningLab::start(
-        dir.path(),
-        &[
-            "--cns",
-            "1",
-            "--workloads",
-            "1",
-            "--duration",
-            "900",
-            "--output",
-            file.to_str().unwrap(),
-        ],
-    );
-    let facts = lab.facts(&file);
-    assert_eq!(facts["passed"], true, "{}", lab.printed());
+    let (mut lab, facts, _) = RunningLab::up(dir.path(), &["--cns", "1", "--workloads", "1"]);
     let host = &facts["compute_hosts"][0];
     let cn = str_of(host, "metrics").to_string();
     for path in ["/healthz", "/readyz"] {

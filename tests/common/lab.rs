@@ -28,6 +28,19 @@ impl RunningLab {
         }
     }
 
+    /// Starts a lab that stays up (`--duration 900`, facts in DIR/lab.json) with `args`,
+    /// waits until it is ready and its checks passed; returns it, its facts and the facts
+    /// file (the lab rewrites it when it restarts a process).
+    pub fn up(dir: &Path, args: &[&str]) -> (RunningLab, Value, PathBuf) {
+        let file = dir.join("lab.json");
+        let mut all = args.to_vec();
+        all.extend(["--duration", "900", "--output", file.to_str().unwrap()]);
+        let mut lab = RunningLab::start(dir, &all);
+        let facts = lab.facts(&file);
+        assert_eq!(facts["passed"], true, "{}", lab.printed());
+        (lab, facts, file)
+    }
+
     pub fn printed(&self) -> String {
         let err = self.out.with_file_name("lab.err");
         format!(
@@ -82,6 +95,18 @@ impl Drop for RunningLab {
             eprintln!("--- the lab printed ---\n{}", self.printed());
         }
     }
+}
+
+/// The lab's etcd endpoint and a store on it.
+pub fn lab_store(rt: &tokio::runtime::Runtime, facts: &Value) -> (String, tenet::store::EtcdStore) {
+    let etcd = str_of(&facts["etcd"], "endpoint").to_string();
+    let store = rt
+        .block_on(tenet::store::EtcdStore::connect(
+            std::slice::from_ref(&etcd),
+            tenet::store::EtcdOptions::default(),
+        ))
+        .unwrap();
+    (etcd, store)
 }
 
 pub fn netns_path(name: &str) -> PathBuf {
