@@ -370,8 +370,16 @@ fn cnitool_adds_a_routed_container() {
         &["--mode", "routed", "--cns", "2", "--workloads", "2"],
     );
     let host = &facts["compute_hosts"][0];
+    // Dual stack: an IPv6 Calico pool next to the lab's IPv4 one.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, store) = lab_store(&rt, &facts);
+    rt.block_on(
+        tenet::ipam::Ipam::new(std::sync::Arc::new(store))
+            .create_pool("fd00:65::/48".parse().unwrap(), false),
+    )
+    .unwrap();
     let net = json!({"type": "tenet-cni", "tenant": "acme", "mode": "routed",
-        "pool": "10.65.0.0/16", "socket": str_of(host, "api_socket")});
+        "pool": "10.65.0.0/16", "pool6": "fd00:65::/48", "socket": str_of(host, "api_socket")});
     let nets = net_dir(dir.path(), &[("routed", net)]);
     let c = Netns::create("cni").unwrap();
     let added = cnitool(&nets, "add", "routed", &c, &[]);
@@ -389,6 +397,24 @@ fn cnitool_adds_a_routed_container() {
     );
     assert_eq!(result["ips"][0]["gateway"], "169.254.1.1");
     assert_eq!(result["routes"][0]["gw"], "169.254.1.1");
+    let address6 = result["ips"][1]["address"].as_str().unwrap().to_string();
+    assert!(
+        address6.starts_with("fd00:65:") && address6.ends_with("/128"),
+        "{result}"
+    );
+    assert_eq!(result["ips"][1]["gateway"], "fe80::1");
+    assert_eq!(result["routes"][1], json!({"dst": "::/0", "gw": "fe80::1"}));
+    // A second dual-stack container on the host: IPv6 between the two, routed by the host.
+    let c2 = Netns::create("cni").unwrap();
+    let added2 = cnitool(&nets, "add", "routed", &c2, &[]);
+    assert!(added2.status.success(), "{}", printed(&added2));
+    let result2: Value = serde_json::from_slice(&added2.stdout).unwrap();
+    let peer6 = result2["ips"][1]["address"].as_str().unwrap();
+    let peer6 = peer6.split('/').next().unwrap();
+    assert!(
+        ping(c.name(), peer6),
+        "IPv6 from one routed container to the other ({peer6})"
+    );
     for w in facts["workloads"].as_array().unwrap() {
         if w["tenant"] == "acme" {
             assert!(
@@ -417,6 +443,8 @@ fn cnitool_adds_a_routed_container() {
         let del = cnitool(&nets, "del", "routed", &c, &[]);
         assert!(del.status.success(), "DEL {round}: {}", printed(&del));
     }
+    let del = cnitool(&nets, "del", "routed", &c2, &[]);
+    assert!(del.status.success(), "{}", printed(&del));
     assert!(c.run(&["ip", "link", "show", "eth0"]).is_err());
     let status = lab.terminate();
     assert!(status.success(), "{status}\n{}", lab.printed());

@@ -101,6 +101,27 @@ impl Netlink {
         Ok(all)
     }
 
+    /// Every route of the main table with a gateway (both families): destination, gateway,
+    /// device.
+    pub async fn gateway_routes(&self) -> NetResult<Vec<(IpNetwork, IpAddr, Option<u32>)>> {
+        let mut all = Vec::new();
+        for request in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<RouteMessage> = self
+                .handle()
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_err("list", "routes", e))?;
+            all.extend(msgs.iter().filter_map(parse_gateway_route));
+        }
+        Ok(all)
+    }
+
     /// Adds a proxy neighbour entry (`ip -6 neigh add proxy <ip> dev <index>`): with
     /// `proxy_ndp` on, the host answers neighbour solicitations for `ip` on that link.
     pub async fn add_proxy_neighbour(&self, index: u32, ip: IpAddr) -> NetResult<()> {
@@ -114,6 +135,31 @@ impl Netlink {
             .await
             .map_err(|e| nl_err("add", format!("proxy neighbour {ip} on link #{index}"), e))
     }
+}
+
+fn parse_gateway_route(m: &RouteMessage) -> Option<(IpNetwork, IpAddr, Option<u32>)> {
+    if m.header.table != 254 || m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let v6 = m.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
+    let mut dst: IpAddr = if v6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let (mut gateway, mut dev) = (None, None);
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = IpAddr::V4(*a),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = IpAddr::V6(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(i) => dev = Some(*i),
+            _ => {}
+        }
+    }
+    let destination = IpNetwork::new(dst, m.header.destination_prefix_length).ok()?;
+    Some((destination, gateway?, dev))
 }
 
 fn parse_device_route(m: &RouteMessage) -> Option<DeviceRoute> {

@@ -74,6 +74,9 @@ pub struct CreateVnic {
     pub ifname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<usize>,
+    /// Routed mode: also an IPv6 address from this Calico pool (dual stack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool6: Option<ipnetwork::Ipv6Network>,
     /// The mode the caller expects the node to run in; refused when it runs in another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<NetworkMode>,
@@ -105,6 +108,11 @@ pub struct ApiResponse {
     /// The workload's default gateway (the subnet's gateway; 169.254.1.1 in routed mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Ipv4Addr>,
+    /// Routed dual stack: the IPv6 address (a /128) and its gateway (fe80::1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<std::net::Ipv6Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -231,6 +239,11 @@ async fn create_vnic(
             )));
         }
     }
+    if c.pool6.is_some() && node_mode != NetworkMode::Routed {
+        return Err(bad(format!(
+            "pool6 (IPv6) is for routed mode; this node runs in {node_mode} mode"
+        )));
+    }
     let concentrator_ip = match (node_mode, c.concentrator_ip) {
         (NetworkMode::Routed, ip) => ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
         (_, Some(ip)) => ip,
@@ -252,6 +265,7 @@ async fn create_vnic(
         container: c.kind == VnicKind::Container,
         netns: c.netns,
         ifname: c.ifname.unwrap_or_else(|| CONTAINER_IFNAME.into()),
+        pool6: c.pool6,
         docker: false,
         queues: c.queues.unwrap_or(1),
     };
@@ -267,6 +281,8 @@ async fn create_vnic(
         ip: Some(started.ip),
         prefix: Some(prefix),
         gateway: Some(gateway),
+        ip6: started.ip6,
+        gateway6: started.ip6.map(|_| tenet::net::routed::GATEWAY_V6),
         mac: Some(started.mac.to_string()),
         bridge: Some(v.bridge).filter(|b| !b.is_empty()),
         mtu: Some(v.mtu).filter(|m| *m != 0),

@@ -545,6 +545,7 @@ impl Driver<'_> {
             container: true,
             netns: None,
             ifname: CONTAINER_IFNAME.into(),
+            pool6: None,
             docker: true,
             queues: 1,
         };

@@ -46,6 +46,8 @@ pub struct StartRequest {
     pub netns: Option<PathBuf>,
     /// The interface's name inside a container's namespace (CNI_IFNAME; `eth0` otherwise).
     pub ifname: String,
+    /// Routed mode: also an IPv6 address from this Calico pool (dual stack).
+    pub pool6: Option<ipnetwork::Ipv6Network>,
     /// A Docker endpoint: its address (`ip`) was assigned in the tenant's IPAM by Docker's
     /// IPAM driver, which also releases it; the agent neither assigns nor releases it.
     pub docker: bool,
@@ -63,6 +65,8 @@ pub struct Started {
     pub tunnel: Option<TunnelEvent>,
     pub vnic: crate::node::Vnic,
     pub ip: Ipv4Addr,
+    /// Routed dual stack: its IPv6 address.
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub mac: MacAddr,
 }
 
@@ -139,6 +143,7 @@ pub fn start_request(s: &StartCommand) -> Result<StartRequest, Refused<StartFail
         container: netns.is_some() || s.vm_type == "docker",
         netns,
         ifname: CONTAINER_IFNAME.into(),
+        pool6: None,
         docker: false,
         queues: 1,
     })
@@ -337,6 +342,7 @@ impl Agent {
             tunnel: created.tunnel.filter(|t| t.kind == TunnelEventKind::Add),
             vnic: created.vnic,
             ip,
+            ip6: None,
             mac,
         })
     }

@@ -160,22 +160,66 @@ impl Agent {
                 format!("pool {} has no free address", r.subnet),
             )
         })?;
-        let mac = r.mac.unwrap_or_else(|| super::instance::mac_for(&r.vnic));
-        let config = RoutedVnicConfig {
-            vnic_id: r.vnic.clone(),
-            tenant_id: r.tenant.clone(),
-            role: if r.container {
-                VnicRole::Container
-            } else {
-                VnicRole::Vm
-            },
-            addresses: vec![IpNetwork::V4(Ipv4Network::new(ip, 32).expect("a /32"))],
-            mac: Some(mac),
-            netns: r.netns.clone(),
-            ifname: r.ifname.clone(),
-            mtu: None,
-            queues: r.queues,
+        let ip6 = match r.pool6 {
+            None => None,
+            Some(pool6) => {
+                let args = AutoAssignArgs {
+                    num_v6: 1,
+                    handle: Some(r.vnic.clone()),
+                    attributes: [
+                        ("instance".to_string(), r.instance.clone()),
+                        ("tenant".to_string(), r.tenant.clone()),
+                    ]
+                    .into(),
+                    host: self.host.clone(),
+                    pools_v6: Some(vec![IpNetwork::V6(pool6)]),
+                    ..AutoAssignArgs::default()
+                };
+                let got = routed.ipam.auto_assign(&args).await;
+                match got.as_ref().map(|(_, v6)| v6.first()) {
+                    Ok(Some(IpAddr::V6(ip6))) => Some(*ip6),
+                    _ => {
+                        self.release_routed(routed, &r.vnic).await;
+                        return Err(match got {
+                            Err(IpamError::PoolNotFound(_)) => refuse(
+                                StartFailureReason::InvalidData,
+                                format!(
+                                    "{pool6} is not a Calico pool (tenet ipam pool add {pool6})"
+                                ),
+                            ),
+                            Err(e) => {
+                                network(format!("allocating an address from pool {pool6}: {e}"))
+                            }
+                            Ok(_) => refuse(
+                                StartFailureReason::FullCloud,
+                                format!("pool {pool6} has no free address"),
+                            ),
+                        });
+                    }
+                }
+            }
         };
+        let mac = r.mac.unwrap_or_else(|| super::instance::mac_for(&r.vnic));
+        let config =
+            RoutedVnicConfig {
+                vnic_id: r.vnic.clone(),
+                tenant_id: r.tenant.clone(),
+                role: if r.container {
+                    VnicRole::Container
+                } else {
+                    VnicRole::Vm
+                },
+                addresses: std::iter::once(IpNetwork::V4(Ipv4Network::new(ip, 32).expect("a /32")))
+                    .chain(ip6.map(|a| {
+                        IpNetwork::V6(ipnetwork::Ipv6Network::new(a, 128).expect("a /128"))
+                    }))
+                    .collect(),
+                mac: Some(mac),
+                netns: r.netns.clone(),
+                ifname: r.ifname.clone(),
+                mtu: None,
+                queues: r.queues,
+            };
         let (vnic, queues) = match routed.node.create_vnic(&config).await {
             Ok(v) => v,
             Err(e) => {
@@ -184,7 +228,11 @@ impl Agent {
             }
         };
         let kind = if r.container { "container" } else { "vm" };
-        let endpoint = routed_endpoint(&r.tenant, kind, &vnic.ifname, vnic.mac, ip);
+        let mut endpoint = routed_endpoint(&r.tenant, kind, &vnic.ifname, vnic.mac, ip);
+        endpoint.ipv6_nets = ip6
+            .map(|a| IpNetwork::V6(ipnetwork::Ipv6Network::new(a, 128).expect("a /128")))
+            .into_iter()
+            .collect();
         let value = serde_json::to_vec(&endpoint).expect("endpoints serialise");
         let written = match self.ensure_tenant_profile(&r.tenant).await {
             Ok(()) => self.store.put(&key, &value).await.map(|_| ()),
@@ -211,6 +259,7 @@ impl Agent {
                 queues,
             },
             ip,
+            ip6,
             mac: vnic.mac,
         })
     }

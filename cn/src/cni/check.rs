@@ -1,9 +1,7 @@
 //! CHECK: the container's interface, its addresses and its routes against what ADD returned.
 
-use std::net::IpAddr;
 use std::path::Path;
 
-use ipnetwork::IpNetwork;
 use tenet::net::Netlink;
 
 use super::error::{CniError, code};
@@ -82,36 +80,29 @@ pub async fn container_matches(
             ));
         }
     }
-    let routes = netlink.routes().await.map_err(io)?;
+    let routes = netlink.gateway_routes().await.map_err(io)?;
     for want in &prev.routes {
-        let IpNetwork::V4(dst) = want.dst else {
+        // Without `gw`, the spec's default: the gateway of the interface's address of the
+        // route's family.
+        let gateway = want.gw.or_else(|| {
+            prev.ips
+                .iter()
+                .filter_map(|i| i.gateway)
+                .find(|g| g.is_ipv4() == want.dst.is_ipv4())
+        });
+        let Some(gateway) = gateway else {
             return Err(mismatch(
                 netns,
-                format!("route {} is IPv6; tenet made none", want.dst),
+                format!("route {} has no gateway to check", want.dst),
             ));
         };
-        let gateway = match want.gw {
-            Some(IpAddr::V4(g)) => Some(g),
-            Some(IpAddr::V6(g)) => {
-                return Err(mismatch(
-                    netns,
-                    format!("route {dst} via {g}: an IPv6 gateway"),
-                ));
-            }
-            // The spec's default: the gateway of the interface's address.
-            None => prev.ips.iter().find_map(|i| match i.gateway {
-                Some(IpAddr::V4(g)) => Some(g),
-                _ => None,
-            }),
-        };
-        let present = routes.iter().any(|r| {
-            r.destination == dst && r.gateway == gateway && r.dev.is_none_or(|d| d == link.index)
+        let present = routes.iter().any(|(dst, gw, dev)| {
+            *dst == want.dst && *gw == gateway && dev.is_none_or(|d| d == link.index)
         });
         if !present {
-            let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
             return Err(mismatch(
                 netns,
-                format!("route {dst}{via} dev {ifname} is missing"),
+                format!("route {} via {gateway} dev {ifname} is missing", want.dst),
             ));
         }
     }

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -52,6 +52,9 @@ pub struct NetConf {
     pub subnet: Option<Ipv4Network>,
     #[serde(default, deserialize_with = "pool_field")]
     pub pool: Option<Ipv4Network>,
+    /// Routed mode: a Calico IPv6 pool too, for dual stack.
+    #[serde(default, deserialize_with = "pool6_field")]
+    pub pool6: Option<Ipv6Network>,
     #[serde(default)]
     pub concentrator: Option<String>,
     #[serde(default, rename = "concentratorIP")]
@@ -91,6 +94,18 @@ fn subnet_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Net
 
 fn pool_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Network>, D::Error> {
     network_field(d, "pool")
+}
+
+fn pool6_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv6Network>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    text.map(|t| {
+        t.parse::<Ipv6Network>().map_err(|e| {
+            serde::de::Error::custom(format!(
+                "pool6 {t:?} is not an IPv6 network such as fd00:65::/48: {e}"
+            ))
+        })
+    })
+    .transpose()
 }
 
 impl NetConf {
@@ -144,9 +159,9 @@ impl NetConf {
                         "gre mode puts the container on the tenant subnet named by \"subnet\"",
                     ));
                 }
-                if self.pool.is_some() {
+                if self.pool.is_some() || self.pool6.is_some() {
                     return Err(CniError::config(
-                        "pool is for routed mode",
+                        "pool and pool6 are for routed mode",
                         "gre mode names a \"subnet\" and its \"concentrator\"",
                     ));
                 }

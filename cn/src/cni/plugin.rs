@@ -1,7 +1,7 @@
 //! The four CNI commands. ADD and DEL are one call each on tenet-cn's local API; CHECK reads
 //! the container's namespace; VERSION answers from the constants.
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use tenet::keyspace::NetworkMode;
 use tracing::info;
 
@@ -59,6 +59,7 @@ fn add(env: &RuntimeEnv, conf: &NetConf) -> Result<String, CniError> {
         netns: env.netns.clone(),
         ifname: Some(env.ifname.clone()),
         queues: None,
+        pool6: conf.pool6,
         mode: Some(match conf.mode {
             Mode::Gre => NetworkMode::Gre,
             Mode::Routed => NetworkMode::Routed,
@@ -79,6 +80,11 @@ fn add(env: &RuntimeEnv, conf: &NetConf) -> Result<String, CniError> {
     let prefix = made.prefix.ok_or_else(|| answer("prefix"))?;
     let gateway = made.gateway.ok_or_else(|| answer("gateway"))?;
     let network = Ipv4Network::new(address, prefix).map_err(|_| answer("valid prefix"))?;
+    let v6 = match (conf.pool6, made.ip6, made.gateway6) {
+        (None, _, _) => None,
+        (Some(_), Some(ip6), Some(gw6)) => Some((ip6, gw6)),
+        (Some(_), _, _) => return Err(answer("ip6")),
+    };
     info!(container = %env.container_id, ifname = %env.ifname, %network, "added");
     let result = CniResult {
         cni_version: String::new(),
@@ -94,16 +100,28 @@ fn add(env: &RuntimeEnv, conf: &NetConf) -> Result<String, CniError> {
                 sandbox: env.netns.as_ref().map(|n| n.display().to_string()),
             },
         ],
-        ips: vec![IpConfig {
+        ips: std::iter::once(IpConfig {
             version: None,
             address: IpNetwork::V4(network),
             gateway: Some(gateway.into()),
             interface: Some(1),
-        }],
-        routes: vec![RouteConfig {
+        })
+        .chain(v6.map(|(ip6, gw6)| IpConfig {
+            version: None,
+            address: IpNetwork::V6(Ipv6Network::new(ip6, 128).expect("a /128")),
+            gateway: Some(gw6.into()),
+            interface: Some(1),
+        }))
+        .collect(),
+        routes: std::iter::once(RouteConfig {
             dst: "0.0.0.0/0".parse().expect("a network"),
             gw: Some(gateway.into()),
-        }],
+        })
+        .chain(v6.map(|(_, gw6)| RouteConfig {
+            dst: "::/0".parse().expect("a network"),
+            gw: Some(gw6.into()),
+        }))
+        .collect(),
         dns: Default::default(),
     };
     Ok(serde_json::to_string(&result.in_version(&conf.cni_version)).expect("results serialise"))
