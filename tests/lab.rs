@@ -957,6 +957,9 @@ fn the_lab_agents_serve_metrics_that_follow_operations() {
     let (_, after) = http_get(&cn, "/metrics");
     assert_eq!(starts(&after), starts(&before) + 1.0, "{after}");
     assert_eq!(sample(&after, "tenet_cn_vnics"), Some(3.0), "{after}");
+    let assigned = |scrape: &str| sample(scrape, "tenet_ipam_assigned_total").unwrap_or(0.0);
+    let released = |scrape: &str| sample(scrape, "tenet_ipam_released_total").unwrap_or(0.0);
+    assert!(assigned(&after) >= assigned(&before) + 1.0, "{after}");
     let gone = call(r#"{"op":"destroy","instance":"metrics-1"}"#);
     assert_eq!(gone["ok"], true, "{gone}");
     let refused = call(r#"{"op":"destroy","instance":"metrics-1"}"#);
@@ -969,6 +972,8 @@ fn the_lab_agents_serve_metrics_that_follow_operations() {
         "{last}"
     );
     assert_eq!(sample(&last, "tenet_cn_vnics"), Some(2.0), "{last}");
+    assert_eq!(released(&last), released(&after) + 1.0, "{last}");
+    assert!(sample(&last, "tenet_ipam_transactions_total").unwrap_or(0.0) > 0.0);
 
     let conc = str_of(acme, "metrics").to_string();
     let (status, scrape) = http_get(&conc, "/metrics");

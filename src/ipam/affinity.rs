@@ -63,7 +63,7 @@ impl Ipam {
                 .when(Compare::absent(bkey.clone()))
                 .then(TxnOp::put(bkey, json(&block)))
                 .then(TxnOp::put(akey.clone(), "{}"));
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(b, Some(Seen { block, revision }));
                     claimed.push(b);
@@ -131,7 +131,7 @@ impl Ipam {
             if txn.ops.is_empty() {
                 return Ok(());
             }
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(_) => {
                     self.remember(cidr, None);
                     self.set_affine(host, cidr.is_ipv4(), None);

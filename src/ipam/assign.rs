@@ -283,9 +283,10 @@ impl Ipam {
                 txn.ops.extend(op);
             }
             txn = txn.then(TxnOp::put(key, json(&block)));
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(cidr, Some(Seen { block, revision }));
+                    self.count_assigned(ordinals.len());
                     debug!(%cidr, host, n = ordinals.len(), "assigned");
                     return Ok(ordinals.iter().map(|&o| address(&cidr, o)).collect());
                 }
@@ -340,8 +341,9 @@ impl Ipam {
             txn = txn
                 .then(TxnOp::put(bkey, json(&block)))
                 .then(TxnOp::put(akey, "{}"));
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
+                    self.count_assigned(ordinals.len());
                     existing.insert(cidr);
                     self.remember(cidr, Some(Seen { block, revision }));
                     let v4 = cidr.is_ipv4();
@@ -434,9 +436,10 @@ impl Ipam {
             }
             let creating = seen.is_none();
             txn = txn.then(TxnOp::put(bkey, json(&block)));
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(cidr, Some(Seen { block, revision }));
+                    self.count_assigned(1);
                     return Ok(());
                 }
                 TxnOutcome::Failed { current } => {

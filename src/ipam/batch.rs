@@ -181,9 +181,10 @@ impl Ipam {
                 txn.ops.extend(op);
             }
             txn = txn.then(TxnOp::put(bkey, json(&block)));
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(cidr, Some(super::cache::Seen { block, revision }));
+                    self.count_assigned(ordinals.iter().map(Vec::len).sum());
                     debug!(%cidr, host = %key.host, requests = batch.len(), "assigned in one transaction");
                     return Ok(ordinals
                         .iter()

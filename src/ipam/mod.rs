@@ -184,6 +184,21 @@ pub struct Ipam {
     /// the count of those that ended tells the waiting ones to look at the blocks again.
     slow_path: Arc<tokio::sync::Mutex<()>>,
     slow_paths: Arc<std::sync::atomic::AtomicU64>,
+    stats: Arc<IpamStats>,
+}
+
+/// What an [`Ipam`] (and its clones) did, for metrics: read with [`Ipam::stats`].
+#[derive(Debug, Default)]
+pub struct IpamStats {
+    /// Addresses assigned.
+    pub assigned: std::sync::atomic::AtomicU64,
+    /// Addresses released.
+    pub released: std::sync::atomic::AtomicU64,
+    /// Transactions committed.
+    pub transactions: std::sync::atomic::AtomicU64,
+    /// Transactions that failed a compare (someone else changed a block, handle or
+    /// affinity first) and were retried.
+    pub conflicts: std::sync::atomic::AtomicU64,
 }
 
 impl Ipam {
@@ -208,6 +223,7 @@ impl Ipam {
             group_commit: true,
             slow_path: Default::default(),
             slow_paths: Default::default(),
+            stats: Default::default(),
         }
     }
 
@@ -221,6 +237,30 @@ impl Ipam {
 
     pub fn store(&self) -> &Arc<dyn Datastore> {
         &self.store
+    }
+
+    pub fn stats(&self) -> &IpamStats {
+        &self.stats
+    }
+
+    /// A transaction, counted as committed or as a conflict.
+    pub(super) async fn commit(
+        &self,
+        txn: crate::store::Txn,
+    ) -> IpamResult<crate::store::TxnOutcome> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let outcome = self.store.txn_or_read(txn).await?;
+        match &outcome {
+            crate::store::TxnOutcome::Committed(_) => self.stats.transactions.fetch_add(1, Relaxed),
+            crate::store::TxnOutcome::Failed { .. } => self.stats.conflicts.fetch_add(1, Relaxed),
+        };
+        Ok(outcome)
+    }
+
+    pub(super) fn count_assigned(&self, n: usize) {
+        self.stats
+            .assigned
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn scope(&self) -> &IpamScope {

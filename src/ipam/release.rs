@@ -128,8 +128,12 @@ impl Ipam {
             } else {
                 TxnOp::put(key, json(&block))
             });
-            match self.store.txn_or_read(txn).await? {
+            match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
+                    self.stats.released.fetch_add(
+                        released.ordinals.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let after = (!delete_block).then_some(Seen { block, revision });
                     self.remember(cidr, after);
                     return Ok(released);

@@ -18,6 +18,10 @@ pub(super) struct CnMetrics {
     deletes: Family<Labels, Counter>,
     scheduler_connected: Gauge,
     connected: AtomicBool,
+    ipam_assigned: Counter,
+    ipam_released: Counter,
+    ipam_transactions: Counter,
+    ipam_conflicts: Counter,
 }
 
 impl CnMetrics {
@@ -38,6 +42,30 @@ impl CnMetrics {
             "DELETEs and local destroys, by result",
             self.deletes.clone(),
         );
+        for (name, help, counter) in [
+            (
+                "tenet_ipam_assigned",
+                "Addresses assigned by this node's IPAM",
+                &self.ipam_assigned,
+            ),
+            (
+                "tenet_ipam_released",
+                "Addresses released by this node's IPAM",
+                &self.ipam_released,
+            ),
+            (
+                "tenet_ipam_transactions",
+                "IPAM transactions committed in etcd",
+                &self.ipam_transactions,
+            ),
+            (
+                "tenet_ipam_conflicts",
+                "IPAM transactions that lost a race and were retried",
+                &self.ipam_conflicts,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "tenet_cn_scheduler_connected",
             "1 while the SSNTP connection to the scheduler is up",
@@ -95,6 +123,33 @@ pub(super) fn endpoints(agent: &Arc<Agent>, store: Arc<dyn Datastore>) -> Endpoi
             .vnics
             .set((node.vnic_ids().len() + routed) as i64);
         refreshed.metrics.subnets.set(node.subnets().len() as i64);
+        // The IPAM counters are the sums over the node's IPAM clients (one per tenant, and
+        // Calico's in routed mode); a counter only moves forward to them.
+        let mut ipams: Vec<Arc<tenet::ipam::Ipam>> = refreshed
+            .ipams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        if let Some(r) = &refreshed.routed {
+            ipams.push(Arc::new(r.ipam.clone()));
+        }
+        let sum = |f: fn(&tenet::ipam::IpamStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+            ipams
+                .iter()
+                .map(|i| f(i.stats()).load(Ordering::Relaxed))
+                .sum()
+        };
+        let m = &refreshed.metrics;
+        for (counter, total) in [
+            (&m.ipam_assigned, sum(|s| &s.assigned)),
+            (&m.ipam_released, sum(|s| &s.released)),
+            (&m.ipam_transactions, sum(|s| &s.transactions)),
+            (&m.ipam_conflicts, sum(|s| &s.conflicts)),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     };
     let etcd = tenet::metrics::datastore_ready(store, Duration::from_secs(2));
     let metrics = agent.metrics.clone();
