@@ -117,6 +117,26 @@ pub fn datastore_ready(
     }
 }
 
+/// An agent's readiness: etcd answers a read within 2 s and `connected` (its SSNTP
+/// connection to the scheduler) is up.
+pub fn agent_ready(
+    store: Arc<dyn crate::store::Datastore>,
+    connected: Arc<std::sync::atomic::AtomicBool>,
+) -> ReadyCheck {
+    let etcd = datastore_ready(store, std::time::Duration::from_secs(2));
+    Arc::new(move || {
+        let etcd = etcd();
+        let connected = connected.clone();
+        Box::pin(async move {
+            etcd.await?;
+            match connected.load(std::sync::atomic::Ordering::Acquire) {
+                true => Ok(()),
+                false => Err("not connected to the scheduler".into()),
+            }
+        })
+    })
+}
+
 /// Round trips to etcd, in seconds: 100 µs to about 3 s.
 pub fn etcd_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))

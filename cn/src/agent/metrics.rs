@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tenet::metrics::{Counter, Endpoints, Family, Gauge, Labels, Registry, labels};
 use tenet::store::Datastore;
@@ -17,7 +16,7 @@ pub(super) struct CnMetrics {
     starts: Family<Labels, Counter>,
     deletes: Family<Labels, Counter>,
     scheduler_connected: Gauge,
-    connected: AtomicBool,
+    connected: Arc<AtomicBool>,
     ipam_assigned: Counter,
     ipam_released: Counter,
     ipam_transactions: Counter,
@@ -151,19 +150,7 @@ pub(super) fn endpoints(agent: &Arc<Agent>, store: Arc<dyn Datastore>) -> Endpoi
             counter.inc_by(total.saturating_sub(counter.get()));
         }
     };
-    let etcd = tenet::metrics::datastore_ready(store, Duration::from_secs(2));
-    let metrics = agent.metrics.clone();
-    let ready: tenet::metrics::ReadyCheck = Arc::new(move || {
-        let etcd = etcd();
-        let metrics = metrics.clone();
-        Box::pin(async move {
-            etcd.await?;
-            match metrics.connected.load(Ordering::Acquire) {
-                true => Ok(()),
-                false => Err("not connected to the scheduler".into()),
-            }
-        })
-    });
+    let ready = tenet::metrics::agent_ready(store, agent.metrics.connected.clone());
     Endpoints {
         registry: Arc::new(Mutex::new(registry)),
         refresh: Arc::new(refresh),

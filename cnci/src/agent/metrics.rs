@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tenet::metrics::{Counter, Endpoints, Family, Gauge, Labels, Registry, labels};
 use tenet::store::Datastore;
@@ -14,7 +13,7 @@ pub(super) struct CnciMetrics {
     pub tunnels: Gauge,
     frames: Family<Labels, Counter>,
     scheduler_connected: Gauge,
-    connected: AtomicBool,
+    connected: Arc<AtomicBool>,
 }
 
 impl CnciMetrics {
@@ -51,19 +50,7 @@ impl CnciMetrics {
             "1 while the SSNTP connection to the scheduler is up",
             self.scheduler_connected.clone(),
         );
-        let etcd = tenet::metrics::datastore_ready(store, Duration::from_secs(2));
-        let me = self.clone();
-        let ready: tenet::metrics::ReadyCheck = Arc::new(move || {
-            let etcd = etcd();
-            let me = me.clone();
-            Box::pin(async move {
-                etcd.await?;
-                match me.connected.load(Ordering::Acquire) {
-                    true => Ok(()),
-                    false => Err("not connected to the scheduler".into()),
-                }
-            })
-        });
+        let ready = tenet::metrics::agent_ready(store, self.connected.clone());
         Endpoints {
             registry: Arc::new(Mutex::new(registry)),
             refresh: Arc::new(|| {}),
