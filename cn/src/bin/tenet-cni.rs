@@ -20,7 +20,8 @@ configuration on stdin, e.g. /etc/cni/net.d/10-acme.conflist:
                 \"subnet\": \"172.16.0.0/24\", \"concentrator\": \"<its uuid>\",
                 \"socket\": \"/run/tenet/cn.sock\"}]}
 
-Routed mode: \"mode\": \"routed\", \"pool\": \"10.65.0.0/16\" (a Calico pool), no concentrator.
+Routed mode: \"mode\": \"routed\", \"pool\": \"10.65.0.0/16\" (a Calico pool), no concentrator;
+add \"pool6\": \"fd00:65::/48\" (a Calico IPv6 pool) for dual stack.
 tenet-cn must run on the host with --api-socket (the socket above). See README.md.";
 
 fn main() -> ExitCode {
