@@ -141,3 +141,135 @@ pub fn agent_ready(
 pub fn etcd_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
 }
+
+/// Round-trip latency of every datastore call, by operation.
+pub type StoreLatency = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// A datastore that times each call into a [`StoreLatency`] (`tenet_etcd_request_duration_seconds`
+/// once registered): what the agents' etcd round trips cost, seen from the agent.
+#[derive(Debug)]
+pub struct TimedStore {
+    inner: Arc<dyn crate::store::Datastore>,
+    latency: StoreLatency,
+}
+
+impl TimedStore {
+    /// Wraps `inner`; the returned family is what to register.
+    pub fn wrap(
+        inner: Arc<dyn crate::store::Datastore>,
+    ) -> (Arc<dyn crate::store::Datastore>, StoreLatency) {
+        let latency = StoreLatency::new_with_constructor(etcd_histogram as fn() -> Histogram);
+        let store = Arc::new(TimedStore {
+            inner,
+            latency: latency.clone(),
+        });
+        (store, latency)
+    }
+
+    async fn timed<T>(&self, op: &str, call: impl Future<Output = T>) -> T {
+        let start = std::time::Instant::now();
+        let out = call.await;
+        self.latency
+            .get_or_create(&labels("operation", op))
+            .observe(start.elapsed().as_secs_f64());
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::Datastore for TimedStore {
+    async fn get(&self, key: &str) -> crate::store::StoreResult<Option<crate::store::KeyValue>> {
+        self.timed("get", self.inner.get(key)).await
+    }
+    async fn list(&self, prefix: &str) -> crate::store::StoreResult<crate::store::Listing> {
+        self.timed("list", self.inner.list(prefix)).await
+    }
+    async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+    ) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("create", self.inner.create(key, value)).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: crate::store::Revision,
+    ) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("update", self.inner.update(key, value, expected))
+            .await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+    ) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("put", self.inner.put(key, value)).await
+    }
+    async fn put_with_lease(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: crate::store::LeaseId,
+    ) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("put", self.inner.put_with_lease(key, value, lease))
+            .await
+    }
+    async fn delete(
+        &self,
+        key: &str,
+        expected: Option<crate::store::Revision>,
+    ) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("delete", self.inner.delete(key, expected)).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> crate::store::StoreResult<u64> {
+        self.timed("delete", self.inner.delete_prefix(prefix)).await
+    }
+    async fn txn(
+        &self,
+        txn: crate::store::Txn,
+    ) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("txn", self.inner.txn(txn)).await
+    }
+    async fn txn_or_read(
+        &self,
+        txn: crate::store::Txn,
+    ) -> crate::store::StoreResult<crate::store::TxnOutcome> {
+        self.timed("txn", self.inner.txn_or_read(txn)).await
+    }
+    async fn get_many(
+        &self,
+        keys: &[String],
+    ) -> crate::store::StoreResult<Vec<Option<crate::store::KeyValue>>> {
+        self.timed("get", self.inner.get_many(keys)).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        start: crate::store::Revision,
+    ) -> crate::store::StoreResult<crate::store::Watch> {
+        self.timed("watch", self.inner.watch(prefix, start)).await
+    }
+    async fn grant_lease(
+        &self,
+        ttl: std::time::Duration,
+    ) -> crate::store::StoreResult<crate::store::LeaseId> {
+        self.timed("lease", self.inner.grant_lease(ttl)).await
+    }
+    async fn keep_alive(
+        &self,
+        lease: crate::store::LeaseId,
+    ) -> crate::store::StoreResult<std::time::Duration> {
+        self.timed("lease", self.inner.keep_alive(lease)).await
+    }
+    async fn revoke_lease(&self, lease: crate::store::LeaseId) -> crate::store::StoreResult<()> {
+        self.timed("lease", self.inner.revoke_lease(lease)).await
+    }
+    async fn compact(&self, revision: crate::store::Revision) -> crate::store::StoreResult<()> {
+        self.timed("compact", self.inner.compact(revision)).await
+    }
+    async fn revision(&self) -> crate::store::StoreResult<crate::store::Revision> {
+        self.timed("get", self.inner.revision()).await
+    }
+}

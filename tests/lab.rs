@@ -974,6 +974,13 @@ fn the_lab_agents_serve_metrics_that_follow_operations() {
     assert_eq!(sample(&last, "tenet_cn_vnics"), Some(2.0), "{last}");
     assert_eq!(released(&last), released(&after) + 1.0, "{last}");
     assert!(sample(&last, "tenet_ipam_transactions_total").unwrap_or(0.0) > 0.0);
+    // etcd round trips, timed by operation: the create's transactions are among them.
+    let txns = sample(
+        &last,
+        r#"tenet_etcd_request_duration_seconds_count{operation="txn"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(txns >= 1.0, "{last}");
 
     let conc = str_of(acme, "metrics").to_string();
     let (status, scrape) = http_get(&conc, "/metrics");

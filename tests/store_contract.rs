@@ -1,5 +1,6 @@
 //! The datastore contract, run against both backends: the in-memory store and a real etcd
-//! (Debian etcd-server) started per test on free ports with a temporary data directory.
+//! (Debian etcd-server) started per test on free ports with a temporary data directory —
+//! and against the agents' timing decorator (`metrics::TimedStore`) over the memory store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,17 @@ macro_rules! contract {
                 async fn $name() {
                     let server = tenet::testbed::EtcdServer::start().await.expect("start etcd");
                     super::$name(std::sync::Arc::new(server.store().await.unwrap())).await;
+                }
+            )*
+        }
+        // The agents' timing decorator (with metrics on) must keep the contract too.
+        mod timed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let inner = std::sync::Arc::new(tenet::store::MemoryStore::new());
+                    let (store, _latency) = tenet::metrics::TimedStore::wrap(inner);
+                    super::$name(store).await;
                 }
             )*
         }

@@ -107,9 +107,20 @@ fn result<T, R: serde::Serialize>(outcome: &Result<T, super::instance::Refused<R
 }
 
 /// The endpoints for `agent`.
-pub(super) fn endpoints(agent: &Arc<Agent>, store: Arc<dyn Datastore>) -> Endpoints {
+pub(super) fn endpoints(
+    agent: &Arc<Agent>,
+    store: Arc<dyn Datastore>,
+    store_latency: Option<tenet::metrics::StoreLatency>,
+) -> Endpoints {
     let mut registry = Registry::default();
     agent.metrics.register(&mut registry);
+    if let Some(latency) = store_latency {
+        registry.register(
+            "tenet_etcd_request_duration_seconds",
+            "Round trip of each etcd call, by operation",
+            latency,
+        );
+    }
     let refreshed = agent.clone();
     let refresh = move || {
         let node = &refreshed.node;

@@ -123,6 +123,14 @@ pub async fn run(
         return Err(AgentError::Role { held });
     }
     let span = info_span!("cn_agent", uuid = %config.uuid, host = %config.host);
+    // With metrics on, every etcd call is timed.
+    let (store, store_latency) = match config.metrics_address {
+        Some(_) => {
+            let (timed, latency) = tenet::metrics::TimedStore::wrap(store);
+            (timed, Some(latency))
+        }
+        None => (store, None),
+    };
     async move {
         let node = ComputeNode::init(config.node).await?;
         let report = node.rebuild().await?;
@@ -210,7 +218,7 @@ pub async fn run(
         drop(local);
         let metrics_server = match config.metrics_address {
             Some(address) => {
-                let endpoints = metrics::endpoints(&agent, agent.store.clone());
+                let endpoints = metrics::endpoints(&agent, agent.store.clone(), store_latency);
                 let (_, task) =
                     tenet::metrics::serve(address, endpoints)
                         .await

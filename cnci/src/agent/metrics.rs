@@ -28,8 +28,19 @@ impl CnciMetrics {
         self.scheduler_connected.set(i64::from(up));
     }
 
-    pub fn endpoints(self: &Arc<Self>, store: Arc<dyn Datastore>) -> Endpoints {
+    pub fn endpoints(
+        self: &Arc<Self>,
+        store: Arc<dyn Datastore>,
+        store_latency: Option<tenet::metrics::StoreLatency>,
+    ) -> Endpoints {
         let mut registry = Registry::default();
+        if let Some(latency) = store_latency {
+            registry.register(
+                "tenet_etcd_request_duration_seconds",
+                "Round trip of each etcd call, by operation",
+                latency,
+            );
+        }
         registry.register(
             "tenet_cnci_subnets",
             "Remote subnets attached",

@@ -80,6 +80,14 @@ pub async fn run(
         return Err(AgentError::Role { held });
     }
     let span = info_span!("cnci_agent", uuid = %config.uuid, tenant = %config.concentrator.tenant);
+    // With metrics on, every etcd call is timed.
+    let (store, store_latency) = match config.metrics_address {
+        Some(_) => {
+            let (timed, latency) = tenet::metrics::TimedStore::wrap(store);
+            (timed, Some(latency))
+        }
+        None => (store, None),
+    };
     async move {
         let conc = Concentrator::init(config.concentrator, Some(store.clone())).await?;
         let report = conc.rebuild().await?;
@@ -97,7 +105,7 @@ pub async fn run(
         };
         let metrics_server = match config.metrics_address {
             Some(address) => {
-                let endpoints = agent.metrics.endpoints(store.clone());
+                let endpoints = agent.metrics.endpoints(store.clone(), store_latency);
                 let (_, task) = tenet::metrics::serve(address, endpoints)
                     .await
                     .map_err(|e| AgentError::Metrics(address, e))?;
