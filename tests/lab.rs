@@ -784,6 +784,20 @@ fn the_routed_lab_meshes_its_hosts_by_bgp() {
 
     let hosts = facts["compute_hosts"].as_array().unwrap();
     let workloads = facts["workloads"].as_array().unwrap();
+    // Each host's metrics count its two mesh sessions, Established.
+    for h in hosts {
+        let address = str_of(h, "metrics").to_string();
+        assert!(
+            eventually(30, || {
+                let (_, scrape) = http_get(&address, "/metrics");
+                sample(&scrape, "tenet_bgp_sessions_established") == Some(2.0)
+                    && sample(&scrape, "tenet_bgp_sessions") == Some(2.0)
+            }),
+            "{}: {}",
+            str_of(h, "name"),
+            http_get(&address, "/metrics").1
+        );
+    }
     // Every host's kernel routes every other host's workloads' blocks by BGP.
     for h in hosts {
         let routes = in_netns(

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tenet::metrics::{Counter, Endpoints, Family, Gauge, Labels, Registry, labels};
 use tenet::store::Datastore;
@@ -17,6 +18,8 @@ pub(super) struct CnMetrics {
     deletes: Family<Labels, Counter>,
     scheduler_connected: Gauge,
     connected: Arc<AtomicBool>,
+    bgp_sessions: Gauge,
+    bgp_established: Gauge,
     ipam_assigned: Counter,
     ipam_released: Counter,
     ipam_transactions: Counter,
@@ -66,6 +69,16 @@ impl CnMetrics {
             registry.register(name, help, counter.clone());
         }
         registry.register(
+            "tenet_bgp_sessions",
+            "BGP sessions of this node's BIRD (routed mode)",
+            self.bgp_sessions.clone(),
+        );
+        registry.register(
+            "tenet_bgp_sessions_established",
+            "BGP sessions of this node's BIRD that are Established (routed mode)",
+            self.bgp_established.clone(),
+        );
+        registry.register(
             "tenet_cn_scheduler_connected",
             "1 while the SSNTP connection to the scheduler is up",
             self.scheduler_connected.clone(),
@@ -103,6 +116,40 @@ fn result<T, R: serde::Serialize>(outcome: &Result<T, super::instance::Refused<R
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| "refused".into()),
+    }
+}
+
+/// Routed mode: reads the BIRD's sessions every `every` into the BGP gauges (BIRD is asked
+/// over its control socket, so not at scrape time).
+pub(super) async fn follow_bgp(agent: Arc<Agent>, every: Duration) {
+    let Some(routed) = agent.routed.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let socket = routed
+            .speaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.config().control_socket());
+        let Some(socket) = socket else { return };
+        let sessions = match tenet::bgp::control::BirdControl::connect(&socket).await {
+            Ok(mut control) => control.protocols().await,
+            Err(e) => Err(e),
+        };
+        match sessions {
+            Ok(protocols) => {
+                let bgp: Vec<_> = protocols.iter().filter(|p| p.proto == "BGP").collect();
+                agent.metrics.bgp_sessions.set(bgp.len() as i64);
+                agent
+                    .metrics
+                    .bgp_established
+                    .set(bgp.iter().filter(|p| p.established()).count() as i64);
+            }
+            Err(e) => tracing::debug!(error = %e, "reading BIRD's sessions for metrics"),
+        }
     }
 }
 

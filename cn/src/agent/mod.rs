@@ -226,7 +226,10 @@ pub async fn run(
                             path: address.to_string(),
                             source,
                         })?;
-                Some(task)
+                let bgp = tokio::spawn(
+                    metrics::follow_bgp(agent.clone(), Duration::from_secs(5)).in_current_span(),
+                );
+                Some((task, bgp))
             }
             None => None,
         };
@@ -252,8 +255,9 @@ pub async fn run(
                 },
             }
         };
-        if let Some(task) = metrics_server {
+        if let Some((task, bgp)) = metrics_server {
             task.abort();
+            bgp.abort();
         }
         for (task, path) in front_ends {
             task.abort();
