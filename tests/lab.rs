@@ -1013,6 +1013,22 @@ fn the_lab_agents_serve_metrics_that_follow_operations() {
         "{scrape}"
     );
     assert_eq!(http_get(&conc, "/readyz").0, 200);
+    // acme's lab workload leased its address from the subnet's dnsmasq.
+    assert!(
+        eventually(15, || sample(
+            &http_get(&conc, "/metrics").1,
+            "tenet_cnci_dhcp_leases"
+        )
+        .unwrap_or(0.0)
+            >= 1.0),
+        "{}",
+        http_get(&conc, "/metrics").1
+    );
+    assert_eq!(
+        sample(&scrape, "tenet_cnci_dnsmasq_restarts_total"),
+        Some(0.0),
+        "{scrape}"
+    );
 
     // The scheduler: its sessions by role and the frames it forwarded.
     let sched = str_of(&facts["scheduler"], "metrics").to_string();

@@ -253,6 +253,13 @@ impl DhcpServer {
         &self.dir
     }
 
+    /// The leases dnsmasq holds now (one line each in its leases file).
+    pub fn leases(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("leases"))
+            .map(|text| text.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0)
+    }
+
     /// Stops dnsmasq; with `remove_files`, its directory (leases included) goes too.
     pub async fn stop(self, remove_files: bool) -> Result<(), CnciError> {
         self.daemon.stop().await;

@@ -11,6 +11,8 @@ use tenet::store::Datastore;
 pub(super) struct CnciMetrics {
     pub subnets: Gauge,
     pub tunnels: Gauge,
+    pub dhcp_leases: Gauge,
+    pub dnsmasq_restarts: Counter,
     frames: Family<Labels, Counter>,
     scheduler_connected: Gauge,
     connected: Arc<AtomicBool>,
@@ -50,6 +52,16 @@ impl CnciMetrics {
             "tenet_cnci_tunnels",
             "Tunnels to compute nodes",
             self.tunnels.clone(),
+        );
+        registry.register(
+            "tenet_cnci_dhcp_leases",
+            "DHCP leases held by the subnets' dnsmasq",
+            self.dhcp_leases.clone(),
+        );
+        registry.register(
+            "tenet_cnci_dnsmasq_restarts",
+            "Times a subnet's dnsmasq died and was started again",
+            self.dnsmasq_restarts.clone(),
         );
         registry.register(
             "tenet_cnci_frames",

@@ -124,9 +124,15 @@ pub async fn run(
         client_config.role = Some(Role::CNCIAGENT);
         let (client, mut events) = Client::start(client_config)?;
         tokio::pin!(shutdown);
+        // Leases and restarts change without frames: the status (and the metrics it sets)
+        // is read again every few seconds.
+        let mut refresh = tokio::time::interval(Duration::from_secs(5));
         let result = loop {
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
+                _ = refresh.tick(), if metrics_server.is_some() => {
+                    agent.status().await;
+                }
                 event = events.recv() => match event {
                     None => break Ok(()),
                     Some(ClientEvent::Connected(server)) => {
@@ -170,6 +176,8 @@ struct Agent {
 impl Agent {
     async fn status(&self) -> Vec<u8> {
         let subnets = self.conc.subnets().await;
+        let leases: usize = subnets.iter().map(|s| s.dhcp_leases).sum();
+        let restarts: u64 = subnets.iter().map(|s| u64::from(s.dhcp_restarts)).sum();
         let status = NodeStatus {
             uuid: self.uuid.to_string(),
             role: NodeRole::Concentrator,
@@ -183,6 +191,11 @@ impl Agent {
         };
         self.metrics.subnets.set(status.subnets.len() as i64);
         self.metrics.tunnels.set(status.tunnels as i64);
+        self.metrics.dhcp_leases.set(leases as i64);
+        let counted = self.metrics.dnsmasq_restarts.get();
+        self.metrics
+            .dnsmasq_restarts
+            .inc_by(restarts.saturating_sub(counted));
         serde_json::to_vec(&status).expect("a status serialises")
     }
 

@@ -132,6 +132,10 @@ pub struct SubnetInfo {
     /// (compute node address, its id, tunnel interface).
     pub tunnels: Vec<(Ipv4Addr, String, String)>,
     pub dhcp_pid: Option<u32>,
+    /// How often its dnsmasq was restarted after dying.
+    pub dhcp_restarts: u32,
+    /// The leases its dnsmasq holds.
+    pub dhcp_leases: usize,
 }
 
 /// The concentrator's dataplane for one tenant.
@@ -278,6 +282,8 @@ impl Concentrator {
                     .map(|(ip, t)| (*ip, t.cn_id.clone(), t.name.clone()))
                     .collect(),
                 dhcp_pid: s.dhcp.daemon().pid(),
+                dhcp_restarts: s.dhcp.daemon().restarts(),
+                dhcp_leases: s.dhcp.leases(),
             })
             .collect()
     }
