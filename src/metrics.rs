@@ -142,8 +142,13 @@ pub fn etcd_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
 }
 
-/// Round-trip latency of every datastore call, by operation.
+/// Durations by one label (a datastore call's operation, a policy phase, …).
 pub type StoreLatency = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// An empty [`StoreLatency`] with [`etcd_histogram`]'s buckets (100 µs to about 3 s).
+pub fn latency_family() -> StoreLatency {
+    StoreLatency::new_with_constructor(etcd_histogram as fn() -> Histogram)
+}
 
 /// A datastore that times each call into a [`StoreLatency`] (`tenet_etcd_request_duration_seconds`
 /// once registered): what the agents' etcd round trips cost, seen from the agent.
@@ -158,7 +163,7 @@ impl TimedStore {
     pub fn wrap(
         inner: Arc<dyn crate::store::Datastore>,
     ) -> (Arc<dyn crate::store::Datastore>, StoreLatency) {
-        let latency = StoreLatency::new_with_constructor(etcd_histogram as fn() -> Histogram);
+        let latency = latency_family();
         let store = Arc::new(TimedStore {
             inner,
             latency: latency.clone(),

@@ -740,6 +740,17 @@ fn policy_in_the_lab_follows_etcd_across_hosts() {
         eventually(15, || connects(&ns(&a1), &ip(&a2), 7777)),
         "deleting the policy did not restore the connection"
     );
+    // Every compute node timed the changes it calculated and applied.
+    for h in facts["compute_hosts"].as_array().unwrap() {
+        let (_, scrape) = http_get(str_of(h, "metrics"), "/metrics");
+        for phase in ["calculate", "apply"] {
+            let count = sample(
+                &scrape,
+                &format!(r#"tenet_policy_duration_seconds_count{{phase="{phase}"}}"#),
+            );
+            assert!(count.unwrap_or(0.0) >= 1.0, "{phase}: {scrape}");
+        }
+    }
     assert!(lab.terminate().success(), "{}", lab.printed());
 }
 

@@ -219,6 +219,7 @@ async fn bench() -> (Bench, Vec<Wl>, Vec<Wl>) {
             iptables: None,
             resync: Duration::from_millis(500),
             report: Duration::from_secs(1),
+            observe: None,
         },
     )
     .await

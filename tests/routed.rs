@@ -545,6 +545,7 @@ async fn policy_on_routed_interfaces(
             iptables: None,
             resync: Duration::from_secs(30),
             report: Duration::from_secs(30),
+            observe: None,
         },
     )
     .await

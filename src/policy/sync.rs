@@ -38,6 +38,19 @@ pub struct PolicyConfig {
     /// How often Felix's status keys are written (Felix's ReportingIntervalSecs, 30 s); the
     /// `status` key lives three intervals (ReportingTTLSecs, 90 s).
     pub report: Duration,
+    /// Told how long each change took to calculate (`"calculate"`: the calculation graph)
+    /// and to apply (`"apply"`: iptables and IP sets), for metrics.
+    pub observe: Option<PhaseObserver>,
+}
+
+/// Receives (phase, duration) after each policy change.
+#[derive(Clone)]
+pub struct PhaseObserver(pub Arc<dyn Fn(&'static str, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for PhaseObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhaseObserver")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +344,7 @@ async fn sync_once(
                     batch.push(more?);
                 }
                 let revision = batch.last().map_or(0, |e| e.revision);
+                let calculating = std::time::Instant::now();
                 for e in &batch {
                     let value = match e.kind {
                         EventKind::Put => Some(e.value.as_slice()),
@@ -345,7 +359,15 @@ async fn sync_once(
                 for msg in msgs {
                     dataplane.handle(msg);
                 }
-                match dataplane.apply().await {
+                let applying = std::time::Instant::now();
+                if let Some(observe) = &config.observe {
+                    (observe.0)("calculate", applying - calculating);
+                }
+                let outcome = dataplane.apply().await;
+                if let Some(observe) = &config.observe {
+                    (observe.0)("apply", applying.elapsed());
+                }
+                match outcome {
                     Ok(report) => debug!(events = batch.len(), messages = count, took = ?report.took, "policy change applied"),
                     // The dataplane reconciles at its next apply or resync.
                     Err(e) => warn!(error = %e, "policy change not applied; retrying at the next resync"),

@@ -10,6 +10,16 @@ use tenet::store::Datastore;
 
 use super::Agent;
 
+/// Policy calculation and apply durations (`tenet_policy_duration_seconds{phase}`).
+#[derive(Clone)]
+pub(super) struct PolicyLatency(pub tenet::metrics::StoreLatency);
+
+impl Default for PolicyLatency {
+    fn default() -> Self {
+        PolicyLatency(tenet::metrics::latency_family())
+    }
+}
+
 #[derive(Default)]
 pub(super) struct CnMetrics {
     vnics: Gauge,
@@ -18,6 +28,7 @@ pub(super) struct CnMetrics {
     deletes: Family<Labels, Counter>,
     scheduler_connected: Gauge,
     connected: Arc<AtomicBool>,
+    pub(super) policy: PolicyLatency,
     bgp_sessions: Gauge,
     bgp_established: Gauge,
     ipam_assigned: Counter,
@@ -68,6 +79,11 @@ impl CnMetrics {
         ] {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "tenet_policy_duration_seconds",
+            "How long each policy change took to calculate and to apply (iptables, IP sets), by phase",
+            self.policy.0.clone(),
+        );
         registry.register(
             "tenet_bgp_sessions",
             "BGP sessions of this node's BIRD (routed mode)",

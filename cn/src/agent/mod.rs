@@ -347,6 +347,15 @@ async fn start_policy(
         iptables: None,
         resync: Duration::from_secs(30),
         report: Duration::from_secs(30),
+        observe: Some({
+            let latency = agent.metrics.policy.clone();
+            sync::PhaseObserver(Arc::new(move |phase, took| {
+                latency
+                    .0
+                    .get_or_create(&tenet::metrics::labels("phase", phase))
+                    .observe(took.as_secs_f64());
+            }))
+        }),
     };
     info!("programming Calico policy for this node's VNICs");
     Ok(sync::spawn(store, config).await?)
