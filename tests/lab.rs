@@ -473,13 +473,7 @@ fn a_compute_node_killed_mid_burst_converges() {
     );
     let facts = lab.facts(&file);
     assert_eq!(facts["passed"], true, "{}", lab.printed());
-    let etcd = str_of(&facts["etcd"], "endpoint").to_string();
-    let store = rt
-        .block_on(tenet::store::EtcdStore::connect(
-            std::slice::from_ref(&etcd),
-            tenet::store::EtcdOptions::default(),
-        ))
-        .unwrap();
+    let (etcd, store) = lab_store(&rt, &facts);
     let before = rt.block_on(endpoints(&store)).len();
     let mut controller = rt.block_on(Controller::connect(&facts));
     let victim = facts["compute_hosts"][0].clone();

@@ -238,6 +238,27 @@ impl Ipam {
         Ok(out)
     }
 
+    /// Whether `host` may still allocate from the block as last seen. A block that is no
+    /// longer affine to it (affinity released, e.g. by a pool deletion) also leaves its
+    /// cached list of affine blocks.
+    pub(super) fn usable(
+        &self,
+        cidr: IpNetwork,
+        current: &Seen,
+        host: &str,
+        check_affinity: bool,
+    ) -> bool {
+        if check_affinity && current.block.affine_host() != Some(host) {
+            let v4 = cidr.is_ipv4();
+            if let Some(mut affine) = self.cached_affine(host, v4) {
+                affine.retain(|c| *c != cidr);
+                self.set_affine(host, v4, Some(affine));
+            }
+            return false;
+        }
+        current.block.allows(host, check_affinity)
+    }
+
     /// Assigns up to `n` addresses from an existing block in one transaction (block + handle)
     /// of its own (see `batch` for the shared one).
     pub(super) async fn assign_alone(
@@ -257,16 +278,7 @@ impl Ipam {
             let Some(current) = seen.clone() else {
                 return Ok(Vec::new()); // the block went away
             };
-            if check_affinity && current.block.affine_host() != Some(host) {
-                // No longer ours (affinity released, e.g. by a pool deletion): stop using it.
-                let v4 = cidr.is_ipv4();
-                if let Some(mut affine) = self.cached_affine(host, v4) {
-                    affine.retain(|c| *c != cidr);
-                    self.set_affine(host, v4, Some(affine));
-                }
-                return Ok(Vec::new());
-            }
-            if !current.block.allows(host, check_affinity) {
+            if !self.usable(cidr, &current, host, check_affinity) {
                 return Ok(Vec::new());
             }
             let mut block = current.block.clone();

@@ -149,15 +149,7 @@ impl Ipam {
             let Some(current) = seen.clone() else {
                 return Ok(nothing());
             };
-            if key.check_affinity && current.block.affine_host() != Some(key.host.as_str()) {
-                let v4 = cidr.is_ipv4();
-                if let Some(mut affine) = self.cached_affine(&key.host, v4) {
-                    affine.retain(|c| *c != cidr);
-                    self.set_affine(&key.host, v4, Some(affine));
-                }
-                return Ok(nothing());
-            }
-            if !current.block.allows(&key.host, key.check_affinity) {
+            if !self.usable(cidr, &current, &key.host, key.check_affinity) {
                 return Ok(nothing());
             }
             let mut block = current.block.clone();

@@ -81,8 +81,8 @@ impl Netlink {
         }
     }
 
-    /// Every gateway-less route of the main table (both families), with its device.
-    pub async fn device_routes(&self) -> NetResult<Vec<DeviceRoute>> {
+    /// Every route the kernel lists, both families.
+    async fn all_routes(&self) -> NetResult<Vec<RouteMessage>> {
         let mut all = Vec::new();
         for request in [
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
@@ -96,30 +96,22 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(|e| nl_err("list", "routes", e))?;
-            all.extend(msgs.iter().filter_map(parse_device_route));
+            all.extend(msgs);
         }
         Ok(all)
+    }
+
+    /// Every gateway-less route of the main table (both families), with its device.
+    pub async fn device_routes(&self) -> NetResult<Vec<DeviceRoute>> {
+        let all = self.all_routes().await?;
+        Ok(all.iter().filter_map(parse_device_route).collect())
     }
 
     /// Every route of the main table with a gateway (both families): destination, gateway,
     /// device.
     pub async fn gateway_routes(&self) -> NetResult<Vec<(IpNetwork, IpAddr, Option<u32>)>> {
-        let mut all = Vec::new();
-        for request in [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ] {
-            let msgs: Vec<RouteMessage> = self
-                .handle()
-                .route()
-                .get(request)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| nl_err("list", "routes", e))?;
-            all.extend(msgs.iter().filter_map(parse_gateway_route));
-        }
-        Ok(all)
+        let all = self.all_routes().await?;
+        Ok(all.iter().filter_map(parse_gateway_route).collect())
     }
 
     /// Adds a proxy neighbour entry (`ip -6 neigh add proxy <ip> dev <index>`): with
