@@ -278,3 +278,118 @@ impl crate::store::Datastore for TimedStore {
         self.timed("get", self.inner.revision()).await
     }
 }
+
+/// The tunnel datapath's counters, read from the backend at each scrape: per tunnel
+/// `tenet_tunnel_{packets,bytes,errors}_total{tunnel,direction}`, `…_too_big_total`,
+/// `…_icmp_sent_total`, `…_ecn_total{action}`, and per namespace
+/// `tenet_tunnel_dropped_total{reason}`. Kernel backends publish nothing here.
+pub struct TunnelCollector(pub Arc<dyn crate::net::tunnel::TunnelBackend>);
+
+impl std::fmt::Debug for TunnelCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelCollector")
+    }
+}
+
+type Sample = (Labels, u64);
+
+fn encode_counter(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[Sample],
+) -> std::fmt::Result {
+    use prometheus_client::encoding::EncodeMetric;
+    use prometheus_client::metrics::TypedMetric;
+    use prometheus_client::metrics::counter::ConstCounter;
+    let mut metric = encoder.encode_descriptor(name, help, None, ConstCounter::<u64>::TYPE)?;
+    for (labels, value) in samples {
+        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for TunnelCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        let Some(stats) = self.0.stats() else {
+            return Ok(());
+        };
+        let per = |dir: &str, f: &dyn Fn(&crate::net::tunnel::userspace::TunnelStats) -> u64| {
+            stats
+                .tunnels
+                .iter()
+                .map(|t| {
+                    let mut l = labels("tunnel", &t.endpoint.name);
+                    if !dir.is_empty() {
+                        l.push(("direction".into(), dir.into()));
+                    }
+                    (l, f(t))
+                })
+                .collect::<Vec<Sample>>()
+        };
+        let both =
+            |tx: &dyn Fn(&crate::net::tunnel::userspace::TunnelStats) -> u64,
+             rx: &dyn Fn(&crate::net::tunnel::userspace::TunnelStats) -> u64| {
+                let mut v = per("tx", tx);
+                v.extend(per("rx", rx));
+                v
+            };
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_packets",
+            "Packets through each tunnel, by direction",
+            &both(&|t| t.tx_packets, &|t| t.rx_packets),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_bytes",
+            "Bytes of inner frames through each tunnel, by direction",
+            &both(&|t| t.tx_bytes, &|t| t.rx_bytes),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_errors",
+            "Frames a tunnel could not send or deliver, by direction",
+            &both(&|t| t.tx_errors, &|t| t.rx_errors),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_too_big",
+            "Frames larger than the path MTU allows",
+            &per("", &|t| t.tx_too_big),
+        )?;
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_icmp_sent",
+            "ICMP fragmentation-needed / packet-too-big replies sent to tenant senders",
+            &per("", &|t| t.icmp_sent),
+        )?;
+        let mut ecn = Vec::new();
+        for t in &stats.tunnels {
+            for (action, v) in [("dropped", t.rx_ecn_dropped), ("marked", t.rx_ecn_marked)] {
+                let mut l = labels("tunnel", &t.endpoint.name);
+                l.push(("action".into(), action.into()));
+                ecn.push((l, v));
+            }
+        }
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_ecn",
+            "Received packets whose outer congestion mark dropped or marked the inner one",
+            &ecn,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "tenet_tunnel_dropped",
+            "GRE packets dropped before reaching any tunnel, by reason",
+            &[
+                (labels("reason", "malformed"), stats.malformed),
+                (labels("reason", "unknown_key"), stats.unknown_key),
+                (labels("reason", "unknown_peer"), stats.unknown_peer),
+            ],
+        )
+    }
+}

@@ -678,6 +678,26 @@ fn policy_in_the_lab_follows_etcd_across_hosts() {
         "both compute nodes report their policy in sync:\n{}",
         status_table()
     );
+    // And, the agents running on this machine, what their tunnels' datapath counted: the
+    // workloads' DHCP and pings crossed every compute node's tunnels.
+    let out = Command::new(env!("CARGO_BIN_EXE_tenet"))
+        .args(["status", "-o", "json"])
+        .env("ETCD_ENDPOINTS", str_of(&facts["etcd"], "endpoint"))
+        .output()
+        .unwrap();
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let counted: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["role"] == "compute_node")
+        .filter_map(|r| r.get("datapath"))
+        .collect();
+    assert_eq!(counted.len(), 2, "{rows:?}");
+    assert!(
+        counted
+            .iter()
+            .all(|d| d["tx_packets"].as_u64() > Some(0) && d["rx_packets"].as_u64() > Some(0)),
+        "{rows:?}"
+    );
 
     let workload = |name: &str| {
         facts["workloads"]
@@ -1031,6 +1051,19 @@ fn the_lab_agents_serve_metrics_that_follow_operations() {
     );
     assert_eq!(
         sample(&scrape, "tenet_cnci_dnsmasq_restarts_total"),
+        Some(0.0),
+        "{scrape}"
+    );
+    // The lease crossed the tunnel, and the datapath (user-space GRE here) counted it.
+    let scrape = http_get(&conc, "/metrics").1;
+    let received: f64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("tenet_tunnel_packets_total{") && l.contains(r#"direction="rx""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(received >= 1.0, "{scrape}");
+    assert_eq!(
+        sample(&scrape, r#"tenet_tunnel_dropped_total{reason="malformed"}"#),
         Some(0.0),
         "{scrape}"
     );

@@ -307,6 +307,7 @@ async fn errors_name_the_object_and_leave_nothing() {
                 local: Ipv4Addr::new(10, 0, 0, 1),
                 remote: Ipv4Addr::new(10, 0, 0, 2),
                 key: 4268,
+                ttl: 0,
             },
         ))
         .await

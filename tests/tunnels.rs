@@ -32,17 +32,30 @@ async fn tenant_end(
     peer: Ipv4Addr,
     workload_ip: &str,
 ) -> TenantEnd {
+    tenant_end_with_ttl(host, tunnels, tag, key, peer, workload_ip, None).await
+}
+
+async fn tenant_end_with_ttl(
+    host: &Host,
+    tunnels: &dyn TunnelBackend,
+    tag: &str,
+    key: u32,
+    peer: Ipv4Addr,
+    workload_ip: &str,
+    ttl: Option<u8>,
+) -> TenantEnd {
     let nl = host.netlink();
     let bridge = nl
         .create(&NewLink::bridge(format!("br-{tag}")).up())
         .await
         .unwrap();
-    let spec = TunnelSpec::new(
+    let mut spec = TunnelSpec::new(
         format!("tun-{tag}"),
         TunnelKey::new(key).unwrap(),
         host.ip(),
         peer,
     );
+    spec.ttl = ttl;
     let tunnel = tunnels.create(&spec).await.unwrap();
     nl.enslave(tunnel.index, bridge.index).await.unwrap();
     let addr: Ipv4Network = format!("{workload_ip}/24").parse().unwrap();
@@ -123,23 +136,9 @@ async fn the_wire_carries_keyed_gre_with_ethernet_inside() {
     let ta = tenant_end(&a, &ga, "w", 4268, b.ip(), "172.16.0.2").await;
     let _tb = tenant_end(&b, &gb, "w", 4268, a.ip(), "172.16.0.3").await;
 
-    let mut dump = a
-        .command("tcpdump")
-        .args([
-            "-i", "eth0", "-nn", "-e", "-v", "-l", "-c", "6", "proto", "gre",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for "listening on" so that no packet is sent before the capture starts.
-    let mut err = BufReader::new(dump.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.contains("listening on eth0"), "{line}");
+    let cap = Capture::start(a.command("timeout"), "eth0", 6, &["proto", "gre"]);
     assert!(ta.workload.ping(ip("172.16.0.3"), 4));
-    let out = dump.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = cap.text();
     // 172.16.0.0 → key 4268 = 0x10ac, TEB carrying an Ethernet frame with IPv4/ICMP inside.
     assert!(text.contains("proto GRE (47)"), "{text}");
     assert!(
@@ -259,18 +258,55 @@ async fn restarting_the_engine_keeps_the_taps_and_traffic_resumes() {
 
 /// Sends one raw GRE packet (`gre` = GRE header + payload) from inside `host` to `dst`.
 fn send_raw(host: &Host, dst: Ipv4Addr, gre: Vec<u8>) {
+    send_raw_with_tos(host, dst, gre, 0);
+}
+
+/// Sends one raw IP packet of `protocol` from inside `host` to `dst` with outer TOS `tos`.
+fn send_ip(host: &Host, dst: Ipv4Addr, protocol: i32, payload: Vec<u8>, tos: u32) {
     host.enter(move || {
         let s = socket2::Socket::new(
             socket2::Domain::IPV4,
             socket2::Type::RAW,
-            Some(socket2::Protocol::from(47)),
+            Some(socket2::Protocol::from(protocol)),
         )
         .map_err(|e| NetError::new("open", "raw socket", e))?;
-        s.send_to(&gre, &std::net::SocketAddr::from((dst, 0)).into())
-            .map_err(|e| NetError::new("send", "raw GRE", e))?;
+        s.set_tos_v4(tos)
+            .map_err(|e| NetError::new("set TOS of", "raw socket", e))?;
+        s.send_to(&payload, &std::net::SocketAddr::from((dst, 0)).into())
+            .map_err(|e| NetError::new("send", "raw IP", e))?;
         Ok(())
     })
     .unwrap();
+}
+
+fn send_raw_with_tos(host: &Host, dst: Ipv4Addr, gre: Vec<u8>, tos: u32) {
+    send_ip(host, dst, 47, gre, tos);
+}
+
+/// A running `tcpdump -v -c count` (with a time limit), started only once it listens.
+struct Capture(std::process::Child);
+
+impl Capture {
+    fn start(mut cmd: std::process::Command, iface: &str, count: u32, filter: &[&str]) -> Self {
+        let mut child = cmd
+            .args(["10", "tcpdump", "-i", iface, "-nn", "-e", "-v", "-l", "-c"])
+            .arg(count.to_string())
+            .args(filter)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        assert!(line.contains("listening on"), "{line}");
+        Capture(child)
+    }
+
+    fn text(self) -> String {
+        let out = self.0.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 fn frame() -> Vec<u8> {
@@ -393,6 +429,12 @@ fn first_newlink_bytes(trace: &str) -> Vec<u8> {
 
 #[test]
 fn kernel_gretap_request_matches_iproute2_attribute_by_attribute() {
+    // The default (`ttl inherit`) and a fixed TTL.
+    gretap_request_matches_iproute2(None);
+    gretap_request_matches_iproute2(Some(17));
+}
+
+fn gretap_request_matches_iproute2(ttl: Option<u8>) {
     use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
     use rtnetlink::packet_route::RouteNetlinkMessage;
     use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo};
@@ -412,6 +454,11 @@ fn kernel_gretap_request_matches_iproute2_attribute_by_attribute() {
         .args([
             "local", "10.0.0.1", "remote", "10.0.0.2", "ikey", "4268", "okey", "4268",
         ])
+        .args(
+            ttl.map(|t| ["ttl".to_string(), t.to_string()])
+                .iter()
+                .flatten(),
+        )
         .output()
         .unwrap();
     let trace = String::from_utf8_lossy(&out.stderr);
@@ -421,12 +468,13 @@ fn kernel_gretap_request_matches_iproute2_attribute_by_attribute() {
     );
     let mut theirs = first_newlink_bytes(&trace);
 
-    let spec = TunnelSpec::new(
+    let mut spec = TunnelSpec::new(
         "gt0",
         TunnelKey::new(4268).unwrap(),
         ip("10.0.0.1"),
         ip("10.0.0.2"),
     );
+    spec.ttl = ttl;
     let req = tenet::net::new_link_request(&tenet::net::tunnel::gretap_link(&spec)).unwrap();
     let mut ours = vec![0u8; req.buffer_len()];
     req.serialize(&mut ours);
@@ -467,4 +515,276 @@ fn kernel_gretap_request_matches_iproute2_attribute_by_attribute() {
         "only the IFLA_INFO_KIND length may differ"
     );
     assert_eq!(&ours[48..54], b"gretap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outer_header_inherits_ttl_carries_ecn_and_keeps_df() {
+    let (_fabric, a, b) = lab().await;
+    let (ga, gb) = (userspace(&a).await, userspace(&b).await);
+    let inherit = tenant_end(&a, &ga, "i", 1001, b.ip(), "10.1.0.2").await;
+    let _ib = tenant_end(&b, &gb, "i", 1001, a.ip(), "10.1.0.3").await;
+    let fixed = tenant_end_with_ttl(&a, &ga, "f", 1002, b.ip(), "10.2.0.2", Some(99)).await;
+    let _fb = tenant_end_with_ttl(&b, &gb, "f", 1002, a.ip(), "10.2.0.3", Some(99)).await;
+    // Neighbours first, so that the capture holds the pings only.
+    assert!(inherit.workload.ping(ip("10.1.0.3"), 1));
+    assert!(fixed.workload.ping(ip("10.2.0.3"), 1));
+
+    // Outer from a, GRE, inner Ethernet carrying IPv4 (ip[40:2]) with ICMP (ip[51]): the
+    // pings, not the workloads' IPv6 chatter.
+    let filter = format!(
+        "src host {} and proto gre and ip[40:2] = 0x0800 and ip[51] = 1",
+        a.ip()
+    );
+    let cap = Capture::start(a.command("timeout"), "eth0", 3, &[&filter]);
+    let ping = |w: &tenet::testbed::Workload, dst: &str, ttl: &str, tos: &str| {
+        let ok =
+            w.ns.command("ping")
+                .args(["-c", "1", "-W", "2", "-t", ttl, "-Q", tos, dst])
+                .output()
+                .unwrap()
+                .status
+                .success();
+        assert!(ok, "ping {dst} ttl {ttl} tos {tos}");
+    };
+    ping(&inherit.workload, "10.1.0.3", "17", "0x02"); // ECT(0)
+    ping(&inherit.workload, "10.1.0.3", "33", "0x03"); // CE: ECT(0) outside
+    ping(&fixed.workload, "10.2.0.3", "17", "0x01"); // fixed TTL 99, ECT(1)
+    let text = cap.text();
+    let outer: Vec<&str> = text.lines().filter(|l| l.contains("proto GRE")).collect();
+    assert_eq!(outer.len(), 3, "{text}");
+    // The TTL follows the inner packet, the ECN field too (CE becomes ECT(0)), DSCP stays 0
+    // and every outer packet has DF, as kernel gretap's defaults (ttl inherit, pmtudisc).
+    assert!(outer[0].contains("tos 0x2,ECT(0), ttl 17,"), "{text}");
+    assert!(outer[1].contains("tos 0x2,ECT(0), ttl 33,"), "{text}");
+    assert!(outer[2].contains("tos 0x1,ECT(1), ttl 99,"), "{text}");
+    assert!(
+        outer.iter().all(|l| l.contains("flags [DF]")),
+        "DF on every outer packet: {text}"
+    );
+    // The alias records the fixed TTL, so that an adopting engine keeps it.
+    let tun = a.netlink().link_by_name("tun-f").await.unwrap().unwrap();
+    assert!(tun.alias.as_deref().unwrap().contains("ttl=99"), "{tun:?}");
+    drop(ga);
+    let ga = userspace(&a).await;
+    assert_eq!(
+        ga.engine()
+            .endpoints()
+            .iter()
+            .find(|e| e.name == "tun-f")
+            .unwrap()
+            .ttl,
+        Some(99)
+    );
+}
+
+/// An Ethernet frame with an IPv4/UDP packet (TOS `tos`) to `dst` port `port`.
+fn udp_frame(dst: [u8; 4], tos: u8, port: u16) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x08, 0x00]);
+    let mut ip = vec![0x45, tos, 0, 32, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 1, 0, 9];
+    ip.extend_from_slice(&dst);
+    let c = tenet::net::tunnel::userspace::wire::checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&5000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&[0, 12, 0, 0]); // length 12, no checksum
+    f.extend_from_slice(b"ecn!");
+    f
+}
+
+fn keyed_gre(key: u32, frame: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x20, 0, 0x65, 0x58];
+    p.extend_from_slice(&key.to_be_bytes());
+    p.extend_from_slice(frame);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outer_congestion_mark_reaches_the_inner_packet_or_drops_it() {
+    let (_fabric, a, b) = lab().await;
+    let ga = userspace(&a).await;
+    let _ta = tenant_end(&a, &ga, "n", 1001, b.ip(), "10.1.0.2").await;
+
+    let cap = Capture::start(a.command("timeout"), "tun-n", 2, &["udp"]);
+    let to = [10, 1, 0, 2];
+    // ECT(0) inside, CE outside: delivered as CE.
+    send_raw_with_tos(
+        &b,
+        a.ip(),
+        keyed_gre(1001, &udp_frame(to, 0x02, 1111)),
+        0x03,
+    );
+    // Not ECN-capable inside, CE outside: dropped (RFC 6040) and counted.
+    send_raw_with_tos(
+        &b,
+        a.ip(),
+        keyed_gre(1001, &udp_frame(to, 0x00, 2222)),
+        0x03,
+    );
+    // Not ECN-capable inside, ECT(0) outside: delivered unchanged.
+    send_raw_with_tos(
+        &b,
+        a.ip(),
+        keyed_gre(1001, &udp_frame(to, 0x00, 3333)),
+        0x02,
+    );
+    let text = cap.text();
+    let lines: Vec<&str> = text.lines().collect();
+    let line_of = |port: &str| lines.iter().position(|l| l.contains(port));
+    let marked = line_of(".1111:").expect("the CE-marked packet arrived");
+    assert!(lines[marked - 1].contains("tos 0x3,CE"), "{text}");
+    let plain = line_of(".3333:").expect("the unmarked packet arrived");
+    assert!(lines[plain - 1].contains("tos 0x0,"), "{text}");
+    assert!(
+        line_of(".2222:").is_none(),
+        "the not-ECT packet was dropped: {text}"
+    );
+
+    let t = ga
+        .stats()
+        .tunnels
+        .into_iter()
+        .find(|t| t.endpoint.name == "tun-n")
+        .unwrap();
+    assert_eq!(
+        (t.rx_packets, t.rx_ecn_marked, t.rx_ecn_dropped, t.rx_errors),
+        (2, 1, 1, 1),
+        "{t:?}"
+    );
+
+    // Operators see the same counters: `tenet tunnel stats` in the host's namespace, and
+    // from outside it by namespace name.
+    let tenet = env!("CARGO_BIN_EXE_tenet");
+    let out = a
+        .command(tenet)
+        .args(["tunnel", "stats", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tun = json[0]["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "tun-n")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (tun["rx_ecn_dropped"].as_u64(), tun["rx_packets"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let out = std::process::Command::new(tenet)
+        .args(["tunnel", "stats", "--netns", a.netns().name()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("ECN DROP"), "{table}");
+    let row = table.lines().find(|l| l.contains("tun-n")).unwrap();
+    assert!(row.contains(&b.ip().to_string()), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_too_big_for_the_path_is_answered_and_tcp_adapts() {
+    let (_fabric, a, b) = lab().await;
+    let (ga, gb) = (userspace(&a).await, userspace(&b).await);
+    let ta = tenant_end(&a, &ga, "p", 1001, b.ip(), "10.1.0.2").await;
+    let tb = tenant_end(&b, &gb, "p", 1001, a.ip(), "10.1.0.3").await;
+    assert!(ta.workload.ping(ip("10.1.0.3"), 1));
+
+    // A router on the way reports that the path to b takes 1400 bytes: ICMP fragmentation
+    // needed, quoting one of a's outer GRE packets (sent here from b's address).
+    let mut quoted = vec![0x45, 0, 0x05, 0xbe, 0, 1, 0x40, 0, 64, 47, 0, 0];
+    quoted.extend_from_slice(&a.ip().octets());
+    quoted.extend_from_slice(&b.ip().octets());
+    let c = tenet::net::tunnel::userspace::wire::checksum(&quoted);
+    quoted[10..12].copy_from_slice(&c.to_be_bytes());
+    quoted.extend_from_slice(&[0x20, 0, 0x65, 0x58, 0, 0, 0x03, 0xe9]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&1400u16.to_be_bytes());
+    icmp.extend_from_slice(&quoted);
+    let c = tenet::net::tunnel::userspace::wire::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    send_ip(&b, a.ip(), 1, icmp, 0);
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .run(&["ip", "route", "get", &b.ip().to_string()])
+            .is_ok_and(|r| r.contains("mtu 1400"))),
+        "a's kernel learned the path MTU"
+    );
+
+    // A DF packet that no longer fits: its sender hears the tunnel MTU, 1400 - 42.
+    let out = ta
+        .workload
+        .ns
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "-M", "do", "-s", "1400", "10.1.0.3"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("mtu = 1358"), "{said}");
+    let route = ta
+        .workload
+        .ns
+        .run(&["ip", "route", "get", "10.1.0.3"])
+        .unwrap();
+    assert!(route.contains("mtu 1358"), "{route}");
+    // What fits still goes through, and TCP works within the smaller MTU.
+    assert!(
+        ta.workload
+            .ns
+            .command("ping")
+            .args(["-c", "1", "-W", "2", "-M", "do", "-s", "1300", "10.1.0.3"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let (sent, received, len) = tcp_transfer(&ta.workload, &tb.workload, 8 << 20);
+    assert_eq!((len, sent), (8 << 20, received), "digest differs");
+
+    // IPv6 inside: packet too big, same MTU (link-local addresses, after DAD).
+    let ll = tb
+        .workload
+        .ns
+        .run(&[
+            "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link",
+        ])
+        .unwrap();
+    let ll = ll
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let target = format!("{ll}%eth0");
+    assert!(wait_until(Duration::from_secs(10), || ta
+        .workload
+        .ns
+        .command("ping")
+        .args(["-6", "-c", "1", "-W", "1", &target])
+        .output()
+        .is_ok_and(|o| o.status.success())));
+    let out = ta
+        .workload
+        .ns
+        .command("ping")
+        .args([
+            "-6", "-c", "1", "-W", "2", "-M", "do", "-s", "1400", &target,
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("Packet too big: mtu=1358"), "{said}");
+
+    let t = &ga.stats().tunnels[0];
+    assert!(t.tx_too_big >= 2 && t.icmp_sent >= 2, "{t:?}");
 }

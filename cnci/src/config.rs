@@ -61,6 +61,8 @@ pub struct CnciConfig {
     /// The uplink address, chosen explicitly; wins over `uplink_nets`.
     pub uplink_addr: Option<Ipv4Addr>,
     pub tunnel: BackendChoice,
+    /// Outer TTL of the tunnels (`None`: inherit the inner packet's).
+    pub tunnel_ttl: Option<u8>,
     /// Which iptables the edge rules go to (`None`: the one the system's `iptables` is).
     /// With iptables-nft, floating IPs are nftables map elements instead of rules.
     pub iptables: Option<IptablesVariant>,
@@ -92,6 +94,7 @@ impl CnciConfig {
             uplink_nets: Vec::new(),
             uplink_addr: None,
             tunnel: BackendChoice::Auto,
+            tunnel_ttl: None,
             iptables: None,
             nft_floating: true,
             netns: None,

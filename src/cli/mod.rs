@@ -14,6 +14,7 @@ mod resource;
 mod status;
 mod template;
 mod topology;
+mod tunnel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +91,8 @@ enum Command {
     /// This host as a routed-mode node: `status` (BGP sessions from BIRD) and
     /// `checksystem` (kernel features and programs tenet needs).
     Node(node::NodeArgs),
+    /// The tunnel datapath on this machine: `stats` (packets, errors, drops per tunnel).
+    Tunnel(tunnel::TunnelArgs),
     /// Print the client version.
     Version,
 }
@@ -122,6 +125,7 @@ pub fn main() -> ExitCode {
             Command::Get(args) => resource::get(&cli, args).await,
             Command::Config(args) => config::run(&cli, args).await,
             Command::FelixDriver(args) => felix_driver::run(args).await,
+            Command::Tunnel(args) => tunnel::run(args),
             Command::Version => {
                 println!("Client Version:    {}", env!("CARGO_PKG_VERSION"));
                 Ok(ExitCode::SUCCESS)

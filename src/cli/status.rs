@@ -50,6 +50,44 @@ async fn policy_status(store: &impl Datastore, n: &NodeStatus) -> String {
     }
 }
 
+/// What the user-space datapath on this machine counted for one agent's tunnels (found by
+/// the tunnels' local address, which is the agent's underlay address).
+#[derive(Debug, Default, serde::Serialize)]
+struct Datapath {
+    tx_packets: u64,
+    rx_packets: u64,
+    /// Send and delivery errors of its tunnels.
+    errors: u64,
+    /// Packets its namespace dropped before any tunnel (malformed, unknown key or peer).
+    dropped: u64,
+}
+
+#[derive(serde::Serialize)]
+struct Row<'a> {
+    #[serde(flatten)]
+    node: &'a NodeStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    datapath: Option<Datapath>,
+}
+
+fn local_datapaths() -> std::collections::HashMap<std::net::Ipv4Addr, Datapath> {
+    use tenet::net::tunnel::userspace::stats;
+    let mut by_local = std::collections::HashMap::new();
+    for engine in stats::read_all(&stats::stats_dir()).unwrap_or_default() {
+        let Some(local) = engine.tunnels.first().map(|t| t.local) else {
+            continue;
+        };
+        let d: &mut Datapath = by_local.entry(local).or_default();
+        d.dropped += engine.malformed + engine.unknown_key + engine.unknown_peer;
+        for t in &engine.tunnels {
+            d.tx_packets += t.tx_packets;
+            d.rx_packets += t.rx_packets;
+            d.errors += t.tx_errors + t.rx_errors;
+        }
+    }
+    by_local
+}
+
 pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
     let (store, config) = connect(cli).await?;
     if matches!(args.output, Output::Dot) {
@@ -75,21 +113,44 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
         }
     }
     nodes.sort_by(|a, b| (a.role as u8, &a.name).cmp(&(b.role as u8, &b.name)));
+    let mut datapaths = local_datapaths();
+    let rows: Vec<Row> = nodes
+        .iter()
+        .map(|n| Row {
+            node: n,
+            datapath: datapaths.remove(&n.underlay_ip),
+        })
+        .collect();
     match args.output {
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&nodes).context("cannot print JSON")?
+            serde_json::to_string_pretty(&rows).context("cannot print JSON")?
         ),
         Output::Table | Output::Dot => {
             println!(
-                "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {:<10} SUBNETS",
-                "ROLE", "NAME", "TENANT", "UNDERLAY", "TUNNELS", "UP", "VERSION", "POLICY"
+                "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {:<10} {:<28} SUBNETS",
+                "ROLE",
+                "NAME",
+                "TENANT",
+                "UNDERLAY",
+                "TUNNELS",
+                "UP",
+                "VERSION",
+                "POLICY",
+                "DATAPATH (TX/RX/ERR/DROP)"
             );
-            for n in &nodes {
+            for Row { node: n, datapath } in &rows {
+                // Only datapaths on this machine are visible; `-` for the others.
+                let datapath = datapath.as_ref().map_or("-".to_string(), |d| {
+                    format!(
+                        "{}/{}/{}/{}",
+                        d.tx_packets, d.rx_packets, d.errors, d.dropped
+                    )
+                });
                 let subnets: Vec<String> = n.subnets.iter().map(|s| s.to_string()).collect();
                 let policy = policy_status(&store, n).await;
                 println!(
-                    "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {:<10} {}",
+                    "{:<14} {:<24} {:<10} {:<15} {:>7} {:>7}  {:<8} {:<10} {:<28} {}",
                     n.role.to_string(),
                     n.name,
                     n.tenant.as_deref().unwrap_or("-"),
@@ -98,6 +159,7 @@ pub async fn run(cli: &Cli, args: &StatusArgs) -> Result<ExitCode, CliError> {
                     uptime(n.started),
                     n.version,
                     policy,
+                    datapath,
                     if subnets.is_empty() {
                         "-".into()
                     } else {

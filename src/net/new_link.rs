@@ -42,6 +42,8 @@ pub struct GretapParams {
     pub remote: Ipv4Addr,
     /// Used as both ikey and okey.
     pub key: u32,
+    /// Outer TTL; 0 inherits the inner packet's (`ttl inherit`, iproute2's default).
+    pub ttl: u8,
 }
 
 /// The far end of a veth pair, with the settings it gets in the same request.
@@ -260,7 +262,7 @@ fn gretap_message(name: &str, p: &GretapParams) -> LinkMessage {
         InfoGre::Remote(p.remote),
         InfoGre::PathMTUDiscovery(true),
         InfoGre::Tos(0),
-        InfoGre::Ttl(0),
+        InfoGre::Ttl(p.ttl),
         InfoGre::FwMask(0),
         InfoGre::EncapType(Default::default()),
         InfoGre::EncapFlags(Default::default()),

@@ -177,6 +177,9 @@ pub(super) fn endpoints(
 ) -> Endpoints {
     let mut registry = Registry::default();
     agent.metrics.register(&mut registry);
+    registry.register_collector(Box::new(tenet::metrics::TunnelCollector(
+        agent.node.tunnel_backend().clone(),
+    )));
     if let Some(latency) = store_latency {
         registry.register(
             "tenet_etcd_request_duration_seconds",

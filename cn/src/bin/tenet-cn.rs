@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 use ssntp::{Identity, TlsFiles, Uuid};
 use tenet::logging::LogFormat;
-use tenet::net::tunnel::BackendChoice;
+use tenet::net::tunnel::{BackendChoice, TunnelTtl};
 use tenet::store::Datastore;
 use tenet::store::config::DatastoreConfig;
 use tenet_cn::CnConfig;
@@ -23,7 +23,7 @@ const RUN_HELP: &str = "\
 Configuration comes from a YAML file (--config), the environment (TENET_CN_*) and flags;
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, host, orchestrator, netns, compute_nets,
-management_nets, tunnel_local, tunnel, datastore_config, status_ttl,
+management_nets, tunnel_local, tunnel, tunnel_ttl, datastore_config, status_ttl,
 ciao_compat_certs, api_socket, docker_socket, metrics_address, policy, log_format, mode, bird, bird_dir, as_number,
 bgp_ipv6, bgp_hold_time.
 
@@ -112,6 +112,9 @@ struct RunArgs {
     /// Tunnel backend: auto, kernel, userspace or vxlan.
     #[arg(long, env = "TENET_CN_TUNNEL")]
     tunnel: Option<BackendChoice>,
+    /// Outer TTL of GRE tunnels: inherit (the inner packet's, as gretap does; default) or 1-255.
+    #[arg(long, env = "TENET_CN_TUNNEL_TTL", value_name = "TTL")]
+    tunnel_ttl: Option<TunnelTtl>,
     /// calicoctl-style datastore configuration (kind calicoApiConfig); default: ETCD_ENDPOINTS.
     #[arg(long, env = "TENET_CN_DATASTORE_CONFIG", value_name = "FILE")]
     datastore_config: Option<PathBuf>,
@@ -183,6 +186,7 @@ struct FileConfig {
     management_nets: Vec<Ipv4Network>,
     tunnel_local: Option<Ipv4Addr>,
     tunnel: Option<String>,
+    tunnel_ttl: Option<String>,
     datastore_config: Option<PathBuf>,
     status_ttl: Option<u64>,
     #[serde(default)]
@@ -269,6 +273,15 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
         (Some(t), _) => t,
         (None, Some(t)) => t.parse().map_err(|e: String| anyhow!("tunnel: {e}"))?,
         (None, None) => BackendChoice::Auto,
+    };
+    node.tunnel_ttl = match (args.tunnel_ttl, file.tunnel_ttl) {
+        (Some(t), _) => t.0,
+        (None, Some(t)) => {
+            t.parse::<TunnelTtl>()
+                .map_err(|e| anyhow!("tunnel_ttl: {e}"))?
+                .0
+        }
+        (None, None) => None,
     };
     let routed = match args.mode.or(file.mode).as_deref() {
         None | Some("gre") => None,

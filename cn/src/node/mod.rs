@@ -46,6 +46,8 @@ pub struct CnConfig {
     pub id: String,
     pub underlay: UnderlayConfig,
     pub tunnel: BackendChoice,
+    /// Outer TTL of the tunnels (`None`: inherit the inner packet's).
+    pub tunnel_ttl: Option<u8>,
     /// The namespace to work in (`None`: the caller's).
     pub netns: Option<PathBuf>,
     /// Calls doing kernel work at once.
@@ -63,6 +65,7 @@ impl CnConfig {
             id: id.into(),
             underlay: UnderlayConfig::default(),
             tunnel: BackendChoice::Auto,
+            tunnel_ttl: None,
             netns: None,
             max_parallel: 8,
             wait_timeout: Duration::from_secs(6),
@@ -176,6 +179,7 @@ impl ComputeNode {
     pub(crate) fn tunnel_spec(&self, s: &SubnetBinding, name: &str, mtu: u32) -> TunnelSpec {
         let mut spec = TunnelSpec::new(name, s.key(), self.tunnel_local(), s.concentrator_ip);
         spec.mtu = Some(mtu);
+        spec.ttl = self.config.tunnel_ttl;
         spec
     }
 

@@ -1,5 +1,5 @@
 //! tenet-cnci's metrics (`--metrics-address`): the subnets and tunnels it serves, the frames
-//! it handled, and `/readyz` (etcd answers and the scheduler is connected).
+//! it handled, the tunnel datapath's counters, and `/readyz` (etcd answers and the scheduler is connected).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,8 +34,10 @@ impl CnciMetrics {
         self: &Arc<Self>,
         store: Arc<dyn Datastore>,
         store_latency: Option<tenet::metrics::StoreLatency>,
+        tunnels: Arc<dyn tenet::net::tunnel::TunnelBackend>,
     ) -> Endpoints {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(tenet::metrics::TunnelCollector(tunnels)));
         if let Some(latency) = store_latency {
             registry.register(
                 "tenet_etcd_request_duration_seconds",

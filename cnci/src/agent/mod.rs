@@ -105,7 +105,11 @@ pub async fn run(
         };
         let metrics_server = match config.metrics_address {
             Some(address) => {
-                let endpoints = agent.metrics.endpoints(store.clone(), store_latency);
+                let endpoints = agent.metrics.endpoints(
+                    store.clone(),
+                    store_latency,
+                    agent.conc.tunnel_backend().clone(),
+                );
                 let (_, task) = tenet::metrics::serve(address, endpoints)
                     .await
                     .map_err(|e| AgentError::Metrics(address, e))?;

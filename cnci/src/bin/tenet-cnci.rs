@@ -13,7 +13,7 @@ use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 use ssntp::{Identity, TlsFiles, Uuid};
 use tenet::logging::LogFormat;
-use tenet::net::tunnel::BackendChoice;
+use tenet::net::tunnel::{BackendChoice, TunnelTtl};
 use tenet::store::Datastore;
 use tenet::store::config::DatastoreConfig;
 use tenet_cnci::CnciConfig;
@@ -23,7 +23,7 @@ const RUN_HELP: &str = "\
 Configuration comes from a YAML file (--config), the environment (TENET_CNCI_*) and flags;
 flags win over the environment, which wins over the file. File keys are the flag names with
 underscores: servers, cert, ca, uuid, tenant, netns, compute_nets, tunnel_local, uplink_nets,
-uplink_addr, tunnel, run_dir, mesh_cidr, datastore_config, status_ttl, metrics_address,
+uplink_addr, tunnel, tunnel_ttl, run_dir, mesh_cidr, datastore_config, status_ttl, metrics_address,
 ciao_compat_certs, log_format.
 
 The certificate must hold the cnciagent role. The datastore follows calicoctl: a
@@ -132,6 +132,9 @@ struct RunArgs {
     /// Tunnel backend: auto, kernel, userspace or vxlan.
     #[arg(long, env = "TENET_CNCI_TUNNEL")]
     tunnel: Option<BackendChoice>,
+    /// Outer TTL of GRE tunnels: inherit (the inner packet's, as gretap does; default) or 1-255.
+    #[arg(long, env = "TENET_CNCI_TUNNEL_TTL", value_name = "TTL")]
+    tunnel_ttl: Option<TunnelTtl>,
     /// Run directory (dnsmasq files, sysctl memo).
     #[arg(long, env = "TENET_CNCI_RUN_DIR", value_name = "DIR")]
     run_dir: Option<PathBuf>,
@@ -175,6 +178,7 @@ struct FileConfig {
     uplink_nets: Vec<Ipv4Network>,
     uplink_addr: Option<Ipv4Addr>,
     tunnel: Option<String>,
+    tunnel_ttl: Option<String>,
     run_dir: Option<PathBuf>,
     mesh_cidr: Option<Ipv4Network>,
     datastore_config: Option<PathBuf>,
@@ -265,6 +269,15 @@ fn agent_config(args: RunArgs) -> anyhow::Result<(AgentConfig, Option<PathBuf>)>
         (Some(t), _) => t,
         (None, Some(t)) => t.parse().map_err(|e: String| anyhow!("tunnel: {e}"))?,
         (None, None) => BackendChoice::Auto,
+    };
+    c.tunnel_ttl = match (args.tunnel_ttl, file.tunnel_ttl) {
+        (Some(t), _) => t.0,
+        (None, Some(t)) => {
+            t.parse::<TunnelTtl>()
+                .map_err(|e| anyhow!("tunnel_ttl: {e}"))?
+                .0
+        }
+        (None, None) => None,
     };
     if let Some(dir) = args.run_dir.or(file.run_dir) {
         c.run_dir = dir;

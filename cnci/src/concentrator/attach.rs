@@ -1,6 +1,5 @@
 //! TenantAdded: a compute node's tunnel for a subnet, and the subnet itself if it is new.
 
-use tenet::net::tunnel::TunnelSpec;
 use tenet::net::{FLOOD_MAC, Leftovers};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -132,8 +131,7 @@ impl Concentrator {
                 });
             }
             let name = OWNERSHIP.fresh_name(&inner.netlink, names::TUNNEL).await?;
-            let mut spec = TunnelSpec::new(&name, key, inner.tunnel_local(), req.cn_ip);
-            spec.mtu = Some(inner.tenant_mtu());
+            let spec = inner.tunnel_spec(&name, key, req.cn_ip);
             let tunnel = inner.tunnels.create(&spec).await?;
             fault_point!(inner, TunnelCreated);
             if let Err(e) = inner

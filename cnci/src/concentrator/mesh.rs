@@ -307,13 +307,11 @@ async fn address_and_routes(
 /// One peer: its tunnel, our mesh address on it, routes to it and to its subnets.
 async fn connect(inner: &Inner, me: &MeshPeer, peer: &MeshPeer) -> Result<PeerLink, CnciError> {
     let name = OWNERSHIP.fresh_name(&inner.netlink, names::MESH).await?;
-    let mut spec = TunnelSpec::new(
+    let spec = inner.tunnel_spec(
         &name,
         pair_key(me.underlay_ip, peer.underlay_ip),
-        inner.tunnel_local(),
         peer.underlay_ip,
     );
-    spec.mtu = Some(inner.tenant_mtu());
     let tunnel = inner.tunnels.create(&spec).await?;
     let link = PeerLink {
         peer: peer.clone(),

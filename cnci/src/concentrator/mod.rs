@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use tenet::net::Netlink;
-use tenet::net::tunnel::{TunnelBackend, backend};
+use tenet::net::tunnel::{TunnelBackend, TunnelSpec, backend};
 use tenet::net::underlay::{self, UnderlayAddr};
 use tenet::store::{Datastore, Revision};
 use tenet::types::TunnelKey;
@@ -107,6 +107,14 @@ impl Inner {
 
     pub fn tunnel_local(&self) -> Ipv4Addr {
         self.compute.addr.ip()
+    }
+
+    /// A tunnel from this concentrator to `remote`, with the configured MTU and TTL.
+    pub fn tunnel_spec(&self, name: &str, key: TunnelKey, remote: Ipv4Addr) -> TunnelSpec {
+        let mut spec = TunnelSpec::new(name, key, self.tunnel_local(), remote);
+        spec.mtu = Some(self.tenant_mtu());
+        spec.ttl = self.config.tunnel_ttl;
+        spec
     }
 
     /// VXLAN mode: one VXLAN device per subnet with a flood entry per compute node, because

@@ -31,6 +31,7 @@ pub fn gretap_link(spec: &TunnelSpec) -> NewLink {
             local: spec.local,
             remote: spec.remote,
             key: spec.key.get(),
+            ttl: spec.ttl.unwrap_or(0),
         },
     )
 }
@@ -77,6 +78,7 @@ pub async fn kernel_supports_gretap(netlink: &Netlink) -> NetResult<bool> {
             local: Ipv4Addr::new(127, 0, 0, 1),
             remote: Ipv4Addr::new(127, 0, 0, 2),
             key: 1,
+            ttl: 0,
         },
     );
     let supported = match netlink.create(&probe).await {

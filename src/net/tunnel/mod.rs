@@ -43,6 +43,8 @@ pub struct TunnelSpec {
     pub remote: Ipv4Addr,
     /// Tenant MTU; `None` derives it from the MTU of the link holding `local`.
     pub mtu: Option<u32>,
+    /// Outer TTL; `None` inherits the inner IPv4 TTL / IPv6 hop limit (gretap's default).
+    pub ttl: Option<u8>,
 }
 
 impl TunnelSpec {
@@ -53,6 +55,7 @@ impl TunnelSpec {
             local,
             remote,
             mtu: None,
+            ttl: None,
         }
     }
 
@@ -76,17 +79,24 @@ impl TunnelSpec {
         {
             return bad("MTU must be between 68 and 65535");
         }
+        if self.ttl == Some(0) {
+            return bad("a fixed TTL must be between 1 and 255 (leave it unset to inherit)");
+        }
         Ok(())
     }
 
     /// The alias that records this tunnel on its link.
     fn alias(&self, kind: TunnelKind) -> String {
-        Alias::new("tunnel")
+        let alias = Alias::new("tunnel")
             .with("type", kind)
             .with("key", self.key)
             .with("local", self.local)
-            .with("remote", self.remote)
-            .to_string()
+            .with("remote", self.remote);
+        match self.ttl {
+            Some(ttl) => alias.with("ttl", ttl),
+            None => alias,
+        }
+        .to_string()
     }
 
     /// The tunnel recorded in a link's alias, if the alias is a tenet tunnel alias.
@@ -102,6 +112,10 @@ impl TunnelSpec {
             local: alias.get("local")?.parse().ok()?,
             remote: alias.get("remote")?.parse().ok()?,
             mtu: Some(link.mtu),
+            ttl: match alias.get("ttl") {
+                Some(t) => Some(t.parse().ok()?),
+                None => None,
+            },
         };
         Some((kind, spec))
     }
@@ -133,6 +147,35 @@ impl FromStr for TunnelKind {
             "usergre" => Ok(TunnelKind::UserspaceGre),
             "vxlan" => Ok(TunnelKind::Vxlan),
             other => Err(format!("unknown tunnel type {other:?}")),
+        }
+    }
+}
+
+/// The outer TTL an operator chose: `inherit` (the inner packet's, gretap's default) or a
+/// fixed 1-255.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TunnelTtl(pub Option<u8>);
+
+impl FromStr for TunnelTtl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "inherit" {
+            return Ok(TunnelTtl(None));
+        }
+        match s.parse::<u8>() {
+            Ok(t) if t > 0 => Ok(TunnelTtl(Some(t))),
+            _ => Err(format!(
+                "invalid tunnel TTL {s:?}; expected inherit or a number from 1 to 255"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TunnelTtl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(t) => write!(f, "{t}"),
+            None => f.write_str("inherit"),
         }
     }
 }
@@ -196,6 +239,12 @@ pub trait TunnelBackend: Send + Sync {
     /// Drops what the backend holds for tunnel `name` without touching its link, because the
     /// caller deletes the link itself (in a batch). Kernel tunnels hold nothing.
     fn forget(&self, _name: &str) {}
+
+    /// The datapath's own counters, where tenet runs the datapath (kernel tunnels keep
+    /// theirs on the link).
+    fn stats(&self) -> Option<userspace::EngineStats> {
+        None
+    }
 }
 
 /// Builds the backend for `choice` in the namespace `netlink` is bound to (`netns` is the
@@ -348,6 +397,17 @@ mod tests {
                 .unwrap_err()
                 .contains("auto, kernel")
         );
+    }
+
+    #[test]
+    fn tunnel_ttl_parses() {
+        assert_eq!("inherit".parse(), Ok(TunnelTtl(None)));
+        assert_eq!("17".parse(), Ok(TunnelTtl(Some(17))));
+        for bad in ["0", "256", "-1", "x"] {
+            let err = bad.parse::<TunnelTtl>().unwrap_err();
+            assert!(err.contains("inherit or a number from 1 to 255"), "{err}");
+        }
+        assert_eq!(TunnelTtl(Some(9)).to_string(), "9");
     }
 
     #[test]

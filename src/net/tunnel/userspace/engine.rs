@@ -22,10 +22,13 @@ use std::thread::JoinHandle;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tracing::{debug, info, warn};
 
+use super::ecn::{self, Decap};
 use super::offload::{
     Coalescer, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, TcpSegmenter, VNET_HDR_LEN, VnetHdr,
     complete_checksum, mergeable_segment,
 };
+use super::pmtu::{self, QUOTE_ROOM};
+use super::stats::{self, Counter, DropReason, Region, SlotRef, netns_inode, stats_dir};
 use super::wire::{self, IPPROTO_GRE, TX_HEADER_LEN};
 use crate::net::{NetError, NetResult, netns};
 
@@ -51,31 +54,14 @@ pub struct Endpoint {
     pub key: u32,
     pub local: Ipv4Addr,
     pub remote: Ipv4Addr,
-}
-
-/// Per-tunnel packet counters.
-#[derive(Debug, Default)]
-struct PortCounters {
-    tx_packets: AtomicU64,
-    tx_bytes: AtomicU64,
-    tx_errors: AtomicU64,
-    rx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
-    rx_errors: AtomicU64,
+    /// A fixed outer TTL; `None` inherits the inner packet's (gretap's `ttl inherit`).
+    pub ttl: Option<u8>,
 }
 
 struct Port {
     endpoint: Endpoint,
     tap: OwnedFd,
-    counters: PortCounters,
-}
-
-/// Drops counted before a packet reaches any tunnel.
-#[derive(Debug, Default)]
-struct DropCounters {
-    malformed: AtomicU64,
-    unknown_key: AtomicU64,
-    unknown_peer: AtomicU64,
+    counters: SlotRef,
 }
 
 /// A snapshot of one tunnel's counters.
@@ -85,9 +71,17 @@ pub struct TunnelStats {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub tx_errors: u64,
+    /// Of the tx errors: frames larger than the path MTU allows.
+    pub tx_too_big: u64,
+    /// ICMP fragmentation-needed / packet-too-big replies sent to tenant senders.
+    pub icmp_sent: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub rx_errors: u64,
+    /// Of the rx errors: CE outside over a not-ECT packet inside (RFC 6040 drop).
+    pub rx_ecn_dropped: u64,
+    /// Inner packets marked CE (or ECT(1)) from the outer header.
+    pub rx_ecn_marked: u64,
 }
 
 /// A snapshot of the engine's counters.
@@ -121,9 +115,19 @@ impl PortTable {
 
 struct Shared {
     socket: OwnedFd,
+    /// A UDP socket in the same namespace, connected to a peer only to read the path MTU
+    /// the kernel learned for it (IP_MTU).
+    probe: OwnedFd,
     epoll: Epoll,
     ports: RwLock<PortTable>,
-    drops: DropCounters,
+    /// Where the counters live: the published file, then private memory if it is full.
+    counters: [Arc<Region>; 2],
+}
+
+impl Shared {
+    fn drop_counter(&self, d: DropReason) -> &AtomicU64 {
+        self.counters[0].drop_counter(d)
+    }
 }
 
 /// The running datapath of one network namespace.
@@ -178,13 +182,73 @@ fn raw_gre_socket() -> NetResult<OwnedFd> {
             set_int_opt(fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
         }
     }
+    // DF on every outer packet and no fragmentation by the kernel: a frame that does not fit
+    // the path fails with EMSGSIZE and its sender is told the tunnel MTU (gretap's pmtudisc).
+    if !set_int_opt(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    ) {
+        return Err(NetError::new(
+            "set IP_MTU_DISCOVER on",
+            "raw GRE socket",
+            last_os_error(),
+        ));
+    }
     Ok(sock)
+}
+
+fn udp_probe_socket() -> NetResult<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(NetError::new(
+            "open",
+            "path MTU probe socket",
+            last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The path MTU the kernel knows towards `remote` (learned from ICMP, or the route's).
+fn path_mtu(probe: RawFd, remote: Ipv4Addr) -> Option<u32> {
+    // SAFETY: an all-zero sockaddr_in is valid; the fields are set below.
+    let mut addr: libc::sockaddr_in = unsafe { zeroed() };
+    addr.sin_family = libc::AF_INET as libc::sa_family_t;
+    addr.sin_port = 9u16.to_be();
+    addr.sin_addr.s_addr = u32::from(remote).to_be();
+    let mut mtu: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: connect and getsockopt with pointers to live locals of the sizes given. A UDP
+    // connect sends nothing; it only looks the route up.
+    let ok = unsafe {
+        libc::connect(
+            probe,
+            (&addr as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) == 0
+            && libc::getsockopt(
+                probe,
+                libc::IPPROTO_IP,
+                libc::IP_MTU,
+                (&mut mtu as *mut libc::c_int).cast(),
+                &mut len,
+            ) == 0
+    };
+    (ok && mtu > 0).then_some(mtu as u32)
 }
 
 impl GreEngine {
     /// Opens the raw GRE socket inside `netns` (`None`: here) and starts the threads.
     pub fn start(netns: Option<&Path>) -> NetResult<Self> {
-        let socket = netns::run_in(netns, raw_gre_socket)?;
+        let (socket, probe, inode) = netns::run_in(netns, || {
+            let inode =
+                netns_inode(None).map_err(|e| NetError::new("identify", "network namespace", e))?;
+            Ok((raw_gre_socket()?, udp_probe_socket()?, inode))
+        })?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| NetError::new("create", "epoll", std::io::Error::from(e)))?;
         // SAFETY: eventfd(2) with constant flags; checked below.
@@ -202,9 +266,10 @@ impl GreEngine {
             .map_err(|e| NetError::new("watch", "eventfd", std::io::Error::from(e)))?;
         let shared = Arc::new(Shared {
             socket,
+            probe,
             epoll,
             ports: RwLock::new(PortTable::default()),
-            drops: DropCounters::default(),
+            counters: [Region::publish(&stats_dir(), inode), Region::private()],
         });
         let tx = {
             let shared = shared.clone();
@@ -253,12 +318,28 @@ impl GreEngine {
                 ),
             ));
         }
+        let e = &endpoint;
+        let counters = self
+            .shared
+            .counters
+            .iter()
+            .find_map(|r| r.claim(&e.name, e.key, e.local, e.remote))
+            .ok_or_else(|| {
+                NetError::invalid(
+                    "attach",
+                    &object,
+                    format!(
+                        "no room for more than {} tunnels' counters",
+                        2 * stats::SLOTS
+                    ),
+                )
+            })?;
         let token = table.next_token;
         table.next_token += 1;
         let port = Arc::new(Port {
             endpoint: endpoint.clone(),
             tap,
-            counters: PortCounters::default(),
+            counters,
         });
         self.shared
             .epoll
@@ -309,7 +390,6 @@ impl GreEngine {
 
     pub fn stats(&self) -> EngineStats {
         let table = self.shared.ports.read().expect("port table poisoned");
-        let d = &self.shared.drops;
         let mut tunnels: Vec<_> = table
             .by_token
             .values()
@@ -317,20 +397,25 @@ impl GreEngine {
                 let c = &p.counters;
                 TunnelStats {
                     endpoint: p.endpoint.clone(),
-                    tx_packets: c.tx_packets.load(Relaxed),
-                    tx_bytes: c.tx_bytes.load(Relaxed),
-                    tx_errors: c.tx_errors.load(Relaxed),
-                    rx_packets: c.rx_packets.load(Relaxed),
-                    rx_bytes: c.rx_bytes.load(Relaxed),
-                    rx_errors: c.rx_errors.load(Relaxed),
+                    tx_packets: c.get(Counter::TxPackets),
+                    tx_bytes: c.get(Counter::TxBytes),
+                    tx_errors: c.get(Counter::TxErrors),
+                    tx_too_big: c.get(Counter::TxTooBig),
+                    icmp_sent: c.get(Counter::IcmpSent),
+                    rx_packets: c.get(Counter::RxPackets),
+                    rx_bytes: c.get(Counter::RxBytes),
+                    rx_errors: c.get(Counter::RxErrors),
+                    rx_ecn_dropped: c.get(Counter::RxEcnDropped),
+                    rx_ecn_marked: c.get(Counter::RxEcnMarked),
                 }
             })
             .collect();
         tunnels.sort_by(|a, b| a.endpoint.name.cmp(&b.endpoint.name));
+        let d = |r| self.shared.drop_counter(r).load(Relaxed);
         EngineStats {
-            malformed: d.malformed.load(Relaxed),
-            unknown_key: d.unknown_key.load(Relaxed),
-            unknown_peer: d.unknown_peer.load(Relaxed),
+            malformed: d(DropReason::Malformed),
+            unknown_key: d(DropReason::UnknownKey),
+            unknown_peer: d(DropReason::UnknownPeer),
             tunnels,
         }
     }
@@ -387,10 +472,98 @@ fn tx_loop(shared: &Shared) {
     }
 }
 
+/// The ancillary data of one outer packet: the source address (the tunnel's local end,
+/// whatever routing would prefer), the TOS byte carrying the inner ECN field and, last so
+/// that it can be left out, the TTL.
 #[repr(C)]
-struct PktinfoCmsg {
-    hdr: libc::cmsghdr,
-    info: libc::in_pktinfo,
+#[derive(Clone, Copy)]
+struct TxControl {
+    pktinfo_hdr: libc::cmsghdr,
+    pktinfo: libc::in_pktinfo,
+    tos_hdr: libc::cmsghdr,
+    tos: libc::c_int,
+    ttl_hdr: libc::cmsghdr,
+    ttl: libc::c_int,
+}
+
+/// Byte lengths of the control block without and with the TTL message.
+fn control_lengths() -> (usize, usize) {
+    // SAFETY: CMSG_SPACE is pure arithmetic.
+    let (pktinfo, int) = unsafe {
+        (
+            libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize,
+            libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize,
+        )
+    };
+    (pktinfo + int, pktinfo + 2 * int)
+}
+
+impl TxControl {
+    fn new() -> Self {
+        // SAFETY: all-zero cmsghdr/in_pktinfo/c_int values are valid.
+        let mut c: TxControl = unsafe { zeroed() };
+        // SAFETY: CMSG_LEN is pure arithmetic.
+        let (pktinfo_len, int_len) = unsafe {
+            (
+                libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize,
+                libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize,
+            )
+        };
+        c.pktinfo_hdr.cmsg_len = pktinfo_len;
+        c.pktinfo_hdr.cmsg_level = libc::IPPROTO_IP;
+        c.pktinfo_hdr.cmsg_type = libc::IP_PKTINFO;
+        c.tos_hdr.cmsg_len = int_len;
+        c.tos_hdr.cmsg_level = libc::IPPROTO_IP;
+        c.tos_hdr.cmsg_type = libc::IP_TOS;
+        c.ttl_hdr.cmsg_len = int_len;
+        c.ttl_hdr.cmsg_level = libc::IPPROTO_IP;
+        c.ttl_hdr.cmsg_type = libc::IP_TTL;
+        c
+    }
+}
+
+/// What the outer header of a frame's packets carries.
+#[derive(Clone, Copy)]
+struct Outer {
+    tos: u8,
+    /// `None`: the namespace's default TTL (non-IP frames without a fixed TTL).
+    ttl: Option<u8>,
+}
+
+impl Outer {
+    fn of(frame: &[u8], fixed_ttl: Option<u8>) -> Self {
+        Outer {
+            tos: ecn::outer_tos(frame),
+            ttl: fixed_ttl.or_else(|| ecn::inner_ttl(frame)),
+        }
+    }
+}
+
+/// ICMP replies to oversized frames: at most this many per second, in bursts of
+/// `ICMP_BURST` (the kernel rate-limits its own the same way, per destination).
+const ICMP_PER_SECOND: u32 = 100;
+const ICMP_BURST: u32 = 20;
+
+struct IcmpLimiter {
+    tokens: u32,
+    last: std::time::Instant,
+}
+
+impl IcmpLimiter {
+    fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let earned = (now.duration_since(self.last).as_millis() as u64 * u64::from(ICMP_PER_SECOND)
+            / 1000) as u32;
+        if earned > 0 {
+            self.tokens = (self.tokens + earned).min(ICMP_BURST);
+            self.last = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 /// The send side's buffers, allocated once: frames as read from a tap, and one sendmmsg
@@ -400,10 +573,12 @@ struct TxBatch {
     headers: Vec<u8>,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    control: Vec<TxControl>,
     inner_len: Vec<usize>,
     count: usize,
     addr: Box<libc::sockaddr_in>,
-    cmsg: Box<PktinfoCmsg>,
+    local: Ipv4Addr,
+    icmp: IcmpLimiter,
 }
 
 // SAFETY: the raw pointers inside point into the struct's own heap buffers; it is used by one
@@ -412,51 +587,46 @@ unsafe impl Send for TxBatch {}
 
 impl TxBatch {
     fn new() -> Self {
-        // SAFETY: all-zero iovec, mmsghdr, sockaddr_in and cmsg structs are valid values.
+        // SAFETY: all-zero iovec, mmsghdr and sockaddr_in structs are valid values.
         let mut b = unsafe {
             TxBatch {
                 frames: vec![0; TX_FRAMES * SLOT],
                 headers: vec![0; TX_MSGS * HDR_ROOM],
                 iov: vec![zeroed(); TX_MSGS * 2],
                 msgs: vec![zeroed(); TX_MSGS],
+                control: vec![TxControl::new(); TX_MSGS],
                 inner_len: vec![0; TX_MSGS],
                 count: 0,
                 addr: Box::new(zeroed()),
-                cmsg: Box::new(zeroed()),
+                local: Ipv4Addr::UNSPECIFIED,
+                icmp: IcmpLimiter {
+                    tokens: ICMP_BURST,
+                    last: std::time::Instant::now(),
+                },
             }
         };
         b.addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        // SAFETY: CMSG_LEN/CMSG_SPACE are pure arithmetic.
-        let (cmsg_len, cmsg_space) = unsafe {
-            let n = size_of::<libc::in_pktinfo>() as u32;
-            (libc::CMSG_LEN(n) as usize, libc::CMSG_SPACE(n) as usize)
-        };
-        b.cmsg.hdr.cmsg_len = cmsg_len;
-        b.cmsg.hdr.cmsg_level = libc::IPPROTO_IP;
-        b.cmsg.hdr.cmsg_type = libc::IP_PKTINFO;
         let addr: *mut libc::sockaddr_in = &mut *b.addr;
-        let cmsg: *mut PktinfoCmsg = &mut *b.cmsg;
         for i in 0..TX_MSGS {
             let iov = b.iov[2 * i..].as_mut_ptr();
+            let control: *mut TxControl = &mut b.control[i];
             let h = &mut b.msgs[i].msg_hdr;
             h.msg_name = addr.cast();
             h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_iov = iov;
             h.msg_iovlen = 2;
-            // The source address is the tunnel's local end, whatever routing would prefer.
-            h.msg_control = cmsg.cast();
-            h.msg_controllen = cmsg_space;
+            h.msg_control = control.cast();
         }
         b
     }
 
     fn set_destination(&mut self, e: &Endpoint) {
         self.addr.sin_addr.s_addr = u32::from(e.remote).to_be();
-        self.cmsg.info.ipi_spec_dst.s_addr = u32::from(e.local).to_be();
+        self.local = e.local;
     }
 
     /// Queues a message: `header_len` bytes of message `count`'s header room, then `payload`.
-    fn push(&mut self, header_len: usize, payload: *const u8, payload_len: usize) {
+    fn push(&mut self, header_len: usize, payload: *const u8, payload_len: usize, outer: Outer) {
         let c = self.count;
         self.iov[2 * c] = libc::iovec {
             iov_base: self.headers[c * HDR_ROOM..].as_mut_ptr().cast(),
@@ -465,6 +635,17 @@ impl TxBatch {
         self.iov[2 * c + 1] = libc::iovec {
             iov_base: payload as *mut libc::c_void,
             iov_len: payload_len,
+        };
+        let control = &mut self.control[c];
+        control.pktinfo.ipi_spec_dst.s_addr = u32::from(self.local).to_be();
+        control.tos = libc::c_int::from(outer.tos);
+        let (without_ttl, with_ttl) = control_lengths();
+        self.msgs[c].msg_hdr.msg_controllen = match outer.ttl {
+            Some(ttl) => {
+                control.ttl = libc::c_int::from(ttl);
+                with_ttl
+            }
+            None => without_ttl,
         };
         self.inner_len[c] = header_len - TX_HEADER_LEN + payload_len;
         self.count += 1;
@@ -476,9 +657,9 @@ impl TxBatch {
 
     /// Turns the frame read into slot `k` (`n` bytes, vnet header first) into messages.
     fn add_frame(&mut self, shared: &Shared, port: &Port, k: usize, n: usize) {
-        let errors = &port.counters.tx_errors;
+        let errors = &port.counters;
         if n < VNET_HDR_LEN + 14 {
-            errors.fetch_add(1, Relaxed);
+            errors.add(Counter::TxErrors, 1);
             return;
         }
         let slot = k * SLOT;
@@ -490,6 +671,7 @@ impl TxBatch {
         let range = slot + VNET_HDR_LEN..slot + n;
         let mut gre = [0u8; TX_HEADER_LEN];
         wire::write_header(&mut gre, port.endpoint.key);
+        let outer = Outer::of(&self.frames[range.clone()], port.endpoint.ttl);
         match vh.gso_type & !GSO_ECN {
             GSO_NONE => {
                 let frame = &mut self.frames[range.clone()];
@@ -500,7 +682,7 @@ impl TxBatch {
                         usize::from(vh.csum_offset),
                     )
                 {
-                    errors.fetch_add(1, Relaxed);
+                    errors.add(Counter::TxErrors, 1);
                     return;
                 }
                 if self.count == TX_MSGS {
@@ -508,7 +690,7 @@ impl TxBatch {
                 }
                 self.header_room()[..TX_HEADER_LEN].copy_from_slice(&gre);
                 let payload = self.frames[range.clone()].as_ptr();
-                self.push(TX_HEADER_LEN, payload, range.len());
+                self.push(TX_HEADER_LEN, payload, range.len(), outer);
             }
             GSO_TCPV4 => {
                 let frame_ptr = self.frames[range.clone()].as_ptr();
@@ -516,12 +698,12 @@ impl TxBatch {
                 // which is not written again before the batch is flushed.
                 let frame = unsafe { std::slice::from_raw_parts(frame_ptr, range.len()) };
                 let Some(seg) = TcpSegmenter::new(frame, &vh) else {
-                    errors.fetch_add(1, Relaxed);
+                    errors.add(Counter::TxErrors, 1);
                     return;
                 };
                 let need = seg.count();
                 if need > TX_MSGS || seg.header_len() + TX_HEADER_LEN > HDR_ROOM {
-                    errors.fetch_add(1, Relaxed);
+                    errors.add(Counter::TxErrors, 1);
                     return;
                 }
                 if self.count + need > TX_MSGS {
@@ -533,11 +715,11 @@ impl TxBatch {
                     let payload = seg.segment(frame, i, &mut room[TX_HEADER_LEN..]);
                     // SAFETY: `payload` is a range inside `frame`.
                     let ptr = unsafe { frame_ptr.add(payload.start) };
-                    self.push(TX_HEADER_LEN + seg.header_len(), ptr, payload.len());
+                    self.push(TX_HEADER_LEN + seg.header_len(), ptr, payload.len(), outer);
                 }
             }
             _ => {
-                errors.fetch_add(1, Relaxed);
+                errors.add(Counter::TxErrors, 1);
             }
         }
     }
@@ -560,19 +742,70 @@ impl TxBatch {
                 )
             };
             if r < 0 {
-                if last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                let err = last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                // The first remaining message failed (e.g. EMSGSIZE): count it, go on.
-                c.tx_errors.fetch_add(1, Relaxed);
+                // The first remaining message failed: count it, answer it if it was too big
+                // for the path, go on with the rest.
+                c.add(Counter::TxErrors, 1);
+                if err.raw_os_error() == Some(libc::EMSGSIZE) {
+                    c.add(Counter::TxTooBig, 1);
+                    self.answer_too_big(shared, port, sent);
+                }
                 sent += 1;
                 continue;
             }
             let r = r as usize;
-            c.tx_packets.fetch_add(r as u64, Relaxed);
+            c.add(Counter::TxPackets, r as u64);
             let bytes: usize = self.inner_len[sent..sent + r].iter().sum();
-            c.tx_bytes.fetch_add(bytes as u64, Relaxed);
+            c.add(Counter::TxBytes, bytes as u64);
             sent += r;
+        }
+    }
+
+    /// Tells the sender of message `m` (refused with EMSGSIZE) the tunnel MTU, as kernel
+    /// gretap does: ICMP fragmentation-needed / packet-too-big, written into the tap.
+    fn answer_too_big(&mut self, shared: &Shared, port: &Port, m: usize) {
+        let Some(path) = path_mtu(shared.probe.as_raw_fd(), port.endpoint.remote) else {
+            return;
+        };
+        let mtu = path.saturating_sub(super::super::GRE_OVERHEAD);
+        // The start of the inner frame: the copied headers after the GRE header, then the
+        // payload.
+        let mut start = [0u8; QUOTE_ROOM];
+        let mut len = 0;
+        for (i, iov) in self.iov[2 * m..2 * m + 2].iter().enumerate() {
+            let skip = if i == 0 { TX_HEADER_LEN } else { 0 };
+            let avail = iov.iov_len.saturating_sub(skip);
+            let take = avail.min(QUOTE_ROOM - len);
+            // SAFETY: iov points to `iov_len` initialised bytes of this batch's buffers.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(iov.iov_base.cast::<u8>().add(skip), take) };
+            start[len..len + take].copy_from_slice(bytes);
+            len += take;
+        }
+        let Some(reply) = pmtu::too_big_reply(&start[..len], mtu) else {
+            return;
+        };
+        if !self.icmp.allow() {
+            return;
+        }
+        let iov = [
+            libc::iovec {
+                iov_base: PLAIN_VNET_HDR.as_ptr() as *mut libc::c_void,
+                iov_len: VNET_HDR_LEN,
+            },
+            libc::iovec {
+                iov_base: reply.as_ptr() as *mut libc::c_void,
+                iov_len: reply.len(),
+            },
+        ];
+        // SAFETY: both iovecs point to initialised memory alive during the call.
+        let w = unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) };
+        if w > 0 {
+            port.counters.add(Counter::IcmpSent, 1);
+            debug!(tunnel = %port.endpoint.name, path_mtu = path, mtu, "frame too big for the path; sender told the tunnel MTU");
         }
     }
 }
@@ -590,7 +823,7 @@ fn forward_from_tap(shared: &Shared, port: &Port, tx: &mut TxBatch) {
             let n = unsafe { libc::read(tap, buf.cast(), SLOT) };
             if n <= 0 {
                 if n < 0 && last_os_error().kind() != std::io::ErrorKind::WouldBlock {
-                    port.counters.tx_errors.fetch_add(1, Relaxed);
+                    port.counters.add(Counter::TxErrors, 1);
                 }
                 break;
             }
@@ -667,9 +900,9 @@ fn rx_loop(shared: &Shared, stop_fd: RawFd) {
                 pending: None,
                 pending_bytes: 0,
             };
-            for (i, m) in msgs[..n].iter().enumerate() {
-                let len = m.msg_len as usize;
-                rx.deliver(&data[i * SLOT..i * SLOT + len]);
+            for (m, buf) in msgs[..n].iter().zip(data.chunks_mut(SLOT)) {
+                let len = (m.msg_len as usize).min(SLOT);
+                rx.deliver(&mut buf[..len]);
             }
             rx.flush();
             drop(table);
@@ -693,10 +926,12 @@ struct Receiver<'a> {
 const PLAIN_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 impl<'a> Receiver<'a> {
-    fn deliver(&mut self, packet: &[u8]) {
-        let d = &self.shared.drops;
+    fn deliver(&mut self, packet: &mut [u8]) {
+        let shared = self.shared;
         let Ok(pkt) = wire::parse(packet) else {
-            d.malformed.fetch_add(1, Relaxed);
+            shared
+                .drop_counter(DropReason::Malformed)
+                .fetch_add(1, Relaxed);
             return;
         };
         let table: &'a PortTable = self.table;
@@ -704,14 +939,25 @@ impl<'a> Receiver<'a> {
             .key
             .and_then(|k| table.by_flow.get(&(pkt.source, pkt.destination, k)));
         let Some(port) = port else {
-            if table.knows_peer(pkt.source) {
-                d.unknown_key.fetch_add(1, Relaxed);
+            let reason = if table.knows_peer(pkt.source) {
+                DropReason::UnknownKey
             } else {
-                d.unknown_peer.fetch_add(1, Relaxed);
-            }
+                DropReason::UnknownPeer
+            };
+            shared.drop_counter(reason).fetch_add(1, Relaxed);
             return;
         };
         let frame = pkt.frame;
+        match ecn::decapsulate(frame, pkt.tos) {
+            Decap::Unchanged => {}
+            Decap::Marked => port.counters.add(Counter::RxEcnMarked, 1),
+            Decap::Drop => {
+                port.counters.add(Counter::RxErrors, 1);
+                port.counters.add(Counter::RxEcnDropped, 1);
+                return;
+            }
+        }
+        let frame: &[u8] = frame;
         if let Some(seg) = mergeable_segment(frame) {
             let same_port = self.pending.is_some_and(|p| Arc::ptr_eq(p, port));
             if !(same_port && self.coalescer.try_append(frame, &seg)) {
@@ -754,9 +1000,9 @@ impl<'a> Receiver<'a> {
 fn count_rx(port: &Port, written: isize, packets: u64, bytes: u64) {
     let c = &port.counters;
     if written < 0 {
-        c.rx_errors.fetch_add(packets, Relaxed);
+        c.add(Counter::RxErrors, packets);
     } else {
-        c.rx_packets.fetch_add(packets, Relaxed);
-        c.rx_bytes.fetch_add(bytes, Relaxed);
+        c.add(Counter::RxPackets, packets);
+        c.add(Counter::RxBytes, bytes);
     }
 }

@@ -1,8 +1,11 @@
 //! The user-space GRE backend: a persistent tap per tunnel (enslaved to a bridge like a
 //! gretap would be) served by the [`GreEngine`] of the namespace.
 
+pub mod ecn;
 mod engine;
 pub mod offload;
+pub mod pmtu;
+pub mod stats;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -34,6 +37,7 @@ fn endpoint(spec: &TunnelSpec) -> Endpoint {
         key: spec.key.get(),
         local: spec.local,
         remote: spec.remote,
+        ttl: spec.ttl,
     }
 }
 
@@ -106,8 +110,13 @@ impl TunnelBackend for UserspaceGre {
     async fn create(&self, spec: &TunnelSpec) -> NetResult<Link> {
         spec.validate()?;
         if let Some(link) = existing(&self.netlink, self.kind(), spec).await? {
-            if !self.engine.endpoints().iter().any(|e| e.name == spec.name) {
+            // Not attached yet (adopted after a restart failed), or attached with other
+            // settings (a new fixed TTL): attach as asked, and record it.
+            if !self.engine.endpoints().contains(&endpoint(spec)) {
                 self.attach(spec)?;
+                self.netlink
+                    .set_alias(link.index, &spec.alias(self.kind()))
+                    .await?;
             }
             return Ok(link);
         }
@@ -135,5 +144,9 @@ impl TunnelBackend for UserspaceGre {
 
     fn forget(&self, name: &str) {
         self.engine.detach(name);
+    }
+
+    fn stats(&self) -> Option<EngineStats> {
+        Some(self.engine.stats())
     }
 }

@@ -30,10 +30,12 @@ pub fn write_header(buf: &mut [u8; TX_HEADER_LEN], key: u32) {
 pub struct GrePacket<'a> {
     pub source: Ipv4Addr,
     pub destination: Ipv4Addr,
+    /// The outer TOS byte (its ECN field goes to the inner packet on decapsulation).
+    pub tos: u8,
     /// `None` when the key bit is clear.
     pub key: Option<u32>,
-    /// The Ethernet frame.
-    pub frame: &'a [u8],
+    /// The Ethernet frame (mutable: decapsulation may mark its ECN field).
+    pub frame: &'a mut [u8],
 }
 
 /// Why a packet was dropped before demultiplexing.
@@ -50,7 +52,7 @@ pub enum Malformed {
 }
 
 /// Parses an IPv4 packet as a raw protocol-47 socket delivers it (IP header included).
-pub fn parse(packet: &[u8]) -> Result<GrePacket<'_>, Malformed> {
+pub fn parse(packet: &mut [u8]) -> Result<GrePacket<'_>, Malformed> {
     if packet.len() < 20 || packet[0] >> 4 != 4 {
         return Err(Malformed::Truncated);
     }
@@ -92,11 +94,13 @@ pub fn parse(packet: &[u8]) -> Result<GrePacket<'_>, Malformed> {
     if csum && checksum(gre) != 0 {
         return Err(Malformed::BadChecksum);
     }
+    let tos = packet[1];
     Ok(GrePacket {
         source,
         destination,
+        tos,
         key,
-        frame: &gre[off..],
+        frame: &mut packet[ihl + off..total],
     })
 }
 
@@ -151,11 +155,12 @@ mod tests {
         write_header((&mut gre[..8]).try_into().unwrap(), 7);
         gre.extend_from_slice(&frame());
         let pkt = ipv4([10, 0, 0, 1], [10, 0, 0, 2], &gre);
-        let p = parse(&pkt).unwrap();
+        let mut pkt = pkt;
+        let p = parse(&mut pkt).unwrap();
         assert_eq!(p.source, Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(p.destination, Ipv4Addr::new(10, 0, 0, 2));
         assert_eq!(p.key, Some(7));
-        assert_eq!(p.frame, frame().as_slice());
+        assert_eq!(&*p.frame, frame().as_slice());
     }
 
     #[test]
@@ -166,43 +171,44 @@ mod tests {
         let c = checksum(&gre);
         gre[4..6].copy_from_slice(&c.to_be_bytes());
         let pkt = ipv4([1, 1, 1, 1], [2, 2, 2, 2], &gre);
-        let p = parse(&pkt).unwrap();
-        assert_eq!((p.key, p.frame), (Some(9), frame().as_slice()));
-        let mut bad = pkt.clone();
+        let mut pkt = pkt;
+        let p = parse(&mut pkt).unwrap();
+        assert_eq!((p.key, &*p.frame), (Some(9), frame().as_slice()));
+        let mut bad = pkt.to_vec();
         *bad.last_mut().unwrap() ^= 0xff;
-        assert_eq!(parse(&bad), Err(Malformed::BadChecksum));
+        assert_eq!(parse(&mut bad), Err(Malformed::BadChecksum));
     }
 
     #[test]
     fn rejects_what_the_kernel_rejects() {
         let keyless = [&[0u8, 0, 0x65, 0x58][..], &frame()].concat();
-        let p = ipv4([1, 1, 1, 1], [2, 2, 2, 2], &keyless);
-        assert_eq!(parse(&p).unwrap().key, None);
+        let mut p = ipv4([1, 1, 1, 1], [2, 2, 2, 2], &keyless);
+        assert_eq!(parse(&mut p).unwrap().key, None);
         let v1 = [&[0u8, 1, 0x65, 0x58][..], &frame()].concat();
         assert_eq!(
-            parse(&ipv4([1; 4], [2; 4], &v1)),
+            parse(&mut ipv4([1; 4], [2; 4], &v1)),
             Err(Malformed::UnsupportedFlags)
         );
         let ip = [&[0u8, 0, 0x08, 0x00][..], &frame()].concat();
         assert_eq!(
-            parse(&ipv4([1; 4], [2; 4], &ip)),
+            parse(&mut ipv4([1; 4], [2; 4], &ip)),
             Err(Malformed::NotEthernet)
         );
         let short = [0x20u8, 0, 0x65, 0x58, 0, 0];
         assert_eq!(
-            parse(&ipv4([1; 4], [2; 4], &short)),
+            parse(&mut ipv4([1; 4], [2; 4], &short)),
             Err(Malformed::Truncated)
         );
-        assert_eq!(parse(&[0x45; 10]), Err(Malformed::Truncated));
+        assert_eq!(parse(&mut [0x45; 10]), Err(Malformed::Truncated));
         let mut lying = ipv4([1; 4], [2; 4], &keyless);
         lying[2..4].copy_from_slice(&9000u16.to_be_bytes());
-        assert_eq!(parse(&lying), Err(Malformed::Truncated));
+        assert_eq!(parse(&mut lying), Err(Malformed::Truncated));
     }
 
     proptest::proptest! {
         #[test]
-        fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
-            let _ = parse(&bytes);
+        fn never_panics(mut bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = parse(&mut bytes);
         }
     }
 }
