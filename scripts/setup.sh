@@ -22,6 +22,7 @@ packages=(
     containernetworking-plugins        # CNI tests/bench: the reference bridge + host-local plugins
     golang-go golang-github-appc-cni-dev golang-github-containernetworking-plugins-dev  # cnitool's build
     docker.io busybox-static           # Docker driver test: a real dockerd, an image made from busybox
+    clang libbpf-dev                   # the eBPF GRE datapath: build.rs compiles it (headers from libbpf-dev)
 )
 
 missing=()
@@ -45,7 +46,7 @@ command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
 # CNI's reference client, built from Debian's source package (not packaged as a binary).
 command -v cnitool >/dev/null || "$(dirname "$0")/build-cnitool.sh" /usr/local/bin/cnitool
 
-for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze cnitool dockerd unshare nsenter; do
+for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze cnitool dockerd unshare nsenter clang; do
     command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
 done
 echo "setup.sh: ready ($(etcd --version | head -1), $(protoc --version))"

@@ -79,6 +79,13 @@ async fn lab() -> (Fabric, Host, Host) {
     (fabric, a, b)
 }
 
+/// The backend `choice` in `host`'s namespace.
+async fn gre(host: &Host, choice: BackendChoice) -> Arc<dyn TunnelBackend> {
+    backend(choice, host.netlink().clone(), Some(host.path()))
+        .await
+        .unwrap()
+}
+
 async fn userspace(host: &Host) -> UserspaceGre {
     UserspaceGre::start(host.netlink().clone(), Some(host.path()))
         .await
@@ -87,18 +94,27 @@ async fn userspace(host: &Host) -> UserspaceGre {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_gre_carries_two_isolated_tenants_with_the_same_subnet() {
+    two_isolated_tenants_with_the_same_subnet(BackendChoice::Userspace, "tun").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_gre_carries_two_isolated_tenants_with_the_same_subnet() {
+    two_isolated_tenants_with_the_same_subnet(BackendChoice::Ebpf, "veth").await;
+}
+
+async fn two_isolated_tenants_with_the_same_subnet(choice: BackendChoice, port_kind: &str) {
     let (_fabric, a, b) = lab().await;
-    let (ga, gb) = (userspace(&a).await, userspace(&b).await);
+    let (ga, gb) = (gre(&a, choice).await, gre(&b, choice).await);
     // Tenant 1 and tenant 2 both use 10.1.0.0/24; only the tunnel key tells them apart.
-    let t1a = tenant_end(&a, &ga, "t1", 1001, b.ip(), "10.1.0.2").await;
-    let t1b = tenant_end(&b, &gb, "t1", 1001, a.ip(), "10.1.0.3").await;
-    let t2a = tenant_end(&a, &ga, "t2", 1002, b.ip(), "10.1.0.4").await;
-    let t2b = tenant_end(&b, &gb, "t2", 1002, a.ip(), "10.1.0.5").await;
+    let t1a = tenant_end(&a, &*ga, "t1", 1001, b.ip(), "10.1.0.2").await;
+    let t1b = tenant_end(&b, &*gb, "t1", 1001, a.ip(), "10.1.0.3").await;
+    let t2a = tenant_end(&a, &*ga, "t2", 1002, b.ip(), "10.1.0.4").await;
+    let t2b = tenant_end(&b, &*gb, "t2", 1002, a.ip(), "10.1.0.5").await;
 
     // The tunnel MTU is derived from the underlay: 1500 - 42.
     let tun = a.netlink().link_by_name("tun-t1").await.unwrap().unwrap();
     assert_eq!(tun.mtu, 1458);
-    assert_eq!(tun.kind.as_deref(), Some("tun"));
+    assert_eq!(tun.kind.as_deref(), Some(port_kind));
 
     assert!(t1a.workload.ping(ip("10.1.0.3"), 3), "tenant 1: a → b");
     assert!(t1b.workload.ping(ip("10.1.0.2"), 3), "tenant 1: b → a");
@@ -119,7 +135,7 @@ async fn userspace_gre_carries_two_isolated_tenants_with_the_same_subnet() {
     assert_eq!(len, 100 << 20);
     assert_eq!(sent, received, "checksum differs");
 
-    let stats = ga.stats();
+    let stats = ga.stats().unwrap();
     let t1 = stats
         .tunnels
         .iter()
@@ -131,10 +147,19 @@ async fn userspace_gre_carries_two_isolated_tenants_with_the_same_subnet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wire_carries_keyed_gre_with_ethernet_inside() {
+    wire_carries_keyed_gre_with_ethernet_inside(BackendChoice::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ebpf_wire_carries_keyed_gre_with_ethernet_inside() {
+    wire_carries_keyed_gre_with_ethernet_inside(BackendChoice::Ebpf).await;
+}
+
+async fn wire_carries_keyed_gre_with_ethernet_inside(choice: BackendChoice) {
     let (_fabric, a, b) = lab().await;
-    let (ga, gb) = (userspace(&a).await, userspace(&b).await);
-    let ta = tenant_end(&a, &ga, "w", 4268, b.ip(), "172.16.0.2").await;
-    let _tb = tenant_end(&b, &gb, "w", 4268, a.ip(), "172.16.0.3").await;
+    let (ga, gb) = (gre(&a, choice).await, gre(&b, choice).await);
+    let ta = tenant_end(&a, &*ga, "w", 4268, b.ip(), "172.16.0.2").await;
+    let _tb = tenant_end(&b, &*gb, "w", 4268, a.ip(), "172.16.0.3").await;
 
     let cap = Capture::start(a.command("timeout"), "eth0", 6, &["proto", "gre"]);
     assert!(ta.workload.ping(ip("172.16.0.3"), 4));
@@ -318,12 +343,21 @@ fn frame() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_keys_unknown_peers_and_garbage_are_counted_and_dropped() {
+    bad_keys_unknown_peers_and_garbage(BackendChoice::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_counts_and_drops_bad_keys_unknown_peers_and_garbage() {
+    bad_keys_unknown_peers_and_garbage(BackendChoice::Ebpf).await;
+}
+
+async fn bad_keys_unknown_peers_and_garbage(choice: BackendChoice) {
     let fabric = Fabric::new().await.unwrap();
     let a = fabric.add_host("ha").await.unwrap();
     let b = fabric.add_host("hb").await.unwrap();
     let intruder = fabric.add_host("hx").await.unwrap();
-    let gb = userspace(&b).await;
-    let _tb = tenant_end(&b, &gb, "d", 1001, a.ip(), "10.1.0.3").await;
+    let gb = gre(&b, choice).await;
+    let _tb = tenant_end(&b, &*gb, "d", 1001, a.ip(), "10.1.0.3").await;
 
     let keyed = |key: u32| {
         let mut p = vec![0x20, 0, 0x65, 0x58];
@@ -354,29 +388,38 @@ async fn bad_keys_unknown_peers_and_garbage_are_counted_and_dropped() {
         (s.unknown_key, s.unknown_peer, s.malformed) == (4, 2, 3)
     };
     assert!(
-        wait_until(Duration::from_secs(5), || want(&gb.stats())),
+        wait_until(Duration::from_secs(5), || want(&gb.stats().unwrap())),
         "{:?}",
         gb.stats()
     );
-    let t = &gb.stats().tunnels[0];
+    let t = &gb.stats().unwrap().tunnels[0];
     assert_eq!(t.rx_packets, 0, "nothing reached the tenant");
 
     // A well-formed packet from the real peer does get through.
     send_raw(&a, b.ip(), keyed(1001));
-    assert!(wait_until(Duration::from_secs(5), || gb.stats().tunnels[0]
+    assert!(wait_until(Duration::from_secs(5), || gb
+        .stats()
+        .unwrap()
+        .tunnels[0]
         .rx_packets
         == 1));
 }
 
 #[tokio::test]
-async fn auto_falls_back_to_userspace_on_a_kernel_without_gre() {
+async fn auto_falls_back_to_ebpf_on_a_kernel_without_gre() {
     let fabric = Fabric::new().await.unwrap();
     let a = fabric.add_host("ha").await.unwrap();
     assert!(!kernel_supports_gretap(a.netlink()).await.unwrap());
     let chosen = backend(BackendChoice::Auto, a.netlink().clone(), Some(a.path()))
         .await
         .unwrap();
-    assert_eq!(chosen.kind(), TunnelKind::UserspaceGre);
+    // This kernel has no ip_gre but runs tc BPF programs (and the setup installs clang, so
+    // tenet carries them): the eBPF datapath.
+    assert!(
+        tenet::net::tunnel::ebpf_supported(),
+        "built with clang, and this kernel loads the programs"
+    );
+    assert_eq!(chosen.kind(), TunnelKind::EbpfGre);
     // The probe left nothing behind.
     let links: Vec<_> = a
         .netlink()
@@ -519,12 +562,21 @@ fn gretap_request_matches_iproute2(ttl: Option<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outer_header_inherits_ttl_carries_ecn_and_keeps_df() {
+    outer_header_inherits_ttl_carries_ecn_and_keeps_df(BackendChoice::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ebpf_outer_header_inherits_ttl_carries_ecn_and_keeps_df() {
+    outer_header_inherits_ttl_carries_ecn_and_keeps_df(BackendChoice::Ebpf).await;
+}
+
+async fn outer_header_inherits_ttl_carries_ecn_and_keeps_df(choice: BackendChoice) {
     let (_fabric, a, b) = lab().await;
-    let (ga, gb) = (userspace(&a).await, userspace(&b).await);
-    let inherit = tenant_end(&a, &ga, "i", 1001, b.ip(), "10.1.0.2").await;
-    let _ib = tenant_end(&b, &gb, "i", 1001, a.ip(), "10.1.0.3").await;
-    let fixed = tenant_end_with_ttl(&a, &ga, "f", 1002, b.ip(), "10.2.0.2", Some(99)).await;
-    let _fb = tenant_end_with_ttl(&b, &gb, "f", 1002, a.ip(), "10.2.0.3", Some(99)).await;
+    let (ga, gb) = (gre(&a, choice).await, gre(&b, choice).await);
+    let inherit = tenant_end(&a, &*ga, "i", 1001, b.ip(), "10.1.0.2").await;
+    let _ib = tenant_end(&b, &*gb, "i", 1001, a.ip(), "10.1.0.3").await;
+    let fixed = tenant_end_with_ttl(&a, &*ga, "f", 1002, b.ip(), "10.2.0.2", Some(99)).await;
+    let _fb = tenant_end_with_ttl(&b, &*gb, "f", 1002, a.ip(), "10.2.0.3", Some(99)).await;
     // Neighbours first, so that the capture holds the pings only.
     assert!(inherit.workload.ping(ip("10.1.0.3"), 1));
     assert!(fixed.workload.ping(ip("10.2.0.3"), 1));
@@ -565,16 +617,10 @@ async fn the_outer_header_inherits_ttl_carries_ecn_and_keeps_df() {
     let tun = a.netlink().link_by_name("tun-f").await.unwrap().unwrap();
     assert!(tun.alias.as_deref().unwrap().contains("ttl=99"), "{tun:?}");
     drop(ga);
-    let ga = userspace(&a).await;
-    assert_eq!(
-        ga.engine()
-            .endpoints()
-            .iter()
-            .find(|e| e.name == "tun-f")
-            .unwrap()
-            .ttl,
-        Some(99)
-    );
+    let ga = gre(&a, choice).await;
+    let adopted = ga.stats().unwrap().tunnels;
+    let f = adopted.iter().find(|t| t.endpoint.name == "tun-f").unwrap();
+    assert_eq!(f.endpoint.ttl, Some(99));
 }
 
 /// An Ethernet frame with an IPv4/UDP packet (TOS `tos`) to `dst` port `port`.
@@ -602,9 +648,18 @@ fn keyed_gre(key: u32, frame: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outer_congestion_mark_reaches_the_inner_packet_or_drops_it() {
+    outer_congestion_mark(BackendChoice::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_passes_an_outer_congestion_mark_on_or_drops_the_packet() {
+    outer_congestion_mark(BackendChoice::Ebpf).await;
+}
+
+async fn outer_congestion_mark(choice: BackendChoice) {
     let (_fabric, a, b) = lab().await;
-    let ga = userspace(&a).await;
-    let _ta = tenant_end(&a, &ga, "n", 1001, b.ip(), "10.1.0.2").await;
+    let ga = gre(&a, choice).await;
+    let _ta = tenant_end(&a, &*ga, "n", 1001, b.ip(), "10.1.0.2").await;
 
     let cap = Capture::start(a.command("timeout"), "tun-n", 2, &["udp"]);
     let to = [10, 1, 0, 2];
@@ -643,6 +698,7 @@ async fn an_outer_congestion_mark_reaches_the_inner_packet_or_drops_it() {
 
     let t = ga
         .stats()
+        .unwrap()
         .tunnels
         .into_iter()
         .find(|t| t.endpoint.name == "tun-n")
@@ -654,30 +710,23 @@ async fn an_outer_congestion_mark_reaches_the_inner_packet_or_drops_it() {
     );
 
     // Operators see the same counters: `tenet tunnel stats` in the host's namespace, and
-    // from outside it by namespace name.
+    // from outside it by namespace name (the eBPF datapath's are copied there every second).
     let tenet = env!("CARGO_BIN_EXE_tenet");
-    let out = a
-        .command(tenet)
-        .args(["tunnel", "stats", "-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let tun = json[0]["tunnels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "tun-n")
-        .unwrap()
-        .clone();
-    assert_eq!(
-        (tun["rx_ecn_dropped"].as_u64(), tun["rx_packets"].as_u64()),
-        (Some(1), Some(2))
-    );
+    let published = || {
+        let out = a
+            .command(tenet)
+            .args(["tunnel", "stats", "-o", "json"])
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        json[0]["tunnels"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["name"] == "tun-n").cloned())
+            .is_some_and(|t| {
+                (t["rx_ecn_dropped"].as_u64(), t["rx_packets"].as_u64()) == (Some(1), Some(2))
+            })
+    };
+    assert!(wait_until(Duration::from_secs(5), published));
     let out = std::process::Command::new(tenet)
         .args(["tunnel", "stats", "--netns", a.netns().name()])
         .output()
@@ -691,10 +740,19 @@ async fn an_outer_congestion_mark_reaches_the_inner_packet_or_drops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_too_big_for_the_path_is_answered_and_tcp_adapts() {
+    frame_too_big_for_the_path(BackendChoice::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_answers_a_frame_too_big_for_the_path_and_tcp_adapts() {
+    frame_too_big_for_the_path(BackendChoice::Ebpf).await;
+}
+
+async fn frame_too_big_for_the_path(choice: BackendChoice) {
     let (_fabric, a, b) = lab().await;
-    let (ga, gb) = (userspace(&a).await, userspace(&b).await);
-    let ta = tenant_end(&a, &ga, "p", 1001, b.ip(), "10.1.0.2").await;
-    let tb = tenant_end(&b, &gb, "p", 1001, a.ip(), "10.1.0.3").await;
+    let (ga, gb) = (gre(&a, choice).await, gre(&b, choice).await);
+    let ta = tenant_end(&a, &*ga, "p", 1001, b.ip(), "10.1.0.2").await;
+    let tb = tenant_end(&b, &*gb, "p", 1001, a.ip(), "10.1.0.3").await;
     assert!(ta.workload.ping(ip("10.1.0.3"), 1));
 
     // A router on the way reports that the path to b takes 1400 bytes: ICMP fragmentation
@@ -785,6 +843,98 @@ async fn a_frame_too_big_for_the_path_is_answered_and_tcp_adapts() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("Packet too big: mtu=1358"), "{said}");
 
-    let t = &ga.stats().tunnels[0];
+    let t = &ga.stats().unwrap().tunnels[0];
     assert!(t.tx_too_big >= 2 && t.icmp_sent >= 2, "{t:?}");
+}
+
+/// One end eBPF, the other user space: the same wire format both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ebpf_end_talks_to_a_userspace_end() {
+    let (_fabric, a, b) = lab().await;
+    let ga = gre(&a, BackendChoice::Ebpf).await;
+    let gb = gre(&b, BackendChoice::Userspace).await;
+    let ta = tenant_end(&a, &*ga, "x", 4268, b.ip(), "172.16.0.2").await;
+    let tb = tenant_end(&b, &*gb, "x", 4268, a.ip(), "172.16.0.3").await;
+    assert!(ta.workload.ping(ip("172.16.0.3"), 3), "ebpf → userspace");
+    assert!(tb.workload.ping(ip("172.16.0.2"), 3), "userspace → ebpf");
+    for (from, to) in [(&ta, &tb), (&tb, &ta)] {
+        let (sent, received, len) = tcp_transfer(&from.workload, &to.workload, 16 << 20);
+        assert_eq!((len, sent), (16 << 20, received), "digest differs");
+    }
+    let (sa, sb) = (ga.stats().unwrap(), gb.stats().unwrap());
+    assert_eq!((sa.malformed, sb.malformed), (0, 0));
+    assert!(sa.tunnels[0].rx_bytes >= 16 << 20 && sb.tunnels[0].rx_bytes >= 16 << 20);
+}
+
+/// The eBPF datapath belongs to the kernel: traffic keeps flowing while no agent runs, and
+/// a new one adopts the ports (replacing the programs, refilling the maps from the aliases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_tunnels_outlive_their_agent_and_are_adopted() {
+    let (_fabric, a, b) = lab().await;
+    let ga = gre(&a, BackendChoice::Ebpf).await;
+    let gb = gre(&b, BackendChoice::Ebpf).await;
+    let ta = tenant_end(&a, &*ga, "r", 1001, b.ip(), "10.1.0.2").await;
+    let _tb = tenant_end(&b, &*gb, "r", 1001, a.ip(), "10.1.0.3").await;
+    assert!(ta.workload.ping(ip("10.1.0.3"), 2));
+    let before = a.netlink().link_by_name("tun-r").await.unwrap().unwrap();
+
+    drop(ga);
+    assert!(
+        ta.workload.ping(ip("10.1.0.3"), 2),
+        "forwarding without an agent"
+    );
+
+    let ga = gre(&a, BackendChoice::Ebpf).await;
+    let adopted = ga.stats().unwrap().tunnels;
+    assert_eq!(adopted.len(), 1, "the port was adopted");
+    assert!(
+        ta.workload.ping(ip("10.1.0.3"), 2),
+        "traffic through the new programs"
+    );
+    assert!(
+        ga.stats().unwrap().tunnels[0].tx_packets >= 2,
+        "counted by the new maps"
+    );
+    let filters = a
+        .run(&["tc", "filter", "show", "dev", "tun-r", "egress"])
+        .unwrap();
+    assert_eq!(
+        filters.lines().filter(|l| l.contains("handle")).count(),
+        1,
+        "replaced, not stacked: {filters}"
+    );
+    let again = ga
+        .create(&TunnelSpec::new(
+            "tun-r",
+            TunnelKey::new(1001).unwrap(),
+            a.ip(),
+            b.ip(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(again.index, before.index);
+    let err = ga
+        .create(&TunnelSpec::new(
+            "tun-r",
+            TunnelKey::new(7).unwrap(),
+            a.ip(),
+            b.ip(),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("already exists and is not this tunnel"),
+        "{err}"
+    );
+
+    // Deleting the tunnel takes its port and the port's veth peer.
+    ga.delete("tun-r").await.unwrap();
+    ga.delete("tun-r").await.unwrap();
+    let links = a.run(&["ip", "-o", "link"]).unwrap();
+    assert!(
+        !links.contains("tun-r") && !links.contains(&tenet::net::tunnel::ebpf::peer_name("tun-r")),
+        "{links}"
+    );
+    assert!(ga.stats().unwrap().tunnels.is_empty());
 }

@@ -543,8 +543,16 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let nodes: Vec<tenet::keyspace::node::NodeStatus> =
-        serde_json::from_slice(&out.stdout).unwrap();
+    // Each row is the agent's status key, plus what its datapath counted where it runs on
+    // this machine.
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes: Vec<tenet::keyspace::node::NodeStatus> = rows
+        .into_iter()
+        .map(|mut row| {
+            row.as_object_mut().unwrap().remove("datapath");
+            serde_json::from_value(row).unwrap()
+        })
+        .collect();
     let cn_node = nodes
         .iter()
         .find(|n| n.uuid == cn_uuid.to_string())

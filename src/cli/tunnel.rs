@@ -1,5 +1,5 @@
-//! `tenet tunnel stats`: the user-space GRE datapath's counters, read from the files the
-//! engines publish (no agent or etcd needed).
+//! `tenet tunnel stats`: the GRE datapaths' counters (user-space and eBPF), read from the
+//! files they publish (no agent or etcd needed).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ pub struct TunnelArgs {
 
 #[derive(Debug, Subcommand)]
 enum TunnelCommand {
-    /// Packet, byte, error and drop counters of the user-space GRE datapath.
+    /// Packet, byte, error and drop counters of tenet's GRE datapaths (user-space and eBPF).
     ///
     /// Per tunnel: packets and bytes each way; TX ERR (frames not sent), of which TOO BIG
     /// (larger than the path MTU; ICMP counts the fragmentation-needed / packet-too-big
@@ -29,7 +29,9 @@ enum TunnelCommand {
     /// Per namespace, packets dropped before any tunnel: malformed, unknown key (a known
     /// peer, a key it has no tunnel for) and unknown peer.
     ///
-    /// Kernel tunnels (gretap, VXLAN) keep their counters on the link: `ip -s link`.
+    /// The user-space datapath counts in place; the eBPF datapath's counters (per-CPU BPF
+    /// maps) are copied in every second. Kernel tunnels (gretap, VXLAN) keep their counters
+    /// on the link: `ip -s link`.
     #[command(after_help = "Examples:\n  \
         tenet tunnel stats                       # this network namespace\n  \
         ip netns exec HOST tenet tunnel stats    # the same, for namespace HOST\n  \
@@ -120,7 +122,7 @@ fn stats_command(args: &StatsArgs) -> Result<ExitCode, CliError> {
         && picked.is_empty()
     {
         return Err(anyhow!(
-            "no user-space GRE datapath publishes counters for {what} (engines publish in {}; \
+            "no GRE datapath of tenet publishes counters for {what} (they publish in {}; \
              kernel tunnels show theirs with `ip -s link`)",
             dir.display()
         )
@@ -183,6 +185,6 @@ fn print_table(datapaths: &[Datapath]) {
         );
     }
     if datapaths.is_empty() {
-        eprintln!("tenet: no user-space GRE datapath publishes counters on this machine");
+        eprintln!("tenet: no GRE datapath of tenet publishes counters on this machine");
     }
 }

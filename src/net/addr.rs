@@ -8,7 +8,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 
@@ -225,6 +225,20 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| nl_err("add", format!("neighbour {ip} on link #{index}"), e))
+    }
+
+    /// Asks the kernel to resolve `ip` on link `index` now (`NTF_USE`: an entry is made if
+    /// needed and ARP / neighbour discovery starts), so that a datapath that reads the
+    /// neighbour table finds it resolved by the time traffic flows.
+    pub async fn resolve_neighbour(&self, index: u32, ip: IpAddr) -> NetResult<()> {
+        self.handle()
+            .neighbours()
+            .add(index, ip)
+            .flags(NeighbourFlags::Use)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| nl_err("resolve", format!("neighbour {ip} on link #{index}"), e))
     }
 
     /// The neighbour entries of link `index`.

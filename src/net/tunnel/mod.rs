@@ -1,7 +1,8 @@
-//! Tenant-subnet tunnels behind one trait: kernel gretap, the user-space GRE datapath and
-//! kernel VXLAN. Every backend produces a link that can be enslaved to a bridge, and records
+//! Tenant-subnet tunnels behind one trait: kernel gretap, the eBPF GRE datapath, the
+//! user-space GRE datapath and kernel VXLAN. Every backend produces a link that can be enslaved to a bridge, and records
 //! the tunnel's identity in the link alias so that it can be found again after a restart.
 
+pub mod ebpf;
 mod kernel;
 pub mod userspace;
 mod vxlan;
@@ -15,6 +16,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use tracing::info;
 
+pub use ebpf::EbpfGre;
 pub use kernel::{KernelGre, gretap_link, kernel_supports_gretap};
 pub use userspace::UserspaceGre;
 pub use vxlan::Vxlan;
@@ -121,10 +123,11 @@ impl TunnelSpec {
     }
 }
 
-/// The three datapaths.
+/// The four datapaths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TunnelKind {
     KernelGre,
+    EbpfGre,
     UserspaceGre,
     Vxlan,
 }
@@ -133,6 +136,7 @@ impl fmt::Display for TunnelKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TunnelKind::KernelGre => "gretap",
+            TunnelKind::EbpfGre => "ebpfgre",
             TunnelKind::UserspaceGre => "usergre",
             TunnelKind::Vxlan => "vxlan",
         })
@@ -144,6 +148,7 @@ impl FromStr for TunnelKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "gretap" => Ok(TunnelKind::KernelGre),
+            "ebpfgre" => Ok(TunnelKind::EbpfGre),
             "usergre" => Ok(TunnelKind::UserspaceGre),
             "vxlan" => Ok(TunnelKind::Vxlan),
             other => Err(format!("unknown tunnel type {other:?}")),
@@ -183,10 +188,11 @@ impl fmt::Display for TunnelTtl {
 /// The operator's choice of backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendChoice {
-    /// Kernel gretap where the kernel has it, else the user-space datapath.
+    /// Kernel gretap where the kernel has it, else the eBPF datapath, else user space.
     #[default]
     Auto,
     Kernel,
+    Ebpf,
     Userspace,
     Vxlan,
 }
@@ -197,10 +203,11 @@ impl FromStr for BackendChoice {
         match s {
             "auto" => Ok(BackendChoice::Auto),
             "kernel" => Ok(BackendChoice::Kernel),
+            "ebpf" => Ok(BackendChoice::Ebpf),
             "userspace" => Ok(BackendChoice::Userspace),
             "vxlan" => Ok(BackendChoice::Vxlan),
             other => Err(format!(
-                "unknown tunnel backend {other:?}; expected auto, kernel, userspace or vxlan"
+                "unknown tunnel backend {other:?}; expected auto, kernel, ebpf, userspace or vxlan"
             )),
         }
     }
@@ -211,6 +218,7 @@ impl fmt::Display for BackendChoice {
         f.write_str(match self {
             BackendChoice::Auto => "auto",
             BackendChoice::Kernel => "kernel",
+            BackendChoice::Ebpf => "ebpf",
             BackendChoice::Userspace => "userspace",
             BackendChoice::Vxlan => "vxlan",
         })
@@ -256,11 +264,14 @@ pub async fn backend(
 ) -> NetResult<Arc<dyn TunnelBackend>> {
     let kind = match choice {
         BackendChoice::Kernel => TunnelKind::KernelGre,
+        BackendChoice::Ebpf => TunnelKind::EbpfGre,
         BackendChoice::Userspace => TunnelKind::UserspaceGre,
         BackendChoice::Vxlan => TunnelKind::Vxlan,
         BackendChoice::Auto => {
             if kernel_supports_gretap(&netlink).await? {
                 TunnelKind::KernelGre
+            } else if ebpf_supported() {
+                TunnelKind::EbpfGre
             } else {
                 TunnelKind::UserspaceGre
             }
@@ -270,6 +281,7 @@ pub async fn backend(
     Ok(match kind {
         TunnelKind::KernelGre => Arc::new(KernelGre::new(netlink)),
         TunnelKind::Vxlan => Arc::new(Vxlan::new(netlink)),
+        TunnelKind::EbpfGre => Arc::new(EbpfGre::start(netlink, netns).await?),
         TunnelKind::UserspaceGre => Arc::new(UserspaceGre::start(netlink, netns).await?),
     })
 }
@@ -373,6 +385,22 @@ async fn delete_named(netlink: &Netlink, name: &str) -> NetResult<()> {
 }
 
 static GRETAP_SUPPORTED: OnceLock<bool> = OnceLock::new();
+static EBPF_SUPPORTED: OnceLock<bool> = OnceLock::new();
+
+/// Whether the eBPF datapath can run here: built in, and its programs pass this kernel's
+/// verifier (probed once per process by loading them).
+pub fn ebpf_supported() -> bool {
+    *EBPF_SUPPORTED.get_or_init(|| match ebpf::probe() {
+        Ok(()) => {
+            info!("probed the eBPF GRE datapath: it loads");
+            true
+        }
+        Err(e) => {
+            info!(error = %e, "eBPF GRE datapath unavailable");
+            false
+        }
+    })
+}
 
 #[cfg(test)]
 mod tests {
@@ -388,7 +416,7 @@ mod tests {
 
     #[test]
     fn backend_choice_parses() {
-        for s in ["auto", "kernel", "userspace", "vxlan"] {
+        for s in ["auto", "kernel", "ebpf", "userspace", "vxlan"] {
             assert_eq!(s.parse::<BackendChoice>().unwrap().to_string(), s);
         }
         assert!(

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use super::ecn::{self, Decap};
 use super::offload::{
     Coalescer, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, TcpSegmenter, VNET_HDR_LEN, VnetHdr,
-    complete_checksum, mergeable_segment,
+    complete_checksum, mergeable_segment, oversized_tcp, partial_checksum,
 };
 use super::pmtu::{self, QUOTE_ROOM};
 use super::stats::{self, Counter, DropReason, Region, SlotRef, netns_inode, stats_dir};
@@ -61,6 +61,8 @@ pub struct Endpoint {
 struct Port {
     endpoint: Endpoint,
     tap: OwnedFd,
+    /// The tap's MTU when it was attached: a larger TCP frame from the peer is a super-frame.
+    mtu: usize,
     counters: SlotRef,
 }
 
@@ -158,7 +160,7 @@ fn set_int_opt(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: libc::c_i
     }
 }
 
-fn raw_gre_socket() -> NetResult<OwnedFd> {
+pub(crate) fn raw_gre_socket() -> NetResult<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the result is checked before use.
     let fd = unsafe {
         libc::socket(
@@ -211,6 +213,24 @@ fn udp_probe_socket() -> NetResult<OwnedFd> {
     }
     // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The MTU of link `name`, asked through `socket` (which lives in the link's namespace).
+fn link_mtu(socket: RawFd, name: &str) -> Option<usize> {
+    // SAFETY: an all-zero ifreq is valid; the name is copied in bounds below.
+    let mut req: libc::ifreq = unsafe { zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu inside `req`.
+    if unsafe { libc::ioctl(socket, libc::SIOCGIFMTU, &mut req) } != 0 {
+        return None;
+    }
+    // SAFETY: on success the kernel filled ifru_mtu.
+    Some(unsafe { req.ifr_ifru.ifru_mtu } as usize)
 }
 
 /// The path MTU the kernel knows towards `remote` (learned from ICMP, or the route's).
@@ -337,6 +357,7 @@ impl GreEngine {
         let token = table.next_token;
         table.next_token += 1;
         let port = Arc::new(Port {
+            mtu: link_mtu(self.shared.socket.as_raw_fd(), &endpoint.name).unwrap_or(1500),
             endpoint: endpoint.clone(),
             tap,
             counters,
@@ -957,6 +978,26 @@ impl<'a> Receiver<'a> {
                 return;
             }
         }
+        if let Some(vh) = oversized_tcp(frame, port.mtu) {
+            self.flush();
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            vh.write(&mut hdr);
+            let segments = frame.len().div_ceil(usize::from(vh.gso_size).max(1)) as u64;
+            let iov = [
+                libc::iovec {
+                    iov_base: hdr.as_ptr() as *mut libc::c_void,
+                    iov_len: VNET_HDR_LEN,
+                },
+                libc::iovec {
+                    iov_base: frame.as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len(),
+                },
+            ];
+            // SAFETY: both iovecs point to initialised memory alive during the call.
+            let w = unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) };
+            count_rx(port, w, segments, frame.len() as u64);
+            return;
+        }
         let frame: &[u8] = frame;
         if let Some(seg) = mergeable_segment(frame) {
             let same_port = self.pending.is_some_and(|p| Arc::ptr_eq(p, port));
@@ -969,9 +1010,17 @@ impl<'a> Receiver<'a> {
             return;
         }
         self.flush();
+        let mut partial = [0u8; VNET_HDR_LEN];
+        let vnet = match partial_checksum(frame) {
+            Some(vh) => {
+                vh.write(&mut partial);
+                &partial
+            }
+            None => &PLAIN_VNET_HDR,
+        };
         let iov = [
             libc::iovec {
-                iov_base: PLAIN_VNET_HDR.as_ptr() as *mut libc::c_void,
+                iov_base: vnet.as_ptr() as *mut libc::c_void,
                 iov_len: VNET_HDR_LEN,
             },
             libc::iovec {

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tracing::{info, warn};
 
+pub(crate) use engine::raw_gre_socket;
 pub use engine::{Endpoint, EngineStats, GreEngine, TunnelStats};
 
 use super::{

@@ -18,6 +18,7 @@ pub const GSO_ECN: u8 = 0x80;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -245,6 +246,81 @@ pub fn mergeable_segment(frame: &[u8]) -> Option<TcpSegment> {
         seq: be32(frame, l4 + 4),
         payload: tcp_len - thl,
         psh: flags & TCP_PSH != 0,
+    })
+}
+
+/// A TCP or UDP/IPv4 frame whose checksum field holds only the pseudo-header sum: the
+/// kernel that sent it left the checksum to the NIC (CHECKSUM_PARTIAL), and the underlay —
+/// a veth — never computed it. Returns the vnet header that hands the same job to this
+/// side's kernel, as virtio-net does; `None` when the checksum is not such a partial one.
+pub fn partial_checksum(frame: &[u8]) -> Option<VnetHdr> {
+    if frame.len() < ETH_HLEN + 28 || be16(frame, 12) != ETH_P_IP {
+        return None;
+    }
+    let ip = &frame[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let offset = match ip[9] {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => return None,
+    };
+    if ip[0] >> 4 != 4 || ihl < 20 || be16(ip, 6) & 0x3fff != 0 {
+        return None;
+    }
+    let ip_len = usize::from(be16(ip, 2));
+    if ip_len > ip.len() || ihl + offset + 2 > ip_len {
+        return None;
+    }
+    let l4 = ETH_HLEN + ihl;
+    let partial = fold(sum(&ip[12..20], u64::from(ip[9]) + (ip_len - ihl) as u64));
+    (be16(frame, l4 + offset) == partial).then_some(VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: l4 as u16,
+        csum_offset: offset as u16,
+    })
+}
+
+/// A TCP/IPv4 frame larger than the tap's `mtu` is a super-frame that a kernel sender kept
+/// whole (an eBPF or kernel GRE peer over an underlay that never segments, such as a veth):
+/// prepares it to be written as a GSO frame, which the kernel cuts to `mtu`. The TCP checksum
+/// field gets the pseudo-header sum for the kernel to complete (a merged packet's own is not
+/// valid for the whole). `None` for anything else.
+pub fn oversized_tcp(frame: &mut [u8], mtu: usize) -> Option<VnetHdr> {
+    if frame.len() <= ETH_HLEN + mtu || be16(frame, 12) != ETH_P_IP {
+        return None;
+    }
+    let ip = &frame[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 || ip[9] != IPPROTO_TCP || be16(ip, 6) & 0x3fff != 0 {
+        return None;
+    }
+    let ip_len = usize::from(be16(ip, 2));
+    let l4 = ETH_HLEN + ihl;
+    if ip_len > ip.len() || frame.len() < l4 + 20 {
+        return None;
+    }
+    let thl = usize::from(frame[l4 + 12] >> 4) * 4;
+    if thl < 20 || ihl + thl >= ip_len || ihl + thl >= mtu {
+        return None;
+    }
+    let tcp_len = ip_len - ihl;
+    let partial = fold(pseudo_v4(&frame[ETH_HLEN..ETH_HLEN + ihl], tcp_len));
+    frame[l4 + 16..l4 + 18].copy_from_slice(&partial.to_be_bytes());
+    let ecn = if frame[l4 + 13] & TCP_CWR != 0 {
+        GSO_ECN
+    } else {
+        0
+    };
+    Some(VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4 | ecn,
+        hdr_len: (l4 + thl) as u16,
+        gso_size: (mtu - ihl - thl) as u16,
+        csum_start: l4 as u16,
+        csum_offset: 16,
     })
 }
 

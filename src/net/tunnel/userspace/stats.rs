@@ -1,4 +1,5 @@
-//! The engine's counters, published where other processes can read them.
+//! The GRE datapaths' counters, published where other processes can read them (the
+//! user-space engine counts here directly; the eBPF backend copies its maps here).
 //!
 //! The counters live in a shared memory mapping of `/run/tenet/tunnels/<netns inode>.stats`
 //! (tmpfs): the datapath threads increment them in place, and `tenet tunnel stats` or
@@ -77,6 +78,11 @@ impl Slot {
 
     pub fn get(&self, c: Counter) -> u64 {
         self.counters[c as usize].load(Relaxed)
+    }
+
+    /// Publishes a counter kept elsewhere (the eBPF datapath's maps).
+    pub fn set(&self, c: Counter, value: u64) {
+        self.counters[c as usize].store(value, Relaxed);
     }
 }
 
