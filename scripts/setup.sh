@@ -35,6 +35,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# A real kernel gretap for tests/qemu_gretap.rs: qemu (without its GUI recommendations) and
+# Debian's cloud kernel, unpacked into /var/cache/tenet/guest-kernel.
+if ! dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed"; then
+    echo "setup.sh: installing qemu-system-x86"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+fi
+"$(dirname "$0")/fetch-guest-kernel.sh"
+
 # CI checks style: make sure the toolchain has its formatter and linter.
 for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
@@ -46,7 +55,7 @@ command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb
 # CNI's reference client, built from Debian's source package (not packaged as a binary).
 command -v cnitool >/dev/null || "$(dirname "$0")/build-cnitool.sh" /usr/local/bin/cnitool
 
-for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze cnitool dockerd unshare nsenter clang; do
+for tool in etcd protoc ip cargo bird gobgpd cargo-deb systemd-analyze cnitool dockerd unshare nsenter clang qemu-system-x86_64; do
     command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
 done
 echo "setup.sh: ready ($(etcd --version | head -1), $(protoc --version))"

@@ -132,3 +132,71 @@ pub fn iperf_udp64(client: &Workload, server: &Workload, seconds: u64) -> f64 {
     let secs = sum["seconds"].as_f64().unwrap();
     (packets - lost) / secs
 }
+
+/// CPU time the whole machine spent (user, system, interrupts: every namespace's work,
+/// the kernel's softirqs included), in seconds, from /proc/stat.
+pub fn busy_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let cpu = stat.lines().next().unwrap();
+    // user nice system idle iowait irq softirq steal …
+    let fields: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    busy / hz
+}
+
+/// TCP throughput (bits/s) and the machine's CPU seconds per GB received during the run.
+pub fn iperf_tcp_cpu(client: &Workload, server: &Workload, seconds: u64) -> (f64, f64) {
+    let before = busy_cpu_seconds();
+    let v = iperf_json(client, server, &[], seconds);
+    let cpu = busy_cpu_seconds() - before;
+    let received = &v["end"]["sum_received"];
+    let bps = received["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no TCP result: {v}"));
+    let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+    (bps, cpu / (bytes / 1e9).max(1e-9))
+}
+
+/// Turns generic receive offload on or off on `ifname` inside `host` (ETHTOOL_SGRO): a
+/// veth has it off unless asked, physical NICs have it on.
+pub fn set_gro(host: &Host, ifname: &str, on: bool) {
+    let name = ifname.to_string();
+    host.enter(move || {
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        const ETHTOOL_SGRO: u32 = 0x2c;
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_SGRO,
+            data: u32::from(on),
+        };
+        // SAFETY: plain socket/ioctl calls on a zeroed ifreq whose data pointer refers to
+        // `value`, alive for the call; the descriptor is closed below.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+                *d = s as libc::c_char;
+            }
+            req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+            let r = libc::ioctl(fd, 0x8946, &mut req);
+            libc::close(fd);
+            assert_eq!(
+                r,
+                0,
+                "ETHTOOL_SGRO on {name}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    })
+    .unwrap();
+}

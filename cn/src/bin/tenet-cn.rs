@@ -109,7 +109,8 @@ struct RunArgs {
     /// The tunnels' local address (wins over --compute-net).
     #[arg(long, env = "TENET_CN_TUNNEL_LOCAL")]
     tunnel_local: Option<Ipv4Addr>,
-    /// Tunnel backend: auto, kernel, userspace or vxlan.
+    /// Tunnel backend: auto (kernel gretap, else eBPF GRE, else user-space GRE), kernel, ebpf,
+    /// userspace or vxlan.
     #[arg(long, env = "TENET_CN_TUNNEL")]
     tunnel: Option<BackendChoice>,
     /// Outer TTL of GRE tunnels: inherit (the inner packet's, as gretap does; default) or 1-255.

@@ -129,7 +129,8 @@ struct RunArgs {
     /// The uplink address (wins over --uplink-net).
     #[arg(long, env = "TENET_CNCI_UPLINK_ADDR")]
     uplink_addr: Option<Ipv4Addr>,
-    /// Tunnel backend: auto, kernel, userspace or vxlan.
+    /// Tunnel backend: auto (kernel gretap, else eBPF GRE, else user-space GRE), kernel, ebpf,
+    /// userspace or vxlan.
     #[arg(long, env = "TENET_CNCI_TUNNEL")]
     tunnel: Option<BackendChoice>,
     /// Outer TTL of GRE tunnels: inherit (the inner packet's, as gretap does; default) or 1-255.

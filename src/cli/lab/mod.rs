@@ -35,7 +35,7 @@ pub struct LabArgs {
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=50))]
     workloads: u16,
     /// Tunnel backend of every agent: auto (kernel gretap if this kernel has GRE, else the
-    /// user-space GRE datapath), kernel, userspace or vxlan.
+    /// eBPF GRE datapath, else the user-space one), kernel, ebpf, userspace or vxlan.
     #[arg(long, value_name = "BACKEND", default_value = "auto")]
     tunnel: BackendChoice,
     /// Enforce Calico policy on the compute nodes (`tenet-cn --policy`): every VNIC gets its

@@ -358,7 +358,13 @@ int tenet_gre_encap(struct __sk_buff *skb)
 		__u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
 			      BPF_F_ADJ_ROOM_ENCAP_L4_GRE | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
 			      BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
-		if (bpf_skb_adjust_room(skb, OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
+		/* A frame this datapath decapsulated and a bridge forwarded to another tunnel (a
+		 * concentrator's hub traffic) still carries its tunnel state: the kernel refuses to
+		 * encapsulate it again (-EALREADY), and has no way to clear that state from BPF.
+		 * A plain grow at the same place puts the headers back exactly where that state
+		 * (inner and transport header offsets, the GRE GSO type) expects them. */
+		if (bpf_skb_adjust_room(skb, OVERHEAD, BPF_ADJ_ROOM_MAC, flags) &&
+		    bpf_skb_adjust_room(skb, OVERHEAD, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
 			goto error;
 	} else {
 		/* adjust_room takes IP packets only: ARP and the like get fresh headroom. */
