@@ -470,11 +470,16 @@ async fn checksystem_reports_what_this_kernel_offers() {
             "{feature} in\n{text}"
         );
     }
-    // This kernel has no GRE module: that is a warning (the user-space datapath takes
-    // over), not a failure.
+    // This kernel has no GRE module: that is a warning (the eBPF datapath takes over), not a
+    // failure; and the eBPF datapath's programs load here.
     assert!(
         text.lines()
             .any(|l| l.contains("gretap") && (l.contains("OK") || l.contains("WARN")))
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("eBPF GRE datapath") && l.contains("OK")),
+        "{text}"
     );
     assert!(text.contains("System meets minimum system requirements to run tenet!"));
 }

@@ -937,6 +937,11 @@ async fn ebpf_tunnels_outlive_their_agent_and_are_adopted() {
         "{links}"
     );
     assert!(ga.stats().unwrap().tunnels.is_empty());
+    // With no tunnel left, the underlay carries no tenet filter.
+    let filters = a
+        .run(&["tc", "filter", "show", "dev", "eth0", "ingress"])
+        .unwrap();
+    assert!(!filters.contains("tenet_gre_decap"), "{filters}");
 }
 
 /// A concentrator's hub traffic: a frame decapsulated from one tunnel and bridged into

@@ -232,9 +232,17 @@ async fn probe() -> anyhow::Result<Vec<Check>> {
         outcome: match gre {
             Ok(true) => Outcome::Ok("kernel GRE".into()),
             Ok(false) => Outcome::Warn(
-                "no ip_gre in this kernel: tenet's user-space GRE datapath is used".into(),
+                "no ip_gre in this kernel: tenet's eBPF (else user-space) GRE datapath is used"
+                    .into(),
             ),
             Err(e) => Outcome::Warn(e.to_string()),
+        },
+    });
+    checks.push(Check {
+        what: "eBPF GRE datapath",
+        outcome: match tenet::net::tunnel::ebpf::probe() {
+            Ok(()) => Outcome::Ok("its tc programs load".into()),
+            Err(e) => Outcome::Warn(format!("{e}: the user-space GRE datapath is used")),
         },
     });
     for (what, key, required) in [

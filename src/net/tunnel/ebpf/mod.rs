@@ -14,7 +14,7 @@
 //! adopted port and underlay with its own programs and freshly filled maps (the tunnels come
 //! from the ports' aliases), so nothing has to be pinned and nothing is left in bpffs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -130,8 +130,9 @@ struct Datapath {
     ports: HashMap<String, Port>,
     free: Vec<u32>,
     peers: HashMap<Ipv4Addr, u32>,
-    /// Underlay devices whose ingress this process has given the decapsulation program.
-    decap_on: HashSet<u32>,
+    /// Underlay devices (ifindex → name) whose ingress this process has given the
+    /// decapsulation program; taken off again when the last tunnel goes.
+    decap_on: HashMap<u32, String>,
 }
 
 pub struct EbpfGre {
@@ -442,7 +443,7 @@ impl EbpfGre {
             ports: HashMap::new(),
             free: (0..MAX_TUNNELS).rev().collect(),
             peers: HashMap::new(),
-            decap_on: HashSet::new(),
+            decap_on: HashMap::new(),
         }));
         let region = Region::publish(&stats_dir(), inode);
         let backend = EbpfGre {
@@ -466,6 +467,45 @@ impl EbpfGre {
             "eBPF GRE datapath loaded; tunnels adopted from the kernel"
         );
         Ok(backend)
+    }
+
+    /// Once no tunnel is left, takes the decapsulation program off the underlay devices, so
+    /// that a host without tenet tunnels carries no tenet filter. (The clsact qdisc stays:
+    /// it may have been there before, and empty it does nothing.)
+    fn release_underlays_if_idle(&self) {
+        let underlays: Vec<String> = {
+            let mut d = lock(&self.datapath);
+            if !d.ports.is_empty() {
+                return;
+            }
+            d.decap_on.drain().map(|(_, name)| name).collect()
+        };
+        if underlays.is_empty() {
+            return;
+        }
+        let released = netns::run_in(self.netns.as_deref(), move || {
+            use aya::programs::TcAttachType;
+            use aya::programs::links::Link as _;
+            use aya::programs::tc::{SchedClassifierLink, TcHandle};
+            for device in &underlays {
+                let handle = TcHandle::new(0, FILTER_HANDLE);
+                SchedClassifierLink::attached(
+                    device,
+                    TcAttachType::Ingress,
+                    FILTER_PRIORITY,
+                    handle,
+                    None,
+                )
+                .map_err(|e| bpf_err("detach", format!("{DECAP} from {device}"), e))?
+                .detach()
+                .map_err(|e| bpf_err("detach", format!("{DECAP} from {device}"), e))?;
+                info!(%device, "last eBPF tunnel gone: decapsulation program taken off");
+            }
+            Ok(())
+        });
+        if let Err(e) = released {
+            warn!(error = %e, "cannot take the decapsulation program off the underlay");
+        }
     }
 
     /// The underlay device that holds `local`: (ifindex, name).
@@ -520,9 +560,9 @@ impl EbpfGre {
         let attached = netns::run_in(self.netns.as_deref(), move || {
             use aya::programs::TcAttachType;
             let mut d = lock(&datapath);
-            if !d.decap_on.contains(&underlay) {
+            if !d.decap_on.contains_key(&underlay) {
                 attach(&mut d.bpf, DECAP, &underlay_name, TcAttachType::Ingress)?;
-                d.decap_on.insert(underlay);
+                d.decap_on.insert(underlay, underlay_name);
             }
             // The encapsulation program's route lookup needs forwarding on the device it
             // names, the port; a bridge port never hands packets to IP, so nothing else
@@ -610,7 +650,9 @@ impl TunnelBackend for EbpfGre {
 
     async fn delete(&self, name: &str) -> NetResult<()> {
         lock(&self.datapath).withdraw(name);
-        delete_named(&self.netlink, name).await
+        let deleted = delete_named(&self.netlink, name).await;
+        self.release_underlays_if_idle();
+        deleted
     }
 
     async fn tunnels(&self) -> NetResult<Vec<(TunnelSpec, Link)>> {
@@ -619,6 +661,7 @@ impl TunnelBackend for EbpfGre {
 
     fn forget(&self, name: &str) {
         lock(&self.datapath).withdraw(name);
+        self.release_underlays_if_idle();
     }
 
     fn stats(&self) -> Option<EngineStats> {
