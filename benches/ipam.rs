@@ -6,8 +6,9 @@
 //!   compare-and-swap the block: three round trips, retried on conflict.
 //!
 //! A second table times bursts — each host starting 100 allocations at once, as a node
-//! starting 100 workloads does — with group commit (concurrent allocations from one block
-//! share a transaction) and without (one transaction each), next to the raw rate.
+//! starting 100 workloads does, then releasing them the same way — with group commit
+//! (concurrent allocations, or releases, from one block share a transaction) and without
+//! (one transaction each), next to the raw rate.
 //!
 //! Run with `cargo bench --bench ipam` (as root is not needed). Each row uses a fresh etcd.
 
@@ -161,8 +162,14 @@ async fn calico_style_rate(hosts: usize, each: usize) -> f64 {
 }
 
 /// Bursts: each host starts `concurrent` allocations at once, `rounds` times (a node
-/// starting that many workloads together), with group commit on or off.
-async fn burst_rate(hosts: usize, concurrent: usize, rounds: usize, group_commit: bool) -> f64 {
+/// starting that many workloads together), with group commit on or off; then releases them
+/// the same way (the workloads stopping together). (allocations/s, releases/s)
+async fn burst_rate(
+    hosts: usize,
+    concurrent: usize,
+    rounds: usize,
+    group_commit: bool,
+) -> (f64, f64) {
     let (_etcd, store) = fresh().await;
     Ipam::new(store.clone())
         .create_pool("10.0.0.0/14".parse().unwrap(), false)
@@ -183,7 +190,8 @@ async fn burst_rate(hosts: usize, concurrent: usize, rounds: usize, group_commit
     }
     let start = Instant::now();
     let hosts_done: Vec<_> = ipams
-        .into_iter()
+        .iter()
+        .cloned()
         .enumerate()
         .map(|(h, ipam)| {
             tokio::spawn(async move {
@@ -206,7 +214,36 @@ async fn burst_rate(hosts: usize, concurrent: usize, rounds: usize, group_commit
     for h in hosts_done {
         h.await.unwrap();
     }
-    (hosts * concurrent * rounds) as f64 / start.elapsed().as_secs_f64()
+    let assigned = (hosts * concurrent * rounds) as f64 / start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let hosts_done: Vec<_> = ipams
+        .into_iter()
+        .enumerate()
+        .map(|(h, ipam)| {
+            tokio::spawn(async move {
+                for r in 0..rounds {
+                    let burst: Vec<_> = (0..concurrent)
+                        .map(|i| {
+                            let (ipam, args) = (ipam.clone(), one(h, r * concurrent + i));
+                            tokio::spawn(async move {
+                                let handle = args.handle.unwrap();
+                                assert_eq!(ipam.release_by_handle(&handle).await.unwrap(), 1);
+                            })
+                        })
+                        .collect();
+                    for b in burst {
+                        b.await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hosts_done {
+        h.await.unwrap();
+    }
+    let released = (hosts * concurrent * rounds) as f64 / start.elapsed().as_secs_f64();
+    (assigned, released)
 }
 
 fn main() {
@@ -245,18 +282,20 @@ fn main() {
         }
         println!();
         println!(
-            "IPAM bursts: each host starts 100 allocations at once, {BURST_ROUNDS} times (allocations/s)"
+            "IPAM bursts: each host starts 100 allocations at once, {BURST_ROUNDS} times, then releases them the same way (operations/s)"
         );
         println!();
-        println!("| hosts × concurrent | allocations | raw etcd txn/s (one per allocation) | one txn per allocation | group commit | group / one each | group / raw |");
+        println!("| hosts × concurrent | operations | raw etcd txn/s (one per operation) | one txn per operation | group commit | group / one each | group / raw |");
         println!("|---|---:|---:|---:|---:|---:|---:|");
-        for (hosts, raw, alone, grouped) in bursts {
-            println!(
-                "| {hosts} × 100 | {} | {raw:.0} | {alone:.0} | {grouped:.0} | {:.2}x | {:.2}x |",
-                hosts * 100 * BURST_ROUNDS,
-                grouped / alone,
-                grouped / raw
-            );
+        for (hosts, raw, alone, grouped) in &bursts {
+            for (what, a, g) in [("allocations", alone.0, grouped.0), ("releases", alone.1, grouped.1)] {
+                println!(
+                    "| {hosts} × 100 | {} {what} | {raw:.0} | {a:.0} | {g:.0} | {:.2}x | {:.2}x |",
+                    hosts * 100 * BURST_ROUNDS,
+                    g / a,
+                    g / raw
+                );
+            }
         }
     });
 }

@@ -843,7 +843,8 @@ async fn a_burst_on_one_host_shares_transactions_and_keeps_every_guarantee() {
             .filter(|f| !matches!(f, Finding::LeakedAddress { .. }))
             .collect();
         assert!(bad.is_empty(), "{tenant}: {bad:?}");
-        // Releases in a burst too: every address comes back.
+        // Releases in a burst too: every address comes back, in shared transactions.
+        let before = store.revision().await.unwrap();
         let releases: Vec<_> = got
             .iter()
             .map(|(_, h)| h.clone())
@@ -859,5 +860,32 @@ async fn a_burst_on_one_host_shares_transactions_and_keeps_every_guarantee() {
             released += r.await.unwrap();
         }
         assert_eq!(released, BURST, "{tenant}");
+        let revisions = (store.revision().await.unwrap() - before) as usize;
+        let handles = BURST - 1;
+        if group_commit {
+            assert!(
+                revisions < handles / 2,
+                "grouped: {handles} releases in {revisions} transactions"
+            );
+        } else {
+            assert!(revisions >= handles, "alone: {revisions} transactions");
+        }
+        // Every handle is gone, and only warm and the edges are left.
+        for (_, h) in &got {
+            assert!(
+                store.get(&scoped(h)).await.unwrap().is_none(),
+                "{tenant}: {h} left"
+            );
+        }
+        let report = ipam.check().await.unwrap();
+        assert_eq!(report.allocated, 1 + 3, "{tenant}: warm and the edges");
+        assert!(
+            report
+                .findings
+                .iter()
+                .all(|f| matches!(f, Finding::LeakedAddress { .. })),
+            "{tenant}: {:?}",
+            report.findings
+        );
     }
 }

@@ -252,33 +252,35 @@ async fn restarting_the_engine_keeps_the_taps_and_traffic_resumes() {
     let ga = userspace(&a).await;
     assert_eq!(ga.engine().endpoints().len(), 1, "the tap was adopted");
     assert!(ta.workload.ping(ip("10.1.0.3"), 3), "traffic resumed");
-    // Creating the same tunnel again is a no-op that returns the adopted link.
-    let again = ga
-        .create(&TunnelSpec::new(
-            "tun-r",
-            TunnelKey::new(1001).unwrap(),
-            a.ip(),
-            b.ip(),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(again.index, before.index);
-    // Another identity under the same name is refused and the link is left alone.
-    let err = ga
-        .create(&TunnelSpec::new(
-            "tun-r",
-            TunnelKey::new(7).unwrap(),
-            a.ip(),
-            b.ip(),
-        ))
-        .await
-        .unwrap_err();
+    recreating_is_idempotent_and_another_identity_is_refused(&ga, &a, &b, before.index).await;
+    assert!(ta.workload.ping(ip("10.1.0.3"), 1));
+}
+
+/// After adoption: creating tunnel `tun-r` again returns the adopted link; another identity
+/// under the same name is refused and the link is left alone.
+async fn recreating_is_idempotent_and_another_identity_is_refused(
+    tunnels: &dyn TunnelBackend,
+    a: &Host,
+    b: &Host,
+    index: u32,
+) {
+    let spec = |key| TunnelSpec::new("tun-r", TunnelKey::new(key).unwrap(), a.ip(), b.ip());
+    assert_eq!(tunnels.create(&spec(1001)).await.unwrap().index, index);
+    let err = tunnels.create(&spec(7)).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("already exists and is not this tunnel"),
         "{err}"
     );
-    assert!(ta.workload.ping(ip("10.1.0.3"), 1));
+    assert_eq!(
+        a.netlink()
+            .link_by_name("tun-r")
+            .await
+            .unwrap()
+            .unwrap()
+            .index,
+        index
+    );
 }
 
 /// Sends one raw GRE packet (`gre` = GRE header + payload) from inside `host` to `dst`.
@@ -903,30 +905,7 @@ async fn ebpf_tunnels_outlive_their_agent_and_are_adopted() {
         1,
         "replaced, not stacked: {filters}"
     );
-    let again = ga
-        .create(&TunnelSpec::new(
-            "tun-r",
-            TunnelKey::new(1001).unwrap(),
-            a.ip(),
-            b.ip(),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(again.index, before.index);
-    let err = ga
-        .create(&TunnelSpec::new(
-            "tun-r",
-            TunnelKey::new(7).unwrap(),
-            a.ip(),
-            b.ip(),
-        ))
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("already exists and is not this tunnel"),
-        "{err}"
-    );
+    recreating_is_idempotent_and_another_identity_is_refused(&*ga, &a, &b, before.index).await;
 
     // Deleting the tunnel takes its port and the port's veth peer.
     ga.delete("tun-r").await.unwrap();

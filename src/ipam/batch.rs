@@ -1,5 +1,5 @@
-//! Group commit: allocations from one block that arrive while another is being committed
-//! wait, then share one transaction. Without it, concurrent allocations on a host's affine
+//! Group commit: allocations (and releases, `release.rs`) from one block that arrive while
+//! another is being committed wait, then share one transaction. Without it, concurrent allocations on a host's affine
 //! block (a node starting 100 workloads at once) each compare the same block revision, and
 //! all but one retry — the rate stays at or below one transaction per allocation.
 //!
@@ -13,7 +13,9 @@
 //! run alone, so its caller gets the error a single allocation would.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 use ipnetwork::IpNetwork;
 use tokio::sync::oneshot;
@@ -35,14 +37,53 @@ pub(super) struct BatchKey {
     pub check_affinity: bool,
 }
 
-#[derive(Debug, Default)]
-pub(super) struct Queue {
-    pending: Vec<Request>,
+/// The requests waiting for one block's next transaction, and whether a leader serves them.
+#[derive(Debug)]
+pub(super) struct Queue<R> {
+    pending: Vec<R>,
     leading: bool,
 }
 
+impl<R> Default for Queue<R> {
+    fn default() -> Self {
+        Queue {
+            pending: Vec::new(),
+            leading: false,
+        }
+    }
+}
+
+/// Queues `request` for `key`; true when nobody leads that queue yet and the caller must
+/// start a leader.
+pub(super) fn enqueue<K: Eq + Hash, R>(
+    queues: &Mutex<HashMap<K, Queue<R>>>,
+    key: K,
+    request: R,
+) -> bool {
+    let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
+    let queue = queues.entry(key).or_default();
+    queue.pending.push(request);
+    !std::mem::replace(&mut queue.leading, true)
+}
+
+/// The leader's next batch for `key` (at most [`MAX_BATCH`] requests, oldest first); `None`
+/// when nothing waits, and the leader steps down.
+pub(super) fn next_batch<K: Eq + Hash, R>(
+    queues: &Mutex<HashMap<K, Queue<R>>>,
+    key: &K,
+) -> Option<Vec<R>> {
+    let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
+    let queue = queues.get_mut(key)?;
+    if queue.pending.is_empty() {
+        queues.remove(key);
+        return None;
+    }
+    let take = queue.pending.len().min(MAX_BATCH);
+    Some(queue.pending.drain(..take).collect())
+}
+
 #[derive(Debug)]
-struct Request {
+pub(super) struct Request {
     n: usize,
     owner: Owner,
     reply: oneshot::Sender<Reply>,
@@ -77,17 +118,12 @@ impl Ipam {
             check_affinity,
         };
         let (reply, answer) = oneshot::channel();
-        let lead = {
-            let mut queues = self.batches.lock().unwrap_or_else(|p| p.into_inner());
-            let queue = queues.entry(key.clone()).or_default();
-            queue.pending.push(Request {
-                n,
-                owner: owner.clone(),
-                reply,
-            });
-            !std::mem::replace(&mut queue.leading, true)
+        let request = Request {
+            n,
+            owner: owner.clone(),
+            reply,
         };
-        if lead {
+        if enqueue(&self.batches, key.clone(), request) {
             tokio::spawn(self.clone().lead(key));
         }
         match answer.await {
@@ -101,19 +137,7 @@ impl Ipam {
     }
 
     async fn lead(self, key: BatchKey) {
-        loop {
-            let batch: Vec<Request> = {
-                let mut queues = self.batches.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(queue) = queues.get_mut(&key) else {
-                    return;
-                };
-                if queue.pending.is_empty() {
-                    queues.remove(&key);
-                    return;
-                }
-                let take = queue.pending.len().min(MAX_BATCH);
-                queue.pending.drain(..take).collect()
-            };
+        while let Some(batch) = next_batch(&self.batches, &key) {
             match self.commit_batch(&key, &batch).await {
                 Ok(assigned) => {
                     for (request, addresses) in batch.into_iter().zip(assigned) {

@@ -178,7 +178,9 @@ pub struct Ipam {
     /// (host, is IPv4) → the blocks the host was last seen to hold affinity keys for.
     affine: Arc<Mutex<AffineBlocks>>,
     /// Allocations waiting to share a block's next transaction (`batch`).
-    batches: Arc<Mutex<HashMap<batch::BatchKey, batch::Queue>>>,
+    batches: Arc<Mutex<HashMap<batch::BatchKey, batch::Queue<batch::Request>>>>,
+    /// Releases waiting to share a block's next transaction (`release`).
+    release_batches: Arc<Mutex<HashMap<IpNetwork, batch::Queue<release::ReleaseRequest>>>>,
     group_commit: bool,
     /// One allocation at a time takes the slow path (listing affinities, claiming blocks);
     /// the count of those that ended tells the waiting ones to look at the blocks again.
@@ -220,6 +222,7 @@ impl Ipam {
             blocks: Default::default(),
             affine: Default::default(),
             batches: Default::default(),
+            release_batches: Default::default(),
             group_commit: true,
             slow_path: Default::default(),
             slow_paths: Default::default(),
@@ -227,9 +230,9 @@ impl Ipam {
         }
     }
 
-    /// Turns group commit (concurrent allocations from one block share a transaction; on by
-    /// default) off or on: every allocation then commits alone, as before (benchmarks
-    /// compare the two).
+    /// Turns group commit (concurrent allocations, and concurrent releases, from one block
+    /// share a transaction; on by default) off or on: every allocation and release then
+    /// commits alone, as before (benchmarks compare the two).
     pub fn with_group_commit(mut self, on: bool) -> Self {
         self.group_commit = on;
         self

@@ -1,11 +1,14 @@
 //! Releasing addresses, by address or by handle, each block with its handles' counts in one
-//! transaction.
+//! transaction — shared by the concurrent releases of the same block (group commit).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use tracing::warn;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::batch::{enqueue, next_batch};
 
 use super::cache::{parse_block, parse_handle, parse_handle_opt};
 use super::{
@@ -70,42 +73,108 @@ impl Ipam {
     }
 
     /// Releases the selected addresses of one block, together with their handles' counts,
-    /// in one transaction. An empty block nobody is affine to is deleted.
+    /// in one transaction shared with the releases of the same block that wait with it
+    /// (group commit, as for allocations: `batch.rs`). An empty block nobody is affine to is
+    /// deleted.
     async fn release_from_block(
         &self,
         cidr: IpNetwork,
         selection: &Selection,
     ) -> IpamResult<Released> {
+        if !self.group_commit {
+            return self.release_alone(cidr, selection).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = ReleaseRequest {
+            selection: selection.clone(),
+            reply,
+        };
+        if enqueue(&self.release_batches, cidr, request) {
+            tokio::spawn(self.clone().lead_releases(cidr));
+        }
+        match answer.await {
+            Ok(ReleaseReply::Released(r)) => Ok(r),
+            // The batch failed, or its leader died with the runtime: alone, for the error.
+            Ok(ReleaseReply::Alone) | Err(_) => self.release_alone(cidr, selection).await,
+        }
+    }
+
+    async fn release_alone(&self, cidr: IpNetwork, selection: &Selection) -> IpamResult<Released> {
+        let mut released = self
+            .release_selections(cidr, std::slice::from_ref(selection))
+            .await?;
+        Ok(released.remove(0))
+    }
+
+    async fn lead_releases(self, cidr: IpNetwork) {
+        while let Some(batch) = next_batch(&self.release_batches, &cidr) {
+            let selections: Vec<Selection> = batch.iter().map(|r| r.selection.clone()).collect();
+            match self.release_selections(cidr, &selections).await {
+                Ok(released) => {
+                    for (request, r) in batch.into_iter().zip(released) {
+                        let _ = request.reply.send(ReleaseReply::Released(r));
+                    }
+                }
+                Err(e) => {
+                    debug!(%cidr, error = %e, "a release batch failed; its requests run alone");
+                    for request in batch {
+                        let _ = request.reply.send(ReleaseReply::Alone);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `selections` one after the other to a copy of the block and commits the
+    /// block and every handle involved in one transaction (retried on conflicts); what each
+    /// selection released, in order. An address selected twice is released by the first.
+    async fn release_selections(
+        &self,
+        cidr: IpNetwork,
+        selections: &[Selection],
+    ) -> IpamResult<Vec<Released>> {
         let mut seen = match self.cached(&cidr) {
             Some(s) => Some(s),
             None => self.read(&cidr, None).await?.0,
         };
         for attempt in 0..MAX_RETRIES {
             let Some(current) = seen.clone() else {
-                let not_allocated = match selection {
-                    Selection::Ordinals(o) => o.clone(),
-                    Selection::Handle(_) => Vec::new(),
-                };
-                return Ok(Released {
-                    not_allocated,
-                    ..Released::default()
-                });
+                return Ok(selections
+                    .iter()
+                    .map(|selection| Released {
+                        not_allocated: match selection {
+                            Selection::Ordinals(o) => o.clone(),
+                            Selection::Handle(_) => Vec::new(),
+                        },
+                        ..Released::default()
+                    })
+                    .collect());
             };
             let mut block = current.block.clone();
-            let ordinals = match selection {
-                Selection::Ordinals(o) => o.clone(),
-                Selection::Handle(h) => block.ordinals_of(h),
-            };
-            let released = block.release(&ordinals);
-            if released.ordinals.is_empty() {
+            let released: Vec<Released> = selections
+                .iter()
+                .map(|selection| {
+                    let ordinals = match selection {
+                        Selection::Ordinals(o) => o.clone(),
+                        Selection::Handle(h) => block.ordinals_of(h),
+                    };
+                    block.release(&ordinals)
+                })
+                .collect();
+            if released.iter().all(|r| r.ordinals.is_empty()) {
                 return Ok(released);
             }
-            let handles: Vec<String> = released.per_handle.keys().cloned().collect();
-            let keys: Vec<String> = handles.iter().map(|h| self.hkey(h)).collect();
+            let mut per_handle: BTreeMap<&str, u64> = BTreeMap::new();
+            for r in &released {
+                for (h, n) in &r.per_handle {
+                    *per_handle.entry(h.as_str()).or_default() += n;
+                }
+            }
+            let keys: Vec<String> = per_handle.keys().map(|h| self.hkey(h)).collect();
             let handle_values = self.store.get_many(&keys).await?;
             let key = self.bkey(&cidr);
             let mut txn = Txn::new().when(Compare::revision(key.clone(), current.revision));
-            for (h, kv) in handles.iter().zip(&handle_values) {
+            for ((&h, &count), kv) in per_handle.iter().zip(&handle_values) {
                 let seen_handle = match parse_handle_opt(kv.as_ref()) {
                     Ok(v) => v,
                     Err(e) => {
@@ -117,8 +186,7 @@ impl Ipam {
                 if seen_handle.is_none() {
                     warn!(handle = %h, %cidr, "releasing addresses of a handle that does not exist");
                 }
-                let count = released.per_handle[h] as i64;
-                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, -count);
+                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, -(count as i64));
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
             }
@@ -130,10 +198,13 @@ impl Ipam {
             });
             match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
-                    self.stats.released.fetch_add(
-                        released.ordinals.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
+                    let count: usize = released.iter().map(|r| r.ordinals.len()).sum();
+                    self.stats
+                        .released
+                        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                    if selections.len() > 1 {
+                        debug!(%cidr, requests = selections.len(), "released in one transaction");
+                    }
                     let after = (!delete_block).then_some(Seen { block, revision });
                     self.remember(cidr, after);
                     return Ok(released);
@@ -151,7 +222,22 @@ impl Ipam {
     }
 }
 
+/// A release waiting for its block's next transaction.
+#[derive(Debug)]
+pub(super) struct ReleaseRequest {
+    selection: Selection,
+    reply: oneshot::Sender<ReleaseReply>,
+}
+
+#[derive(Debug)]
+enum ReleaseReply {
+    Released(Released),
+    /// The batch failed as a whole; run this release alone for its own error.
+    Alone,
+}
+
 /// Which addresses of a block to release.
+#[derive(Debug, Clone)]
 enum Selection {
     Ordinals(Vec<usize>),
     Handle(String),
