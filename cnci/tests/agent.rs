@@ -404,66 +404,27 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
     let (conc_uuid, cn_uuid) = (Uuid::new_v4(), Uuid::new_v4());
     let mut controller = Peer::start(&pki, Role::CONTROLLER, sched.local_addr()).await;
 
-    let (cert, ca) = pki.files(Role::CNCIAGENT, "cnci");
-    let conc_path = conc_host.path();
     let run_dir = run.path().join("cnci");
-    let mut conc_agent = Agent::spawn(
-        &strings(&[
-            "--server",
-            &addr,
-            "--cert",
-            cert.to_str().unwrap(),
-            "--ca",
-            ca.to_str().unwrap(),
-            "--uuid",
-            &conc_uuid.to_string(),
-            "--tenant",
-            "t1",
-            "--netns",
-            conc_path.to_str().unwrap(),
-            "--compute-net",
-            "10.254.0.0/16",
-            "--tunnel",
-            "userspace",
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-        ]),
-        &etcd.endpoint(),
-        &run.path().join("cnci.log"),
-    );
+    let mut conc_args = cnci_args(&pki, &addr, &conc_uuid, &conc_host, &run_dir);
+    conc_args.extend(strings(&["--tunnel", "userspace"]));
+    let mut conc_agent = Agent::spawn(&conc_args, &etcd.endpoint(), &run.path().join("cnci.log"));
     controller
         .expect(Operation::Event(Event::ConcentratorInstanceAdded))
         .await;
 
-    let (cert, ca) = pki.files(Role::AGENT, "cn");
-    let cn_path = cn_host.path();
     let api_socket = run.path().join("cn.sock");
+    let mut cn = cn_args(&pki, &addr, &cn_uuid, "cn-1", &cn_host);
+    cn.extend(strings(&[
+        "--tunnel",
+        "userspace",
+        "--api-socket",
+        api_socket.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]));
     let mut cn_agent = Agent::spawn_program(
         &workspace_binary("tenet-cn"),
-        &strings(&[
-            "--server",
-            &addr,
-            "--cert",
-            cert.to_str().unwrap(),
-            "--ca",
-            ca.to_str().unwrap(),
-            "--uuid",
-            &cn_uuid.to_string(),
-            "--host",
-            "cn-1",
-            "--netns",
-            cn_path.to_str().unwrap(),
-            "--compute-net",
-            "10.254.0.0/16",
-            "--tunnel",
-            "userspace",
-            "--status-ttl",
-            "3",
-            "--api-socket",
-            api_socket.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ]),
+        &cn,
         &etcd.endpoint(),
         &run.path().join("cn.log"),
     );
@@ -756,4 +717,198 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         .await
         .unwrap();
     sched.shutdown().await;
+}
+
+/// The arguments of a concentrator agent for tenant t1 in `host`.
+fn cnci_args(pki: &Pki, scheduler: &str, uuid: &Uuid, host: &Host, run_dir: &Path) -> Vec<String> {
+    let (cert, ca) = pki.files(Role::CNCIAGENT, "cnci");
+    strings(&[
+        "--server",
+        scheduler,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--uuid",
+        &uuid.to_string(),
+        "--tenant",
+        "t1",
+        "--netns",
+        host.path().to_str().unwrap(),
+        "--compute-net",
+        "10.254.0.0/16",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ])
+}
+
+/// The arguments of a compute node agent named `name` in `host`.
+fn cn_args(pki: &Pki, scheduler: &str, uuid: &Uuid, name: &str, host: &Host) -> Vec<String> {
+    let (cert, ca) = pki.files(Role::AGENT, "cn");
+    strings(&[
+        "--server",
+        scheduler,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--uuid",
+        &uuid.to_string(),
+        "--host",
+        name,
+        "--netns",
+        host.path().to_str().unwrap(),
+        "--compute-net",
+        "10.254.0.0/16",
+        "--status-ttl",
+        "3",
+    ])
+}
+
+/// A 3-member etcd cluster loses its quorum (two members killed) while a workload runs:
+/// both agents keep running and keep the dataplane as it was — the workload still reaches
+/// its gateway over the tunnel and renews its lease from the concentrator's dnsmasq — and
+/// once the members are back the agents catch up: a new START gets its address, tunnel and
+/// lease. The agents use the default tunnel backend (eBPF on this kernel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_keep_the_dataplane_while_the_etcd_cluster_has_no_quorum() {
+    use ssntp::payload::{Start, StartCommand, VnicNetworking};
+    let mut cluster = tenet::testbed::EtcdCluster::start(3).await.unwrap();
+    let endpoints = cluster.endpoints().join(",");
+    let store: Arc<dyn Datastore> = Arc::new(cluster.store().await.unwrap());
+    let pki = Pki::new();
+    let sched = scheduler(&pki).await;
+    let addr = sched.local_addr().to_string();
+    let fabric = Fabric::new().await.unwrap();
+    let cn_host = fabric.add_host("cn").await.unwrap();
+    let conc_host = fabric.add_host("conc").await.unwrap();
+    let _inet = internet(&conc_host);
+    let run = tempfile::tempdir().unwrap();
+    let (conc_uuid, cn_uuid) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut controller = Peer::start(&pki, Role::CONTROLLER, sched.local_addr()).await;
+
+    let mut conc_agent = Agent::spawn(
+        &cnci_args(
+            &pki,
+            &addr,
+            &conc_uuid,
+            &conc_host,
+            &run.path().join("cnci"),
+        ),
+        &endpoints,
+        &run.path().join("cnci.log"),
+    );
+    controller
+        .expect(Operation::Event(Event::ConcentratorInstanceAdded))
+        .await;
+    let mut cn_agent = Agent::spawn_program(
+        &workspace_binary("tenet-cn"),
+        &cn_args(&pki, &addr, &cn_uuid, "cn-1", &cn_host),
+        &endpoints,
+        &run.path().join("cn.log"),
+    );
+    controller
+        .expect(Operation::Event(Event::NodeConnected))
+        .await;
+
+    let start = |instance: &str, mac: &str, netns: &tenet::testbed::Netns| {
+        Start::from(StartCommand {
+            instance_uuid: instance.into(),
+            tenant_uuid: "t1".into(),
+            vm_type: "docker".into(),
+            networking: VnicNetworking {
+                vnic_mac: mac.into(),
+                vnic_uuid: format!("vnic-{instance}"),
+                concentrator_uuid: conc_uuid.to_string(),
+                concentrator_ip: conc_host.ip().to_string(),
+                subnet: "172.16.0.0/24".into(),
+                netns: netns.path().to_string_lossy().into_owned(),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .to_yaml()
+    };
+    let endpoint_of = |instance: &str| {
+        tenet::calico::CalicoKey::WorkloadEndpoint(tenet::calico::WorkloadEndpointId {
+            host: "cn-1".into(),
+            orchestrator: "ciao".into(),
+            workload: instance.into(),
+            endpoint: format!("vnic-{instance}"),
+        })
+        .path()
+    };
+    let gateway: Ipv4Addr = "172.16.0.1".parse().unwrap();
+    let wl1 = tenet::testbed::Netns::create("wl").unwrap();
+    controller
+        .client
+        .send_command(Command::Start, start("i-1", "02:00:00:00:01:02", &wl1))
+        .await
+        .unwrap();
+    wait_until("the first endpoint", || async {
+        store.get(&endpoint_of("i-1")).await.unwrap().is_some()
+    })
+    .await;
+    wait_until("the first workload reaches its gateway", || async {
+        ping(&wl1, gateway)
+    })
+    .await;
+    let dhcp = DhcpClient::new();
+    let first = dhcp.lease(&wl1, 10).expect("a DHCP lease").ip;
+
+    // Two of three members down: no quorum, every etcd call fails.
+    let leader = cluster.leader().unwrap_or(0);
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    cluster.kill(leader);
+    cluster.kill(others[0]);
+    // Long enough for the agents to notice (status keys on 3 s leases, their watches): the
+    // dataplane stays, checked over and over, and neither agent exits.
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(8) {
+        assert!(
+            ping(&wl1, gateway),
+            "the tunnel carries traffic during the outage"
+        );
+        for (name, agent) in [("tenet-cnci", &mut conc_agent), ("tenet-cn", &mut cn_agent)] {
+            let exited = agent.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "{name} exited during the outage: {exited:?}\n{}",
+                agent.log()
+            );
+        }
+    }
+    assert_eq!(
+        dhcp.lease(&wl1, 10).map(|l| l.ip),
+        Some(first),
+        "dnsmasq renews the lease without etcd"
+    );
+
+    // Quorum back: the agents catch up, and a new START is served in full.
+    cluster.restart(leader).unwrap();
+    cluster.restart(others[0]).unwrap();
+    cluster.wait_quorum().await.unwrap();
+    let wl2 = tenet::testbed::Netns::create("wl").unwrap();
+    controller
+        .client
+        .send_command(Command::Start, start("i-2", "02:00:00:00:01:03", &wl2))
+        .await
+        .unwrap();
+    wait_until("the second endpoint", || async {
+        store
+            .get(&endpoint_of("i-2"))
+            .await
+            .is_ok_and(|e| e.is_some())
+    })
+    .await;
+    wait_until("the second workload reaches its gateway", || async {
+        ping(&wl2, gateway)
+    })
+    .await;
+    let second = dhcp.lease(&wl2, 10).expect("a lease after the outage").ip;
+    assert_ne!(second, first);
+    assert!(ping(&wl1, gateway), "the first workload all along");
+
+    assert!(cn_agent.stop().success(), "{}", cn_agent.log());
+    assert!(conc_agent.stop().success(), "{}", conc_agent.log());
 }
