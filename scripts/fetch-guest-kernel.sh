@@ -12,7 +12,14 @@ modules=(virtio_ring virtio failover net_failover virtio_net virtio_pci_modern_d
 if [ -f "$dir/vmlinuz" ] && [ -f "$dir/modules/ip_gre.ko" ]; then
     exit 0
 fi
-pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+latest() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'
+}
+pkg=$(latest)
+if [ -z "$pkg" ]; then
+    apt-get update -qq
+    pkg=$(latest)
+fi
 if [ -z "$pkg" ]; then
     echo "fetch-guest-kernel.sh: no linux-image-cloud-amd64 in the package lists (apt-get update?)" >&2
     exit 1
