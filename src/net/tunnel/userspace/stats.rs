@@ -139,6 +139,7 @@ impl Region {
     /// Maps `<dir>/<netns inode>.stats`; if the file cannot be made, the counters are kept
     /// in private memory (the datapath works the same, only nobody else can read them).
     pub fn publish(dir: &Path, netns_inode: u64) -> Arc<Region> {
+        sweep(dir);
         let path = dir.join(format!("{netns_inode}.stats"));
         let region = match Self::map_file(&path) {
             Ok(r) => r,
@@ -403,6 +404,28 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Removes the files of engines whose process is gone (an agent killed with SIGKILL cannot
+/// remove its own). A file whose header is not written yet is left alone: its engine may be
+/// starting right now.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "stats") {
+            continue;
+        }
+        let mut header = [0u8; 32];
+        let read =
+            File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header));
+        if read.is_ok() && u64_at(&header, 0) == MAGIC && !alive(u64_at(&header, 8) as u32) {
+            debug!(path = %path.display(), "removing the counters of a dead engine");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Every live engine's counters published in `dir` (files of dead agents are skipped).
 pub fn read_all(dir: &Path) -> std::io::Result<Vec<Published>> {
     let mut out = Vec::new();
@@ -481,6 +504,21 @@ mod tests {
         drop(b);
         drop(region);
         assert!(!path.exists(), "the file goes with the engine");
+    }
+
+    #[test]
+    fn a_new_engine_sweeps_the_files_of_dead_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dead = vec![0u8; 64];
+        dead[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        dead[8..16].copy_from_slice(&(u32::MAX as u64).to_le_bytes());
+        std::fs::write(dir.path().join("1.stats"), &dead).unwrap();
+        // Not yet written by its (maybe starting) engine: kept.
+        std::fs::write(dir.path().join("2.stats"), [0u8; 64]).unwrap();
+        let _live = Region::publish(dir.path(), 3);
+        assert!(!dir.path().join("1.stats").exists());
+        assert!(dir.path().join("2.stats").exists());
+        assert!(dir.path().join("3.stats").exists());
     }
 
     #[test]
