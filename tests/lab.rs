@@ -722,13 +722,7 @@ fn policy_in_the_lab_follows_etcd_across_hosts() {
     let ip = |w: &Value| str_of(w, "ip").to_string();
     assert!(connects(&ns(&a1), &ip(&a2), 7777));
 
-    let etcd = str_of(&facts["etcd"], "endpoint").to_string();
-    let store = rt
-        .block_on(tenet::store::EtcdStore::connect(
-            std::slice::from_ref(&etcd),
-            tenet::store::EtcdOptions::default(),
-        ))
-        .unwrap();
+    let (_, store) = lab_store(&rt, &facts);
     use tenet::store::Datastore;
     let key = "/calico/v1/policy/tier/default/policy/no-7777";
     rt.block_on(store.put(

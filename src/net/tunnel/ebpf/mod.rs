@@ -44,9 +44,6 @@ const DECAP: &str = "tenet_gre_decap";
 #[cfg(tenet_ebpf)]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gre.bpf.o"));
 
-/// Whether this build carries the eBPF datapath (clang was there at build time).
-pub const BUILT: bool = cfg!(tenet_ebpf);
-
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlowKey {

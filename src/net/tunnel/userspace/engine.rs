@@ -812,19 +812,7 @@ impl TxBatch {
         if !self.icmp.allow() {
             return;
         }
-        let iov = [
-            libc::iovec {
-                iov_base: PLAIN_VNET_HDR.as_ptr() as *mut libc::c_void,
-                iov_len: VNET_HDR_LEN,
-            },
-            libc::iovec {
-                iov_base: reply.as_ptr() as *mut libc::c_void,
-                iov_len: reply.len(),
-            },
-        ];
-        // SAFETY: both iovecs point to initialised memory alive during the call.
-        let w = unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) };
-        if w > 0 {
+        if write_to_tap(port, &PLAIN_VNET_HDR, &reply) > 0 {
             port.counters.add(Counter::IcmpSent, 1);
             debug!(tunnel = %port.endpoint.name, path_mtu = path, mtu, "frame too big for the path; sender told the tunnel MTU");
         }
@@ -983,18 +971,7 @@ impl<'a> Receiver<'a> {
             let mut hdr = [0u8; VNET_HDR_LEN];
             vh.write(&mut hdr);
             let segments = frame.len().div_ceil(usize::from(vh.gso_size).max(1)) as u64;
-            let iov = [
-                libc::iovec {
-                    iov_base: hdr.as_ptr() as *mut libc::c_void,
-                    iov_len: VNET_HDR_LEN,
-                },
-                libc::iovec {
-                    iov_base: frame.as_ptr() as *mut libc::c_void,
-                    iov_len: frame.len(),
-                },
-            ];
-            // SAFETY: both iovecs point to initialised memory alive during the call.
-            let w = unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) };
+            let w = write_to_tap(port, &hdr, frame);
             count_rx(port, w, segments, frame.len() as u64);
             return;
         }
@@ -1018,18 +995,7 @@ impl<'a> Receiver<'a> {
             }
             None => &PLAIN_VNET_HDR,
         };
-        let iov = [
-            libc::iovec {
-                iov_base: vnet.as_ptr() as *mut libc::c_void,
-                iov_len: VNET_HDR_LEN,
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
-        // SAFETY: both iovecs point to initialised memory alive during the call.
-        let w = unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) };
+        let w = write_to_tap(port, vnet, frame);
         count_rx(port, w, 1, frame.len() as u64);
     }
 
@@ -1044,6 +1010,22 @@ impl<'a> Receiver<'a> {
         let w = unsafe { libc::write(port.tap.as_raw_fd(), out.as_ptr().cast(), out.len()) };
         count_rx(port, w, segments, std::mem::take(&mut self.pending_bytes));
     }
+}
+
+/// Writes one frame with its vnet header to the port's tap, in one call; what writev said.
+fn write_to_tap(port: &Port, vnet: &[u8; VNET_HDR_LEN], frame: &[u8]) -> isize {
+    let iov = [
+        libc::iovec {
+            iov_base: vnet.as_ptr() as *mut libc::c_void,
+            iov_len: VNET_HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        },
+    ];
+    // SAFETY: both iovecs point to initialised memory alive during the call.
+    unsafe { libc::writev(port.tap.as_raw_fd(), iov.as_ptr(), 2) }
 }
 
 fn count_rx(port: &Port, written: isize, packets: u64, bytes: u64) {
