@@ -60,6 +60,15 @@ async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
     let attached = conc.attach_remote_subnet(&remote(&added)).await.unwrap();
     assert!(attached.new_subnet && attached.new_tunnel);
     let pid = conc.subnets().await[0].dhcp_pid.expect("dnsmasq runs");
+    // (Before DHCP, whose client script flushes eth0.) The tenant's segment holds no IPv6 address of the compute node's or the concentrator's
+    // (bridges and tunnels are L2 only): only the workload itself answers all-nodes.
+    assert_eq!(
+        ipv6_neighbours(&w.ns),
+        [own_link_local(&w.ns)].into(),
+        "nothing on the tenant's segment but the workload has an IPv6 address {:?} {:?}",
+        cn_host.run(&["ip", "addr"]),
+        conc_host.run(&["ip", "addr"])
+    );
 
     // No endpoint yet: dnsmasq ignores the MAC.
     assert_eq!(dhcp.lease(&w.ns, 2), None, "an unknown MAC gets no lease");

@@ -159,8 +159,32 @@ impl Netlink {
             .ok_or_else(|| NetError::not_found("create", link.object()))
     }
 
-    /// Creates a link and returns only its index: one round trip, for hot paths.
+    /// Creates a link and returns only its index: one round trip for hot paths (three for
+    /// a link without a link-local address: created down, mode set, then up).
     pub async fn create_index(&self, link: &NewLink) -> NetResult<u32> {
+        if link.no_link_local && link.up {
+            let down = NewLink {
+                up: false,
+                ..link.clone()
+            };
+            let index = self.create_echoed(&down).await?;
+            let finished = async {
+                self.disable_link_local(index).await?;
+                self.set_up(index).await
+            };
+            if let Err(e) = finished.await {
+                let mut left = super::Leftovers::new();
+                left.note(self.delete(index).await);
+                left.log(&link.object());
+                return Err(e.with_leftovers(left));
+            }
+            return Ok(index);
+        }
+        self.create_echoed(link).await
+    }
+
+    /// One RTM_NEWLINK, answered with the new link's index.
+    async fn create_echoed(&self, link: &NewLink) -> NetResult<u32> {
         let object = link.object();
         let mut req = new_link_request(link)?;
         // NLM_F_ECHO makes the kernel answer with the new link's index.
@@ -322,6 +346,22 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| nl_err("set bridge nf_call", format!("link #{index}"), e))
+    }
+
+    /// No IPv6 link-local address on this link (`ip link set DEV addrgenmode none`), for
+    /// links that are only tenant L2: bridges and their ports. With one, the host would be
+    /// reachable from the tenant's segment at `fe80::…%bridge`, and every address the
+    /// kernel adds wakes each dnsmasq of the namespace to enumerate all addresses again.
+    /// The kernel only takes this on an existing link and only before it goes up (the
+    /// address is made when it does), so call it between create and up.
+    pub async fn disable_link_local(&self, index: u32) -> NetResult<()> {
+        use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode};
+        self.set("disable IPv6 link-local on", index, |b| {
+            b.append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]))
+        })
+        .await
     }
 
     pub async fn set_up(&self, index: u32) -> NetResult<()> {

@@ -90,6 +90,9 @@ pub struct NewLink {
     pub mac: Option<[u8; 6]>,
     pub group: Option<u32>,
     pub up: bool,
+    /// Give the link no IPv6 link-local address (`addrgenmode none`); see
+    /// [`Netlink::disable_link_local`](super::Netlink::disable_link_local).
+    pub no_link_local: bool,
 }
 
 impl NewLink {
@@ -102,6 +105,7 @@ impl NewLink {
             mac: None,
             group: None,
             up: false,
+            no_link_local: false,
         }
     }
     pub fn bridge(name: impl Into<String>) -> Self {
@@ -164,6 +168,11 @@ impl NewLink {
         self.up = true;
         self
     }
+    /// A tenant L2 port or bridge: no IPv6 link-local address on the host's side of it.
+    pub fn no_link_local(mut self) -> Self {
+        self.no_link_local = true;
+        self
+    }
 
     /// `veth tb-a` style description used in errors and logs.
     pub fn object(&self) -> String {
@@ -219,9 +228,13 @@ impl NewLink {
         if let Some(group) = self.group {
             msg.attributes.push(LinkAttribute::Group(group));
         }
+        // Exactly as asked: rtnetlink's bridge builder sets IFF_UP on its own.
         if self.up {
             msg.header.flags |= LinkFlags::Up;
             msg.header.change_mask |= LinkFlags::Up;
+        } else {
+            msg.header.flags.remove(LinkFlags::Up);
+            msg.header.change_mask.remove(LinkFlags::Up);
         }
         Ok(msg)
     }

@@ -198,7 +198,7 @@ impl ComputeNode {
         let mtu = self.tenant_mtu(config);
         let bridge = self
             .netlink
-            .create_index(&NewLink::bridge(&links.bridge).mtu(mtu).up())
+            .create_index(&NewLink::bridge(&links.bridge).mtu(mtu).no_link_local().up())
             .await?;
         fault_point!(self, BridgeCreated);
         let made = async {
@@ -242,13 +242,22 @@ impl ComputeNode {
         let index = match config.role {
             VnicRole::Vm => {
                 queues = open_tap_in(self.config.netns.as_deref(), &ifname, tap_options(config))?;
-                match self.netlink.index_of(&ifname).await {
+                let index = match self.netlink.index_of(&ifname).await {
                     Ok(i) => i,
                     Err(e) => {
                         drop(queues);
                         return Err(e.into());
                     }
+                };
+                // Before the update below sets it up: the address is made then.
+                if let Err(e) = self.netlink.disable_link_local(index).await {
+                    drop(queues);
+                    let mut left = Leftovers::new();
+                    left.note(self.netlink.delete(index).await);
+                    left.log(&format!("VNIC {ifname}"));
+                    return Err(CnError::from(e).with_leftovers(left));
                 }
+                index
             }
             _ => {
                 let peer = peer.as_deref().expect("containers have a peer");
@@ -270,6 +279,7 @@ impl ComputeNode {
                 .peer_settings(Some(mtu), mac.map(MacAddr::octets))
                 .mtu(mtu)
                 .controller(bridge_index)
+                .no_link_local()
                 .up();
                 self.netlink.create_index(&new).await?
             }

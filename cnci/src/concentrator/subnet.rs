@@ -57,6 +57,7 @@ pub(crate) async fn create_vxlan(
     let new = NewLink::vxlan(&name, params)
         .mtu(inner.tenant_mtu())
         .controller(bridge)
+        .no_link_local()
         .up();
     let index = netlink.create_index(&new).await?;
     if let Err(e) = owned::commit(netlink, index, &vxlan_alias(inner, subnet, key)).await {
@@ -121,7 +122,12 @@ pub(crate) async fn create(
     let netlink = &inner.netlink;
     let bridge = OWNERSHIP.fresh_name(netlink, names::BRIDGE).await?;
     let index = netlink
-        .create_index(&NewLink::bridge(&bridge).mtu(inner.tenant_mtu()).up())
+        .create_index(
+            &NewLink::bridge(&bridge)
+                .mtu(inner.tenant_mtu())
+                .no_link_local()
+                .up(),
+        )
         .await?;
     fault_point!(inner, BridgeCreated);
     let made = async {

@@ -231,6 +231,44 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Who answers an IPv6 all-nodes ping on the workload's eth0 (after its own link-local
+/// address has passed DAD): every host on the tenant's L2 segment with an IPv6 address.
+pub fn ipv6_neighbours(ns: &Netns) -> std::collections::BTreeSet<String> {
+    for _ in 0..50 {
+        let tentative = ns.run(&["ip", "-6", "addr", "show", "dev", "eth0", "tentative"]);
+        if tentative.is_ok_and(|t| t.trim().is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = ns
+        .command("ping")
+        .args(["-6", "-c", "3", "-i", "0.2", "-w", "2", "ff02::1%eth0"])
+        .output()
+        .expect("ping runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(" from ").map(|(_, rest)| rest))
+        .map(|rest| rest.split_once(": ").map_or(rest, |(addr, _)| addr))
+        .map(|addr| addr.split('%').next().unwrap_or(addr))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The workload's own IPv6 link-local address.
+pub fn own_link_local(ns: &Netns) -> String {
+    let out = ns
+        .run(&[
+            "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link",
+        ])
+        .unwrap();
+    let field = out
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("no link-local address on eth0: {out:?}"));
+    field.split('/').next().unwrap().to_string()
+}
+
 /// The MTU of the workload's eth0.
 pub fn mtu_of(ns: &Netns) -> u32 {
     let out = ns.run(&["cat", "/sys/class/net/eth0/mtu"]).unwrap();

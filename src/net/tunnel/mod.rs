@@ -344,6 +344,8 @@ async fn finish(
     let res = async {
         netlink.set_mtu(index, mtu).await?;
         netlink.set_alias(index, &spec.alias(kind)).await?;
+        // A tunnel is a bridge port: no address of its own (see `disable_link_local`).
+        netlink.disable_link_local(index).await?;
         netlink.set_up(index).await?;
         netlink
             .link_by_index(index)

@@ -622,6 +622,7 @@ impl TunnelBackend for EbpfGre {
             .await?;
         let peer_up = async {
             let index = self.netlink.index_of(&peer).await?;
+            self.netlink.disable_link_local(index).await?;
             self.netlink.set_up(index).await
         };
         if let Err(e) = peer_up.await {
