@@ -16,7 +16,7 @@
 //! awaited for its latency. The baseline, measured in the same run on a host of its own: the
 //! compute node's library alone (`ComputeNode::create_vnic` of the same taps, same layout).
 //!
-//! `TENET_BENCH_STARTS` sets the starts per run (default 200).
+//! `TENET_BENCH_STARTS` sets the starts per run (default 200); `TENET_BENCH_RUNS` picks runs.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -309,6 +309,17 @@ async fn run() {
         run("10 starts per subnet", 10, 1, 2),
         run("10 starts per subnet", 10, 10, 3),
     ];
+    // `TENET_BENCH_RUNS=1,3` measures only those runs (0-based), e.g. under a profiler.
+    let chosen: Vec<usize> = std::env::var("TENET_BENCH_RUNS").map_or_else(
+        |_| (0..runs.len()).collect(),
+        |v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect(),
+    );
+    let runs: Vec<Run> = runs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| chosen.contains(i))
+        .map(|(_, r)| r)
+        .collect();
     let mut outcomes = Vec::new();
     for r in &runs {
         outcomes.push(starts(&controller, &seen, &conc_uuid, ip, n, r).await);
