@@ -3,6 +3,7 @@
 //! subnet it touches (atomically) and sends that dnsmasq SIGHUP. A compacted watch, or a lost
 //! one, lists again.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tenet::store::{Datastore, EventKind, StoreError, WatchEvent};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::concentrator::Inner;
+use crate::concentrator::{Inner, SubnetState};
 use crate::dnsmasq::render_hosts;
 use crate::endpoints::affected;
 
@@ -118,15 +119,25 @@ async fn refresh(inner: &Inner, changed: Option<&[Ipv4Addr]>) {
         None => subnets.keys().copied().collect(),
     };
     for net in targets {
-        let Some(state) = subnets.get_mut(&net) else {
-            continue;
-        };
-        let bindings = inner.endpoints().bindings_in(&net);
-        let hosts = render_hosts(&bindings, &net, inner.config.dhcp.prebind_ciao_macs);
-        match state.dhcp.update_hosts(hosts) {
-            Ok(true) => info!(subnet = %net, hosts = bindings.len(), "DHCP hosts updated"),
-            Ok(false) => {}
-            Err(e) => warn!(subnet = %net, error = %e, "updating DHCP hosts"),
-        }
+        refresh_subnet(inner, &mut subnets, &net);
+    }
+}
+
+/// Rewrites one subnet's hosts file from the endpoint table (and reloads its dnsmasq) when
+/// it differs; the caller holds the subnets lock.
+pub(crate) fn refresh_subnet(
+    inner: &Inner,
+    subnets: &mut BTreeMap<Ipv4Network, SubnetState>,
+    net: &Ipv4Network,
+) {
+    let Some(state) = subnets.get_mut(net) else {
+        return;
+    };
+    let bindings = inner.endpoints().bindings_in(net);
+    let hosts = render_hosts(&bindings, net, inner.config.dhcp.prebind_ciao_macs);
+    match state.dhcp.update_hosts(hosts) {
+        Ok(true) => info!(subnet = %net, hosts = bindings.len(), "DHCP hosts updated"),
+        Ok(false) => {}
+        Err(e) => warn!(subnet = %net, error = %e, "updating DHCP hosts"),
     }
 }

@@ -251,6 +251,82 @@ async fn two_compute_nodes(backend: BackendChoice) {
     conc.reset().await.unwrap();
 }
 
+/// Attaches of different subnets run side by side (each waits for its own dnsmasq only),
+/// while one subnet's attaches take turns and overlapping subnets are still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_attach_side_by_side_and_overlaps_are_still_refused() {
+    use futures::future::join_all;
+    use tenet::types::TunnelKey;
+
+    let (_etcd, store) = etcd().await;
+    let fabric = Fabric::new().await.unwrap();
+    let conc_host = fabric.add_host("conc").await.unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let conc = conc_on(cnci_config(&conc_host, "c1", "t1", run.path()), &store).await;
+    let req = |net: &str, cn: u8| {
+        let subnet: ipnetwork::Ipv4Network = net.parse().unwrap();
+        RemoteSubnet {
+            tenant: "t1".into(),
+            subnet,
+            subnet_key: TunnelKey::from_subnet(&subnet).unwrap().get(),
+            cn_id: format!("cn-{cn}"),
+            cn_ip: std::net::Ipv4Addr::new(10, 254, 0, 100 + cn),
+        }
+    };
+    // Eight new subnets, two compute nodes racing for a ninth, and two overlapping ones.
+    let mut requests: Vec<RemoteSubnet> = (0..8)
+        .map(|i| req(&format!("172.19.{i}.0/24"), 1))
+        .collect();
+    requests.push(req("172.18.0.0/24", 1));
+    requests.push(req("172.18.0.0/24", 2));
+    requests.push(req("172.20.0.0/16", 1));
+    requests.push(req("172.20.1.0/24", 1));
+    let results = join_all(requests.iter().map(|r| conc.attach_remote_subnet(r))).await;
+
+    for (r, result) in requests.iter().zip(&results).take(8) {
+        let a = result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{}: {e}", r.subnet));
+        assert!(a.new_subnet && a.new_tunnel, "{}: {a:?}", r.subnet);
+    }
+    let (x, y) = (results[8].as_ref().unwrap(), results[9].as_ref().unwrap());
+    assert!(
+        x.new_tunnel && y.new_tunnel,
+        "each compute node has its tunnel"
+    );
+    assert!(
+        x.new_subnet != y.new_subnet,
+        "exactly one of the two made 172.18.0.0/24: {x:?} {y:?}"
+    );
+    let overlapping: Vec<&Result<_, CnciError>> = results[10..].iter().collect();
+    assert_eq!(
+        overlapping.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "one of two overlapping subnets: {overlapping:?}"
+    );
+    let refused = overlapping.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(refused.to_string().contains("overlaps"), "{refused}");
+
+    let subnets = conc.subnets().await;
+    assert_eq!(subnets.len(), 10, "{subnets:#?}");
+    for s in &subnets {
+        assert!(s.dhcp_pid.is_some(), "{}: dnsmasq runs", s.subnet);
+        let gw = gateway_of(&s.subnet);
+        let addrs = conc_host
+            .run(&["ip", "-4", "-o", "addr", "show", "dev", &s.bridge])
+            .unwrap();
+        assert!(addrs.contains(&format!("{gw}/")), "{}: {addrs}", s.subnet);
+        let tunnels = if s.subnet.to_string() == "172.18.0.0/24" {
+            2
+        } else {
+            1
+        };
+        assert_eq!(s.tunnels.len(), tunnels, "{}", s.subnet);
+    }
+    conc.reset().await.unwrap();
+    assert!(conc.subnets().await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_with_the_same_subnet_stay_isolated() {
     let (_etcd, store) = etcd().await;

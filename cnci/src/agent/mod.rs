@@ -2,9 +2,9 @@
 //!
 //! On start it rebuilds from the kernel and etcd before it takes a frame, so a restarted or
 //! replaced concentrator serves what it served. On every (re)connect it announces itself
-//! (ConcentratorInstanceAdded). Frames are handled one at a time **in the order received**
-//! (ciao handled each on a goroutine of its own and could apply a TenantRemoved before the
-//! TenantAdded it followed):
+//! (ConcentratorInstanceAdded). The frames of one subnet are applied **in the order
+//! received**, different subnets side by side, and any other frame alone after everything
+//! received before it (`dispatch`):
 //!
 //! * TenantAdded / TenantRemoved → attach / detach the compute node's tunnel;
 //! * AssignPublicIP / ReleasePublicIP → floating IP, answered with PublicIPAssigned /
@@ -13,6 +13,7 @@
 //!
 //! Its status lives under `/tenet/v1/node/<uuid>` on a lease, so a dead agent disappears.
 
+mod dispatch;
 pub mod frames;
 mod metrics;
 
@@ -96,13 +97,13 @@ pub async fn run(
             "rebuilt from the kernel and etcd"
         );
         let started = node::now();
-        let agent = Agent {
+        let agent = Arc::new(Agent {
             uuid: config.uuid,
             mesh_cidr: config.mesh_cidr,
             started,
             conc,
             metrics: Default::default(),
-        };
+        });
         let metrics_server = match config.metrics_address {
             Some(address) => {
                 let endpoints = agent.metrics.endpoints(
@@ -117,13 +118,16 @@ pub async fn run(
             }
             None => None,
         };
-        let status = LeasedKey::start(
-            store,
-            node::key(&config.uuid.to_string()),
-            agent.status().await,
-            config.status_ttl,
-        )
-        .await?;
+        let status = Arc::new(
+            LeasedKey::start(
+                store,
+                node::key(&config.uuid.to_string()),
+                agent.status().await,
+                config.status_ttl,
+            )
+            .await?,
+        );
+        let dispatch = dispatch::Dispatch::default();
         let mut client_config = ClientConfig::new(config.servers, config.identity, config.uuid);
         client_config.role = Some(Role::CNCIAGENT);
         let (client, mut events) = Client::start(client_config)?;
@@ -145,8 +149,7 @@ pub async fn run(
                         agent.announce(&client).await;
                     }
                     Some(ClientEvent::Frame(frame)) => {
-                        agent.handle(&client, &frame).await;
-                        status.set(agent.status().await);
+                        dispatch.frame(&agent, &client, &status, frame).await;
                     }
                     Some(ClientEvent::Disconnected { reason }) => {
                         warn!(%reason, "disconnected from the scheduler; reconnecting");
@@ -159,8 +162,12 @@ pub async fn run(
         if let Some(task) = metrics_server {
             task.abort();
         }
+        // Subnet changes still queued are applied first.
+        drop(dispatch.gate.write().await);
         client.close().await;
-        status.stop().await;
+        if let Ok(status) = Arc::try_unwrap(status) {
+            status.stop().await;
+        }
         agent.conc.shutdown().await;
         info!("stopped");
         result
@@ -219,19 +226,21 @@ impl Agent {
         }
     }
 
-    async fn handle(&self, client: &Client, frame: &Frame) {
+    fn count(&self, frame: &Frame) {
         self.metrics.frame(
             &frame
                 .operation()
                 .map_or_else(|| "unknown".to_string(), |op| format!("{op:?}")),
         );
+    }
+
+    /// Every frame but the subnet changes (`dispatch` applies those).
+    async fn handle(&self, client: &Client, frame: &Frame) {
         let Some(op) = frame.operation() else {
             debug!("frame without a known operation; ignored");
             return;
         };
         match op {
-            Operation::Event(Event::TenantAdded) => self.tenant_added(frame).await,
-            Operation::Event(Event::TenantRemoved) => self.tenant_removed(frame).await,
             Operation::Command(Command::AssignPublicIp) => self.assign(client, frame).await,
             Operation::Command(Command::ReleasePublicIp) => self.release(client, frame).await,
             Operation::Command(Command::RefreshCnci) => self.refresh(frame).await,
@@ -239,40 +248,50 @@ impl Agent {
         }
     }
 
-    async fn tenant_added(&self, frame: &Frame) {
-        let p = match TenantAdded::from_yaml(&frame.payload) {
-            Ok(p) => p.tenant_added,
-            Err(e) => return warn!(error = %e, "TenantAdded dropped"),
+    /// The subnet a TenantAdded (`added`) or TenantRemoved is about; `None` (logged) when
+    /// its payload is unusable.
+    fn subnet_change(&self, added: bool, frame: &Frame) -> Option<crate::RemoteSubnet> {
+        let what = if added {
+            "TenantAdded"
+        } else {
+            "TenantRemoved"
         };
-        let remote = match frames::remote_subnet(&p) {
-            Ok(r) => r,
-            Err(e) => return warn!(error = %e, "TenantAdded dropped"),
+        let parsed = if added {
+            TenantAdded::from_yaml(&frame.payload).map(|p| p.tenant_added)
+        } else {
+            TenantRemoved::from_yaml(&frame.payload).map(|p| p.tenant_removed)
         };
-        match self.conc.attach_remote_subnet(&remote).await {
-            Ok(a) => {
-                info!(subnet = %remote.subnet, cn = %remote.cn_id, cn_ip = %remote.cn_ip, result = ?a, "TenantAdded")
-            }
-            Err(e) => {
-                error!(subnet = %remote.subnet, cn = %remote.cn_id, error = %e, "TenantAdded failed")
+        let remote = parsed
+            .map_err(|e| e.to_string())
+            .and_then(|p| frames::remote_subnet(&p).map_err(|e| e.to_string()));
+        match remote {
+            Ok(r) => Some(r),
+            Err(error) => {
+                warn!(%error, "{what} dropped");
+                None
             }
         }
     }
 
-    async fn tenant_removed(&self, frame: &Frame) {
-        let p = match TenantRemoved::from_yaml(&frame.payload) {
-            Ok(p) => p.tenant_removed,
-            Err(e) => return warn!(error = %e, "TenantRemoved dropped"),
-        };
-        let remote = match frames::remote_subnet(&p) {
-            Ok(r) => r,
-            Err(e) => return warn!(error = %e, "TenantRemoved dropped"),
-        };
-        match self.conc.detach_remote_subnet(&remote).await {
-            Ok(d) => {
-                info!(subnet = %remote.subnet, cn = %remote.cn_id, result = ?d, "TenantRemoved")
+    /// Attaches (`added`) or detaches the compute node's tunnel for the subnet.
+    async fn apply(&self, remote: &crate::RemoteSubnet, added: bool) {
+        if added {
+            match self.conc.attach_remote_subnet(remote).await {
+                Ok(a) => {
+                    info!(subnet = %remote.subnet, cn = %remote.cn_id, cn_ip = %remote.cn_ip, result = ?a, "TenantAdded")
+                }
+                Err(e) => {
+                    error!(subnet = %remote.subnet, cn = %remote.cn_id, error = %e, "TenantAdded failed")
+                }
             }
-            Err(e) => {
-                error!(subnet = %remote.subnet, cn = %remote.cn_id, error = %e, "TenantRemoved failed")
+        } else {
+            match self.conc.detach_remote_subnet(remote).await {
+                Ok(d) => {
+                    info!(subnet = %remote.subnet, cn = %remote.cn_id, result = ?d, "TenantRemoved")
+                }
+                Err(e) => {
+                    error!(subnet = %remote.subnet, cn = %remote.cn_id, error = %e, "TenantRemoved failed")
+                }
             }
         }
     }

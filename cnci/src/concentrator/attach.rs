@@ -23,6 +23,25 @@ fn attachment(req: &RemoteSubnet) -> tenet::keyspace::cnci::Attachment {
     }
 }
 
+/// A subnet in `Inner::making` while this lives (also when the attach is dropped half-way).
+struct Making<'a> {
+    inner: &'a super::Inner,
+    subnet: ipnetwork::Ipv4Network,
+}
+
+impl<'a> Making<'a> {
+    fn new(inner: &'a super::Inner, subnet: ipnetwork::Ipv4Network) -> Self {
+        inner.making().insert(subnet);
+        Making { inner, subnet }
+    }
+}
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.inner.making().remove(&self.subnet);
+    }
+}
+
 /// What an attach did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
@@ -62,17 +81,24 @@ impl Concentrator {
         key: tenet::types::TunnelKey,
     ) -> Result<Attached, CnciError> {
         let inner = &*self.inner;
+        let _turn = inner.turns.take(&req.subnet).await;
+        // Decided under the lock, made without it: a new subnet's bridge and dnsmasq take
+        // milliseconds, and other subnets attach meanwhile. `making` holds the subnets
+        // being made, so an overlapping one is refused as if they were attached.
         let mut subnets = inner.subnets.lock().await;
-        if let Some((other, _)) = subnets
-            .iter()
-            .find(|(net, _)| **net != req.subnet && net.overlaps(req.subnet))
         {
-            return Err(CnciError::invalid(
-                "subnet",
-                format!("{} overlaps {other}, already attached here", req.subnet),
-            ));
+            let making = inner.making();
+            if let Some(other) = subnets
+                .keys()
+                .chain(making.iter())
+                .find(|net| **net != req.subnet && net.overlaps(req.subnet))
+            {
+                return Err(CnciError::invalid(
+                    "subnet",
+                    format!("{} overlaps {other}, already attached here", req.subnet),
+                ));
+            }
         }
-        let new_subnet = !subnets.contains_key(&req.subnet);
         if let Some(s) = subnets.get(&req.subnet)
             && s.key != key
         {
@@ -81,9 +107,17 @@ impl Concentrator {
                 format!("{} is attached with key {}, not {key}", req.subnet, s.key),
             ));
         }
+        let new_subnet = !subnets.contains_key(&req.subnet);
         if new_subnet {
-            let state = subnet::create(inner, &req.subnet, key).await?;
+            let making = Making::new(inner, req.subnet);
+            drop(subnets);
+            let made = subnet::create(inner, &req.subnet, key).await;
+            drop(making);
+            let state = made?;
+            subnets = inner.subnets.lock().await;
             subnets.insert(req.subnet, state);
+            // Endpoints that arrived while dnsmasq started found no subnet to update.
+            crate::sync::refresh_subnet(inner, &mut subnets, &req.subnet);
             // NAT out and forwarding for the new subnet.
             let applied = {
                 let mut edge = inner.edge.lock().await;

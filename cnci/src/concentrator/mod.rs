@@ -4,8 +4,9 @@
 //! (TenantRemoved), [`subnet`] (making and removing a subnet); `crate::rebuild` takes over
 //! after a crash; `crate::sync` keeps dnsmasq's hosts in step with the endpoints in etcd.
 //!
-//! Calls are serialised by one async lock over the subnets: a concentrator applies its
-//! tenant's changes in the order they arrive.
+//! Changes to one subnet take turns, in the order they arrive (`turns`); different subnets
+//! change side by side, each holding the lock over the subnets map only to read or update
+//! it and while the firewall is rendered, not while a new subnet's dnsmasq starts.
 
 /// Stops the process here when a test's fault hook says so; compiles to nothing without the
 /// `fault-injection` feature.
@@ -21,8 +22,9 @@ mod detach;
 pub(crate) mod edge;
 pub(crate) mod mesh;
 pub(crate) mod subnet;
+mod turns;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -76,6 +78,10 @@ pub(crate) struct Inner {
     pub compute: UnderlayAddr,
     pub uplink: Option<UnderlayAddr>,
     pub subnets: tokio::sync::Mutex<BTreeMap<Ipv4Network, SubnetState>>,
+    /// Attaches and detaches take turns per subnet (`turns`); subnets being made, outside
+    /// the `subnets` lock, are in `making`.
+    pub turns: turns::Turns<Ipv4Network>,
+    pub making: Mutex<BTreeSet<Ipv4Network>>,
     pub endpoints: Mutex<EndpointTable>,
     /// The etcd revision whose endpoints the hosts files reflect.
     pub synced: watch::Sender<Revision>,
@@ -98,6 +104,10 @@ pub(crate) struct Inner {
 impl Inner {
     pub fn endpoints(&self) -> MutexGuard<'_, EndpointTable> {
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn making(&self) -> MutexGuard<'_, BTreeSet<Ipv4Network>> {
+        self.making.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The tenant MTU: the compute link's MTU minus the tunnel overhead.
@@ -150,7 +160,7 @@ pub struct SubnetInfo {
 pub struct Concentrator {
     pub(crate) inner: Arc<Inner>,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Concentrator {
@@ -214,6 +224,8 @@ impl Concentrator {
             compute,
             uplink,
             subnets: tokio::sync::Mutex::new(BTreeMap::new()),
+            turns: Default::default(),
+            making: Default::default(),
             synced,
             store: store.clone(),
             firewall,
@@ -236,7 +248,11 @@ impl Concentrator {
                 reap_idle(Arc::downgrade(&inner), idle, stop_rx).instrument(span),
             ));
         }
-        Ok(Concentrator { inner, stop, tasks })
+        Ok(Concentrator {
+            inner,
+            stop,
+            tasks: Mutex::new(tasks),
+        })
     }
 
     pub fn config(&self) -> &CnciConfig {
@@ -299,9 +315,10 @@ impl Concentrator {
     /// Stops the background tasks. The links and dnsmasq processes stay, for the next
     /// concentrator to take over with [`Concentrator::rebuild`]; [`Concentrator::reset`]
     /// removes them.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         self.stop.send_replace(true);
-        for task in self.tasks.drain(..) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
             if let Err(e) = task.await {
                 warn!(error = %e, "a concentrator task failed");
             }
@@ -311,7 +328,12 @@ impl Concentrator {
 
 impl Drop for Concentrator {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             task.abort();
         }
     }
