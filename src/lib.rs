@@ -16,6 +16,7 @@
 //! * [`policy`]: Calico policy: selectors, the calculation engine, Felix's dataplane protocol,
 //!   rendering into iptables chains and IP sets.
 //! * [`dump`]: decoding any stored key for `tenet dump`.
+//! * [`turns`]: async work that takes turns per key.
 //! * `metrics` (feature `metrics`): the agents' /metrics, /healthz and /readyz endpoints.
 //! * [`testbed`] (feature `testbed`): real etcd and network namespaces for tests,
 //!   benchmarks and the lab.
@@ -35,4 +36,5 @@ pub mod process;
 pub mod store;
 #[cfg(feature = "testbed")]
 pub mod testbed;
+pub mod turns;
 pub mod types;

@@ -372,7 +372,7 @@ async fn start_policy(
 struct Dispatcher {
     gate: Arc<tokio::sync::RwLock<()>>,
     /// Instances with a START (or API create) running.
-    busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    busy: tenet::turns::Turns<String>,
 }
 
 impl Dispatcher {
@@ -384,23 +384,8 @@ impl Dispatcher {
         instance: &str,
         work: impl std::future::Future<Output = T>,
     ) -> T {
-        let lock = self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(instance.to_string())
-            .or_default()
-            .clone();
-        let out = {
-            let _one = lock.lock().await;
-            work.await
-        };
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        // The map's reference and ours: nobody else waits on it.
-        if Arc::strong_count(&lock) == 2 {
-            busy.remove(instance);
-        }
-        out
+        let _turn = self.busy.take(&instance.to_string()).await;
+        work.await
     }
 
     async fn frame(

@@ -22,7 +22,6 @@ mod detach;
 pub(crate) mod edge;
 pub(crate) mod mesh;
 pub(crate) mod subnet;
-mod turns;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -80,7 +79,7 @@ pub(crate) struct Inner {
     pub subnets: tokio::sync::Mutex<BTreeMap<Ipv4Network, SubnetState>>,
     /// Attaches and detaches take turns per subnet (`turns`); subnets being made, outside
     /// the `subnets` lock, are in `making`.
-    pub turns: turns::Turns<Ipv4Network>,
+    pub turns: tenet::turns::Turns<Ipv4Network>,
     pub making: Mutex<BTreeSet<Ipv4Network>>,
     pub endpoints: Mutex<EndpointTable>,
     /// The etcd revision whose endpoints the hosts files reflect.

@@ -1,6 +1,6 @@
-//! One change per subnet at a time: attaches and detaches of one subnet take turns in the
-//! order they ask, while those of different subnets run side by side (a new subnet waits
-//! for its dnsmasq without holding up the others).
+//! Turns per key: async work on one key (a subnet, an instance) runs one at a time, in the
+//! order it asked, while work on different keys runs side by side. The concentrator's
+//! attaches and detaches take turns per subnet; the compute node's STARTs per instance.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 
 /// The turn-takers per key; an entry lives while someone holds or waits for its turn.
-pub(crate) struct Turns<K> {
+pub struct Turns<K> {
     locks: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -22,7 +22,7 @@ impl<K> Default for Turns<K> {
 }
 
 /// Held while it is this caller's turn for `key`.
-pub(crate) struct Turn<'a, K: Eq + Hash> {
+pub struct Turn<'a, K: Eq + Hash> {
     turns: &'a Turns<K>,
     key: Option<K>,
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -31,7 +31,7 @@ pub(crate) struct Turn<'a, K: Eq + Hash> {
 
 impl<K: Eq + Hash + Clone> Turns<K> {
     /// Waits for `key`'s turn (tokio's mutex is fair: first come, first served).
-    pub(crate) async fn take(&self, key: &K) -> Turn<'_, K> {
+    pub async fn take(&self, key: &K) -> Turn<'_, K> {
         let lock = self
             .locks
             .lock()
