@@ -3,7 +3,8 @@
 //! On start it rebuilds from the kernel, then reconciles with its endpoints in etcd (an
 //! endpoint whose VNIC is missing gets it back), then tells each concentrator again about
 //! every subnet it has a tunnel for (TenantAdded; a concentrator treats repeats as no-ops).
-//! Frames are handled one at a time, in the order received:
+//! STARTs run side by side (one at a time per instance); a DELETE waits for the STARTs
+//! received before it and runs alone (see `Dispatcher`):
 //!
 //! * START → the instance's address (per-tenant IPAM; handle = the VNIC UUID), its VNIC
 //!   (in the named network namespace for a container), its Calico workload endpoint

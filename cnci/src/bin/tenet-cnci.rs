@@ -54,8 +54,9 @@ enum Output {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the concentrator agent: rebuild from the kernel and etcd, connect to the
-    /// scheduler, and serve TenantAdded/Removed, AssignPublicIP/ReleasePublicIP and
-    /// RefreshCNCI in the order they arrive. Stops on SIGTERM or Ctrl-C, leaving the
+    /// scheduler, and serve TenantAdded/Removed (in the order they arrive per subnet),
+    /// AssignPublicIP/ReleasePublicIP and RefreshCNCI (each after everything received
+    /// before it). Stops on SIGTERM or Ctrl-C, leaving the
     /// dataplane for the next start to take over.
     #[command(after_help = RUN_HELP)]
     Run(Box<RunArgs>),
