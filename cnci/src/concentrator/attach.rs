@@ -150,8 +150,15 @@ impl Concentrator {
             });
         }
 
+        // The tunnel and its record are made outside the lock too (other subnets attach
+        // meanwhile; this subnet's turn keeps its own changes in order). A subnet that is
+        // not idle is left alone by the idle reaper while that happens.
+        let vxlan = state.vxlan.clone();
+        let bridge_index = state.bridge_index;
+        let was_idle = state.idle_since.take();
+        drop(subnets);
         let made = async {
-            if let Some((name, index)) = &state.vxlan {
+            if let Some((name, index)) = &vxlan {
                 // VXLAN mode: a flood entry to the compute node on the subnet's device.
                 inner
                     .netlink
@@ -168,11 +175,7 @@ impl Concentrator {
             let spec = inner.tunnel_spec(&name, key, req.cn_ip);
             let tunnel = inner.tunnels.create(&spec).await?;
             fault_point!(inner, TunnelCreated);
-            if let Err(e) = inner
-                .netlink
-                .enslave(tunnel.index, state.bridge_index)
-                .await
-            {
+            if let Err(e) = inner.netlink.enslave(tunnel.index, bridge_index).await {
                 let mut left = Leftovers::new();
                 left.note(inner.tunnels.delete(&name).await);
                 left.log(&format!("tunnel {name}"));
@@ -194,11 +197,25 @@ impl Concentrator {
                 Ok(()) => Ok(tunnel),
                 Err(e) => {
                     let mut left = Leftovers::new();
-                    left.note(inner.tunnels.delete(&tunnel.name).await);
+                    if vxlan.is_none() {
+                        left.note(inner.tunnels.delete(&tunnel.name).await);
+                    }
                     Err(e.with_leftovers(left))
                 }
             },
             Err(e) => Err(e),
+        };
+        let mut subnets = inner.subnets.lock().await;
+        let Some(state) = subnets.get_mut(&req.subnet) else {
+            // Removed meanwhile (`remove_subnet` does not take turns): so is its bridge.
+            if let (Ok(tunnel), None) = (&made, &vxlan) {
+                let _ = inner.tunnels.delete(&tunnel.name).await;
+            }
+            self.unpersist(&attach_key(inner, req)).await;
+            return Err(CnciError::invalid(
+                "subnet",
+                format!("{} was removed while its tunnel was made", req.subnet),
+            ));
         };
         match made {
             Ok(tunnel) => {
@@ -228,7 +245,12 @@ impl Concentrator {
                     })),
                 }
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                if state.tunnels.is_empty() {
+                    state.idle_since = was_idle.or_else(|| Some(std::time::Instant::now()));
+                }
+                Err(e)
+            }
         }
     }
 }

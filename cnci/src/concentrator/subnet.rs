@@ -226,8 +226,11 @@ pub(crate) async fn remove_idle(inner: &Inner, idle: Duration) -> Vec<Ipv4Networ
     let mut subnets = inner.subnets.lock().await;
     let mut due: Vec<Ipv4Network> = Vec::new();
     for (net, s) in subnets.iter() {
-        let idle_for = s.idle_since.map(|t| t.elapsed()).unwrap_or_default();
-        if s.tunnels.is_empty() && idle_for >= idle {
+        // No `idle_since`: it has a tunnel, or an attach is making one.
+        let Some(since) = s.idle_since else {
+            continue;
+        };
+        if s.tunnels.is_empty() && since.elapsed() >= idle {
             due.push(*net);
         }
     }
