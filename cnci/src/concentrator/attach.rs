@@ -111,11 +111,11 @@ impl Concentrator {
         if new_subnet {
             let making = Making::new(inner, req.subnet);
             drop(subnets);
-            let made = subnet::create(inner, &req.subnet, key).await;
-            drop(making);
-            let state = made?;
+            let state = subnet::create(inner, &req.subnet, key).await?;
             subnets = inner.subnets.lock().await;
             subnets.insert(req.subnet, state);
+            // Only now: between the two, an overlapping subnet would find it in neither.
+            drop(making);
             // Endpoints that arrived while dnsmasq started found no subnet to update.
             crate::sync::refresh_subnet(inner, &mut subnets, &req.subnet);
             // NAT out and forwarding for the new subnet.
