@@ -161,6 +161,43 @@ async fn calico_style_rate(hosts: usize, each: usize) -> f64 {
     .await
 }
 
+/// Runs `op` for `rounds` bursts of `concurrent` requests on every host at once (the
+/// request of host h, number i, is `args(h, i)`); returns requests/s.
+async fn bursts<F, Fut>(
+    ipams: &[Arc<Ipam>],
+    concurrent: usize,
+    rounds: usize,
+    args: impl Fn(usize, usize) -> AutoAssignArgs + Copy + Send + 'static,
+    op: F,
+) -> f64
+where
+    F: Fn(Arc<Ipam>, AutoAssignArgs) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
+    let hosts_done: Vec<_> = ipams
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(h, ipam)| {
+            tokio::spawn(async move {
+                for r in 0..rounds {
+                    let burst: Vec<_> = (0..concurrent)
+                        .map(|i| tokio::spawn(op(ipam.clone(), args(h, r * concurrent + i))))
+                        .collect();
+                    for b in burst {
+                        b.await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hosts_done {
+        h.await.unwrap();
+    }
+    (ipams.len() * concurrent * rounds) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Bursts: each host starts `concurrent` allocations at once, `rounds` times (a node
 /// starting that many workloads together), with group commit on or off; then releases them
 /// the same way (the workloads stopping together). (allocations/s, releases/s)
@@ -188,61 +225,15 @@ async fn burst_rate(
     for (h, ipam) in ipams.iter().enumerate() {
         ipam.auto_assign(&one(h, usize::MAX)).await.unwrap();
     }
-    let start = Instant::now();
-    let hosts_done: Vec<_> = ipams
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(h, ipam)| {
-            tokio::spawn(async move {
-                for r in 0..rounds {
-                    let burst: Vec<_> = (0..concurrent)
-                        .map(|i| {
-                            let (ipam, args) = (ipam.clone(), one(h, r * concurrent + i));
-                            tokio::spawn(async move {
-                                assert_eq!(ipam.auto_assign(&args).await.unwrap().0.len(), 1);
-                            })
-                        })
-                        .collect();
-                    for b in burst {
-                        b.await.unwrap();
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in hosts_done {
-        h.await.unwrap();
-    }
-    let assigned = (hosts * concurrent * rounds) as f64 / start.elapsed().as_secs_f64();
-
-    let start = Instant::now();
-    let hosts_done: Vec<_> = ipams
-        .into_iter()
-        .enumerate()
-        .map(|(h, ipam)| {
-            tokio::spawn(async move {
-                for r in 0..rounds {
-                    let burst: Vec<_> = (0..concurrent)
-                        .map(|i| {
-                            let (ipam, args) = (ipam.clone(), one(h, r * concurrent + i));
-                            tokio::spawn(async move {
-                                let handle = args.handle.unwrap();
-                                assert_eq!(ipam.release_by_handle(&handle).await.unwrap(), 1);
-                            })
-                        })
-                        .collect();
-                    for b in burst {
-                        b.await.unwrap();
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in hosts_done {
-        h.await.unwrap();
-    }
-    let released = (hosts * concurrent * rounds) as f64 / start.elapsed().as_secs_f64();
+    let assigned = bursts(&ipams, concurrent, rounds, one, |ipam, args| async move {
+        assert_eq!(ipam.auto_assign(&args).await.unwrap().0.len(), 1);
+    })
+    .await;
+    let released = bursts(&ipams, concurrent, rounds, one, |ipam, args| async move {
+        let handle = args.handle.unwrap();
+        assert_eq!(ipam.release_by_handle(&handle).await.unwrap(), 1);
+    })
+    .await;
     (assigned, released)
 }
 

@@ -422,6 +422,19 @@ error:
 	return TC_ACT_SHOT;
 }
 
+/* RFC 6040's decapsulation table for one packet: the ECN value to give the inner header,
+ * 0 to leave it as it is, or -1 to drop it (CE over a not-ECT packet). */
+static __always_inline int ecn_decide(__u8 outer, __u8 inner)
+{
+	if (inner == 0)
+		return outer == CE ? -1 : 0;
+	if (outer == CE && inner != CE)
+		return CE;
+	if (outer == ECT_1 && inner == ECT_0)
+		return ECT_1;
+	return 0;
+}
+
 /* RFC 6040 decapsulation of the ECN field; returns -1 to drop. `off` is where the inner IP
  * header starts. */
 static __always_inline int ecn_decap(struct __sk_buff *skb, __u32 off, __u8 outer, __u16 proto,
@@ -432,16 +445,9 @@ static __always_inline int ecn_decap(struct __sk_buff *skb, __u32 off, __u8 oute
 		__u16 word; /* version/ihl and TOS */
 		if (bpf_skb_load_bytes(skb, off, &word, 2))
 			return 0;
-		__u8 inner = ((__u8 *)&word)[1] & ECN_MASK;
-		__u8 ecn;
-		if (inner == 0)
-			return outer == CE ? -1 : 0;
-		if (outer == CE && inner != CE)
-			ecn = CE;
-		else if (outer == ECT_1 && inner == ECT_0)
-			ecn = ECT_1;
-		else
-			return 0;
+		int ecn = ecn_decide(outer, ((__u8 *)&word)[1] & ECN_MASK);
+		if (ecn <= 0)
+			return ecn;
 		__u16 updated = word;
 		((__u8 *)&updated)[1] = (((__u8 *)&word)[1] & ~ECN_MASK) | ecn;
 		bpf_l3_csum_replace(skb, off + offsetof(struct iphdr, check), word, updated, 2);
@@ -453,16 +459,9 @@ static __always_inline int ecn_decap(struct __sk_buff *skb, __u32 off, __u8 oute
 		__u8 b[2];
 		if (bpf_skb_load_bytes(skb, off, b, 2))
 			return 0;
-		__u8 inner = (b[1] >> 4) & ECN_MASK;
-		__u8 ecn;
-		if (inner == 0)
-			return outer == CE ? -1 : 0;
-		if (outer == CE && inner != CE)
-			ecn = CE;
-		else if (outer == ECT_1 && inner == ECT_0)
-			ecn = ECT_1;
-		else
-			return 0;
+		int ecn = ecn_decide(outer, (b[1] >> 4) & ECN_MASK);
+		if (ecn <= 0)
+			return ecn;
 		b[1] = (b[1] & ~(ECN_MASK << 4)) | (ecn << 4);
 		bpf_skb_store_bytes(skb, off, b, 2, 0);
 		c->v[RX_ECN_MARKED] += 1;
