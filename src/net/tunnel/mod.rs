@@ -22,7 +22,7 @@ pub use userspace::UserspaceGre;
 pub use vxlan::Vxlan;
 
 use super::alias::Alias;
-use super::link::{Link, Netlink};
+use super::link::{Link, LinkUpdate, Netlink};
 use super::{Leftovers, NetError, NetResult};
 use crate::types::TunnelKey;
 
@@ -332,8 +332,9 @@ async fn existing(
     }
 }
 
-/// Finishes a freshly created tunnel link: MTU, alias and up in one request. On failure the
-/// link is deleted, so nothing is left half made.
+/// Finishes a freshly created tunnel link: MTU, alias and up in one request, after the
+/// link-local address is ruled out (a tunnel is a bridge port: no address of its own; see
+/// `disable_link_local`). On failure the link is deleted, so nothing is left half made.
 async fn finish(
     netlink: &Netlink,
     kind: TunnelKind,
@@ -342,11 +343,14 @@ async fn finish(
     mtu: u32,
 ) -> NetResult<Link> {
     let res = async {
-        netlink.set_mtu(index, mtu).await?;
-        netlink.set_alias(index, &spec.alias(kind)).await?;
-        // A tunnel is a bridge port: no address of its own (see `disable_link_local`).
         netlink.disable_link_local(index).await?;
-        netlink.set_up(index).await?;
+        let update = LinkUpdate {
+            mtu: Some(mtu),
+            alias: Some(spec.alias(kind)),
+            up: true,
+            ..LinkUpdate::default()
+        };
+        netlink.update(index, &update).await?;
         netlink
             .link_by_index(index)
             .await?
