@@ -394,14 +394,54 @@ impl Ipam {
         attributes: BTreeMap<String, String>,
         host: &str,
     ) -> IpamResult<()> {
+        self.assign_in_block(&[ip], handle, attributes, host, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Assigns those of `ips` (all in one block) that are still free, in one transaction,
+    /// and returns how many that was: an address already assigned is left as it is. For
+    /// reservations, which only need the addresses taken.
+    pub(super) async fn assign_if_free(
+        &self,
+        ips: &[IpAddr],
+        handle: &str,
+        attributes: BTreeMap<String, String>,
+        host: &str,
+    ) -> IpamResult<usize> {
+        self.assign_in_block(ips, Some(handle), attributes, host, true)
+            .await
+    }
+
+    /// [`Self::assign_ip`] for several addresses of one block: all in one transaction. An
+    /// address already assigned is skipped when `skip_assigned`, an error otherwise.
+    async fn assign_in_block(
+        &self,
+        ips: &[IpAddr],
+        handle: Option<&str>,
+        attributes: BTreeMap<String, String>,
+        host: &str,
+        skip_assigned: bool,
+    ) -> IpamResult<usize> {
         if host.is_empty() {
             return Err(IpamError::NoHost);
         }
+        let Some(&ip) = ips.first() else {
+            return Ok(0);
+        };
+        let cidr = block_of(ip);
+        if let Some(other) = ips.iter().find(|i| block_of(**i) != cidr) {
+            return Err(IpamError::NotInPool(*other));
+        }
+        let ips = ips.iter().copied().collect::<BTreeSet<_>>();
         // A tenant's caller checks the address against its subnet (`assign_in_subnet`).
         if self.scope == super::IpamScope::Calico {
             let pools = self.enabled_pools(ip.is_ipv4()).await?;
-            if !pools.iter().any(|p| p.contains(ip)) {
-                return Err(IpamError::NotInPool(ip));
+            if let Some(ip) = ips
+                .iter()
+                .find(|ip| !pools.iter().any(|p| p.contains(**ip)))
+            {
+                return Err(IpamError::NotInPool(*ip));
             }
         }
         let config = self.config().await?;
@@ -409,8 +449,6 @@ impl Ipam {
             handle: handle.map(str::to_string),
             attributes,
         };
-        let cidr = block_of(ip);
-        let ord = ordinal(&cidr, ip);
         let (mut seen, mut seen_handle) = self.read(&cidr, handle).await?;
         let mut affinity_rev = 0;
         for attempt in 0..MAX_RETRIES {
@@ -438,11 +476,19 @@ impl Ipam {
                     (empty_block(cidr, Some(host), config.strict_affinity), txn)
                 }
             };
-            if !block.assign_ordinal(ord, &owner) {
-                return Err(IpamError::AlreadyAssigned(ip));
+            let mut assigned = 0;
+            for ip in &ips {
+                if block.assign_ordinal(ordinal(&cidr, *ip), &owner) {
+                    assigned += 1;
+                } else if !skip_assigned {
+                    return Err(IpamError::AlreadyAssigned(*ip));
+                }
+            }
+            if assigned == 0 {
+                return Ok(0);
             }
             if let Some(h) = handle {
-                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, 1);
+                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, assigned as i64);
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
             }
@@ -451,8 +497,18 @@ impl Ipam {
             match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(cidr, Some(Seen { block, revision }));
-                    self.count_assigned(1);
-                    return Ok(());
+                    self.count_assigned(assigned);
+                    if creating {
+                        // Claimed for `host` just now: the next allocations find the block
+                        // without listing the host's affinities.
+                        let v4 = cidr.is_ipv4();
+                        let mut affine = self.cached_affine(host, v4).unwrap_or_default();
+                        if !affine.contains(&cidr) {
+                            affine.insert(affine.partition_point(|c| *c < cidr), cidr);
+                            self.set_affine(host, v4, Some(affine));
+                        }
+                    }
+                    return Ok(assigned);
                 }
                 TxnOutcome::Failed { current } => {
                     seen = current[0].as_ref().map(parse_block).transpose()?;

@@ -172,8 +172,10 @@ type AffineBlocks = HashMap<(String, bool), Vec<IpNetwork>>;
 pub struct Ipam {
     store: Arc<dyn Datastore>,
     scope: IpamScope,
-    /// Tenant subnets whose network, gateway and broadcast addresses are known reserved.
-    reserved: Arc<Mutex<std::collections::HashSet<IpNetwork>>>,
+    /// Tenant subnets whose network, gateway and broadcast addresses are reserved (the cell
+    /// set) or being reserved: allocations arriving together in a new subnet wait for one
+    /// reservation rather than each racing the others for the same three addresses.
+    reserved: Arc<Mutex<HashMap<IpNetwork, Arc<tokio::sync::OnceCell<()>>>>>,
     blocks: Arc<Mutex<HashMap<IpNetwork, Seen>>>,
     /// (host, is IPv4) → the blocks the host was last seen to hold affinity keys for.
     affine: Arc<Mutex<AffineBlocks>>,

@@ -94,29 +94,40 @@ impl Ipam {
     }
 
     async fn reserve_edges(&self, subnet: &Ipv4Network, host: &str) -> IpamResult<()> {
-        let known = self
+        let once = self
             .reserved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&IpNetwork::V4(*subnet));
-        if known {
-            return Ok(());
-        }
+            .entry(IpNetwork::V4(*subnet))
+            .or_default()
+            .clone();
+        // A failed reservation leaves the cell empty: the next allocation tries again.
+        once.get_or_try_init(|| self.reserve_edges_now(subnet, host))
+            .await
+            .map(|_| ())
+    }
+
+    /// Allocates the subnet's reserved addresses to its reserved handle (those already
+    /// allocated stay as they are): one transaction per block, the blocks in parallel (the
+    /// broadcast address is in another block than the network and gateway addresses unless
+    /// the subnet is one block).
+    async fn reserve_edges_now(&self, subnet: &Ipv4Network, host: &str) -> IpamResult<()> {
         let handle = reserved_handle(subnet);
         let attributes = BTreeMap::from([("tenet.reserved".to_string(), subnet.to_string())]);
+        let mut by_block: BTreeMap<IpNetwork, Vec<IpAddr>> = BTreeMap::new();
         for ip in reserved_addresses(subnet) {
-            match self
-                .assign_ip(IpAddr::V4(ip), Some(&handle), attributes.clone(), host)
-                .await
-            {
-                Ok(()) | Err(IpamError::AlreadyAssigned(_)) => {}
-                Err(e) => return Err(e),
-            }
+            let ip = IpAddr::V4(ip);
+            by_block
+                .entry(super::block::block_of(ip))
+                .or_default()
+                .push(ip);
         }
-        self.reserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(IpNetwork::V4(*subnet));
+        let reservations = by_block
+            .values()
+            .map(|ips| self.assign_if_free(ips, &handle, attributes.clone(), host));
+        for done in futures::future::join_all(reservations).await {
+            done?;
+        }
         Ok(())
     }
 }
