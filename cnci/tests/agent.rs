@@ -673,6 +673,32 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
     let (bad, none) = api_call(&api_socket, r#"{"op":"create","kind":"vm"}"#);
     assert!(!bad.ok && none.is_empty());
     assert_eq!(bad.reason.as_deref(), Some("invalid_payload"));
+    // A VM's tap is made while its address is allocated. When the address is refused (here
+    // the gateway's, in a subnet new to the node), the tap, bridge and tunnel made for it go
+    // again: the node's links are what they were.
+    let links = || {
+        let mut names: Vec<String> = cn_host
+            .run(&["ip", "-o", "link", "show"])
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1).map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = links();
+    let gateway = format!(
+        r#"{{"op":"create","instance":"vm-3","vnic":"vnic-vm-3","tenant":"t1","subnet":"172.16.9.0/24","concentrator":"{conc_uuid}","concentrator_ip":"{}","kind":"vm","ip":"172.16.9.1"}}"#,
+        conc_host.ip()
+    );
+    let (refused, none) = api_call(&api_socket, &gateway);
+    assert!(!refused.ok && none.is_empty(), "{refused:?}");
+    assert_eq!(
+        refused.reason.as_deref(),
+        Some("invalid_data"),
+        "{refused:?}"
+    );
+    assert_eq!(links(), before);
     drop(queues);
     let (destroyed, _) = api_call(&api_socket, r#"{"op":"destroy","instance":"vm-1"}"#);
     assert!(destroyed.ok, "{destroyed:?}");

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::config::{ContainerNetns, VnicConfig, VnicRole};
-use crate::node::{TunnelEvent, TunnelEventKind};
+use crate::node::{CreatedVnic, TunnelEvent, TunnelEventKind};
 
 /// Why an instance could not be started, in ciao's terms and in words.
 #[derive(Debug)]
@@ -210,7 +210,9 @@ pub(super) fn mac_for(vnic: &str) -> MacAddr {
     MacAddr([0x02, b[1], b[2], b[3], b[4], b[5]])
 }
 
-fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Ipv4Addr) -> VnicConfig {
+/// The VNIC a START asks for; a container's namespace gets `ip` (which a VM's tap does not
+/// need: the guest learns it by DHCP).
+fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Option<Ipv4Addr>) -> VnicConfig {
     let mut c = VnicConfig::container(
         &r.vnic,
         &r.tenant,
@@ -224,7 +226,7 @@ fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Ipv4Addr) -> VnicConfig {
         c.role = VnicRole::Vm;
         c.queues = r.queues.max(1);
     }
-    c.netns = r.netns.as_ref().map(|path| ContainerNetns {
+    c.netns = r.netns.as_ref().zip(ip).map(|(path, ip)| ContainerNetns {
         path: path.clone(),
         ifname: r.ifname.clone(),
         address: Ipv4Network::new(ip, r.subnet.prefix()).expect("the subnet's prefix"),
@@ -286,28 +288,51 @@ impl Agent {
         let key = self.unstarted_endpoint(r).await?;
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
         let ipam = self.ipam(&r.tenant);
-        let ip = match (r.docker, r.ip) {
-            (true, Some(ip)) => ip,
-            (true, None) => {
-                return Err(refuse(
-                    StartFailureReason::InvalidData,
-                    "a Docker endpoint comes with the address Docker's IPAM driver gave it",
-                ));
-            }
-            (false, _) => self.assign(&ipam, r).await?,
-        };
         let undo_address = || async {
             if !r.docker {
                 self.release(&r.tenant, &r.vnic).await;
             }
         };
         let mac = r.mac.unwrap_or_else(|| mac_for(&r.vnic));
-        let config = vnic_config(r, mac, ip);
-        let created = match self.node.create_vnic(&config, None).await {
-            Ok(c) => c,
-            Err(e) => {
-                undo_address().await;
-                return Err(network(format!("creating the VNIC: {e}")));
+        let (ip, config, created) = match (r.docker, r.ip, &r.netns) {
+            (true, None, _) => {
+                return Err(refuse(
+                    StartFailureReason::InvalidData,
+                    "a Docker endpoint comes with the address Docker's IPAM driver gave it",
+                ));
+            }
+            // A VM's tap does not depend on its address: allocate and create at once, the
+            // one in etcd, the other in the kernel.
+            (false, _, None) => {
+                let config = vnic_config(r, mac, None);
+                let (ip, created) =
+                    tokio::join!(self.assign(&ipam, r), self.node.create_vnic(&config, None));
+                match (ip, created) {
+                    (Ok(ip), Ok(created)) => (ip, config, created),
+                    (Err(refused), Ok(created)) => {
+                        self.undo_vnic(&config, &created).await;
+                        return Err(refused);
+                    }
+                    (Ok(_), Err(e)) => {
+                        undo_address().await;
+                        return Err(network(format!("creating the VNIC: {e}")));
+                    }
+                    (Err(refused), Err(_)) => return Err(refused),
+                }
+            }
+            (docker, given, _) => {
+                let ip = match (docker, given) {
+                    (true, Some(ip)) => ip,
+                    _ => self.assign(&ipam, r).await?,
+                };
+                let config = vnic_config(r, mac, Some(ip));
+                match self.node.create_vnic(&config, None).await {
+                    Ok(created) => (ip, config, created),
+                    Err(e) => {
+                        undo_address().await;
+                        return Err(network(format!("creating the VNIC: {e}")));
+                    }
+                }
             }
         };
         let kind = match (r.docker, r.container) {
@@ -331,9 +356,7 @@ impl Agent {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            if let Err(undo) = self.node.destroy_vnic(&config, None).await {
-                warn!(vnic = %r.vnic, error = %undo, "undoing a VNIC after its endpoint failed");
-            }
+            self.undo_vnic(&config, &created).await;
             undo_address().await;
             return Err(network(format!("writing the endpoint: {e}")));
         }
@@ -345,6 +368,36 @@ impl Agent {
             ip6: None,
             mac,
         })
+    }
+
+    /// Removes the VNIC of a START that failed after making it. When that START made the
+    /// subnet's tunnel and another VNIC arrived on the subnet meanwhile (its create found
+    /// the tunnel, so announced nothing), the tunnel stays: its TenantAdded is queued for
+    /// [`Agent::take_orphaned`], or the concentrator would never hear of it.
+    async fn undo_vnic(&self, config: &VnicConfig, created: &CreatedVnic) {
+        let made_tunnel = created
+            .tunnel
+            .as_ref()
+            .filter(|t| t.kind == TunnelEventKind::Add);
+        let tunnel_gone = match self.node.destroy_vnic(config, None).await {
+            Ok(destroyed) => destroyed.tunnel.is_some(),
+            Err(e) => {
+                warn!(vnic = %config.vnic_id, error = %e, "undoing the VNIC of a failed START");
+                false
+            }
+        };
+        if let Some(tunnel) = made_tunnel.filter(|_| !tunnel_gone) {
+            info!(subnet = %tunnel.subnet, "a failed START's tunnel stays for other VNICs");
+            self.orphaned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tunnel.clone());
+        }
+    }
+
+    /// TenantAdded owed for tunnels that failed STARTs made and left to other VNICs.
+    pub(super) fn take_orphaned(&self) -> Vec<TunnelEvent> {
+        std::mem::take(&mut *self.orphaned.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The START's address from the tenant's IPAM (the one it names, or any free one).

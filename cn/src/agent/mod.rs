@@ -106,6 +106,8 @@ pub(crate) struct Agent {
     removed: Mutex<Vec<TunnelEvent>>,
     /// Tenants whose default profile is known to exist.
     profiles: Mutex<std::collections::HashSet<String>>,
+    /// TenantAdded owed for tunnels failed STARTs made and other VNICs kept (`undo_vnic`).
+    orphaned: Mutex<Vec<TunnelEvent>>,
     /// Routed mode's node, IPAM and BGP speaker.
     routed: Option<Arc<routed::RoutedParts>>,
     metrics: Arc<metrics::CnMetrics>,
@@ -156,6 +158,7 @@ pub async fn run(
             ipams: Mutex::new(HashMap::new()),
             removed: Mutex::new(report.removed),
             profiles: Mutex::new(Default::default()),
+            orphaned: Mutex::new(Vec::new()),
             routed,
             metrics: Default::default(),
         });
@@ -666,6 +669,9 @@ impl Agent {
                 self.start_failed(client, req.instance.clone(), refused)
                     .await
             }
+        }
+        for tunnel in self.take_orphaned() {
+            self.tunnel_event(client, &tunnel).await;
         }
     }
 
