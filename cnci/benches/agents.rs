@@ -15,6 +15,9 @@
 //! has not finished (a controller does not wait for concentrators); the attachment is still
 //! awaited for its latency. The baseline, measured in the same run on a host of its own: the
 //! compute node's library alone (`ComputeNode::create_vnic` of the same taps, same layout).
+//! Next to it, the **etcd floor**: the etcd operations every START needs (read the endpoint
+//! key, one transaction for the address, write the endpoint) alone at the same concurrency,
+//! on the same etcd — the rate no agent writing its state to etcd can pass.
 //!
 //! `TENET_BENCH_STARTS` sets the starts per run (default 200); `TENET_BENCH_RUNS` picks runs.
 
@@ -199,6 +202,35 @@ async fn library(node: &Arc<ComputeNode>, conc_ip: Ipv4Addr, n: usize, run: &Run
     n as f64 / began.elapsed().as_secs_f64()
 }
 
+/// The etcd operations no START can do without, alone at the run's concurrency: read the
+/// endpoint key (is the instance new?), one transaction (the address: a block compared and
+/// written), write the endpoint. The agent's rate cannot pass this floor's.
+async fn etcd_floor(store: &Arc<dyn Datastore>, n: usize, run: &Run) -> f64 {
+    use tenet::store::{Compare, Txn, TxnOp};
+    let gate = Arc::new(Semaphore::new(run.concurrency));
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let store = store.clone();
+        let key = format!("/bench/floor/{}/{i}", run.number);
+        tasks.push(tokio::spawn(async move {
+            assert!(store.get(&key).await.unwrap().is_none());
+            let block = format!("{key}/block");
+            let txn = Txn::new()
+                .when(Compare::absent(block.clone()))
+                .then(TxnOp::put(block, "{}"));
+            store.txn(txn).await.unwrap();
+            store.put(&key, b"{}").await.unwrap();
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / began.elapsed().as_secs_f64()
+}
+
 async fn run() {
     let n = env_count("TENET_BENCH_STARTS", 200).min(250);
     let etcd = EtcdServer::start().await.unwrap();
@@ -331,14 +363,16 @@ async fn run() {
     lib_config.max_parallel = 16;
     let lib = Arc::new(ComputeNode::init(lib_config).await.unwrap());
     let mut lib_rates = Vec::new();
+    let mut floors = Vec::new();
     for r in &runs {
         lib_rates.push(library(&lib, ip, n, r).await);
+        floors.push(etcd_floor(&store, n, r).await);
     }
 
     println!();
     println!("| run | starts | p50 ms | p99 ms | starts/s | vs library |");
     println!("|---|---|---|---|---|---|");
-    for ((r, o), lib_rate) in runs.iter().zip(&outcomes).zip(lib_rates) {
+    for (((r, o), lib_rate), floor) in runs.iter().zip(&outcomes).zip(lib_rates).zip(floors) {
         let label = format!("{}, concurrency {}", r.layout, r.concurrency);
         let rate_endpoint = n as f64 / o.endpoints_done.as_secs_f64();
         let rate_attached = n as f64 / o.attached_done.as_secs_f64();
@@ -356,6 +390,10 @@ async fn run() {
         );
         println!(
             "| {label}: library create_vnic alone (baseline) | {n} | — | — | {lib_rate:.1} | 1.00× |"
+        );
+        println!(
+            "| {label}: etcd floor — get + txn + put per start, no kernel work | {n} | — | — | {floor:.1} | {:.2}× |",
+            floor / lib_rate
         );
     }
     println!();
