@@ -317,7 +317,10 @@ impl Agent {
                         undo_address().await;
                         return Err(network(format!("creating the VNIC: {e}")));
                     }
-                    (Err(refused), Err(_)) => return Err(refused),
+                    (Err(refused), Err(e)) => {
+                        warn!(vnic = %r.vnic, error = %e, "the VNIC failed too");
+                        return Err(refused);
+                    }
                 }
             }
             (docker, given, _) => {
