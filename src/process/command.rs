@@ -1,7 +1,6 @@
 //! Running a program to completion.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -117,15 +116,15 @@ impl Command {
         Ok(Output { stdout, stderr })
     }
 
-    /// The tokio command for a run to completion. Inside a namespace it execs `nsenter
+    /// The tokio command for a run to completion or a daemon. Inside a namespace it execs `nsenter
     /// --net=<path>` rather than entering it between fork and exec: a `pre_exec` hook forces
     /// a full fork(), whose page-table copy costs a large process (an agent holding policy
     /// for 10,000 endpoints) tens of milliseconds per command; without the hook the
     /// standard library spawns with vfork semantics. nsenter execs the program, so its exit
     /// status and output are the program's.
-    fn spawn_command(&self) -> Result<tokio::process::Command, ProcessError> {
+    pub(super) fn spawn_command(&self) -> Result<tokio::process::Command, ProcessError> {
         let Some(path) = &self.netns else {
-            return self.tokio_command();
+            return Ok(self.tokio_command());
         };
         File::open(path).map_err(|source| ProcessError::Netns {
             path: path.clone(),
@@ -145,32 +144,11 @@ impl Command {
         Ok(cmd)
     }
 
-    /// The tokio command, entering the namespace between fork and exec.
-    pub(super) fn tokio_command(&self) -> Result<tokio::process::Command, ProcessError> {
+    /// The tokio command in the caller's namespace.
+    fn tokio_command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.args);
-        if let Some(path) = &self.netns {
-            let ns: OwnedFd = File::open(path)
-                .map_err(|source| ProcessError::Netns {
-                    path: path.clone(),
-                    source,
-                })?
-                .into();
-            let fd = ns.as_raw_fd();
-            // SAFETY: between fork and exec only async-signal-safe calls are allowed;
-            // setns(2) is a plain system call. The descriptor stays open in the parent
-            // (`ns` is moved into the closure, which lives as long as `cmd`).
-            unsafe {
-                cmd.pre_exec(move || {
-                    let _keep_open = &ns;
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        Ok(cmd)
+        cmd
     }
 }
 

@@ -391,10 +391,12 @@ async fn spawn(spec: &DaemonSpec, fresh: bool) -> Result<Running, ProcessError> 
         log.set_len(0).map_err(file_err("log", &log_path))?;
     }
     let err_log = log.try_clone().map_err(file_err("log", &log_path))?;
+    // Through `nsenter`, which execs the daemon in the same process: no fork() of this
+    // (large, busy) process whose copied page tables would fault on every write after.
     let mut cmd = Command::new(&spec.program)
         .args(spec.args.iter().cloned())
         .netns(spec.netns.as_deref())
-        .tokio_command()?;
+        .spawn_command()?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err_log))
