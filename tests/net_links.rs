@@ -379,3 +379,40 @@ async fn a_bridge_hands_its_traffic_to_iptables_when_asked() {
     nl.set_bridge_nf_call(br, false).await.unwrap();
     assert!(details(&ns, "tbr_nf").contains("nf_call_iptables 0"));
 }
+
+/// The kernel runs one dump at a time per netlink socket and answers a second with EBUSY
+/// (`Device or resource busy`): a connection's concurrent dumps — links, addresses,
+/// routes, neighbours, from tasks that share it — take turns instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dumps_on_one_connection_take_turns() {
+    let ns = Netns::create("dumps").unwrap();
+    let nl = ns.netlink().unwrap();
+    let br = nl.create(&NewLink::bridge("td1").up()).await.unwrap();
+    nl.add_address(br.index, "10.78.0.1/24".parse().unwrap())
+        .await
+        .unwrap();
+    for i in 0..50 {
+        nl.create(&NewLink::bridge(format!("td-{i}")))
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let nl = nl.clone();
+            tokio::spawn(async move {
+                match i % 4 {
+                    0 => nl.links().await.map(|l| l.len()),
+                    1 => nl
+                        .link_of_address(IpAddr::V4(Ipv4Addr::new(10, 78, 0, 1)))
+                        .await
+                        .map(|i| i.map_or(0, |_| 1)),
+                    2 => nl.routes().await.map(|r| r.len()),
+                    _ => nl.neighbour_table().await.map(|n| n.len()),
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}

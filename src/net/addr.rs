@@ -106,6 +106,7 @@ impl Netlink {
         op: &'static str,
         index: u32,
     ) -> NetResult<Vec<AddressMessage>> {
+        let _turn = self.dump_turn().await;
         let msgs: Vec<AddressMessage> = self
             .handle()
             .address()
@@ -137,6 +138,7 @@ impl Netlink {
 
     /// The index of the link that holds address `ip`, if any.
     pub async fn link_of_address(&self, ip: IpAddr) -> NetResult<Option<u32>> {
+        let _turn = self.dump_turn().await;
         let msgs: Vec<AddressMessage> = self
             .handle()
             .address()
@@ -203,6 +205,7 @@ impl Netlink {
 
     /// IPv4 routes of every table.
     pub async fn routes(&self) -> NetResult<Vec<Route>> {
+        let _turn = self.dump_turn().await;
         let msgs: Vec<RouteMessage> = self
             .handle()
             .route()
@@ -254,6 +257,7 @@ impl Netlink {
     /// Every neighbour entry of the namespace, in one dump (the kernel's dump is not
     /// filtered by link, so one dump serves any number of links).
     pub async fn neighbour_table(&self) -> NetResult<Vec<Neighbour>> {
+        let _turn = self.dump_turn().await;
         let msgs: Vec<NeighbourMessage> = self
             .handle()
             .neighbours()

@@ -72,6 +72,7 @@ impl Netlink {
 
     /// The forwarding-database entries of device `index`.
     pub async fn fdb(&self, index: u32) -> NetResult<Vec<FdbEntry>> {
+        let _turn = self.dump_turn().await;
         let mut get = self.handle().neighbours().get();
         get.message_mut().header.family = AddressFamily::Bridge;
         let msgs: Vec<NeighbourMessage> = get

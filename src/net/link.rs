@@ -2,6 +2,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt, stream};
 use rtnetlink::LinkUnspec;
@@ -91,6 +92,9 @@ impl Link {
 #[derive(Clone)]
 pub struct Netlink {
     handle: rtnetlink::Handle,
+    /// The kernel runs one dump at a time per netlink socket and refuses a second with
+    /// EBUSY, so dumps on this connection (and its clones) take turns.
+    dumps: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -105,7 +109,10 @@ impl Netlink {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| NetError::new("open", "netlink socket", e))?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            dumps: Arc::default(),
+        })
     }
 
     /// A connection inside the namespace at `netns` (e.g. `/run/netns/NAME`).
@@ -118,11 +125,19 @@ impl Netlink {
             Ok((conn, handle))
         })?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            dumps: Arc::default(),
+        })
     }
 
     pub fn handle(&self) -> &rtnetlink::Handle {
         &self.handle
+    }
+
+    /// This connection's turn to dump: hold it while the dump's messages are collected.
+    pub(super) async fn dump_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.dumps.lock().await
     }
 
     /// Sends one request and collects the messages the kernel answers with.
@@ -217,6 +232,7 @@ impl Netlink {
 
     /// Every link in the namespace.
     pub async fn links(&self) -> NetResult<Vec<Link>> {
+        let _turn = self.dump_turn().await;
         self.handle
             .link()
             .get()

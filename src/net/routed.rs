@@ -88,6 +88,7 @@ impl Netlink {
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
+            let _turn = self.dump_turn().await;
             let msgs: Vec<RouteMessage> = self
                 .handle()
                 .route()
