@@ -72,8 +72,14 @@ impl RunningLab {
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
+        // Already gone (and reaped by `facts`, which saw it exit): no signal, and no panic
+        // here, which during a test's unwinding would abort every test of the binary and
+        // leave the other labs' namespaces behind.
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
