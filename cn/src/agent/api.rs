@@ -316,14 +316,12 @@ impl Local {
     ) -> Result<super::instance::Started, Refused<StartFailureReason>> {
         super::instance::check_request(start)?;
         let _shared = self.dispatch.gate.read().await;
-        let started = self
+        let outcome = self
             .dispatch
             .one_per_instance(&start.instance, self.agent.start(start))
-            .await?;
-        if let Some(t) = &started.tunnel {
-            self.agent.tunnel_event(&self.client, t).await;
-        }
-        Ok(started)
+            .await;
+        self.agent.announce_start(&self.client, &outcome).await;
+        outcome
     }
 
     /// A DELETE (of one VNIC when named), alone, with its TenantRemoved.

@@ -658,17 +658,28 @@ impl Agent {
 
     async fn on_start(&self, client: &Client, req: &instance::StartRequest) {
         let span = info_span!("start", instance = %req.instance, vnic = %req.vnic, tenant = %req.tenant, subnet = %req.subnet);
-        match self.start(req).instrument(span).await {
-            Ok(started) => {
-                // A VM's queue descriptors close here: over SSNTP nobody takes them.
-                if let Some(tunnel) = &started.tunnel {
-                    self.tunnel_event(client, tunnel).await;
-                }
-            }
-            Err(refused) => {
-                self.start_failed(client, req.instance.clone(), refused)
-                    .await
-            }
+        // A VM's queue descriptors close with `outcome`: over SSNTP nobody takes them.
+        let outcome = self.start(req).instrument(span).await;
+        self.announce_start(client, &outcome).await;
+        if let Err(refused) = outcome {
+            self.start_failed(client, req.instance.clone(), refused)
+                .await
+        }
+    }
+
+    /// The TenantAdded a START owes, whether it was done or failed: its new tunnel, and
+    /// any tunnel a failed START left to other VNICs (`undo_vnic`).
+    pub(super) async fn announce_start(
+        &self,
+        client: &Client,
+        outcome: &Result<instance::Started, instance::Refused<StartFailureReason>>,
+    ) {
+        if let Ok(instance::Started {
+            tunnel: Some(tunnel),
+            ..
+        }) = outcome
+        {
+            self.tunnel_event(client, tunnel).await;
         }
         for tunnel in self.take_orphaned() {
             self.tunnel_event(client, &tunnel).await;
