@@ -37,21 +37,7 @@ pub(super) struct BatchKey {
     pub check_affinity: bool,
 }
 
-/// The requests waiting for one block's next transaction, and whether a leader serves them.
-#[derive(Debug)]
-pub(super) struct Queue<R> {
-    pending: Vec<R>,
-    leading: bool,
-}
-
-impl<R> Default for Queue<R> {
-    fn default() -> Self {
-        Queue {
-            pending: Vec::new(),
-            leading: false,
-        }
-    }
-}
+pub(super) use crate::store::group::Queue;
 
 /// Queues `request` for `key`; true when nobody leads that queue yet and the caller must
 /// start a leader.
@@ -61,9 +47,7 @@ pub(super) fn enqueue<K: Eq + Hash, R>(
     request: R,
 ) -> bool {
     let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
-    let queue = queues.entry(key).or_default();
-    queue.pending.push(request);
-    !std::mem::replace(&mut queue.leading, true)
+    queues.entry(key).or_default().push(request)
 }
 
 /// The leader's next batch for `key` (at most [`MAX_BATCH`] requests, oldest first); `None`
@@ -73,13 +57,15 @@ pub(super) fn next_batch<K: Eq + Hash, R>(
     key: &K,
 ) -> Option<Vec<R>> {
     let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
-    let queue = queues.get_mut(key)?;
-    if queue.pending.is_empty() {
+    let mut taken = 0;
+    let batch = queues.get_mut(key)?.take(|_| {
+        taken += 1;
+        taken <= MAX_BATCH
+    });
+    if batch.is_none() {
         queues.remove(key);
-        return None;
     }
-    let take = queue.pending.len().min(MAX_BATCH);
-    Some(queue.pending.drain(..take).collect())
+    batch
 }
 
 #[derive(Debug)]

@@ -13,6 +13,7 @@
 pub mod config;
 mod error;
 mod etcd;
+pub mod group;
 mod memory;
 pub mod status;
 
@@ -26,6 +27,7 @@ use futures::Stream;
 pub use config::{ConfigError, DatastoreConfig};
 pub use error::{StoreError, StoreResult};
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
+pub use group::GroupedStore;
 pub use memory::MemoryStore;
 pub use status::LeasedKey;
 

@@ -126,6 +126,8 @@ pub async fn run(
         return Err(AgentError::Role { held });
     }
     let span = info_span!("cn_agent", uuid = %config.uuid, host = %config.host);
+    // Concurrent STARTs read and write their endpoints in shared transactions.
+    let store = tenet::store::GroupedStore::wrap(store);
     // With metrics on, every etcd call is timed.
     let (store, store_latency) = match config.metrics_address {
         Some(_) => {
