@@ -738,6 +738,56 @@ async fn a_burst_into_a_new_subnet_reserves_its_edges_once() {
     assert!(conflicts < BURST as u64 / 4, "{conflicts} compares lost");
 }
 
+/// A new subnet's network, gateway and broadcast addresses span two blocks but share one
+/// handle: reserved in one transaction, not one per block racing for that handle.
+#[tokio::test]
+async fn a_new_subnets_edges_are_reserved_in_one_transaction() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_etcd, store) = setup().await;
+    let subnet: ipnetwork::Ipv4Network = "172.16.4.0/24".parse().unwrap();
+    let ipam = Ipam::for_tenant(store.clone(), "fresh");
+    let ip = ipam
+        .assign_in_subnet(subnet, "node1", "vnic-1", None, BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        ip,
+        subnet.nth(2).unwrap(),
+        "the first address after the gateway"
+    );
+    let stats = ipam.stats();
+    assert_eq!(
+        (
+            stats.transactions.load(Relaxed),
+            stats.conflicts.load(Relaxed)
+        ),
+        (2, 0),
+        "one transaction for the edges (both blocks), one for the address; no compare lost"
+    );
+    let reserved = tenet::ipam::IpamScope::Tenant("fresh".into()).root()
+        + &handle_key(&tenet::ipam::reserved_handle(&subnet))["/calico/ipam/v2/".len()..];
+    let value: IpamHandle =
+        serde_json::from_slice(&store.get(&reserved).await.unwrap().unwrap().value).unwrap();
+    assert_eq!(
+        value.block.into_iter().collect::<Vec<_>>(),
+        [
+            ("172.16.4.0/26".to_string(), 2),
+            ("172.16.4.192/26".to_string(), 1)
+        ],
+        "network and gateway in the first block, broadcast in the last"
+    );
+    let again = ipam
+        .assign_in_subnet(subnet, "node1", "vnic-2", None, BTreeMap::new())
+        .await
+        .unwrap();
+    assert_eq!(again, subnet.nth(3).unwrap());
+    assert_eq!(
+        stats.transactions.load(Relaxed),
+        3,
+        "reserved once per subnet"
+    );
+}
+
 /// `check` in a tenant's scope: an address no endpoint of that tenant uses is a leak, named
 /// with its block's host — even when another tenant's endpoint has the same address — and
 /// the subnet's reserved addresses are not; `repair` releases the leak.

@@ -11,10 +11,17 @@ use tracing::debug;
 use super::cache::{Seen, SeenHandle, parse_block, parse_handle_opt};
 use super::{
     Ipam, IpamError, IpamResult, MAX_RETRIES, Owner, address, backoff, block_of, blocks_in,
-    empty_block, handle_ops, json, nth_block, ordinal,
+    empty_block, handle_ops, handle_ops_many, json, nth_block, ordinal,
 };
 use crate::calico::IpamConfig;
 use crate::store::{Compare, Revision, Txn, TxnOp, TxnOutcome};
+
+/// What a compare of [`Ipam::assign_in_blocks`]'s transaction is about.
+enum Compared {
+    Block(IpNetwork),
+    Affinity(IpNetwork),
+    Handle,
+}
 
 /// A request for automatically chosen addresses.
 #[derive(Clone, Debug, Default)]
@@ -394,14 +401,15 @@ impl Ipam {
         attributes: BTreeMap<String, String>,
         host: &str,
     ) -> IpamResult<()> {
-        self.assign_in_block(&[ip], handle, attributes, host, false)
+        self.assign_in_blocks(&[ip], handle, attributes, host, false)
             .await
             .map(|_| ())
     }
 
-    /// Assigns those of `ips` (all in one block) that are still free, in one transaction,
-    /// and returns how many that was: an address already assigned is left as it is. For
-    /// reservations, which only need the addresses taken.
+    /// Assigns those of `ips` that are still free, in one transaction whatever blocks they
+    /// are in, and returns how many that was: an address already assigned is left as it is.
+    /// For reservations, which only need the addresses taken (a subnet's network and gateway
+    /// addresses are in its first block, its broadcast address in its last).
     pub(super) async fn assign_if_free(
         &self,
         ips: &[IpAddr],
@@ -409,13 +417,15 @@ impl Ipam {
         attributes: BTreeMap<String, String>,
         host: &str,
     ) -> IpamResult<usize> {
-        self.assign_in_block(ips, Some(handle), attributes, host, true)
+        self.assign_in_blocks(ips, Some(handle), attributes, host, true)
             .await
     }
 
-    /// [`Self::assign_ip`] for several addresses of one block: all in one transaction. An
-    /// address already assigned is skipped when `skip_assigned`, an error otherwise.
-    async fn assign_in_block(
+    /// [`Self::assign_ip`] for several addresses: all in one transaction, which compares and
+    /// writes each block involved (creating a missing one with `host`'s affinity) and the
+    /// handle once. An address already assigned is skipped when `skip_assigned`, an error
+    /// otherwise.
+    async fn assign_in_blocks(
         &self,
         ips: &[IpAddr],
         handle: Option<&str>,
@@ -426,22 +436,31 @@ impl Ipam {
         if host.is_empty() {
             return Err(IpamError::NoHost);
         }
-        let Some(&ip) = ips.first() else {
-            return Ok(0);
-        };
-        let cidr = block_of(ip);
-        if let Some(other) = ips.iter().find(|i| block_of(**i) != cidr) {
-            return Err(IpamError::NotInPool(*other));
+        let mut by_block: BTreeMap<IpNetwork, BTreeSet<IpAddr>> = BTreeMap::new();
+        for ip in ips {
+            by_block.entry(block_of(*ip)).or_default().insert(*ip);
         }
-        let ips = ips.iter().copied().collect::<BTreeSet<_>>();
+        if by_block.is_empty() {
+            return Ok(0);
+        }
         // A tenant's caller checks the address against its subnet (`assign_in_subnet`).
         if self.scope == super::IpamScope::Calico {
-            let pools = self.enabled_pools(ip.is_ipv4()).await?;
-            if let Some(ip) = ips
-                .iter()
-                .find(|ip| !pools.iter().any(|p| p.contains(**ip)))
-            {
-                return Err(IpamError::NotInPool(*ip));
+            for v4 in [true, false] {
+                let of_family: Vec<IpAddr> = ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .collect();
+                if of_family.is_empty() {
+                    continue;
+                }
+                let pools = self.enabled_pools(v4).await?;
+                if let Some(ip) = of_family
+                    .into_iter()
+                    .find(|ip| !pools.iter().any(|p| p.contains(*ip)))
+                {
+                    return Err(IpamError::NotInPool(ip));
+                }
             }
         }
         let config = self.config().await?;
@@ -449,83 +468,112 @@ impl Ipam {
             handle: handle.map(str::to_string),
             attributes,
         };
-        let (mut seen, mut seen_handle) = self.read(&cidr, handle).await?;
-        let mut affinity_rev = 0;
+        let cidrs: Vec<IpNetwork> = by_block.keys().copied().collect();
+        let (mut seen, mut seen_handle) = self.read_blocks(&cidrs, handle).await?;
+        // The affinity key's revision, per block, for blocks to create.
+        let mut affinity_rev: BTreeMap<IpNetwork, Revision> = BTreeMap::new();
         for attempt in 0..MAX_RETRIES {
-            let bkey = self.bkey(&cidr);
-            let (mut block, mut txn) = match &seen {
-                Some(s) => {
-                    if s.block.strict_affinity && !s.block.allows(host, true) {
-                        return Err(IpamError::AffinityMismatch {
-                            block: cidr,
-                            affinity: s.block.affinity.clone().unwrap_or_default(),
-                            host: host.into(),
-                        });
+            let mut txn = Txn::new();
+            // What each compare is about, to read the answer of a failed transaction.
+            let mut compared: Vec<Compared> = Vec::new();
+            let mut written: Vec<(IpNetwork, crate::calico::AllocationBlock, bool)> = Vec::new();
+            let mut deltas: Vec<(IpNetwork, i64)> = Vec::new();
+            for ((cidr, wanted), current) in by_block.iter().zip(&seen) {
+                let bkey = self.bkey(cidr);
+                let mut block = match current {
+                    Some(s) => {
+                        if s.block.strict_affinity && !s.block.allows(host, true) {
+                            return Err(IpamError::AffinityMismatch {
+                                block: *cidr,
+                                affinity: s.block.affinity.clone().unwrap_or_default(),
+                                host: host.into(),
+                            });
+                        }
+                        s.block.clone()
                     }
-                    (
-                        s.block.clone(),
-                        Txn::new().when(Compare::revision(bkey.clone(), s.revision)),
-                    )
+                    None => empty_block(*cidr, Some(host), config.strict_affinity),
+                };
+                let mut assigned = 0;
+                for ip in wanted {
+                    if block.assign_ordinal(ordinal(cidr, *ip), &owner) {
+                        assigned += 1;
+                    } else if !skip_assigned {
+                        return Err(IpamError::AlreadyAssigned(*ip));
+                    }
                 }
-                None => {
-                    let akey = self.akey(host, &cidr);
-                    let txn = Txn::new()
-                        .when(Compare::absent(bkey.clone()))
-                        .when(Compare::revision(akey.clone(), affinity_rev))
-                        .then(TxnOp::put(akey, "{}"));
-                    (empty_block(cidr, Some(host), config.strict_affinity), txn)
+                if assigned == 0 {
+                    continue;
                 }
-            };
-            let mut assigned = 0;
-            for ip in &ips {
-                if block.assign_ordinal(ordinal(&cidr, *ip), &owner) {
-                    assigned += 1;
-                } else if !skip_assigned {
-                    return Err(IpamError::AlreadyAssigned(*ip));
+                match current {
+                    Some(s) => {
+                        txn = txn.when(Compare::revision(bkey, s.revision));
+                        compared.push(Compared::Block(*cidr));
+                    }
+                    None => {
+                        let akey = self.akey(host, cidr);
+                        let rev = affinity_rev.get(cidr).copied().unwrap_or(0);
+                        txn = txn
+                            .when(Compare::absent(bkey))
+                            .when(Compare::revision(akey.clone(), rev))
+                            .then(TxnOp::put(akey, "{}"));
+                        compared.push(Compared::Block(*cidr));
+                        compared.push(Compared::Affinity(*cidr));
+                    }
                 }
+                deltas.push((*cidr, assigned));
+                written.push((*cidr, block, current.is_none()));
             }
-            if assigned == 0 {
+            if written.is_empty() {
                 return Ok(0);
             }
             if let Some(h) = handle {
-                let (cmp, op) = handle_ops(self.hkey(h), h, &seen_handle, &cidr, assigned as i64);
+                let (cmp, op) = handle_ops_many(self.hkey(h), h, &seen_handle, &deltas);
                 txn = txn.when(cmp);
                 txn.ops.extend(op);
+                compared.push(Compared::Handle);
             }
-            let creating = seen.is_none();
-            txn = txn.then(TxnOp::put(bkey, json(&block)));
+            for (cidr, block, _) in &written {
+                txn = txn.then(TxnOp::put(self.bkey(cidr), json(block)));
+            }
             match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
-                    self.remember(cidr, Some(Seen { block, revision }));
-                    self.count_assigned(assigned);
-                    if creating {
-                        // Claimed for `host` just now: the next allocations find the block
-                        // without listing the host's affinities.
-                        let v4 = cidr.is_ipv4();
-                        let mut affine = self.cached_affine(host, v4).unwrap_or_default();
-                        if !affine.contains(&cidr) {
-                            affine.insert(affine.partition_point(|c| *c < cidr), cidr);
-                            self.set_affine(host, v4, Some(affine));
+                    let assigned: i64 = deltas.iter().map(|(_, n)| n).sum();
+                    self.count_assigned(assigned as usize);
+                    for (cidr, block, created) in written {
+                        self.remember(cidr, Some(Seen { block, revision }));
+                        if created {
+                            // Claimed for `host` just now: the next allocations find the
+                            // block without listing the host's affinities.
+                            let v4 = cidr.is_ipv4();
+                            let mut affine = self.cached_affine(host, v4).unwrap_or_default();
+                            if !affine.contains(&cidr) {
+                                affine.insert(affine.partition_point(|c| *c < cidr), cidr);
+                                self.set_affine(host, v4, Some(affine));
+                            }
                         }
                     }
-                    return Ok(assigned);
+                    return Ok(assigned as usize);
                 }
                 TxnOutcome::Failed { current } => {
-                    seen = current[0].as_ref().map(parse_block).transpose()?;
-                    let handle_at = if creating {
-                        affinity_rev = current[1].as_ref().map_or(0, |kv| kv.mod_revision);
-                        2
-                    } else {
-                        1
-                    };
-                    seen_handle =
-                        parse_handle_opt(current.get(handle_at).and_then(Option::as_ref))?;
+                    for (what, kv) in compared.iter().zip(&current) {
+                        match what {
+                            Compared::Block(cidr) => {
+                                let i = cidrs.binary_search(cidr).expect("a block of the call");
+                                seen[i] = kv.as_ref().map(parse_block).transpose()?;
+                            }
+                            Compared::Affinity(cidr) => {
+                                affinity_rev
+                                    .insert(*cidr, kv.as_ref().map_or(0, |kv| kv.mod_revision));
+                            }
+                            Compared::Handle => seen_handle = parse_handle_opt(kv.as_ref())?,
+                        }
+                    }
                     backoff(attempt).await;
                 }
             }
         }
         Err(IpamError::MaxRetries {
-            key: self.bkey(&cidr),
+            key: self.bkey(&cidrs[0]),
         })
     }
 

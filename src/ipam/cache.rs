@@ -83,6 +83,25 @@ impl Ipam {
         };
     }
 
+    /// Reads blocks and (optionally) a handle in one round trip.
+    pub(super) async fn read_blocks(
+        &self,
+        cidrs: &[IpNetwork],
+        handle: Option<&str>,
+    ) -> IpamResult<(Vec<Option<Seen>>, SeenHandle)> {
+        let mut keys: Vec<String> = cidrs.iter().map(|c| self.bkey(c)).collect();
+        keys.extend(handle.map(|h| self.hkey(h)));
+        let got = self.store.get_many(&keys).await?;
+        let mut seen = Vec::with_capacity(cidrs.len());
+        for (cidr, kv) in cidrs.iter().zip(&got) {
+            let block = kv.as_ref().map(parse_block).transpose()?;
+            self.remember(*cidr, block.clone());
+            seen.push(block);
+        }
+        let handle = parse_handle_opt(got.get(cidrs.len()).and_then(Option::as_ref))?;
+        Ok((seen, handle))
+    }
+
     /// Reads a block and (optionally) a handle in one round trip.
     pub(super) async fn read(
         &self,

@@ -138,16 +138,28 @@ pub(super) fn handle_ops(
     block: &IpNetwork,
     delta: i64,
 ) -> (Compare, Option<TxnOp>) {
+    handle_ops_many(key, handle, seen, &[(*block, delta)])
+}
+
+/// [`handle_ops`] for changes in several blocks at once.
+pub(super) fn handle_ops_many(
+    key: String,
+    handle: &str,
+    seen: &SeenHandle,
+    deltas: &[(IpNetwork, i64)],
+) -> (Compare, Option<TxnOp>) {
     let (mut value, revision) = seen.clone().unwrap_or_default();
-    let cidr = block.to_string();
-    let count = value.block.get(&cidr).copied().unwrap_or(0) as i64 + delta;
-    if count < 0 {
-        warn!(handle, block = %cidr, "handle count was lower than the addresses released; clamping");
-    }
-    if count <= 0 {
-        value.block.remove(&cidr);
-    } else {
-        value.block.insert(cidr, count as u64);
+    for (block, delta) in deltas {
+        let cidr = block.to_string();
+        let count = value.block.get(&cidr).copied().unwrap_or(0) as i64 + delta;
+        if count < 0 {
+            warn!(handle, block = %cidr, "handle count was lower than the addresses released; clamping");
+        }
+        if count <= 0 {
+            value.block.remove(&cidr);
+        } else {
+            value.block.insert(cidr, count as u64);
+        }
     }
     let compare = Compare::revision(key.clone(), revision);
     let op = if value.block.is_empty() {

@@ -108,26 +108,17 @@ impl Ipam {
     }
 
     /// Allocates the subnet's reserved addresses to its reserved handle (those already
-    /// allocated stay as they are): one transaction per block, the blocks in parallel (the
-    /// broadcast address is in another block than the network and gateway addresses unless
-    /// the subnet is one block).
+    /// allocated stay as they are), in one transaction: the broadcast address is in another
+    /// block than the network and gateway addresses unless the subnet is one block, and
+    /// one transaction per block would have the two race for the handle they share.
     async fn reserve_edges_now(&self, subnet: &Ipv4Network, host: &str) -> IpamResult<()> {
         let handle = reserved_handle(subnet);
         let attributes = BTreeMap::from([("tenet.reserved".to_string(), subnet.to_string())]);
-        let mut by_block: BTreeMap<IpNetwork, Vec<IpAddr>> = BTreeMap::new();
-        for ip in reserved_addresses(subnet) {
-            let ip = IpAddr::V4(ip);
-            by_block
-                .entry(super::block::block_of(ip))
-                .or_default()
-                .push(ip);
-        }
-        let reservations = by_block
-            .values()
-            .map(|ips| self.assign_if_free(ips, &handle, attributes.clone(), host));
-        for done in futures::future::join_all(reservations).await {
-            done?;
-        }
+        let ips: Vec<IpAddr> = reserved_addresses(subnet)
+            .into_iter()
+            .map(IpAddr::V4)
+            .collect();
+        self.assign_if_free(&ips, &handle, attributes, host).await?;
         Ok(())
     }
 }
