@@ -74,7 +74,7 @@ impl Command {
     /// Runs the program to completion. A non-zero exit is an error quoting the end of its
     /// stderr; a program that cannot be started is an error naming it.
     pub async fn run(&self) -> Result<Output, ProcessError> {
-        let mut cmd = self.spawn_command()?;
+        let mut cmd = self.tokio_command();
         cmd.stdin(if self.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -82,7 +82,7 @@ impl Command {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| spawn_error(&self.program, e))?;
+        let mut child = self.spawn(cmd)?;
         if let Some(input) = &self.stdin {
             let mut pipe = child.stdin.take().expect("piped");
             // A program that exits without reading all of its input fails below with its
@@ -116,56 +116,55 @@ impl Command {
         Ok(Output { stdout, stderr })
     }
 
-    /// The tokio command for a run to completion or a daemon. Inside a namespace it execs `nsenter
-    /// --net=<path>` rather than entering it between fork and exec: a `pre_exec` hook forces
-    /// a full fork(), whose page-table copy costs a large process (an agent holding policy
-    /// for 10,000 endpoints) tens of milliseconds per command; without the hook the
-    /// standard library spawns with vfork semantics. nsenter execs the program, so its exit
-    /// status and output are the program's.
-    pub(super) fn spawn_command(&self) -> Result<tokio::process::Command, ProcessError> {
-        let Some(path) = &self.netns else {
-            return Ok(self.tokio_command());
-        };
-        File::open(path).map_err(|source| ProcessError::Netns {
-            path: path.clone(),
-            source,
-        })?;
-        if !on_path(&self.program) {
-            return Err(spawn_error(
-                &self.program,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            ));
-        }
-        let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", path.display()))
-            .arg("--")
-            .arg(&self.program)
-            .args(&self.args);
-        Ok(cmd)
-    }
-
-    /// The tokio command in the caller's namespace.
-    fn tokio_command(&self) -> tokio::process::Command {
+    /// The tokio command for the program, to be started by [`Self::spawn`].
+    pub(super) fn tokio_command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.args);
         cmd
     }
-}
 
-/// Whether `program` names an executable file (a path, or a name found on `PATH`), so that a
-/// missing program is reported as such and not as nsenter's failure.
-fn on_path(program: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        p.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if program.contains('/') {
-        return executable(Path::new(program));
+    /// Starts `cmd` (made by [`Self::tokio_command`], then given its stdio) in the command's
+    /// network namespace. A thread of its own enters the namespace (`setns` moves only the
+    /// calling thread) and spawns from there, and a child starts in its parent thread's
+    /// namespaces. Entering it between fork and exec instead (a `pre_exec` hook) would force
+    /// a full fork(), whose page-table copy costs a large process (an agent holding policy
+    /// for 10,000 endpoints) tens of milliseconds; exec'ing `nsenter` first costs every
+    /// command a second exec. From the thread the standard library spawns with vfork
+    /// semantics, so the program is exec'ed straight away.
+    pub(super) fn spawn(
+        &self,
+        mut cmd: tokio::process::Command,
+    ) -> Result<tokio::process::Child, ProcessError> {
+        let Some(path) = &self.netns else {
+            return cmd.spawn().map_err(|e| spawn_error(&self.program, e));
+        };
+        let netns = File::open(path).map_err(|source| ProcessError::Netns {
+            path: path.clone(),
+            source,
+        })?;
+        // The child is registered with this runtime's process driver (for its exit).
+        let runtime = tokio::runtime::Handle::current();
+        let spawned = std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                        |e| ProcessError::Netns {
+                            path: path.clone(),
+                            source: e.into(),
+                        },
+                    )?;
+                    let _entered = runtime.enter();
+                    cmd.spawn().map_err(|e| spawn_error(&self.program, e))
+                })
+                .join()
+        });
+        spawned.unwrap_or_else(|_| {
+            Err(ProcessError::Netns {
+                path: path.clone(),
+                source: std::io::Error::other("the thread entering the namespace panicked"),
+            })
+        })
     }
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
-    })
 }
 
 pub(super) fn spawn_error(program: &str, source: std::io::Error) -> ProcessError {

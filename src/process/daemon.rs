@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::command::{Command, spawn_error};
+use super::command::Command;
 use super::{DEFAULT_RUN_DIR, ProcessError, procfs, tail};
 
 /// When a daemon counts as started.
@@ -391,18 +391,16 @@ async fn spawn(spec: &DaemonSpec, fresh: bool) -> Result<Running, ProcessError> 
         log.set_len(0).map_err(file_err("log", &log_path))?;
     }
     let err_log = log.try_clone().map_err(file_err("log", &log_path))?;
-    // Through `nsenter`, which execs the daemon in the same process: no fork() of this
-    // (large, busy) process whose copied page tables would fault on every write after.
-    let mut cmd = Command::new(&spec.program)
+    let command = Command::new(&spec.program)
         .args(spec.args.iter().cloned())
-        .netns(spec.netns.as_deref())
-        .spawn_command()?;
+        .netns(spec.netns.as_deref());
+    let mut cmd = command.tokio_command();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err_log))
         // Its own process group: a Ctrl-C meant for the agent does not reach it.
         .process_group(0);
-    let child = cmd.spawn().map_err(|e| spawn_error(&spec.program, e))?;
+    let child = command.spawn(cmd)?;
     let pid = child.id().unwrap_or(0);
     let pid_file = spec.pid_file();
     let tmp = pid_file.with_extension("pid.tmp");
