@@ -37,11 +37,12 @@ use tenet::net::tunnel::BackendChoice;
 use tenet::store::Datastore;
 use tenet::testbed::{EtcdServer, Fabric};
 use tenet_cn::{CnConfig, ComputeNode, VnicConfig, VnicRole};
-use tokio::sync::{Mutex, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench")
         .enable_all()
         .build()
         .unwrap();
@@ -49,7 +50,8 @@ fn main() {
 }
 
 /// Runs `f` to completion on a 2-thread runtime of its own, on a thread of its own.
-fn on_own_runtime<F>(f: F) -> std::thread::JoinHandle<F::Output>
+/// Its threads carry `name`, so a profile tells the agents apart.
+fn on_own_runtime<F>(name: &'static str, f: F) -> std::thread::JoinHandle<F::Output>
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
@@ -57,6 +59,7 @@ where
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name(name)
             .enable_all()
             .build()
             .unwrap()
@@ -84,6 +87,14 @@ struct Seen {
     attached: HashMap<Ipv4Network, Instant>,
 }
 
+/// What the watch has seen, and the wake-up of the starts that wait on it: they do not
+/// poll, because the bench shares the machine's two cores with what it measures.
+#[derive(Default)]
+struct Watched {
+    seen: std::sync::Mutex<Seen>,
+    changed: tokio::sync::Notify,
+}
+
 struct Outcome {
     to_endpoint: Vec<Duration>,
     to_attached: Vec<Duration>,
@@ -95,7 +106,7 @@ struct Outcome {
 /// Sends `n` STARTs with `concurrency` outstanding; waits for each to be attached.
 async fn starts(
     controller: &Peer,
-    seen: &Arc<Mutex<Seen>>,
+    watched: &Arc<Watched>,
     conc: &Uuid,
     conc_ip: Ipv4Addr,
     n: usize,
@@ -127,15 +138,17 @@ async fn starts(
             .send_command(Command::Start, start.to_yaml())
             .await
             .unwrap();
-        let seen = seen.clone();
+        let watched = watched.clone();
         tasks.push(tokio::spawn(async move {
             let deadline = sent + Duration::from_secs(60);
             // The compute node's part ends with the endpoint: the next START may go.
             let mut permit = Some(permit);
             let mut endpoint = None;
             loop {
+                // Made before looking, so that a change after the look still wakes it.
+                let changed = watched.changed.notified();
                 {
-                    let s = seen.lock().await;
+                    let s = watched.seen.lock().unwrap();
                     if endpoint.is_none()
                         && let Some(e) = s.endpoint.get(&vnic)
                     {
@@ -148,8 +161,8 @@ async fn starts(
                         return (e - sent, a - sent, e, a);
                     }
                 }
-                assert!(Instant::now() < deadline, "start {vnic} not done in 60 s");
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                let waited = tokio::time::timeout_at(deadline.into(), changed).await;
+                assert!(waited.is_ok(), "start {vnic} not done in 60 s");
             }
         }));
     }
@@ -241,21 +254,25 @@ async fn run() {
     let cn_host = fabric.add_host("cn").await.unwrap();
     let conc_host = fabric.add_host("conc").await.unwrap();
     let lib_host = fabric.add_host("lib").await.unwrap();
-    let run_dir = tempfile::tempdir().unwrap();
+    // The agents' run directories on tmpfs, as /run is on a systemd host (this machine's /run
+    // is on its disk, where creating files in a directory with recent deletions is slow).
+    let run_dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
     let servers = vec![sched.local_addr().to_string()];
     let (conc_uuid, cn_uuid) = (Uuid::new_v4(), Uuid::new_v4());
 
     // Watch what the agents write: endpoints and the concentrator's attachments.
-    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watched = Arc::new(Watched::default());
     let mut watch = store.watch("/", 0).await.unwrap();
     let attach_prefix = format!("/tenet/v1/cnci/{conc_uuid}/attach/");
     {
-        let seen = seen.clone();
+        let watched = watched.clone();
         tokio::spawn(async move {
             while let Some(Ok(ev)) = watch.next().await {
                 let now = Instant::now();
                 let key = ev.key.clone();
-                let mut s = seen.lock().await;
+                let mut s = watched.seen.lock().unwrap();
                 if let Some(rest) = key.strip_prefix(&attach_prefix) {
                     if let Some((net, _)) = rest.split_once('/')
                         && let Some((a, p)) = net.rsplit_once('-')
@@ -269,6 +286,8 @@ async fn run() {
                     let vnic = key.rsplit('/').next().unwrap().to_string();
                     s.endpoint.entry(vnic).or_insert(now);
                 }
+                drop(s);
+                watched.changed.notify_waiters();
             }
         });
     }
@@ -277,46 +296,52 @@ async fn run() {
     let mut cc = cnci_config(&conc_host, &conc_uuid.to_string(), "t1", run_dir.path());
     cc.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];
     // Each agent on a runtime of its own, as the separate processes they are in production.
-    let conc_agent = on_own_runtime(tenet_cnci::agent::run(
-        tenet_cnci::agent::AgentConfig {
-            concentrator: cc.clone(),
-            servers: servers.clone(),
-            identity: pki.identity(Role::CNCIAGENT),
-            uuid: conc_uuid,
-            mesh_cidr: None,
-            status_ttl: Duration::from_secs(10),
-            metrics_address: None,
-        },
-        store.clone(),
-        async {
-            let _ = conc_stopped.await;
-        },
-    ));
+    let conc_agent = on_own_runtime(
+        "cnci-agent",
+        tenet_cnci::agent::run(
+            tenet_cnci::agent::AgentConfig {
+                concentrator: cc.clone(),
+                servers: servers.clone(),
+                identity: pki.identity(Role::CNCIAGENT),
+                uuid: conc_uuid,
+                mesh_cidr: None,
+                status_ttl: Duration::from_secs(10),
+                metrics_address: None,
+            },
+            store.clone(),
+            async {
+                let _ = conc_stopped.await;
+            },
+        ),
+    );
     let (stop_cn, cn_stopped) = oneshot::channel::<()>();
     let mut node = CnConfig::new(&cn_uuid.to_string());
     node.netns = Some(cn_host.path());
     node.tunnel = BackendChoice::Userspace;
     node.max_parallel = 16;
-    let cn_agent = on_own_runtime(tenet_cn::agent::run(
-        tenet_cn::agent::AgentConfig {
-            node,
-            servers,
-            identity: pki.identity(Role::AGENT),
-            uuid: cn_uuid,
-            host: "cn-1".into(),
-            orchestrator: "ciao".into(),
-            status_ttl: Duration::from_secs(10),
-            api_socket: None,
-            docker_socket: None,
-            metrics_address: None,
-            policy: false,
-            routed: None,
-        },
-        store.clone(),
-        async {
-            let _ = cn_stopped.await;
-        },
-    ));
+    let cn_agent = on_own_runtime(
+        "cn-agent",
+        tenet_cn::agent::run(
+            tenet_cn::agent::AgentConfig {
+                node,
+                servers,
+                identity: pki.identity(Role::AGENT),
+                uuid: cn_uuid,
+                host: "cn-1".into(),
+                orchestrator: "ciao".into(),
+                status_ttl: Duration::from_secs(10),
+                api_socket: None,
+                docker_socket: None,
+                metrics_address: None,
+                policy: false,
+                routed: None,
+            },
+            store.clone(),
+            async {
+                let _ = cn_stopped.await;
+            },
+        ),
+    );
     let controller = Peer::start(&pki, Role::CONTROLLER, sched.local_addr()).await;
     // Both agents up: their status keys are there.
     for uuid in [conc_uuid, cn_uuid] {
@@ -354,7 +379,7 @@ async fn run() {
         .collect();
     let mut outcomes = Vec::new();
     for r in &runs {
-        outcomes.push(starts(&controller, &seen, &conc_uuid, ip, n, r).await);
+        outcomes.push(starts(&controller, &watched, &conc_uuid, ip, n, r).await);
     }
 
     let mut lib_config = CnConfig::new("lib");

@@ -7,6 +7,16 @@
 //!   bridges carry would pass iptables a second time, which breaks hairpin NAT (a workload
 //!   reaching another through a port forward). The concentrator polices nothing at the
 //!   bridge level; compute nodes do.
+//!
+//! Those two when the concentrator routes (edge, mesh, VXLAN subnets); this one with its first
+//! subnet:
+//!
+//! * `net.ipv6.conf.default.disable_ipv6 = 1`: the interfaces it makes from then on (bridges,
+//!   tunnel ports) get no IPv6. Tenant subnets are IPv4, and every IPv6 route the kernel
+//!   would add for them (ff00::/8 on each bridge and port) is a message to each subnet's
+//!   dnsmasq, which always listens to the route groups: with hundreds of subnets that woke
+//!   every dnsmasq for each new one, and took more CPU than attaching the subnets did.
+//!   Interfaces that exist already (uplink, compute) keep theirs.
 
 use std::path::PathBuf;
 
@@ -16,24 +26,39 @@ use tracing::info;
 use crate::concentrator::Inner;
 use crate::error::CnciError;
 
-const WANTED: [(&str, &str); 2] = [
+const FOR_ROUTING: [(&str, &str); 2] = [
     ("net.ipv4.ip_forward", "1"),
     ("net.bridge.bridge-nf-call-iptables", "0"),
 ];
+
+const FOR_SUBNETS: [(&str, &str); 1] = [("net.ipv6.conf.default.disable_ipv6", "1")];
 
 fn memo_dir(inner: &Inner) -> PathBuf {
     inner.config.run_dir.join("sysctl")
 }
 
-/// Sets every setting the concentrator needs, remembering the old values. A setting the
-/// kernel does not have (no br_netfilter) is skipped.
+/// Sets the settings a routing concentrator needs, remembering the old values. A setting
+/// the kernel does not have (no br_netfilter) is skipped.
 pub(crate) fn ensure(inner: &Inner) -> Result<(), CnciError> {
+    apply(inner, &FOR_ROUTING, &inner.settings_ready)
+}
+
+/// Sets the settings a concentrator with subnets needs (before it makes the first one).
+pub(crate) fn ensure_for_subnets(inner: &Inner) -> Result<(), CnciError> {
+    apply(inner, &FOR_SUBNETS, &inner.subnet_settings_ready)
+}
+
+fn apply(
+    inner: &Inner,
+    wanted: &[(&str, &str)],
+    ready: &std::sync::atomic::AtomicBool,
+) -> Result<(), CnciError> {
     use std::sync::atomic::Ordering;
-    if inner.settings_ready.load(Ordering::Acquire) {
+    if ready.load(Ordering::Acquire) {
         return Ok(());
     }
     let netns = inner.config.netns.as_deref();
-    for (key, value) in WANTED {
+    for &(key, value) in wanted {
         let Ok(current) = sysctl::read(netns, key) else {
             continue;
         };
@@ -50,15 +75,15 @@ pub(crate) fn ensure(inner: &Inner) -> Result<(), CnciError> {
         sysctl::write(netns, key, value)?;
         info!(key, was = %current, now = value, "namespace setting changed");
     }
-    inner.settings_ready.store(true, Ordering::Release);
+    ready.store(true, Ordering::Release);
     Ok(())
 }
 
-/// Puts back every setting `ensure` changed.
+/// Puts back every setting `ensure` and `ensure_for_subnets` changed.
 pub(crate) fn restore(inner: &Inner) -> Result<(), CnciError> {
-    inner
-        .settings_ready
-        .store(false, std::sync::atomic::Ordering::Release);
+    for ready in [&inner.settings_ready, &inner.subnet_settings_ready] {
+        ready.store(false, std::sync::atomic::Ordering::Release);
+    }
     let dir = memo_dir(inner);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(());

@@ -60,6 +60,15 @@ async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
     let attached = conc.attach_remote_subnet(&remote(&added)).await.unwrap();
     assert!(attached.new_subnet && attached.new_tunnel);
     let pid = conc.subnets().await[0].dhcp_pid.expect("dnsmasq runs");
+    // The interfaces the concentrator made have no IPv6, so no IPv6 route of theirs wakes
+    // the subnets' dnsmasqs (each listens to every route change in the namespace).
+    let routes6 = conc_host
+        .run(&["ip", "-6", "route", "show", "table", "all"])
+        .unwrap();
+    assert!(
+        !routes6.lines().any(|l| l.contains(" dev tc")),
+        "an IPv6 route on a concentrator's interface:\n{routes6}"
+    );
     // (Before DHCP, whose client script flushes eth0.) The tenant's segment holds no IPv6 address of the compute node's or the concentrator's
     // (bridges and tunnels are L2 only): only the workload itself answers all-nodes.
     assert_eq!(
@@ -145,8 +154,21 @@ async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
             "VXLAN subnets route between compute nodes"
         );
     }
+    let ipv6_default = || {
+        tenet::net::sysctl::read(
+            Some(&conc_host.path()),
+            "net.ipv6.conf.default.disable_ipv6",
+        )
+        .unwrap()
+    };
+    assert_eq!(ipv6_default(), "1", "new interfaces get no IPv6");
     conc.reset().await.unwrap();
     assert_eq!(forwarding(), "0", "reset restores forwarding");
+    assert_eq!(
+        ipv6_default(),
+        "0",
+        "reset restores IPv6 for new interfaces"
+    );
     assert!(
         std::fs::read_dir(run.path()).unwrap().next().is_none(),
         "files removed"

@@ -98,6 +98,8 @@ pub(crate) struct Inner {
     /// Whether the namespace settings (`crate::sysctls`) are in place; checked once, not on
     /// every firewall change.
     pub settings_ready: std::sync::atomic::AtomicBool,
+    /// The settings subnets need (`sysctls::ensure_for_subnets`) are in place.
+    pub subnet_settings_ready: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -232,6 +234,7 @@ impl Concentrator {
             edge: tokio::sync::Mutex::new(EdgeState::default()),
             mesh: tokio::sync::Mutex::new(mesh::MeshState::default()),
             settings_ready: std::sync::atomic::AtomicBool::new(false),
+            subnet_settings_ready: std::sync::atomic::AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();

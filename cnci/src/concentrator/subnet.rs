@@ -120,6 +120,7 @@ pub(crate) async fn create(
     key: TunnelKey,
 ) -> Result<SubnetState, CnciError> {
     let netlink = &inner.netlink;
+    crate::sysctls::ensure_for_subnets(inner)?;
     let bridge = OWNERSHIP.fresh_name(netlink, names::BRIDGE).await?;
     let index = netlink
         .create_index(
