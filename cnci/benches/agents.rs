@@ -19,6 +19,12 @@
 //! key, one transaction for the address, write the endpoint) alone at the same concurrency,
 //! on the same etcd — the rate no agent writing its state to etcd can pass.
 //!
+//! Everything shares this machine's cores: etcd, the scheduler, the concentrator and its
+//! dnsmasqs, which on a cloud run on other machines. So a second table gives the compute-node
+//! agent's own cost: the on-CPU time of its threads per start (its user time and the kernel
+//! work of its system calls) next to the library's per VNIC, the library run on a runtime of
+//! its own the same way.
+//!
 //! `TENET_BENCH_STARTS` sets the starts per run (default 200); `TENET_BENCH_RUNS` picks runs.
 
 #[path = "../tests/common/mod.rs"]
@@ -73,6 +79,7 @@ fn subnet(run: u8, i: usize, per_subnet: usize) -> Ipv4Network {
 }
 
 /// One measured run: how starts are spread over subnets and how many are outstanding.
+#[derive(Clone)]
 struct Run {
     layout: &'static str,
     per_subnet: usize,
@@ -96,6 +103,8 @@ struct Watched {
 }
 
 struct Outcome {
+    /// On-CPU time of the compute-node agent's threads during the run.
+    agent_cpu: Duration,
     to_endpoint: Vec<Duration>,
     to_attached: Vec<Duration>,
     /// From the first START sent to the last endpoint written / the last attachment.
@@ -113,6 +122,7 @@ async fn starts(
     run: &Run,
 ) -> Outcome {
     let gate = Arc::new(Semaphore::new(run.concurrency));
+    let cpu_before = thread_cpu(CN_AGENT);
     let began = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -179,6 +189,7 @@ async fn starts(
     to_endpoint.sort();
     to_attached.sort();
     Outcome {
+        agent_cpu: thread_cpu(CN_AGENT).saturating_sub(cpu_before),
         to_endpoint,
         to_attached,
         endpoints_done: last_endpoint - began,
@@ -186,9 +197,37 @@ async fn starts(
     }
 }
 
-/// The library alone: the same taps, `concurrency` at a time; returns creates/s.
-async fn library(node: &Arc<ComputeNode>, conc_ip: Ipv4Addr, n: usize, run: &Run) -> f64 {
+/// Thread names: the agents' runtimes, and the library's.
+const CN_AGENT: &str = "cn-agent";
+const CN_LIBRARY: &str = "cn-library";
+
+/// On-CPU time so far of this process's threads named `name` (`/proc/self/task/*/schedstat`,
+/// in nanoseconds): their user time and the kernel work done in their system calls — for
+/// netlink requests, most of a VNIC's cost.
+fn thread_cpu(name: &str) -> Duration {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let dir = task.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+            nanos += std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(nanos)
+}
+
+/// The library alone: the same taps, `concurrency` at a time; returns creates/s and the
+/// library's on-CPU time (run on its own runtime, [`CN_LIBRARY`]).
+async fn library(
+    node: &Arc<ComputeNode>,
+    conc_ip: Ipv4Addr,
+    n: usize,
+    run: &Run,
+) -> (f64, Duration) {
     let gate = Arc::new(Semaphore::new(run.concurrency));
+    let cpu_before = thread_cpu(CN_LIBRARY);
     let began = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -212,7 +251,8 @@ async fn library(node: &Arc<ComputeNode>, conc_ip: Ipv4Addr, n: usize, run: &Run
     for t in tasks {
         t.await.unwrap();
     }
-    n as f64 / began.elapsed().as_secs_f64()
+    let rate = n as f64 / began.elapsed().as_secs_f64();
+    (rate, thread_cpu(CN_LIBRARY).saturating_sub(cpu_before))
 }
 
 /// The etcd operations no START can do without, alone at the run's concurrency: read the
@@ -320,7 +360,7 @@ async fn run() {
     node.tunnel = BackendChoice::Userspace;
     node.max_parallel = 16;
     let cn_agent = on_own_runtime(
-        "cn-agent",
+        CN_AGENT,
         tenet_cn::agent::run(
             tenet_cn::agent::AgentConfig {
                 node,
@@ -386,18 +426,28 @@ async fn run() {
     lib_config.netns = Some(lib_host.path());
     lib_config.tunnel = BackendChoice::Userspace;
     lib_config.max_parallel = 16;
-    let lib = Arc::new(ComputeNode::init(lib_config).await.unwrap());
-    let mut lib_rates = Vec::new();
+    // On a runtime of its own, as the agent's node is: its netlink work is on its threads.
+    let lib_runs = runs.clone();
+    let library_done = on_own_runtime(CN_LIBRARY, async move {
+        let lib = Arc::new(ComputeNode::init(lib_config).await.unwrap());
+        let mut measured = Vec::new();
+        for r in &lib_runs {
+            measured.push(library(&lib, ip, n, r).await);
+        }
+        lib.reset().await.unwrap();
+        measured
+    });
+    let (lib_rates, lib_cpu): (Vec<f64>, Vec<Duration>) =
+        library_done.join().unwrap().into_iter().unzip();
     let mut floors = Vec::new();
     for r in &runs {
-        lib_rates.push(library(&lib, ip, n, r).await);
         floors.push(etcd_floor(&store, n, r).await);
     }
 
     println!();
     println!("| run | starts | p50 ms | p99 ms | starts/s | vs library |");
     println!("|---|---|---|---|---|---|");
-    for (((r, o), lib_rate), floor) in runs.iter().zip(&outcomes).zip(lib_rates).zip(floors) {
+    for (((r, o), &lib_rate), floor) in runs.iter().zip(&outcomes).zip(&lib_rates).zip(floors) {
         let label = format!("{}, concurrency {}", r.layout, r.concurrency);
         let rate_endpoint = n as f64 / o.endpoints_done.as_secs_f64();
         let rate_attached = n as f64 / o.attached_done.as_secs_f64();
@@ -422,6 +472,20 @@ async fn run() {
         );
     }
     println!();
+    println!("| run | agent CPU per start | library CPU per VNIC | agent / library |");
+    println!("|---|---|---|---|");
+    for ((r, o), lib) in runs.iter().zip(&outcomes).zip(&lib_cpu) {
+        let per = |d: &Duration| d.as_secs_f64() * 1e3 / n as f64;
+        println!(
+            "| {}, concurrency {} | {:.3} ms | {:.3} ms | {:.2}× |",
+            r.layout,
+            r.concurrency,
+            per(&o.agent_cpu),
+            per(lib),
+            per(&o.agent_cpu) / per(lib)
+        );
+    }
+    println!();
 
     let _ = stop_cn.send(());
     let _ = stop_conc.send(());
@@ -437,6 +501,5 @@ async fn run() {
         .reset()
         .await
         .unwrap();
-    lib.reset().await.unwrap();
     sched.shutdown().await;
 }
