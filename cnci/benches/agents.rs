@@ -302,12 +302,15 @@ async fn run() {
     let servers = vec![sched.local_addr().to_string()];
     let (conc_uuid, cn_uuid) = (Uuid::new_v4(), Uuid::new_v4());
 
-    // Watch what the agents write: endpoints and the concentrator's attachments.
+    // Watch what the agents write: endpoints and the concentrator's attachments — only
+    // those, so that etcd does not send the bench every IPAM block written meanwhile.
     let watched = Arc::new(Watched::default());
-    let mut watch = store.watch("/", 0).await.unwrap();
+    let endpoints_prefix = "/calico/v1/host/cn-1/workload/ciao/".to_string();
     let attach_prefix = format!("/tenet/v1/cnci/{conc_uuid}/attach/");
-    {
+    for prefix in [endpoints_prefix, attach_prefix.clone()] {
+        let mut watch = store.watch(&prefix, 0).await.unwrap();
         let watched = watched.clone();
+        let attach_prefix = attach_prefix.clone();
         tokio::spawn(async move {
             while let Some(Ok(ev)) = watch.next().await {
                 let now = Instant::now();
@@ -322,7 +325,7 @@ async fn run() {
                             .entry(Ipv4Network::new(a, p).unwrap())
                             .or_insert(now);
                     }
-                } else if key.contains("/workload/ciao/") {
+                } else {
                     let vnic = key.rsplit('/').next().unwrap().to_string();
                     s.endpoint.entry(vnic).or_insert(now);
                 }
