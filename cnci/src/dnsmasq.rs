@@ -173,6 +173,13 @@ pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), CnciError> {
         .map_err(|e| CnciError::file("writing", path, e))
 }
 
+/// The leases a subnet's dnsmasq holds, from its leases file in `dir` (one line each).
+pub fn leases_in(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("leases"))
+        .map(|text| text.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0)
+}
+
 /// The supervisor's description of a subnet's dnsmasq.
 pub fn daemon_spec(subnet: &Ipv4Network, dir: &Path, netns: Option<&Path>) -> DaemonSpec {
     let mut spec = DaemonSpec::new(format!("dnsmasq-{}", dir_name(subnet)), "dnsmasq")
@@ -255,9 +262,7 @@ impl DhcpServer {
 
     /// The leases dnsmasq holds now (one line each in its leases file).
     pub fn leases(&self) -> usize {
-        std::fs::read_to_string(self.dir.join("leases"))
-            .map(|text| text.lines().filter(|l| !l.trim().is_empty()).count())
-            .unwrap_or(0)
+        leases_in(&self.dir)
     }
 
     /// Stops dnsmasq; with `remove_files`, its directory (leases included) goes too.

@@ -132,14 +132,14 @@ pub async fn run(
         client_config.role = Some(Role::CNCIAGENT);
         let (client, mut events) = Client::start(client_config)?;
         tokio::pin!(shutdown);
-        // Leases and restarts change without frames: the status (and the metrics it sets)
-        // is read again every few seconds.
+        // Leases and restarts change without frames: their gauges are read again every few
+        // seconds.
         let mut refresh = tokio::time::interval(Duration::from_secs(5));
         let result = loop {
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 _ = refresh.tick(), if metrics_server.is_some() => {
-                    agent.status().await;
+                    agent.refresh_dhcp_metrics().await;
                 }
                 event = events.recv() => match event {
                     None => break Ok(()),
@@ -185,10 +185,12 @@ struct Agent {
 }
 
 impl Agent {
+    /// The status key's value. Cheap, since it is written after every subnet change: no
+    /// file is read (with hundreds of subnets, reading each one's leases file under the
+    /// subnets' lock after every TenantAdded made attaching slower the more subnets there
+    /// were).
     async fn status(&self) -> Vec<u8> {
-        let subnets = self.conc.subnets().await;
-        let leases: usize = subnets.iter().map(|s| s.dhcp_leases).sum();
-        let restarts: u64 = subnets.iter().map(|s| u64::from(s.dhcp_restarts)).sum();
+        let (subnets, tunnels) = self.conc.summary().await;
         let status = NodeStatus {
             uuid: self.uuid.to_string(),
             role: NodeRole::Concentrator,
@@ -197,17 +199,25 @@ impl Agent {
             underlay_ip: self.conc.compute().addr.ip(),
             version: env!("CARGO_PKG_VERSION").into(),
             started: self.started,
-            tunnels: subnets.iter().map(|s| s.tunnels.len()).sum(),
-            subnets: subnets.into_iter().map(|s| s.subnet).collect(),
+            tunnels,
+            subnets,
         };
         self.metrics.subnets.set(status.subnets.len() as i64);
         self.metrics.tunnels.set(status.tunnels as i64);
+        serde_json::to_vec(&status).expect("a status serialises")
+    }
+
+    /// The DHCP gauges (leases, dnsmasq restarts), which change without frames: read every
+    /// few seconds.
+    async fn refresh_dhcp_metrics(&self) {
+        let subnets = self.conc.subnets().await;
+        let leases: usize = subnets.iter().map(|s| s.dhcp_leases).sum();
+        let restarts: u64 = subnets.iter().map(|s| u64::from(s.dhcp_restarts)).sum();
         self.metrics.dhcp_leases.set(leases as i64);
         let counted = self.metrics.dnsmasq_restarts.get();
         self.metrics
             .dnsmasq_restarts
             .inc_by(restarts.saturating_sub(counted));
-        serde_json::to_vec(&status).expect("a status serialises")
     }
 
     /// ConcentratorInstanceAdded: who this concentrator is and where its tunnels end.

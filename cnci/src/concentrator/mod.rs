@@ -295,23 +295,44 @@ impl Concentrator {
 
     /// Every subnet with its bridge, tunnels and dnsmasq.
     pub async fn subnets(&self) -> Vec<SubnetInfo> {
-        let subnets = self.inner.subnets.lock().await;
-        subnets
-            .iter()
-            .map(|(net, s)| SubnetInfo {
-                subnet: *net,
-                key: s.key,
-                bridge: s.bridge.clone(),
-                tunnels: s
-                    .tunnels
-                    .iter()
-                    .map(|(ip, t)| (*ip, t.cn_id.clone(), t.name.clone()))
-                    .collect(),
-                dhcp_pid: s.dhcp.daemon().pid(),
-                dhcp_restarts: s.dhcp.daemon().restarts(),
-                dhcp_leases: s.dhcp.leases(),
+        // The leases files are read after the lock is let go: attaches wait for it.
+        let listed: Vec<(SubnetInfo, std::path::PathBuf)> = {
+            let subnets = self.inner.subnets.lock().await;
+            subnets
+                .iter()
+                .map(|(net, s)| {
+                    let info = SubnetInfo {
+                        subnet: *net,
+                        key: s.key,
+                        bridge: s.bridge.clone(),
+                        tunnels: s
+                            .tunnels
+                            .iter()
+                            .map(|(ip, t)| (*ip, t.cn_id.clone(), t.name.clone()))
+                            .collect(),
+                        dhcp_pid: s.dhcp.daemon().pid(),
+                        dhcp_restarts: s.dhcp.daemon().restarts(),
+                        dhcp_leases: 0,
+                    };
+                    (info, s.dhcp.dir().to_path_buf())
+                })
+                .collect()
+        };
+        listed
+            .into_iter()
+            .map(|(mut info, dir)| {
+                info.dhcp_leases = crate::dnsmasq::leases_in(&dir);
+                info
             })
             .collect()
+    }
+
+    /// The attached subnets and how many tunnels they have, without reading any file: what
+    /// the agent's status needs after every TenantAdded and TenantRemoved.
+    pub async fn summary(&self) -> (Vec<Ipv4Network>, usize) {
+        let subnets = self.inner.subnets.lock().await;
+        let tunnels = subnets.values().map(|s| s.tunnels.len()).sum();
+        (subnets.keys().copied().collect(), tunnels)
     }
 
     /// Stops the background tasks. The links and dnsmasq processes stay, for the next
