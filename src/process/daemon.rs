@@ -26,7 +26,7 @@ use super::{DEFAULT_RUN_DIR, ProcessError, procfs, tail};
 /// When a daemon counts as started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
-    /// As soon as it has been spawned.
+    /// As soon as it has been spawned and runs its own program (its command line is there).
     Spawned,
     /// Once it has a UDP socket bound to this port (dnsmasq: 67).
     ListeningUdp(u16),
@@ -424,7 +424,10 @@ async fn wait_ready(spec: &DaemonSpec, running: &mut Running) -> Result<(), Proc
         }
         let pid = running.pid();
         let ready = match spec.readiness {
-            Readiness::Spawned => true,
+            // Its own command line: exec has finished. The spawn returns as soon as the new
+            // program replaces the old one, before its arguments are in place, and until
+            // then a restarted agent would not recognise it (`adoptable`).
+            Readiness::Spawned => procfs::cmdline(pid).is_some_and(|argv| !argv.is_empty()),
             Readiness::ListeningUdp(port) => procfs::listening(pid, "udp", port),
             Readiness::ListeningTcp(port) => procfs::listening(pid, "tcp", port),
         };
