@@ -108,12 +108,7 @@ impl Ipam {
         cidr: &IpNetwork,
         handle: Option<&str>,
     ) -> IpamResult<(Option<Seen>, SeenHandle)> {
-        let mut keys = vec![self.bkey(cidr)];
-        keys.extend(handle.map(|h| self.hkey(h)));
-        let got = self.store.get_many(&keys).await?;
-        let seen = got[0].as_ref().map(parse_block).transpose()?;
-        let handle = parse_handle_opt(got.get(1).and_then(Option::as_ref))?;
-        self.remember(*cidr, seen.clone());
-        Ok((seen, handle))
+        let (mut seen, handle) = self.read_blocks(std::slice::from_ref(cidr), handle).await?;
+        Ok((seen.pop().flatten(), handle))
     }
 }

@@ -1,6 +1,5 @@
 //! Running a program to completion.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -124,9 +123,9 @@ impl Command {
     }
 
     /// Starts `cmd` (made by [`Self::tokio_command`], then given its stdio) in the command's
-    /// network namespace. A thread of its own enters the namespace (`setns` moves only the
-    /// calling thread) and spawns from there, and a child starts in its parent thread's
-    /// namespaces. Entering it between fork and exec instead (a `pre_exec` hook) would force
+    /// network namespace. A thread of its own enters the namespace (`net::netns::run_in`:
+    /// `setns` moves only the calling thread) and spawns from there, and a child starts in
+    /// its parent thread's namespaces. Entering it between fork and exec instead (a `pre_exec` hook) would force
     /// a full fork(), whose page-table copy costs a large process (an agent holding policy
     /// for 10,000 endpoints) tens of milliseconds; exec'ing `nsenter` first costs every
     /// command a second exec. From the thread the standard library spawns with vfork
@@ -138,32 +137,19 @@ impl Command {
         let Some(path) = &self.netns else {
             return cmd.spawn().map_err(|e| spawn_error(&self.program, e));
         };
-        let netns = File::open(path).map_err(|source| ProcessError::Netns {
-            path: path.clone(),
-            source,
-        })?;
         // The child is registered with this runtime's process driver (for its exit).
         let runtime = tokio::runtime::Handle::current();
-        let spawned = std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                        |e| ProcessError::Netns {
-                            path: path.clone(),
-                            source: e.into(),
-                        },
-                    )?;
-                    let _entered = runtime.enter();
-                    cmd.spawn().map_err(|e| spawn_error(&self.program, e))
-                })
-                .join()
+        let entered = crate::net::netns::run_in(Some(path), move || {
+            let _entered = runtime.enter();
+            Ok(cmd.spawn())
         });
-        spawned.unwrap_or_else(|_| {
-            Err(ProcessError::Netns {
+        match entered {
+            Ok(spawned) => spawned.map_err(|e| spawn_error(&self.program, e)),
+            Err(e) => Err(ProcessError::Netns {
                 path: path.clone(),
-                source: std::io::Error::other("the thread entering the namespace panicked"),
-            })
-        })
+                source: std::io::Error::other(e),
+            }),
+        }
     }
 }
 

@@ -118,15 +118,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn lead_reads(inner: Arc<dyn Datastore>, queues: Arc<Queues>) {
     loop {
         let mut n = 0;
-        let Some(batch) = lock(&queues.reads).take(|_| {
+        let Some(mut batch) = lock(&queues.reads).take(|_| {
             n += 1;
             n <= MAX_TXN_OPS
         }) else {
             return;
         };
-        if let [one] = &batch[..] {
+        if batch.len() == 1 {
+            let one = batch.pop().expect("one request");
             let got = inner.get(&one.key).await;
-            let _ = batch.into_iter().next().expect("one").reply.send(Some(got));
+            let _ = one.reply.send(Some(got));
             continue;
         }
         let keys: Vec<String> = batch.iter().map(|r| r.key.clone()).collect();
@@ -148,14 +149,15 @@ async fn lead_reads(inner: Arc<dyn Datastore>, queues: Arc<Queues>) {
 async fn lead_writes(inner: Arc<dyn Datastore>, queues: Arc<Queues>) {
     loop {
         let mut keys = HashSet::new();
-        let Some(batch) =
+        let Some(mut batch) =
             lock(&queues.writes).take(|w| keys.len() < MAX_TXN_OPS && keys.insert(w.key.clone()))
         else {
             return;
         };
-        if let [one] = &batch[..] {
+        if batch.len() == 1 {
+            let one = batch.pop().expect("one request");
             let put = inner.put(&one.key, &one.value).await;
-            let _ = batch.into_iter().next().expect("one").reply.send(Some(put));
+            let _ = one.reply.send(Some(put));
             continue;
         }
         let txn = batch.iter().fold(Txn::new(), |txn, w| {
