@@ -189,8 +189,12 @@ pub fn daemon_spec(subnet: &Ipv4Network, dir: &Path, netns: Option<&Path>) -> Da
         ])
         .netns(netns)
         .run_dir(dir)
-        .readiness(Readiness::ListeningUdp(67));
+        // DNS on the gateway is its last socket, after the netlink one it is taken off.
+        .readiness(Readiness::ListeningUdp(53));
     spec.stop_grace = std::time::Duration::from_secs(2);
+    // One dnsmasq per subnet in one namespace: each would wake for every other subnet's
+    // address and routes (`tenet::process::netlink_groups`).
+    spec.deaf_to_netlink_events = true;
     spec
 }
 

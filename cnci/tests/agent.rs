@@ -640,11 +640,18 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         1,
         "{a:?} {b:?}"
     );
-    let loser = if a.ok { &b } else { &a };
+    let (winner, loser) = if a.ok { (&a, &b) } else { (&b, &a) };
     assert_eq!(
         loser.reason.as_deref(),
         Some("instance_exists"),
         "{loser:?}"
+    );
+    // The refused one undid only what it made: the instance keeps its tap (the refused
+    // START found it made) and its address (below).
+    let tap2 = winner.ifname.clone().unwrap();
+    assert!(
+        cn_host.run(&["ip", "link", "show", &tap2]).is_ok(),
+        "the instance's tap is gone"
     );
     let handles = store
         .list("/tenet/v1/tenant/t1/ipam/handle/")

@@ -60,6 +60,13 @@ async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
     let attached = conc.attach_remote_subnet(&remote(&added)).await.unwrap();
     assert!(attached.new_subnet && attached.new_tunnel);
     let pid = conc.subnets().await[0].dhcp_pid.expect("dnsmasq runs");
+    // dnsmasq subscribes to every address and route change in the namespace; it is taken
+    // off them (each subnet's would wake for every other's), and still serves (below).
+    assert_eq!(
+        tenet::process::netlink_groups::multicast_groups(pid).unwrap(),
+        Vec::<u32>::new(),
+        "dnsmasq still hears of address and route changes"
+    );
     // The interfaces the concentrator made have no IPv6, so no IPv6 route of theirs wakes
     // the subnets' dnsmasqs (each listens to every route change in the namespace).
     let routes6 = conc_host

@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::command::Command;
 use super::{DEFAULT_RUN_DIR, ProcessError, procfs, tail};
@@ -67,6 +67,10 @@ pub struct DaemonSpec {
     pub readiness: Readiness,
     /// How long a start may take to reach `readiness`.
     pub ready_timeout: Duration,
+    /// Once ready (and after every restart), the daemon's route-netlink sockets leave
+    /// their multicast groups: it hears of no address or route change (see
+    /// [`super::netlink_groups`]). Readiness must come after the daemon opened them.
+    pub deaf_to_netlink_events: bool,
 }
 
 impl DaemonSpec {
@@ -81,6 +85,7 @@ impl DaemonSpec {
             stop_grace: Duration::from_secs(5),
             readiness: Readiness::Spawned,
             ready_timeout: Duration::from_secs(10),
+            deaf_to_netlink_events: false,
         }
     }
 
@@ -229,6 +234,8 @@ impl Daemon {
                     let exit = exit_watch(pid).map_err(file_err("pidfd of", &spec.pid_file()))?;
                     let log_from = std::fs::metadata(spec.log_file()).map_or(0, |m| m.len());
                     info!(pid, "adopted the running daemon");
+                    // Done when it started, unless an older agent started it.
+                    leave_netlink_groups(&spec, pid);
                     (Running::Adopted { pid, exit }, true, log_from)
                 }
                 None => {
@@ -239,6 +246,7 @@ impl Daemon {
                         return Err(e);
                     }
                     info!(pid = running.pid(), "started");
+                    leave_netlink_groups(&spec, running.pid());
                     (running, false, 0)
                 }
             };
@@ -446,6 +454,17 @@ async fn wait_ready(spec: &DaemonSpec, running: &mut Running) -> Result<(), Proc
     }
 }
 
+/// See [`DaemonSpec::deaf_to_netlink_events`]. A failure costs only speed: logged.
+fn leave_netlink_groups(spec: &DaemonSpec, pid: u32) {
+    if !spec.deaf_to_netlink_events {
+        return;
+    }
+    match super::netlink_groups::leave_multicast_groups(pid) {
+        Ok(groups) => debug!(pid, groups, "left its netlink multicast groups"),
+        Err(e) => warn!(pid, error = %e, "could not take the daemon off netlink notifications"),
+    }
+}
+
 fn log_tail(spec: &DaemonSpec) -> String {
     tail(&std::fs::read_to_string(spec.log_file()).unwrap_or_default())
 }
@@ -522,6 +541,12 @@ async fn supervise(
                 since = Instant::now();
                 restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(pid = running.pid(), "restarted");
+                if spec.deaf_to_netlink_events {
+                    // Not ready in time, or dead again: the next round of the loop sees to it.
+                    if wait_ready(&spec, &mut running).await.is_ok() {
+                        leave_netlink_groups(&spec, running.pid());
+                    }
+                }
                 status.send_replace(DaemonStatus::Running { pid: running.pid() });
             }
             changed = stop.changed() => {

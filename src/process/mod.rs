@@ -12,6 +12,7 @@
 
 mod command;
 mod daemon;
+pub mod netlink_groups;
 pub mod procfs;
 
 pub use command::{Command, Output};

@@ -58,6 +58,13 @@ pub struct StartRequest {
 /// The interface name a container gets unless its runtime names one.
 pub const CONTAINER_IFNAME: &str = "eth0";
 
+/// A START's address and VNIC, before its endpoint is written.
+struct Made {
+    ip: Ipv4Addr,
+    config: VnicConfig,
+    created: CreatedVnic,
+}
+
 /// What a START made.
 #[derive(Debug)]
 pub struct Started {
@@ -285,59 +292,27 @@ impl Agent {
                 "networking.concentrator_uuid is empty: the subnet has no concentrator",
             ));
         }
-        let key = self.unstarted_endpoint(r).await?;
-        let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
-        let ipam = self.ipam(&r.tenant);
-        let undo_address = || async {
-            if !r.docker {
-                self.release(&r.tenant, &r.vnic).await;
-            }
-        };
+        // Whether the instance is new is asked of etcd while its address and VNIC are being
+        // made: a repeated START (rare) then undoes exactly what it made, and every other
+        // START saves a round trip to etcd.
         let mac = r.mac.unwrap_or_else(|| mac_for(&r.vnic));
-        let (ip, config, created) = match (r.docker, r.ip, &r.netns) {
-            (true, None, _) => {
-                return Err(refuse(
-                    StartFailureReason::InvalidData,
-                    "a Docker endpoint comes with the address Docker's IPAM driver gave it",
-                ));
+        let (fresh, made) = tokio::join!(self.unstarted_endpoint(r), self.address_and_vnic(r, mac));
+        let (
+            key,
+            Made {
+                ip,
+                config,
+                created,
+            },
+        ) = match (fresh, made) {
+            (Ok(key), Ok(made)) => (key, made),
+            (Err(refused), Ok(made)) => {
+                self.undo_made(r, &made).await;
+                return Err(refused);
             }
-            // A VM's tap does not depend on its address: allocate and create at once, the
-            // one in etcd, the other in the kernel.
-            (false, _, None) => {
-                let config = vnic_config(r, mac, None);
-                let (ip, created) =
-                    tokio::join!(self.assign(&ipam, r), self.node.create_vnic(&config, None));
-                match (ip, created) {
-                    (Ok(ip), Ok(created)) => (ip, config, created),
-                    (Err(refused), Ok(created)) => {
-                        self.undo_vnic(&config, &created).await;
-                        return Err(refused);
-                    }
-                    (Ok(_), Err(e)) => {
-                        undo_address().await;
-                        return Err(network(format!("creating the VNIC: {e}")));
-                    }
-                    (Err(refused), Err(e)) => {
-                        warn!(vnic = %r.vnic, error = %e, "the VNIC failed too");
-                        return Err(refused);
-                    }
-                }
-            }
-            (docker, given, _) => {
-                let ip = match (docker, given) {
-                    (true, Some(ip)) => ip,
-                    _ => self.assign(&ipam, r).await?,
-                };
-                let config = vnic_config(r, mac, Some(ip));
-                match self.node.create_vnic(&config, None).await {
-                    Ok(created) => (ip, config, created),
-                    Err(e) => {
-                        undo_address().await;
-                        return Err(network(format!("creating the VNIC: {e}")));
-                    }
-                }
-            }
+            (_, Err(refused)) => return Err(refused),
         };
+        let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
         let kind = match (r.docker, r.container) {
             (true, _) => vnic::KIND_DOCKER,
             (false, true) => "container",
@@ -359,8 +334,15 @@ impl Agent {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            self.undo_vnic(&config, &created).await;
-            undo_address().await;
+            self.undo_made(
+                r,
+                &Made {
+                    ip,
+                    config,
+                    created,
+                },
+            )
+            .await;
             return Err(network(format!("writing the endpoint: {e}")));
         }
         info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
@@ -373,11 +355,95 @@ impl Agent {
         })
     }
 
+    /// The START's address and VNIC; on failure, what was made of them is undone.
+    async fn address_and_vnic(
+        &self,
+        r: &StartRequest,
+        mac: MacAddr,
+    ) -> Result<Made, Refused<StartFailureReason>> {
+        let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
+        let ipam = self.ipam(&r.tenant);
+        match (r.docker, r.ip, &r.netns) {
+            (true, None, _) => Err(refuse(
+                StartFailureReason::InvalidData,
+                "a Docker endpoint comes with the address Docker's IPAM driver gave it",
+            )),
+            // A VM's tap does not depend on its address: allocate and create at once, the
+            // one in etcd, the other in the kernel.
+            (false, _, None) => {
+                let config = vnic_config(r, mac, None);
+                let (ip, created) =
+                    tokio::join!(self.assign(&ipam, r), self.node.create_vnic(&config, None));
+                match (ip, created) {
+                    (Ok(ip), Ok(created)) => Ok(Made {
+                        ip,
+                        config,
+                        created,
+                    }),
+                    (Err(refused), Ok(created)) => {
+                        self.undo_vnic(&config, &created).await;
+                        Err(refused)
+                    }
+                    (Ok(ip), Err(e)) => {
+                        self.release_address(r, ip).await;
+                        Err(network(format!("creating the VNIC: {e}")))
+                    }
+                    (Err(refused), Err(e)) => {
+                        warn!(vnic = %r.vnic, error = %e, "the VNIC failed too");
+                        Err(refused)
+                    }
+                }
+            }
+            (docker, given, _) => {
+                let ip = match (docker, given) {
+                    (true, Some(ip)) => ip,
+                    _ => self.assign(&ipam, r).await?,
+                };
+                let config = vnic_config(r, mac, Some(ip));
+                match self.node.create_vnic(&config, None).await {
+                    Ok(created) => Ok(Made {
+                        ip,
+                        config,
+                        created,
+                    }),
+                    Err(e) => {
+                        self.release_address(r, ip).await;
+                        Err(network(format!("creating the VNIC: {e}")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Undoes a START's address and VNIC after a later step failed.
+    async fn undo_made(&self, r: &StartRequest, made: &Made) {
+        self.undo_vnic(&made.config, &made.created).await;
+        self.release_address(r, made.ip).await;
+    }
+
+    /// Releases the one address this START assigned — not its handle's others: when the
+    /// START repeats an instance's, the handle also holds the instance's own address. A
+    /// Docker endpoint's address is Docker's IPAM driver's to release.
+    async fn release_address(&self, r: &StartRequest, ip: Ipv4Addr) {
+        if r.docker {
+            return;
+        }
+        match self.ipam(&r.tenant).release_ips(&[ip.into()]).await {
+            Ok(_) => {}
+            Err(e) => {
+                warn!(vnic = %r.vnic, %ip, error = %e, "could not release the address (tenet ipam check finds it)")
+            }
+        }
+    }
+
     /// Removes the VNIC of a START that failed after making it. When that START made the
     /// subnet's tunnel and another VNIC arrived on the subnet meanwhile (its create found
     /// the tunnel, so announced nothing), the tunnel stays: its TenantAdded is queued for
     /// [`Agent::take_orphaned`], or the concentrator would never hear of it.
     async fn undo_vnic(&self, config: &VnicConfig, created: &CreatedVnic) {
+        if created.existed {
+            return; // not this START's: an earlier one's, or the instance's own
+        }
         let made_tunnel = created
             .tunnel
             .as_ref()

@@ -128,6 +128,7 @@ impl ComputeNode {
                     vnic,
                     tunnel,
                     container,
+                    existed: false,
                 })
             }
             Err(e) => {
@@ -184,6 +185,7 @@ impl ComputeNode {
             },
             tunnel: None,
             container,
+            existed: true,
         })
     }
 

@@ -129,6 +129,8 @@ pub struct CreatedVnic {
     /// TunnelAdd when this VNIC made its subnet's bridge and tunnel.
     pub tunnel: Option<TunnelEvent>,
     pub container: Option<ContainerEvent>,
+    /// The VNIC was there already (booked by an earlier create): this call made nothing.
+    pub existed: bool,
 }
 
 /// What destroying one VNIC caused.
