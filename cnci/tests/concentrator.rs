@@ -291,7 +291,10 @@ async fn subnets_attach_side_by_side_and_overlaps_are_still_refused() {
     let fabric = Fabric::new().await.unwrap();
     let conc_host = fabric.add_host("conc").await.unwrap();
     let run = tempfile::tempdir().unwrap();
-    let conc = conc_on(cnci_config(&conc_host, "c1", "t1", run.path()), &store).await;
+    let mut config = cnci_config(&conc_host, "c1", "t1", run.path());
+    // Fewer slots than requests: the others wait for theirs, first come first served.
+    config.max_parallel = 3;
+    let conc = conc_on(config, &store).await;
     let req = |net: &str, cn: u8| {
         let subnet: ipnetwork::Ipv4Network = net.parse().unwrap();
         RemoteSubnet {

@@ -15,7 +15,7 @@
 //! socket for its own requests (dumping addresses), which are unicast replies.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::procfs;
 
@@ -62,65 +62,16 @@ pub fn multicast_groups(pid: u32) -> io::Result<Vec<u32>> {
 
 /// Copies of the route-netlink sockets of `pid`.
 fn route_sockets(pid: u32) -> io::Result<Vec<OwnedFd>> {
-    let pidfd = procfs::pidfd(pid)?;
-    let mut sockets = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let entry = entry?;
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        let is_socket = std::fs::read_link(entry.path())
-            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-        if !is_socket {
-            continue;
-        }
-        let copy = match copy_fd(&pidfd, fd) {
-            Ok(copy) => copy,
-            // Closed since the listing.
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => continue,
-            Err(e) => return Err(e),
-        };
-        if int_option(&copy, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_NETLINK
-            && int_option(&copy, libc::SOL_SOCKET, libc::SO_PROTOCOL)? == libc::NETLINK_ROUTE
+    let mut out = Vec::new();
+    for socket in procfs::sockets(pid)? {
+        if procfs::int_option(&socket, libc::SOL_SOCKET, libc::SO_DOMAIN)? == libc::AF_NETLINK
+            && procfs::int_option(&socket, libc::SOL_SOCKET, libc::SO_PROTOCOL)?
+                == libc::NETLINK_ROUTE
         {
-            sockets.push(copy);
+            out.push(socket);
         }
     }
-    Ok(sockets)
-}
-
-/// A copy, in this process, of descriptor `fd` of the process behind `pidfd`.
-fn copy_fd(pidfd: &OwnedFd, fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_getfd takes two descriptors and flags and returns a new descriptor or -1.
-    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if copy < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just made for us and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(copy as RawFd) })
-}
-
-fn int_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes to a pointer valid for that many.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
+    Ok(out)
 }
 
 /// The multicast groups a netlink socket belongs to (numbered from 1).

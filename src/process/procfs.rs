@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -67,8 +67,38 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
 }
 
 /// Whether `pid` has a socket of `proto` (`udp` or `tcp`) bound to local `port` (listening,
-/// for TCP), in its own namespace's table.
+/// for TCP). Asks its own sockets (copies, see [`sockets`]): reading the namespace's
+/// `/proc/net/udp` instead walks every slot of the kernel's UDP table, whatever the number
+/// of sockets, and a concentrator polls this for every dnsmasq it starts. Without the right
+/// to copy them, the table it is.
 pub fn listening(pid: u32, proto: &str, port: u16) -> bool {
+    let Ok(sockets) = sockets(pid) else {
+        return listening_in_table(pid, proto, port);
+    };
+    let (kind, protocol) = match proto {
+        "udp" => (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+        "tcp" => (libc::SOCK_STREAM, libc::IPPROTO_TCP),
+        _ => return false,
+    };
+    sockets.iter().any(|s| {
+        let option = |name| int_option(s, libc::SOL_SOCKET, name).ok();
+        let bound =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(s.as_raw_fd())
+                .ok()
+                .and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|a| a.port())
+                        .or_else(|| a.as_sockaddr_in6().map(|a| a.port()))
+                });
+        option(libc::SO_TYPE) == Some(kind)
+            && option(libc::SO_PROTOCOL) == Some(protocol)
+            && (kind != libc::SOCK_STREAM || option(libc::SO_ACCEPTCONN) == Some(1))
+            && bound == Some(port)
+    })
+}
+
+/// [`listening`] from the namespace's socket table.
+fn listening_in_table(pid: u32, proto: &str, port: u16) -> bool {
     let mine = socket_inodes(pid);
     if mine.is_empty() {
         return false;
@@ -90,6 +120,64 @@ pub fn listening(pid: u32, proto: &str, port: u16) -> bool {
             port_ok && state_ok && inode.parse().is_ok_and(|i: u64| mine.contains(&i))
         })
     })
+}
+
+/// Copies, in this process, of the sockets `pid` holds open (`pidfd_getfd`): the same
+/// sockets, to ask about or to change. Root, or the right to ptrace `pid`, is needed.
+pub fn sockets(pid: u32) -> io::Result<Vec<OwnedFd>> {
+    let pidfd = pidfd(pid)?;
+    let mut out = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        let is_socket = fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: pidfd_getfd takes two descriptors and flags and returns a new one or -1.
+        let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if copy < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EBADF) {
+                continue; // closed since the listing
+            }
+            return Err(e);
+        }
+        // SAFETY: the descriptor was just made for us and is owned by nobody else.
+        out.push(unsafe { OwnedFd::from_raw_fd(copy as RawFd) });
+    }
+    Ok(out)
+}
+
+/// An integer socket option.
+pub(crate) fn int_option(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to a pointer valid for that many.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
 }
 
 /// A pidfd for `pid`: readable once the process has exited (Linux ≥ 5.3).
@@ -121,7 +209,21 @@ mod tests {
     fn a_bound_udp_socket_is_seen() {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = sock.local_addr().unwrap().port();
-        assert!(listening(std::process::id(), "udp", port));
-        assert!(!listening(std::process::id(), "tcp", port));
+        let me = std::process::id();
+        assert!(listening(me, "udp", port));
+        assert!(!listening(me, "tcp", port));
+        assert!(listening_in_table(me, "udp", port));
+    }
+
+    #[test]
+    fn a_listening_tcp_socket_is_seen_and_a_connected_one_is_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let me = std::process::id();
+        assert!(listening(me, "tcp", port));
+        assert!(!listening(me, "udp", port));
+        assert!(!listening(me, "tcp", client.local_addr().unwrap().port()));
+        assert!(listening_in_table(me, "tcp", port));
     }
 }

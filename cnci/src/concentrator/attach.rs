@@ -82,6 +82,7 @@ impl Concentrator {
     ) -> Result<Attached, CnciError> {
         let inner = &*self.inner;
         let _turn = inner.turns.take(&req.subnet).await;
+        let _slot = inner.throttle.acquire().await.expect("never closed");
         // Decided under the lock, made without it: a new subnet's bridge and dnsmasq take
         // milliseconds, and other subnets attach meanwhile. `making` holds the subnets
         // being made, so an overlapping one is refused as if they were attached.

@@ -29,6 +29,7 @@ impl Concentrator {
         let span = info_span!("detach", subnet = %req.subnet, cn = %req.cn_ip);
         async {
             let _turn = self.inner.turns.take(&req.subnet).await;
+            let _slot = self.inner.throttle.acquire().await.expect("never closed");
             let mut subnets = self.inner.subnets.lock().await;
             let Some(state) = subnets.get_mut(&req.subnet) else {
                 return Ok(Detached {

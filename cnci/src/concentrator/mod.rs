@@ -80,6 +80,8 @@ pub(crate) struct Inner {
     /// Attaches and detaches take turns per subnet (`turns`); subnets being made, outside
     /// the `subnets` lock, are in `making`.
     pub turns: tenet::turns::Turns<Ipv4Network>,
+    /// At most `config.max_parallel` attaches and detaches at once, in arrival order.
+    pub throttle: tokio::sync::Semaphore,
     pub making: Mutex<BTreeSet<Ipv4Network>>,
     pub endpoints: Mutex<EndpointTable>,
     /// The etcd revision whose endpoints the hosts files reflect.
@@ -219,6 +221,7 @@ impl Concentrator {
         let (synced, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             endpoints: Mutex::new(EndpointTable::new(&config.tenant)),
+            throttle: tokio::sync::Semaphore::new(config.max_parallel.max(1)),
             config,
             netlink,
             tunnels,
