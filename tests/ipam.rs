@@ -980,3 +980,96 @@ async fn a_burst_on_one_host_shares_transactions_and_keeps_every_guarantee() {
         );
     }
 }
+
+/// Writes that ride with an allocation (a workload endpoint naming its address) land in the
+/// allocation's own transaction, each with its own address, also when a burst shares the
+/// transactions; a chosen address is not assigned that way, and the caller is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_ride_with_the_allocation_that_names_their_address() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tenet::ipam::ThenWrite;
+    use tenet::store::{Datastore, TxnOp};
+    let (_etcd, store) = setup().await;
+    let subnet: ipnetwork::Ipv4Network = "172.16.6.0/24".parse().unwrap();
+    let ipam = Arc::new(Ipam::for_tenant(store.clone(), "riders"));
+    let endpoint = |i: usize| format!("/bench/riders/endpoint-{i}");
+    let then_for = |i: usize| {
+        let key = endpoint(i);
+        ThenWrite::new(move |ips: &[IpAddr]| vec![TxnOp::put(key.clone(), ips[0].to_string())])
+    };
+    // The subnet's edges reserved first, so that the burst counts only its own transactions.
+    let first = then_for(0);
+    let ip0 = ipam
+        .assign_in_subnet_then(
+            subnet,
+            "node1",
+            "vnic-0",
+            None,
+            BTreeMap::new(),
+            Some(&first),
+        )
+        .await
+        .unwrap();
+    assert!(first.written());
+    let before = ipam.stats().transactions.load(Relaxed);
+    let burst = futures::future::join_all((1..=30).map(|i| {
+        let (ipam, then) = (ipam.clone(), then_for(i));
+        async move {
+            let ip = ipam
+                .assign_in_subnet_then(
+                    subnet,
+                    "node1",
+                    &format!("vnic-{i}"),
+                    None,
+                    BTreeMap::new(),
+                    Some(&then),
+                )
+                .await
+                .unwrap();
+            (ip, then.written())
+        }
+    }))
+    .await;
+    let mut seen = std::collections::BTreeSet::from([ip0]);
+    for (i, (ip, written)) in burst.iter().enumerate() {
+        assert!(written, "vnic-{}: written separately", i + 1);
+        assert!(seen.insert(*ip), "{ip} twice");
+        let kv = store.get(&endpoint(i + 1)).await.unwrap().expect("written");
+        assert_eq!(String::from_utf8_lossy(&kv.value), ip.to_string());
+    }
+    let kv = store.get(&endpoint(0)).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&kv.value), ip0.to_string());
+    let burst_txns = ipam.stats().transactions.load(Relaxed) - before;
+    assert!(
+        burst_txns < 30,
+        "30 allocations shared their transactions: {burst_txns}"
+    );
+    // A chosen address: assigned, and the writes left to the caller.
+    let chosen = then_for(99);
+    let wanted: std::net::Ipv4Addr = "172.16.6.200".parse().unwrap();
+    let ip = ipam
+        .assign_in_subnet_then(
+            subnet,
+            "node1",
+            "vnic-99",
+            Some(wanted),
+            BTreeMap::new(),
+            Some(&chosen),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ip, wanted);
+    assert!(!chosen.written());
+    assert!(store.get(&endpoint(99)).await.unwrap().is_none());
+    // Blocks and handles agree (the check calls every address leaked: no workload endpoint
+    // of Calico's names them here).
+    let report = ipam.check().await.unwrap();
+    assert_eq!((report.handles, report.allocated), (33, 35), "{report:?}");
+    assert!(
+        report
+            .findings
+            .iter()
+            .all(|f| matches!(f, Finding::LeakedAddress { .. })),
+        "{report:?}"
+    );
+}

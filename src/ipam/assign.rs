@@ -10,8 +10,8 @@ use tracing::debug;
 
 use super::cache::{Seen, SeenHandle, parse_block, parse_handle_opt};
 use super::{
-    Ipam, IpamError, IpamResult, MAX_RETRIES, Owner, address, backoff, block_of, blocks_in,
-    empty_block, handle_ops, handle_ops_many, json, nth_block, ordinal,
+    Ipam, IpamError, IpamResult, MAX_RETRIES, Owner, ThenWrite, address, backoff, block_of,
+    blocks_in, empty_block, handle_ops, handle_ops_many, json, nth_block, ordinal,
 };
 use crate::calico::IpamConfig;
 use crate::store::{Compare, Revision, Txn, TxnOp, TxnOutcome};
@@ -91,6 +91,17 @@ impl Ipam {
         &self,
         args: &AutoAssignArgs,
     ) -> IpamResult<(Vec<IpAddr>, Vec<IpAddr>)> {
+        self.auto_assign_then(args, None).await
+    }
+
+    /// [`Self::auto_assign`], with `then`'s writes in the transaction that assigns the one
+    /// IPv4 address asked for, when a block of the host's has it (`then.written()` says
+    /// whether they were; otherwise the caller writes them itself). Only for one address.
+    pub async fn auto_assign_then(
+        &self,
+        args: &AutoAssignArgs,
+        then: Option<&ThenWrite>,
+    ) -> IpamResult<(Vec<IpAddr>, Vec<IpAddr>)> {
         if args.host.is_empty() {
             return Err(IpamError::NoHost);
         }
@@ -98,6 +109,7 @@ impl Ipam {
             handle: args.handle.clone(),
             attributes: args.attributes.clone(),
         };
+        let then = then.filter(|_| args.num_v4 == 1 && args.num_v6 == 0);
         let v4 = self
             .assign_version(
                 true,
@@ -105,6 +117,7 @@ impl Ipam {
                 args.pools_v4.as_deref(),
                 &args.host,
                 &owner,
+                then,
             )
             .await?;
         let v6 = self
@@ -114,6 +127,7 @@ impl Ipam {
                 args.pools_v6.as_deref(),
                 &args.host,
                 &owner,
+                None,
             )
             .await?;
         Ok((v4, v6))
@@ -126,6 +140,7 @@ impl Ipam {
         requested: Option<&[IpNetwork]>,
         host: &str,
         owner: &Owner,
+        then: Option<&ThenWrite>,
     ) -> IpamResult<Vec<IpAddr>> {
         let mut out = Vec::new();
         if num == 0 {
@@ -152,7 +167,7 @@ impl Ipam {
             if let Some(cached) = self.cached_affine(host, v4) {
                 let want = num - out.len();
                 out.extend(
-                    self.fill_from(&cached, &in_requested, want, host, owner, false)
+                    self.fill_from(&cached, &in_requested, want, host, owner, false, then)
                         .await?,
                 );
                 if out.len() == num {
@@ -172,7 +187,7 @@ impl Ipam {
         self.set_affine(host, v4, Some(affine.clone()));
         let want = num - out.len();
         out.extend(
-            self.fill_from(&affine, &in_requested, want, host, owner, true)
+            self.fill_from(&affine, &in_requested, want, host, owner, true, then)
                 .await?,
         );
         if out.len() == num {
@@ -206,7 +221,7 @@ impl Ipam {
                         continue;
                     }
                     out.extend(
-                        self.assign_from_block(cidr, num - out.len(), host, owner, false)
+                        self.assign_from_block(cidr, num - out.len(), host, owner, false, None)
                             .await?,
                     );
                 }
@@ -217,6 +232,7 @@ impl Ipam {
 
     /// Assigns up to `want` addresses from the host's affine `blocks`, in order. A block the
     /// cache says is full is skipped, or read again first when `reread_full`.
+    #[allow(clippy::too_many_arguments)]
     async fn fill_from(
         &self,
         blocks: &[IpNetwork],
@@ -225,6 +241,7 @@ impl Ipam {
         host: &str,
         owner: &Owner,
         reread_full: bool,
+        then: Option<&ThenWrite>,
     ) -> IpamResult<Vec<IpAddr>> {
         let mut out = Vec::new();
         for cidr in blocks.iter().filter(|c| in_requested(c)) {
@@ -238,7 +255,7 @@ impl Ipam {
                 self.read(cidr, None).await?;
             }
             let got = self
-                .assign_from_block(*cidr, want - out.len(), host, owner, true)
+                .assign_from_block(*cidr, want - out.len(), host, owner, true, then)
                 .await?;
             out.extend(got);
         }
@@ -275,6 +292,7 @@ impl Ipam {
         host: &str,
         owner: &Owner,
         check_affinity: bool,
+        then: Option<&ThenWrite>,
     ) -> IpamResult<Vec<IpAddr>> {
         let handle = owner.handle.as_deref();
         let (mut seen, mut seen_handle) = match self.cached(&cidr) {
@@ -302,12 +320,19 @@ impl Ipam {
                 txn.ops.extend(op);
             }
             txn = txn.then(TxnOp::put(key, json(&block)));
+            let addresses: Vec<IpAddr> = ordinals.iter().map(|&o| address(&cidr, o)).collect();
+            if let Some(then) = then {
+                txn.ops.extend(then.ops(&addresses));
+            }
             match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(cidr, Some(Seen { block, revision }));
                     self.count_assigned(ordinals.len());
+                    if let Some(then) = then {
+                        then.mark_written();
+                    }
                     debug!(%cidr, host, n = ordinals.len(), "assigned");
-                    return Ok(ordinals.iter().map(|&o| address(&cidr, o)).collect());
+                    return Ok(addresses);
                 }
                 TxnOutcome::Failed { current } => {
                     seen = current[0].as_ref().map(parse_block).transpose()?;

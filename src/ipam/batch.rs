@@ -22,11 +22,12 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::cache::{SeenHandle, parse_block, parse_handle_opt};
-use super::{Ipam, IpamResult, MAX_RETRIES, Owner, address, backoff, handle_ops, json};
+use super::{Ipam, IpamResult, MAX_RETRIES, Owner, ThenWrite, address, backoff, handle_ops, json};
 use crate::store::{Compare, Txn, TxnOp, TxnOutcome};
 
-/// Requests per transaction: each brings a handle compare and put, and etcd allows 128
-/// operations per transaction by default.
+/// Requests per transaction: each brings a handle compare and put (and maybe one
+/// [`ThenWrite`] put: 121 puts at most), and etcd allows 128 operations of each kind per
+/// transaction by default.
 pub const MAX_BATCH: usize = 60;
 
 /// Requests that may share a transaction: one block, one host, the same affinity rule.
@@ -72,6 +73,7 @@ pub(super) fn next_batch<K: Eq + Hash, R>(
 pub(super) struct Request {
     n: usize,
     owner: Owner,
+    then: Option<ThenWrite>,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -92,10 +94,11 @@ impl Ipam {
         host: &str,
         owner: &Owner,
         check_affinity: bool,
+        then: Option<&ThenWrite>,
     ) -> IpamResult<Vec<IpAddr>> {
         if !self.group_commit {
             return self
-                .assign_alone(cidr, n, host, owner, check_affinity)
+                .assign_alone(cidr, n, host, owner, check_affinity, then)
                 .await;
         }
         let key = BatchKey {
@@ -107,6 +110,7 @@ impl Ipam {
         let request = Request {
             n,
             owner: owner.clone(),
+            then: then.cloned(),
             reply,
         };
         if enqueue(&self.batches, key.clone(), request) {
@@ -116,7 +120,7 @@ impl Ipam {
             Ok(Reply::Assigned(addresses)) => Ok(addresses),
             // The batch failed, or its leader died with the runtime: alone, for the error.
             Ok(Reply::Alone) | Err(_) => {
-                self.assign_alone(cidr, n, host, owner, check_affinity)
+                self.assign_alone(cidr, n, host, owner, check_affinity, then)
                     .await
             }
         }
@@ -183,15 +187,26 @@ impl Ipam {
                 txn.ops.extend(op);
             }
             txn = txn.then(TxnOp::put(bkey, json(&block)));
+            let addresses: Vec<Vec<IpAddr>> = ordinals
+                .iter()
+                .map(|o| o.iter().map(|&i| address(&cidr, i)).collect())
+                .collect();
+            for (request, got) in batch.iter().zip(&addresses) {
+                if let (Some(then), false) = (&request.then, got.is_empty()) {
+                    txn.ops.extend(then.ops(got));
+                }
+            }
             match self.commit(txn).await? {
                 TxnOutcome::Committed(revision) => {
                     self.remember(cidr, Some(super::cache::Seen { block, revision }));
                     self.count_assigned(ordinals.iter().map(Vec::len).sum());
+                    for (request, got) in batch.iter().zip(&addresses) {
+                        if let (Some(then), false) = (&request.then, got.is_empty()) {
+                            then.mark_written();
+                        }
+                    }
                     debug!(%cidr, host = %key.host, requests = batch.len(), "assigned in one transaction");
-                    return Ok(ordinals
-                        .iter()
-                        .map(|o| o.iter().map(|&i| address(&cidr, i)).collect())
-                        .collect());
+                    return Ok(addresses);
                 }
                 TxnOutcome::Failed { current } => {
                     seen = current[0].as_ref().map(parse_block).transpose()?;

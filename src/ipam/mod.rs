@@ -176,6 +176,53 @@ pub(super) async fn backoff(attempt: usize) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// The writes for the addresses an allocation got.
+type WritesFor = dyn Fn(&[std::net::IpAddr]) -> Vec<crate::store::TxnOp> + Send + Sync;
+
+/// Writes that belong with an allocation (a workload endpoint naming its address): made in
+/// the transaction that assigns the address, so that both land or neither, with one round
+/// trip to etcd less. `ops` gets the addresses assigned. Paths other than a host's own
+/// blocks (a new block claimed, another host's borrowed, a chosen address) do not take them:
+/// [`ThenWrite::written`] tells the caller whether it must write them itself.
+#[derive(Clone)]
+pub struct ThenWrite {
+    ops: Arc<WritesFor>,
+    written: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ThenWrite {
+    pub fn new(
+        ops: impl Fn(&[std::net::IpAddr]) -> Vec<crate::store::TxnOp> + Send + Sync + 'static,
+    ) -> Self {
+        ThenWrite {
+            ops: Arc::new(ops),
+            written: Default::default(),
+        }
+    }
+
+    /// Whether the writes were committed with an allocation.
+    pub fn written(&self) -> bool {
+        self.written.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(super) fn ops(&self, addresses: &[std::net::IpAddr]) -> Vec<crate::store::TxnOp> {
+        (self.ops)(addresses)
+    }
+
+    pub(super) fn mark_written(&self) {
+        self.written
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl std::fmt::Debug for ThenWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThenWrite")
+            .field("written", &self.written())
+            .finish_non_exhaustive()
+    }
+}
+
 /// (host, is IPv4) → the host's affine blocks.
 type AffineBlocks = HashMap<(String, bool), Vec<IpNetwork>>;
 

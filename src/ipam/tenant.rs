@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 
-use super::{AutoAssignArgs, Ipam, IpamError, IpamResult};
+use super::{AutoAssignArgs, Ipam, IpamError, IpamResult, ThenWrite};
 use crate::types::gateway_of;
 
 /// How every reserved handle's name begins.
@@ -59,6 +59,21 @@ impl Ipam {
         wanted: Option<Ipv4Addr>,
         attributes: BTreeMap<String, String>,
     ) -> IpamResult<Ipv4Addr> {
+        self.assign_in_subnet_then(subnet, host, handle, wanted, attributes, None)
+            .await
+    }
+
+    /// [`Self::assign_in_subnet`], with `then`'s writes in the allocation's transaction when
+    /// the address comes from a block of the host's (see [`ThenWrite`]).
+    pub async fn assign_in_subnet_then(
+        &self,
+        subnet: Ipv4Network,
+        host: &str,
+        handle: &str,
+        wanted: Option<Ipv4Addr>,
+        attributes: BTreeMap<String, String>,
+        then: Option<&ThenWrite>,
+    ) -> IpamResult<Ipv4Addr> {
         let subnet = Ipv4Network::new(subnet.network(), subnet.prefix())
             .expect("the network of a valid subnet");
         // Blocks are /26: a smaller subnet would share a block with addresses outside it.
@@ -86,7 +101,7 @@ impl Ipam {
             pools_v4: Some(vec![IpNetwork::V4(subnet)]),
             ..Default::default()
         };
-        let (v4, _) = self.auto_assign(&args).await?;
+        let (v4, _) = self.auto_assign_then(&args, then).await?;
         match v4.first() {
             Some(IpAddr::V4(ip)) => Ok(*ip),
             _ => Err(IpamError::NoFreeAddress(IpNetwork::V4(subnet))),
