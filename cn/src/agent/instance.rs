@@ -217,6 +217,18 @@ pub(super) fn mac_for(vnic: &str) -> MacAddr {
     MacAddr([0x02, b[1], b[2], b[3], b[4], b[5]])
 }
 
+/// What a START that went through made (logged).
+fn started(r: &StartRequest, created: CreatedVnic, ip: Ipv4Addr, mac: MacAddr) -> Started {
+    info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
+    Started {
+        tunnel: created.tunnel.filter(|t| t.kind == TunnelEventKind::Add),
+        vnic: created.vnic,
+        ip,
+        ip6: None,
+        mac,
+    }
+}
+
 /// The VNIC a START asks for; a container's namespace gets `ip` (which a VM's tap does not
 /// need: the guest learns it by DHCP).
 fn vnic_config(r: &StartRequest, mac: MacAddr, ip: Option<Ipv4Addr>) -> VnicConfig {
@@ -348,14 +360,7 @@ impl Agent {
             .await;
             return Err(network(format!("writing the endpoint: {e}")));
         }
-        info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
-        Ok(Started {
-            tunnel: created.tunnel.filter(|t| t.kind == TunnelEventKind::Add),
-            vnic: created.vnic,
-            ip,
-            ip6: None,
-            mac,
-        })
+        Ok(started(r, created, ip, mac))
     }
 
     /// A VM's tap with an address chosen here (the common START). Three things at once: the
@@ -432,14 +437,7 @@ impl Agent {
             self.release_address(r, ip).await;
             return Err(network(format!("writing the endpoint: {e}")));
         }
-        info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
-        Ok(Started {
-            tunnel: created.tunnel.filter(|t| t.kind == TunnelEventKind::Add),
-            vnic: created.vnic,
-            ip,
-            ip6: None,
-            mac,
-        })
+        Ok(started(r, created, ip, mac))
     }
 
     /// The START's address and VNIC; on failure, what was made of them is undone.
