@@ -488,13 +488,15 @@ impl Ipam {
                 }
             }
         }
-        let config = self.config().await?;
         let owner = Owner {
             handle: handle.map(str::to_string),
             attributes,
         };
         let cidrs: Vec<IpNetwork> = by_block.keys().copied().collect();
-        let (mut seen, mut seen_handle) = self.read_blocks(&cidrs, handle).await?;
+        // Both at once: a new subnet's reservation waits for them before its transaction.
+        let (config, read) = tokio::join!(self.config(), self.read_blocks(&cidrs, handle));
+        let config = config?;
+        let (mut seen, mut seen_handle) = read?;
         // The affinity key's revision, per block, for blocks to create.
         let mut affinity_rev: BTreeMap<IpNetwork, Revision> = BTreeMap::new();
         for attempt in 0..MAX_RETRIES {
