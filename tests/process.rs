@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tenet::process::netlink_groups::multicast_groups;
 use tenet::process::{Command, Daemon, DaemonSpec, DaemonStatus, ProcessError, Readiness};
 use tenet::testbed::Netns;
 
@@ -327,10 +328,14 @@ async fn dnsmasq_runs_supervised_in_a_namespace_and_reloads() {
     )
     .netns(Some(&ns.path()))
     .readiness(Readiness::ListeningUdp(67));
+    let mut s = s;
+    s.deaf_to_netlink_events = true;
     let _reaper = Reaper(s.pid_file());
     let d = Daemon::start(s.clone()).await.unwrap();
     let pid = d.pid().unwrap();
     assert!(alive(pid));
+    // Off the address and route notifications it subscribes to.
+    assert_eq!(multicast_groups(pid).unwrap(), Vec::<u32>::new());
 
     // SIGHUP: dnsmasq re-reads its hosts file (it logs each read) and keeps running as the
     // same process.
@@ -365,6 +370,17 @@ async fn dnsmasq_runs_supervised_in_a_namespace_and_reloads() {
     .unwrap();
     let again = running_after(&d, pid).await;
     assert!(alive(again));
+    // The new one too: once it has said it started (its netlink socket is open by then),
+    // it leaves its groups.
+    let deaf = tokio::time::timeout(Duration::from_secs(5), async {
+        let started =
+            || std::fs::read_to_string(&log).map_or(0, |l| l.matches("started, version").count());
+        while started() < 2 || multicast_groups(again).map_or(true, |g| !g.is_empty()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(deaf.is_ok(), "{:?}", multicast_groups(again));
     d.stop().await;
     assert!(!alive(again));
 }

@@ -235,7 +235,7 @@ impl Daemon {
                     let log_from = std::fs::metadata(spec.log_file()).map_or(0, |m| m.len());
                     info!(pid, "adopted the running daemon");
                     // Done when it started, unless an older agent started it.
-                    leave_netlink_groups(&spec, pid);
+                    leave_netlink_groups(&spec, pid).await;
                     (Running::Adopted { pid, exit }, true, log_from)
                 }
                 None => {
@@ -246,7 +246,7 @@ impl Daemon {
                         return Err(e);
                     }
                     info!(pid = running.pid(), "started");
-                    leave_netlink_groups(&spec, running.pid());
+                    leave_netlink_groups(&spec, running.pid()).await;
                     (running, false, 0)
                 }
             };
@@ -420,17 +420,26 @@ async fn spawn(spec: &DaemonSpec, fresh: bool) -> Result<Running, ProcessError> 
 
 /// Polls until the daemon is ready, has exited, or the timeout passes.
 async fn wait_ready(spec: &DaemonSpec, running: &mut Running) -> Result<(), ProcessError> {
+    let pid = running.pid();
+    wait_ready_of(spec, pid, || running.has_exited()).await
+}
+
+/// [`wait_ready`] of process `pid`; `exited` says whether (and how) it has ended.
+async fn wait_ready_of(
+    spec: &DaemonSpec,
+    pid: u32,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<(), ProcessError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(2);
     loop {
-        if let Some(status) = running.has_exited() {
+        if let Some(status) = exited() {
             return Err(ProcessError::StartFailed {
                 name: spec.name.clone(),
                 status,
                 log: log_tail(spec),
             });
         }
-        let pid = running.pid();
         let ready = match spec.readiness {
             // Its own command line: exec has finished. The spawn returns as soon as the new
             // program replaces the old one, before its arguments are in place, and until
@@ -454,15 +463,30 @@ async fn wait_ready(spec: &DaemonSpec, running: &mut Running) -> Result<(), Proc
     }
 }
 
-/// See [`DaemonSpec::deaf_to_netlink_events`]. A failure costs only speed: logged.
-fn leave_netlink_groups(spec: &DaemonSpec, pid: u32) {
+/// See [`DaemonSpec::deaf_to_netlink_events`]. A daemon may open its netlink socket a little
+/// after it is ready (dnsmasq binds its DHCP port first): a few looks, until one finds a
+/// group to leave. A failure costs only speed: logged.
+async fn leave_netlink_groups(spec: &DaemonSpec, pid: u32) {
     if !spec.deaf_to_netlink_events {
         return;
     }
-    match super::netlink_groups::leave_multicast_groups(pid) {
-        Ok(groups) => debug!(pid, groups, "left its netlink multicast groups"),
-        Err(e) => warn!(pid, error = %e, "could not take the daemon off netlink notifications"),
+    let mut delay = Duration::from_millis(1);
+    for _ in 0..8 {
+        match super::netlink_groups::leave_multicast_groups(pid) {
+            Ok(0) => {}
+            Ok(groups) => {
+                debug!(pid, groups, "left its netlink multicast groups");
+                return;
+            }
+            Err(e) => {
+                warn!(pid, error = %e, "could not take the daemon off netlink notifications");
+                return;
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
     }
+    debug!(pid, "no netlink multicast group to leave");
 }
 
 fn log_tail(spec: &DaemonSpec) -> String {
@@ -542,10 +566,18 @@ async fn supervise(
                 restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(pid = running.pid(), "restarted");
                 if spec.deaf_to_netlink_events {
-                    // Not ready in time, or dead again: the next round of the loop sees to it.
-                    if wait_ready(&spec, &mut running).await.is_ok() {
-                        leave_netlink_groups(&spec, running.pid());
-                    }
+                    // Beside the loop, which must stay free to see a death or a stop.
+                    let (spec, pid) = (spec.clone(), running.pid());
+                    let born = procfs::start_time(pid);
+                    tokio::spawn(
+                        async move {
+                            let gone = || (procfs::start_time(pid) != born).then(String::new);
+                            if wait_ready_of(&spec, pid, gone).await.is_ok() {
+                                leave_netlink_groups(&spec, pid).await;
+                            }
+                        }
+                        .in_current_span(),
+                    );
                 }
                 status.send_replace(DaemonStatus::Running { pid: running.pid() });
             }
