@@ -16,14 +16,16 @@
 //! awaited for its latency. The baseline, measured in the same run on a host of its own: the
 //! compute node's library alone (`ComputeNode::create_vnic` of the same taps, same layout).
 //! Next to it, the **etcd floor**: the etcd operations every START needs (read the endpoint
-//! key, one transaction for the address, write the endpoint) alone at the same concurrency,
-//! on the same etcd — the rate no agent writing its state to etcd can pass.
+//! key, one transaction for the address and the endpoint) alone at the same concurrency, on
+//! the same etcd — the rate no agent writing its state to etcd can pass.
 //!
 //! Everything shares this machine's cores: etcd, the scheduler, the concentrator and its
 //! dnsmasqs, which on a cloud run on other machines. So a second table gives the compute-node
 //! agent's own cost: the on-CPU time of its threads per start (its user time and the kernel
 //! work of its system calls) next to the library's per VNIC, the library run on a runtime of
-//! its own the same way.
+//! its own the same way. A third says where the machine's CPU went during each run, per
+//! start: the agents, the dnsmasqs, etcd, the bench's own runtime (the scheduler, the
+//! controller, the watch), and the rest (kernel threads, other processes).
 //!
 //! `TENET_BENCH_STARTS` sets the starts per run (default 200); `TENET_BENCH_RUNS` picks runs.
 
@@ -48,7 +50,7 @@ use tokio::sync::{Semaphore, oneshot};
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_name("bench")
+        .thread_name(BENCH)
         .enable_all()
         .build()
         .unwrap();
@@ -105,6 +107,8 @@ struct Watched {
 struct Outcome {
     /// On-CPU time of the compute-node agent's threads during the run.
     agent_cpu: Duration,
+    /// Where the machine's CPU went during the run.
+    machine: CpuUse,
     to_endpoint: Vec<Duration>,
     to_attached: Vec<Duration>,
     /// From the first START sent to the last endpoint written / the last attachment.
@@ -123,6 +127,7 @@ async fn starts(
 ) -> Outcome {
     let gate = Arc::new(Semaphore::new(run.concurrency));
     let cpu_before = thread_cpu(CN_AGENT);
+    let machine_before = CpuUse::now();
     let began = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -190,6 +195,7 @@ async fn starts(
     to_attached.sort();
     Outcome {
         agent_cpu: thread_cpu(CN_AGENT).saturating_sub(cpu_before),
+        machine: CpuUse::now().since(&machine_before),
         to_endpoint,
         to_attached,
         endpoints_done: last_endpoint - began,
@@ -197,9 +203,11 @@ async fn starts(
     }
 }
 
-/// Thread names: the agents' runtimes, and the library's.
+/// Thread names: the agents' runtimes, the library's, the bench's own.
 const CN_AGENT: &str = "cn-agent";
+const CNCI_AGENT: &str = "cnci-agent";
 const CN_LIBRARY: &str = "cn-library";
+const BENCH: &str = "bench";
 
 /// On-CPU time so far of this process's threads named `name` (`/proc/self/task/*/schedstat`,
 /// in nanoseconds): their user time and the kernel work done in their system calls — for
@@ -210,6 +218,89 @@ fn thread_cpu(name: &str) -> Duration {
         let dir = task.path();
         if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
             nanos += std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(nanos)
+}
+
+/// CPU time so far: the machine's (busy, all cores, from /proc/stat), and that of each part
+/// of the system under test — the agents' runtimes and the bench's (which runs the
+/// scheduler, the controller and the etcd watch) by thread name, etcd and the dnsmasqs by
+/// process name.
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    busy: Duration,
+    cn_agent: Duration,
+    cnci_agent: Duration,
+    dnsmasq: Duration,
+    etcd: Duration,
+    bench: Duration,
+}
+
+impl CpuUse {
+    fn now() -> Self {
+        let ticks: u64 = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let f: Vec<u64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // All but idle (3) and iowait (4); guest time is already in user time.
+                Some(f.iter().take(8).sum::<u64>() - f.get(3)? - f.get(4)?)
+            })
+            .unwrap_or(0);
+        let tick = 1e9
+            / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+                .ok()
+                .flatten()
+                .unwrap_or(100) as f64;
+        CpuUse {
+            busy: Duration::from_nanos((ticks as f64 * tick) as u64),
+            cn_agent: thread_cpu(CN_AGENT),
+            cnci_agent: thread_cpu(CNCI_AGENT),
+            dnsmasq: process_cpu("dnsmasq"),
+            etcd: process_cpu("etcd"),
+            bench: thread_cpu(BENCH),
+        }
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        CpuUse {
+            busy: self.busy.saturating_sub(before.busy),
+            cn_agent: self.cn_agent.saturating_sub(before.cn_agent),
+            cnci_agent: self.cnci_agent.saturating_sub(before.cnci_agent),
+            dnsmasq: self.dnsmasq.saturating_sub(before.dnsmasq),
+            etcd: self.etcd.saturating_sub(before.etcd),
+            bench: self.bench.saturating_sub(before.bench),
+        }
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// On-CPU time so far of every process named `comm` (all their threads).
+fn process_cpu(comm: &str) -> Duration {
+    let mut nanos = 0u64;
+    for proc_dir in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = proc_dir.path();
+        if !std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == comm) {
+            continue;
+        }
+        for task in std::fs::read_dir(dir.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            nanos += std::fs::read_to_string(task.path().join("schedstat"))
                 .ok()
                 .and_then(|s| s.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0);
@@ -256,8 +347,8 @@ async fn library(
 }
 
 /// The etcd operations no START can do without, alone at the run's concurrency: read the
-/// endpoint key (is the instance new?), one transaction (the address: a block compared and
-/// written), write the endpoint. The agent's rate cannot pass this floor's.
+/// endpoint key (is the instance new?), then one transaction (a block compared and written
+/// with the address, and the endpoint). The agent's rate cannot pass this floor's.
 async fn etcd_floor(store: &Arc<dyn Datastore>, n: usize, run: &Run) -> f64 {
     use tenet::store::{Compare, Txn, TxnOp};
     let gate = Arc::new(Semaphore::new(run.concurrency));
@@ -272,9 +363,9 @@ async fn etcd_floor(store: &Arc<dyn Datastore>, n: usize, run: &Run) -> f64 {
             let block = format!("{key}/block");
             let txn = Txn::new()
                 .when(Compare::absent(block.clone()))
-                .then(TxnOp::put(block, "{}"));
+                .then(TxnOp::put(block, "{}"))
+                .then(TxnOp::put(key, "{}"));
             store.txn(txn).await.unwrap();
-            store.put(&key, b"{}").await.unwrap();
             drop(permit);
         }));
     }
@@ -340,7 +431,7 @@ async fn run() {
     cc.compute_nets = vec!["10.254.0.0/16".parse().unwrap()];
     // Each agent on a runtime of its own, as the separate processes they are in production.
     let conc_agent = on_own_runtime(
-        "cnci-agent",
+        CNCI_AGENT,
         tenet_cnci::agent::run(
             tenet_cnci::agent::AgentConfig {
                 concentrator: cc.clone(),
@@ -470,7 +561,7 @@ async fn run() {
             "| {label}: library create_vnic alone (baseline) | {n} | — | — | {lib_rate:.1} | 1.00× |"
         );
         println!(
-            "| {label}: etcd floor — get + txn + put per start, no kernel work | {n} | — | — | {floor:.1} | {:.2}× |",
+            "| {label}: etcd floor — a get and a transaction per start, no kernel work | {n} | — | — | {floor:.1} | {:.2}× |",
             floor / lib_rate
         );
     }
@@ -486,6 +577,30 @@ async fn run() {
             per(&o.agent_cpu),
             per(lib),
             per(&o.agent_cpu) / per(lib)
+        );
+    }
+    println!();
+    println!(
+        "| run | machine busy | compute-node agent | concentrator agent | its dnsmasqs | etcd | scheduler, controller, watch (bench) | rest (kernel threads, other) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (r, o) in runs.iter().zip(&outcomes) {
+        let m = &o.machine;
+        let per = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / n as f64);
+        let counted = m.cn_agent + m.cnci_agent + m.dnsmasq + m.etcd + m.bench;
+        println!(
+            "| {}, concurrency {} (ms of CPU per start) | {} ({:.0}% of {} cores) | {} | {} | {} | {} | {} | {} |",
+            r.layout,
+            r.concurrency,
+            per(m.busy),
+            100.0 * m.busy.as_secs_f64() / (o.attached_done.as_secs_f64() * cores() as f64),
+            cores(),
+            per(m.cn_agent),
+            per(m.cnci_agent),
+            per(m.dnsmasq),
+            per(m.etcd),
+            per(m.bench),
+            per(m.busy.saturating_sub(counted)),
         );
     }
     println!();
