@@ -182,10 +182,14 @@ mod tests {
         .await
         .unwrap();
         let mut watch = store.watch("/k", 0).await.unwrap();
+        let began = std::time::Instant::now();
         for i in 1..=100 {
             held.set(i.to_string().into_bytes());
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // A loaded machine stretches the sleeps: one write per gap the burst lasted, and the
+        // last one after it.
+        let most = (began.elapsed().as_millis() / MIN_REWRITE_GAP.as_millis()) as usize + 2;
         tokio::time::sleep(MIN_REWRITE_GAP * 2).await;
         assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"100");
         let mut writes = 0;
@@ -193,7 +197,11 @@ mod tests {
             event.unwrap();
             writes += 1;
         }
-        assert!((1..=3).contains(&writes), "{writes} writes");
+        assert!(
+            (1..=most.min(10)).contains(&writes),
+            "{writes} writes for 100 changes in {:?}",
+            began.elapsed()
+        );
         held.stop().await;
     }
 }
