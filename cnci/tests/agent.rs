@@ -653,6 +653,13 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         cn_host.run(&["ip", "link", "show", &tap2]).is_ok(),
         "the instance's tap is gone"
     );
+    // Repeated with the instance's own address: the instance exists (not "address taken").
+    let own_ip = winner.ip.clone().unwrap();
+    let (again, _) = api_call(
+        &api_socket,
+        &twice.replace(r#""kind":"vm""#, &format!(r#""kind":"vm","ip":"{own_ip}""#)),
+    );
+    assert_eq!(again.reason.as_deref(), Some("instance_exists"), "{again:?}");
     let handles = store
         .list("/tenet/v1/tenant/t1/ipam/handle/")
         .await

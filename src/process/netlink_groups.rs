@@ -19,10 +19,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::procfs;
 
-/// `SOL_NETLINK` socket options (linux/netlink.h).
-const NETLINK_DROP_MEMBERSHIP: libc::c_int = 2;
-const NETLINK_LIST_MEMBERSHIPS: libc::c_int = 9;
-
 /// Takes every route-netlink socket of process `pid` out of all its multicast groups;
 /// returns how many memberships it dropped (0 when the process has no subscribed socket).
 /// Root, or the right to ptrace `pid`, is needed to copy its descriptors.
@@ -35,7 +31,7 @@ pub fn leave_multicast_groups(pid: u32) -> io::Result<usize> {
                 libc::setsockopt(
                     socket.as_raw_fd(),
                     libc::SOL_NETLINK,
-                    NETLINK_DROP_MEMBERSHIP,
+                    libc::NETLINK_DROP_MEMBERSHIP,
                     (&group as *const u32).cast(),
                     std::mem::size_of::<u32>() as libc::socklen_t,
                 )
@@ -84,7 +80,7 @@ fn memberships(fd: &OwnedFd) -> io::Result<Vec<u32>> {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_NETLINK,
-            NETLINK_LIST_MEMBERSHIPS,
+            libc::NETLINK_LIST_MEMBERSHIPS,
             words.as_mut_ptr().cast(),
             &mut len,
         )

@@ -217,6 +217,29 @@ pub(super) fn mac_for(vnic: &str) -> MacAddr {
     MacAddr([0x02, b[1], b[2], b[3], b[4], b[5]])
 }
 
+/// The endpoint record of a START's VNIC.
+fn record_of(r: &StartRequest, ifname: &str, mac: MacAddr, ip: Ipv4Addr) -> VnicRecord {
+    let kind = match (r.docker, r.container) {
+        (true, _) => vnic::KIND_DOCKER,
+        (false, true) => "container",
+        (false, false) => "vm",
+    };
+    VnicRecord {
+        tenant: r.tenant.clone(),
+        subnet: r.subnet,
+        concentrator: r.concentrator.clone(),
+        concentrator_ip: r.concentrator_ip,
+        kind: kind.into(),
+        ifname: ifname.to_string(),
+        mac,
+        ip,
+    }
+}
+
+fn endpoint_value(record: &VnicRecord) -> Vec<u8> {
+    serde_json::to_vec(&record.to_endpoint()).expect("endpoints serialise")
+}
+
 /// What a START that went through made (logged).
 fn started(r: &StartRequest, created: CreatedVnic, ip: Ipv4Addr, mac: MacAddr) -> Started {
     info!(instance = %r.instance, vnic = %r.vnic, %ip, ifname = %created.vnic.ifname, "instance started");
@@ -325,25 +348,11 @@ impl Agent {
                 self.undo_made(r, &made).await;
                 return Err(refused);
             }
-            (_, Err(refused)) => return Err(refused),
+            // A repeated START is told so, not that its address is taken (by the instance).
+            (Err(refused), Err(_)) | (Ok(_), Err(refused)) => return Err(refused),
         };
         let network = |e: String| refuse(StartFailureReason::NetworkFailure, e);
-        let kind = match (r.docker, r.container) {
-            (true, _) => vnic::KIND_DOCKER,
-            (false, true) => "container",
-            (false, false) => "vm",
-        };
-        let record = VnicRecord {
-            tenant: r.tenant.clone(),
-            subnet: r.subnet,
-            concentrator: r.concentrator.clone(),
-            concentrator_ip: r.concentrator_ip,
-            kind: kind.into(),
-            ifname: created.vnic.ifname.clone(),
-            mac,
-            ip,
-        };
-        let value = serde_json::to_vec(&record.to_endpoint()).expect("endpoints serialise");
+        let value = endpoint_value(&record_of(r, &created.vnic.ifname, mac, ip));
         let written = match self.ensure_tenant_profile(&r.tenant).await {
             Ok(()) => self.store.put(&key, &value).await.map(|_| ()),
             Err(e) => Err(e),
@@ -399,22 +408,12 @@ impl Agent {
                 return Err(network(format!("writing the tenant's profile: {e}")));
             }
         };
-        let record = VnicRecord {
-            tenant: r.tenant.clone(),
-            subnet: r.subnet,
-            concentrator: r.concentrator.clone(),
-            concentrator_ip: r.concentrator_ip,
-            kind: "vm".into(),
-            ifname: created.vnic.ifname.clone(),
-            mac,
-            ip: Ipv4Addr::UNSPECIFIED,
-        };
+        let record = record_of(r, &created.vnic.ifname, mac, Ipv4Addr::UNSPECIFIED);
         let endpoint = move |ip: Ipv4Addr| {
-            let record = VnicRecord {
+            endpoint_value(&VnicRecord {
                 ip,
                 ..record.clone()
-            };
-            serde_json::to_vec(&record.to_endpoint()).expect("endpoints serialise")
+            })
         };
         let then = ThenWrite::new({
             let (key, endpoint) = (key.clone(), endpoint.clone());
