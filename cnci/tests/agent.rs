@@ -659,7 +659,11 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         &api_socket,
         &twice.replace(r#""kind":"vm""#, &format!(r#""kind":"vm","ip":"{own_ip}""#)),
     );
-    assert_eq!(again.reason.as_deref(), Some("instance_exists"), "{again:?}");
+    assert_eq!(
+        again.reason.as_deref(),
+        Some("instance_exists"),
+        "{again:?}"
+    );
     let handles = store
         .list("/tenet/v1/tenant/t1/ipam/handle/")
         .await
