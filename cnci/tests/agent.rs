@@ -654,7 +654,7 @@ async fn a_controller_starts_and_deletes_a_container_workload() {
         "the instance's tap is gone"
     );
     // Repeated with the instance's own address: the instance exists (not "address taken").
-    let own_ip = winner.ip.clone().unwrap();
+    let own_ip = winner.ip.unwrap();
     let (again, _) = api_call(
         &api_socket,
         &twice.replace(r#""kind":"vm""#, &format!(r#""kind":"vm","ip":"{own_ip}""#)),
