@@ -2,6 +2,7 @@
 //! as a supervised daemon inside a namespace). Needs root for the namespace tests.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tenet::process::netlink_groups::multicast_groups;
@@ -148,6 +149,73 @@ async fn dnsmasq_test_mode_checks_a_configuration() {
         e.to_string().contains("bad.conf"),
         "dnsmasq's own message names the file: {e}"
     );
+}
+
+/// A tracing writer whose text so far can be awaited.
+#[derive(Clone)]
+struct Captured(Arc<tokio::sync::watch::Sender<String>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send_modify(|text| text.push_str(&String::from_utf8_lossy(buf)));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    async fn until_it_says(&self, what: &str) {
+        let mut text = self.0.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), text.wait_for(|t| t.contains(what)))
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {what:?} in 10 s"))
+            .unwrap();
+    }
+}
+
+// The current-thread runtime runs the log follower on this thread, under this subscriber.
+#[tokio::test]
+async fn a_daemons_output_is_logged_also_after_a_quiet_spell() {
+    let captured = Captured(Arc::new(tokio::sync::watch::channel(String::new()).0));
+    let writer = captured.clone();
+    let _subscriber = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        dir.path(),
+        "talker",
+        "sh",
+        &["-c", "echo said at the start; exec sleep 1000"],
+    );
+    let _reaper = Reaper(s.pid_file());
+    let d = Daemon::start(s.clone()).await.unwrap();
+    captured.until_it_says("said at the start").await;
+
+    // Quiet for a while, the follower looks less often; a line written then still comes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(s.log_file())
+        .unwrap();
+    std::io::Write::write_all(&mut log, b"said after a quiet spell\n").unwrap();
+    captured.until_it_says("said after a quiet spell").await;
+    let text = captured.0.borrow().clone();
+    for said in ["said at the start", "said after a quiet spell"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(said) && l.contains("daemon=talker")),
+            "{said:?} logged with the daemon's name:\n{text}"
+        );
+    }
+    d.stop().await;
 }
 
 #[tokio::test]

@@ -109,6 +109,8 @@ struct Outcome {
     agent_cpu: Duration,
     /// Where the machine's CPU went during the run.
     machine: CpuUse,
+    /// What etcd did during the run.
+    etcd: EtcdWork,
     to_endpoint: Vec<Duration>,
     to_attached: Vec<Duration>,
     /// From the first START sent to the last endpoint written / the last attachment.
@@ -196,6 +198,7 @@ async fn starts(
     Outcome {
         agent_cpu: thread_cpu(CN_AGENT).saturating_sub(cpu_before),
         machine: CpuUse::now().since(&machine_before),
+        etcd: EtcdWork::default(),
         to_endpoint,
         to_attached,
         endpoints_done: last_endpoint - began,
@@ -234,10 +237,13 @@ fn thread_cpu(name: &str) -> Duration {
 struct CpuUse {
     busy: Duration,
     cn_agent: Duration,
+    cn_library: Duration,
     cnci_agent: Duration,
     dnsmasq: Duration,
     etcd: Duration,
     bench: Duration,
+    /// Wall-clock time (since the bench began), for how busy the machine was.
+    wall: Duration,
 }
 
 impl CpuUse {
@@ -264,23 +270,51 @@ impl CpuUse {
         CpuUse {
             busy: Duration::from_nanos((ticks as f64 * tick) as u64),
             cn_agent: thread_cpu(CN_AGENT),
+            cn_library: thread_cpu(CN_LIBRARY),
             cnci_agent: thread_cpu(CNCI_AGENT),
             dnsmasq: process_cpu("dnsmasq"),
             etcd: process_cpu("etcd"),
             bench: thread_cpu(BENCH),
+            wall: bench_began().elapsed(),
         }
+    }
+
+    /// The table's cells: CPU per start of the machine and of each part.
+    fn row(&self, n: usize) -> String {
+        let per = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / n as f64);
+        let node = self.cn_agent + self.cn_library;
+        let counted = node + self.cnci_agent + self.dnsmasq + self.etcd + self.bench;
+        format!(
+            "{} ({:.0}% of {} cores) | {} | {} | {} | {} | {} | {}",
+            per(self.busy),
+            100.0 * self.busy.as_secs_f64() / (self.wall.as_secs_f64() * cores() as f64),
+            cores(),
+            per(node),
+            per(self.cnci_agent),
+            per(self.dnsmasq),
+            per(self.etcd),
+            per(self.bench),
+            per(self.busy.saturating_sub(counted)),
+        )
     }
 
     fn since(&self, before: &Self) -> Self {
         CpuUse {
             busy: self.busy.saturating_sub(before.busy),
             cn_agent: self.cn_agent.saturating_sub(before.cn_agent),
+            cn_library: self.cn_library.saturating_sub(before.cn_library),
             cnci_agent: self.cnci_agent.saturating_sub(before.cnci_agent),
             dnsmasq: self.dnsmasq.saturating_sub(before.dnsmasq),
             etcd: self.etcd.saturating_sub(before.etcd),
             bench: self.bench.saturating_sub(before.bench),
+            wall: self.wall.saturating_sub(before.wall),
         }
     }
+}
+
+fn bench_began() -> Instant {
+    static BEGAN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BEGAN.get_or_init(Instant::now)
 }
 
 fn cores() -> usize {
@@ -316,9 +350,10 @@ async fn library(
     conc_ip: Ipv4Addr,
     n: usize,
     run: &Run,
-) -> (f64, Duration) {
+) -> (f64, Duration, CpuUse) {
     let gate = Arc::new(Semaphore::new(run.concurrency));
     let cpu_before = thread_cpu(CN_LIBRARY);
+    let machine_before = CpuUse::now();
     let began = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -343,15 +378,20 @@ async fn library(
         t.await.unwrap();
     }
     let rate = n as f64 / began.elapsed().as_secs_f64();
-    (rate, thread_cpu(CN_LIBRARY).saturating_sub(cpu_before))
+    (
+        rate,
+        thread_cpu(CN_LIBRARY).saturating_sub(cpu_before),
+        CpuUse::now().since(&machine_before),
+    )
 }
 
 /// The etcd operations no START can do without, alone at the run's concurrency: read the
 /// endpoint key (is the instance new?), then one transaction (a block compared and written
 /// with the address, and the endpoint). The agent's rate cannot pass this floor's.
-async fn etcd_floor(store: &Arc<dyn Datastore>, n: usize, run: &Run) -> f64 {
+async fn etcd_floor(store: &Arc<dyn Datastore>, n: usize, run: &Run) -> (f64, CpuUse) {
     use tenet::store::{Compare, Txn, TxnOp};
     let gate = Arc::new(Semaphore::new(run.concurrency));
+    let machine_before = CpuUse::now();
     let began = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -372,7 +412,8 @@ async fn etcd_floor(store: &Arc<dyn Datastore>, n: usize, run: &Run) -> f64 {
     for t in tasks {
         t.await.unwrap();
     }
-    n as f64 / began.elapsed().as_secs_f64()
+    let rate = n as f64 / began.elapsed().as_secs_f64();
+    (rate, CpuUse::now().since(&machine_before))
 }
 
 async fn run() {
@@ -513,7 +554,9 @@ async fn run() {
         .collect();
     let mut outcomes = Vec::new();
     for r in &runs {
+        let before = EtcdWork::now(&etcd);
         outcomes.push(starts(&controller, &watched, &conc_uuid, ip, n, r).await);
+        outcomes.last_mut().unwrap().etcd = EtcdWork::now(&etcd).since(&before);
     }
 
     let mut lib_config = CnConfig::new("lib");
@@ -531,11 +574,19 @@ async fn run() {
         lib.reset().await.unwrap();
         measured
     });
-    let (lib_rates, lib_cpu): (Vec<f64>, Vec<Duration>) =
-        library_done.join().unwrap().into_iter().unzip();
-    let mut floors = Vec::new();
+    let (mut lib_rates, mut lib_cpu, mut lib_machine) = (Vec::new(), Vec::new(), Vec::new());
+    for (rate, cpu, machine) in library_done.join().unwrap() {
+        lib_rates.push(rate);
+        lib_cpu.push(cpu);
+        lib_machine.push(machine);
+    }
+    let (mut floors, mut floor_machine, mut floor_etcd) = (Vec::new(), Vec::new(), Vec::new());
     for r in &runs {
-        floors.push(etcd_floor(&store, n, r).await);
+        let before = EtcdWork::now(&etcd);
+        let (rate, machine) = etcd_floor(&store, n, r).await;
+        floors.push(rate);
+        floor_machine.push(machine);
+        floor_etcd.push(EtcdWork::now(&etcd).since(&before));
     }
 
     println!();
@@ -581,27 +632,34 @@ async fn run() {
     }
     println!();
     println!(
-        "| run | machine busy | compute-node agent | concentrator agent | its dnsmasqs | etcd | scheduler, controller, watch (bench) | rest (kernel threads, other) |"
+        "| run (ms of CPU per start) | machine busy | compute-node agent (or library) | concentrator agent | its dnsmasqs | etcd | scheduler, controller, watch (bench) | rest (kernel threads, other) |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (r, o) in runs.iter().zip(&outcomes) {
-        let m = &o.machine;
-        let per = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / n as f64);
-        let counted = m.cn_agent + m.cnci_agent + m.dnsmasq + m.etcd + m.bench;
-        println!(
-            "| {}, concurrency {} (ms of CPU per start) | {} ({:.0}% of {} cores) | {} | {} | {} | {} | {} | {} |",
-            r.layout,
-            r.concurrency,
-            per(m.busy),
-            100.0 * m.busy.as_secs_f64() / (o.attached_done.as_secs_f64() * cores() as f64),
-            cores(),
-            per(m.cn_agent),
-            per(m.cnci_agent),
-            per(m.dnsmasq),
-            per(m.etcd),
-            per(m.bench),
-            per(m.busy.saturating_sub(counted)),
-        );
+    for (((r, o), lib), floor) in runs
+        .iter()
+        .zip(&outcomes)
+        .zip(&lib_machine)
+        .zip(&floor_machine)
+    {
+        let label = format!("{}, concurrency {}", r.layout, r.concurrency);
+        for (what, m) in [
+            ("agents", &o.machine),
+            ("library alone", lib),
+            ("etcd floor alone", floor),
+        ] {
+            println!("| {label}: {what} | {} |", m.row(n));
+        }
+    }
+    println!();
+    println!(
+        "| run (per start) | etcd requests | of them transactions | keys written | watch events sent |"
+    );
+    println!("|---|---|---|---|---|");
+    for ((r, o), floor) in runs.iter().zip(&outcomes).zip(&floor_etcd) {
+        let label = format!("{}, concurrency {}", r.layout, r.concurrency);
+        for (what, w) in [("agents", &o.etcd), ("etcd floor alone", floor)] {
+            println!("| {label}: {what} | {} |", w.row(n));
+        }
     }
     println!();
 
@@ -620,4 +678,66 @@ async fn run() {
         .await
         .unwrap();
     sched.shutdown().await;
+}
+
+/// etcd's own counters (its `/metrics`): the requests it answered, the keys it wrote and
+/// the watch events it sent.
+#[derive(Clone, Copy, Default)]
+struct EtcdWork {
+    requests: f64,
+    txns: f64,
+    puts: f64,
+    events: f64,
+}
+
+impl EtcdWork {
+    fn now(etcd: &EtcdServer) -> Self {
+        use std::io::{Read, Write};
+        let address = etcd.endpoint().trim_start_matches("http://").to_string();
+        let mut text = String::new();
+        let mut http = std::net::TcpStream::connect(&address).unwrap();
+        write!(http, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+        http.read_to_string(&mut text).unwrap();
+        let mut work = EtcdWork::default();
+        for (name, value) in text
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(name, v)| Some((name, v.parse::<f64>().ok()?)))
+        {
+            let unary_kv = name.starts_with("grpc_server_handled_total{")
+                && name.contains("grpc_service=\"etcdserverpb.KV\"");
+            if unary_kv {
+                work.requests += value;
+                if name.contains("grpc_method=\"Txn\"") {
+                    work.txns += value;
+                }
+            }
+            match name {
+                "etcd_debugging_mvcc_put_total" => work.puts += value,
+                "etcd_debugging_mvcc_events_total" => work.events += value,
+                _ => {}
+            }
+        }
+        work
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        EtcdWork {
+            requests: self.requests - before.requests,
+            txns: self.txns - before.txns,
+            puts: self.puts - before.puts,
+            events: self.events - before.events,
+        }
+    }
+
+    fn row(&self, n: usize) -> String {
+        let per = |v: f64| format!("{:.2}", v / n as f64);
+        format!(
+            "{} | {} | {} | {}",
+            per(self.requests),
+            per(self.txns),
+            per(self.puts),
+            per(self.events)
+        )
+    }
 }

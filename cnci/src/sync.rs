@@ -13,6 +13,7 @@ use ipnetwork::Ipv4Network;
 use tenet::calico::HOSTS;
 use tenet::store::{Datastore, EventKind, StoreError, WatchEvent};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::concentrator::{Inner, SubnetState};
@@ -20,6 +21,11 @@ use crate::dnsmasq::render_hosts;
 use crate::endpoints::affected;
 
 const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The least time between two rewrites of the hosts files: a change right after one waits
+/// for the rest of the gap, gathering what else comes. A change after a quiet spell is
+/// written at once.
+const REFRESH_GAP: Duration = Duration::from_millis(50);
 
 pub(crate) async fn follow_endpoints(
     inner: Weak<Inner>,
@@ -75,17 +81,28 @@ async fn follow_once(inner: &Weak<Inner>, store: &dyn Datastore) -> Result<(), S
         inner.synced.send_replace(listing.revision);
     }
     let mut watch = store.watch(HOSTS, listing.revision + 1).await?;
+    let mut last_refresh: Option<Instant> = None;
     loop {
         let Some(first) = watch.next().await else {
-            return Err(StoreError::Unavailable {
-                key: HOSTS.into(),
-                reason: "the endpoint watch ended".into(),
-            });
+            return Err(watch_ended());
         };
         // Take whatever else is already there, so a burst costs one rewrite per subnet.
         let mut batch = vec![first?];
         while let Some(Some(more)) = watch.next().now_or_never() {
             batch.push(more?);
+        }
+        // Soon after a rewrite, gather until the gap has passed: a tenant starting instances
+        // one after another reloads each subnet's dnsmasq once per gap, not once per VNIC.
+        let mut ended = false;
+        if let Some(at) = last_refresh {
+            let until = at + REFRESH_GAP;
+            while !ended && Instant::now() < until {
+                match tokio::time::timeout_at(until, watch.next()).await {
+                    Ok(Some(more)) => batch.push(more?),
+                    Ok(None) => ended = true,
+                    Err(_) => break,
+                }
+            }
         }
         let Some(inner) = inner.upgrade() else {
             return Ok(());
@@ -94,8 +111,19 @@ async fn follow_once(inner: &Weak<Inner>, store: &dyn Datastore) -> Result<(), S
         let changed = apply(&inner, &batch);
         if !changed.is_empty() {
             refresh(&inner, Some(&changed)).await;
+            last_refresh = Some(Instant::now());
         }
         inner.synced.send_replace(revision);
+        if ended {
+            return Err(watch_ended());
+        }
+    }
+}
+
+fn watch_ended() -> StoreError {
+    StoreError::Unavailable {
+        key: HOSTS.into(),
+        reason: "the endpoint watch ended".into(),
     }
 }
 

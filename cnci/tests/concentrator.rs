@@ -15,6 +15,27 @@ use tenet::testbed::{EtcdServer, Fabric};
 use tenet::types::gateway_of;
 use tenet_cnci::{CnciError, Concentrator, RemoteSubnet, Repair};
 
+/// The one file under `dir` (at any depth) whose name passes `named`.
+fn find_file(dir: &std::path::Path, named: impl Fn(&str) -> bool) -> std::path::PathBuf {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for path in std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()) {
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(&named)
+            {
+                found.push(path);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.remove(0)
+}
+
 async fn etcd() -> (EtcdServer, Arc<dyn Datastore>) {
     let server = EtcdServer::start().await.unwrap();
     let store: Arc<dyn Datastore> = Arc::new(server.store().await.unwrap());
@@ -135,6 +156,43 @@ async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
     let again = conc.attach_remote_subnet(&remote(&added)).await.unwrap();
     assert!(!again.new_subnet && !again.new_tunnel);
     assert_eq!(conc.subnets().await[0].tunnels.len(), 1);
+
+    // A tenant starting instances one after another: their bindings all reach the hosts
+    // file, and dnsmasq rereads it fewer times than there are instances.
+    let (hosts_file, dnsmasq_log) = (
+        find_file(run.path(), |n| n == "hosts"),
+        find_file(run.path(), |n| {
+            n.starts_with("dnsmasq-") && n.ends_with(".log")
+        }),
+    );
+    let reloads = || {
+        std::fs::read_to_string(&dnsmasq_log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&format!("read {}", hosts_file.display())))
+            .count()
+    };
+    let before = reloads();
+    let burst = 30;
+    let mut rev = 0;
+    for i in 0..burst {
+        let mac = format!("02:00:00:00:01:{i:02x}").parse().unwrap();
+        let ip = std::net::Ipv4Addr::new(172, 16, 0, 100 + i);
+        rev = put_endpoint(&store, "cn-1", &format!("b{i}"), "t1", mac, ip).await;
+    }
+    synced(&conc, rev).await;
+    let hosts = std::fs::read_to_string(&hosts_file).unwrap();
+    for i in 0..burst {
+        assert!(
+            hosts.contains(&format!(",172.16.0.{}", 100 + i)),
+            "binding {i} missing:\n{hosts}"
+        );
+    }
+    let reread = reloads() - before;
+    assert!(
+        (1..(burst as usize / 2)).contains(&reread),
+        "{reread} rereads of the hosts file for {burst} new endpoints"
+    );
 
     // A new concentrator process takes over: the tunnel (in VXLAN mode, the flood entry) and
     // dnsmasq are found again, and nothing needs repair.
