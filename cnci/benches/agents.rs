@@ -25,7 +25,11 @@
 //! work of its system calls) next to the library's per VNIC, the library run on a runtime of
 //! its own the same way. A third says where the machine's CPU went during each run, per
 //! start: the agents, the dnsmasqs, etcd, the bench's own runtime (the scheduler, the
-//! controller, the watch), and the rest (kernel threads, other processes).
+//! controller, the watch), and the rest (kernel threads, other processes) — for the agents'
+//! run, and for the library's and the etcd floor's alone. A fourth gives etcd's own work per
+//! start (its `/metrics`): requests, transactions, keys written, watch events sent. The last
+//! says what this machine allows at all: the rate if the compute-node agent cost the machine
+//! no more than the library does and every core were busy, the other parts as measured.
 //!
 //! `TENET_BENCH_STARTS` sets the starts per run (default 200); `TENET_BENCH_RUNS` picks runs.
 
@@ -279,11 +283,21 @@ impl CpuUse {
         }
     }
 
+    /// The CPU no part counted here took: kernel threads, other processes.
+    fn rest(&self) -> Duration {
+        let counted = self.cn_agent
+            + self.cn_library
+            + self.cnci_agent
+            + self.dnsmasq
+            + self.etcd
+            + self.bench;
+        self.busy.saturating_sub(counted)
+    }
+
     /// The table's cells: CPU per start of the machine and of each part.
     fn row(&self, n: usize) -> String {
         let per = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / n as f64);
         let node = self.cn_agent + self.cn_library;
-        let counted = node + self.cnci_agent + self.dnsmasq + self.etcd + self.bench;
         format!(
             "{} ({:.0}% of {} cores) | {} | {} | {} | {} | {} | {}",
             per(self.busy),
@@ -294,7 +308,7 @@ impl CpuUse {
             per(self.dnsmasq),
             per(self.etcd),
             per(self.bench),
-            per(self.busy.saturating_sub(counted)),
+            per(self.rest()),
         )
     }
 
@@ -660,6 +674,28 @@ async fn run() {
         for (what, w) in [("agents", &o.etcd), ("etcd floor alone", floor)] {
             println!("| {label}: {what} | {} |", w.row(n));
         }
+    }
+    println!();
+    // What this machine allows at all: everything but the compute-node agent and the kernel
+    // threads as measured in the run, the agent replaced by what the library alone cost the
+    // machine (kernel threads included), and every core busy. Optimistic: the other parts'
+    // kernel-thread work is left out.
+    println!(
+        "| run | agents' starts/s | at most, if the compute-node agent cost the machine only what the library does | library starts/s | that bound / library |"
+    );
+    println!("|---|---|---|---|---|");
+    for (((r, o), lib), &lib_rate) in runs.iter().zip(&outcomes).zip(&lib_machine).zip(&lib_rates) {
+        let m = &o.machine;
+        let others = m.busy.saturating_sub(m.cn_agent + m.rest());
+        let per_start = (others + lib.busy).as_secs_f64() / n as f64;
+        let bound = cores() as f64 / per_start;
+        println!(
+            "| {}, concurrency {} | {:.1} | {bound:.1} | {lib_rate:.1} | {:.2}× |",
+            r.layout,
+            r.concurrency,
+            n as f64 / o.endpoints_done.as_secs_f64(),
+            bound / lib_rate
+        );
     }
     println!();
 
