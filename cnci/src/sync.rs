@@ -81,7 +81,8 @@ async fn follow_once(inner: &Weak<Inner>, store: &dyn Datastore) -> Result<(), S
         inner.synced.send_replace(listing.revision);
     }
     let mut watch = store.watch(HOSTS, listing.revision + 1).await?;
-    let mut last_refresh: Option<Instant> = None;
+    // The first change after the listing is written at once.
+    let mut next_refresh = Instant::now();
     loop {
         let Some(first) = watch.next().await else {
             return Err(watch_ended());
@@ -94,14 +95,11 @@ async fn follow_once(inner: &Weak<Inner>, store: &dyn Datastore) -> Result<(), S
         // Soon after a rewrite, gather until the gap has passed: a tenant starting instances
         // one after another reloads each subnet's dnsmasq once per gap, not once per VNIC.
         let mut ended = false;
-        if let Some(at) = last_refresh {
-            let until = at + REFRESH_GAP;
-            while !ended && Instant::now() < until {
-                match tokio::time::timeout_at(until, watch.next()).await {
-                    Ok(Some(more)) => batch.push(more?),
-                    Ok(None) => ended = true,
-                    Err(_) => break,
-                }
+        while !ended && Instant::now() < next_refresh {
+            match tokio::time::timeout_at(next_refresh, watch.next()).await {
+                Ok(Some(more)) => batch.push(more?),
+                Ok(None) => ended = true,
+                Err(_) => break,
             }
         }
         let Some(inner) = inner.upgrade() else {
@@ -111,7 +109,7 @@ async fn follow_once(inner: &Weak<Inner>, store: &dyn Datastore) -> Result<(), S
         let changed = apply(&inner, &batch);
         if !changed.is_empty() {
             refresh(&inner, Some(&changed)).await;
-            last_refresh = Some(Instant::now());
+            next_refresh = Instant::now() + REFRESH_GAP;
         }
         inner.synced.send_replace(revision);
         if ended {

@@ -15,27 +15,6 @@ use tenet::testbed::{EtcdServer, Fabric};
 use tenet::types::gateway_of;
 use tenet_cnci::{CnciError, Concentrator, RemoteSubnet, Repair};
 
-/// The one file under `dir` (at any depth) whose name passes `named`.
-fn find_file(dir: &std::path::Path, named: impl Fn(&str) -> bool) -> std::path::PathBuf {
-    let mut found = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for path in std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()) {
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(&named)
-            {
-                found.push(path);
-            }
-        }
-    }
-    assert_eq!(found.len(), 1, "{found:?}");
-    found.remove(0)
-}
-
 async fn etcd() -> (EtcdServer, Arc<dyn Datastore>) {
     let server = EtcdServer::start().await.unwrap();
     let store: Arc<dyn Datastore> = Arc::new(server.store().await.unwrap());
@@ -159,12 +138,9 @@ async fn lease_over(backend: BackendChoice, tunnel_mtu: u32) {
 
     // A tenant starting instances one after another: their bindings all reach the hosts
     // file, and dnsmasq rereads it fewer times than there are instances.
-    let (hosts_file, dnsmasq_log) = (
-        find_file(run.path(), |n| n == "hosts"),
-        find_file(run.path(), |n| {
-            n.starts_with("dnsmasq-") && n.ends_with(".log")
-        }),
-    );
+    let subnet_dir = run.path().join(tenet_cnci::dnsmasq::dir_name(&subnet()));
+    let hosts_file = subnet_dir.join("hosts");
+    let dnsmasq_log = tenet_cnci::dnsmasq::daemon_spec(&subnet(), &subnet_dir, None).log_file();
     let reloads = || {
         std::fs::read_to_string(&dnsmasq_log)
             .unwrap()
